@@ -1,0 +1,36 @@
+# Every target sets itself up on a fresh clone: the venv and the model zoo are built on first use.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ZOO    := .zoo
+ONLY   ?=
+
+.PHONY: install test run bench zoo protos clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: the CPU build that lies on disk (see pyproject.toml).
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+zoo: $(STAMP)
+	$(PY) -m swiftd.zoo build --out $(ZOO)
+
+protos: $(STAMP)
+	$(PY) -m swiftd.protogen
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+run: zoo
+	$(PY) -m swiftd.launcher demo --zoo $(ZOO) --out out
+
+bench: $(STAMP)
+	$(PY) -m swiftd.zoo build --out $(ZOO) --only bench-sd15
+	$(PY) -m bench.run --zoo $(ZOO) $(if $(ONLY),--only $(ONLY),)
+
+clean:
+	rm -rf $(VENV) $(ZOO) out
