@@ -1,0 +1,54 @@
+"""`python -m services.unet --model-root .zoo --model-id tiny-sd15 --address 127.0.0.1:50051`"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from services.unet.engine import DenoisingEngine
+from services.unet.servicer import UNetWorkerServicer
+from swiftd import rpc, tracing
+from swiftd.controlnet_step import ControlNetStepper
+from swiftd.loading import load_controlnet, load_pipeline, resolve
+from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
+from swiftd.v1 import unet_pb2_grpc
+
+log = logging.getLogger("services.unet")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.unet", description=__doc__)
+    parser.add_argument("--model-root", type=Path, required=True, help="model repository (models/, controlnets/, loras/)")
+    parser.add_argument("--model-id", required=True, help="base model to serve: models/<id> folder or single file")
+    parser.add_argument("--config", type=Path, default=None, help="Diffusers config folder for a single-file checkpoint")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_server_arguments(parser)
+    args = parser.parse_args(argv)
+    server_config = server_config_from_args(args)
+    configure_process(server_config)
+    tracing.setup_tracing("unet")
+
+    dtype = DTYPES[args.dtype]
+    model_path = resolve(args.model_root, "models", args.model_id, "model_id")
+    pipe = load_pipeline(model_path, dtype=dtype, device=args.device, config=args.config)
+    controlnets: dict[str, ControlNetStepper] = {}
+
+    def load_local_controlnet(controlnet_id: str) -> ControlNetStepper:
+        # In-process ControlNets (no worker address given): loaded on first use, then kept.
+        if controlnet_id not in controlnets:
+            path = resolve(args.model_root, "controlnets", controlnet_id, "controlnet_id")
+            controlnets[controlnet_id] = ControlNetStepper(load_controlnet(path, dtype=dtype, device=args.device))
+        return controlnets[controlnet_id]
+
+    engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet)
+    servicer = UNetWorkerServicer(engine, args.model_id, model_path)
+    serve(rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""The UNet worker's engine: text encoding, the denoising loop on the split UNet, VAE decode.
+
+Text encoding, scheduling and VAE decoding are Diffusers' own (the pipeline object is the
+component holder); the loop itself is ours, because each step runs the UNet's encoder half while
+the request's ControlNets compute their residuals elsewhere, then the decoder half with the
+residuals added. With every ControlNet in-process the loop reproduces
+`StableDiffusion(XL)(ControlNet)Pipeline` for the same seed; tests hold it to 1e-4 in fp32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import PIL.Image
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionXLPipeline,
+)
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from swiftd.controlnet_step import ControlNetResiduals, ControlNetStepper
+from swiftd.errors import Cancelled, InvalidArgument
+from swiftd.split_unet import SplitUNet
+
+log = logging.getLogger(__name__)
+
+# Scheduler names of the public API -> Diffusers classes, configured from the model's own
+# scheduler config (so betas, offsets and prediction type follow the checkpoint).
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "pndm": PNDMScheduler,
+}
+
+
+@dataclass
+class ControlNetRequest:
+    """One ControlNet of a request."""
+
+    controlnet_id: str
+    image: PIL.Image.Image
+    conditioning_scale: float = 1.0
+    guidance_start: float = 0.0  # fraction of the schedule where this ControlNet starts acting
+    guidance_end: float = 1.0  # fraction where it stops
+    guess_mode: bool = False  # Diffusers guess mode: sees only the conditional half of the CFG batch
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    scheduler: str | None = None  # a SCHEDULERS key; None: the model's own scheduler
+    controlnets: list[ControlNetRequest] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor  # final latents, before VAE decode
+    image: PIL.Image.Image
+    seed: int
+    timings: dict[str, float]  # stage -> seconds, in pipeline order
+
+
+@dataclass
+class ControlNetSession:
+    """What stays constant for one ControlNet during one request (sent once, not per step)."""
+
+    controlnet_id: str
+    controlnet_cond: torch.Tensor  # preprocessed image, CFG-duplicated exactly as Diffusers does
+    encoder_hidden_states: torch.Tensor
+    text_embeds: torch.Tensor | None  # SDXL added conditioning
+    time_ids: torch.Tensor | None
+    conditioning_scale: float
+    guess_mode: bool
+
+
+class ResidualSource(Protocol):
+    """The residuals of one ControlNet of one request, one step at a time.
+
+    `start_step` must not block on the ControlNet's computation: the UNet's encoder half runs
+    between `start_step` and `wait_step`.
+    """
+
+    def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None: ...
+
+    def wait_step(self) -> ControlNetResiduals: ...
+
+    def close(self) -> None: ...
+
+
+class LocalResidualSource:
+    """A ControlNet run in this process, on the UNet's device (no overlap; the fallback path)."""
+
+    def __init__(self, stepper: ControlNetStepper, session: ControlNetSession):
+        self._stepper = stepper
+        self._session = session
+        self._cond_embedding = stepper.embed_condition(session.controlnet_cond)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
+        self._pending = (timestep, sample)
+
+    def wait_step(self) -> ControlNetResiduals:
+        timestep, sample = self._pending
+        s = self._session
+        return self._stepper.step(
+            sample, timestep, s.encoder_hidden_states, self._cond_embedding,
+            s.conditioning_scale, s.guess_mode, s.text_embeds, s.time_ids,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self._pending = None
+
+
+ResidualSourceFactory = Callable[[ControlNetRequest, ControlNetSession], ResidualSource]
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step_index, total_steps, latents)
+
+
+def controlnet_active(step_index: int, num_steps: int, start: float, end: float) -> bool:
+    """Diffusers' `controlnet_keep` rule: active unless the step lies outside [start, end]."""
+    return not (step_index / num_steps < start or (step_index + 1) / num_steps > end)
+
+
+class DenoisingEngine:
+    """Runs requests on one base pipeline, one at a time (the worker owns the weights)."""
+
+    def __init__(self, pipe: DiffusionPipeline, load_controlnet: Callable[[str], ControlNetStepper] | None = None):
+        self.pipe = pipe
+        self.is_sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+        self.split_unet = SplitUNet(pipe.unet)
+        self.device = pipe.unet.device
+        self.dtype = pipe.unet.dtype
+        self.control_image_processor = VaeImageProcessor(
+            vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
+        self._load_controlnet = load_controlnet
+        self._lock = threading.Lock()
+
+    # -- public ----------------------------------------------------------------------------
+
+    def default_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def open_local_controlnet(self, request: ControlNetRequest, session: ControlNetSession) -> ResidualSource:
+        if self._load_controlnet is None:
+            raise InvalidArgument("controlnets", "this worker has no ControlNet models configured")
+        return LocalResidualSource(self._load_controlnet(request.controlnet_id), session)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        request: GenerationRequest,
+        open_controlnet: ResidualSourceFactory | None = None,
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        before_step: Callable[[int], None] | None = None,
+    ) -> GenerationResult:
+        """Run one request. `before_step(i)` runs at each step boundary (LoRA patching hooks in there)."""
+        with self._lock:
+            return self._generate(request, open_controlnet or self.open_local_controlnet, on_step, should_stop, before_step)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _generate(self, request, open_controlnet, on_step, should_stop, before_step) -> GenerationResult:
+        pipe = self.pipe
+        timings: dict[str, float] = {}
+        height = request.height or self.default_size()
+        width = request.width or self.default_size()
+        do_cfg = request.guidance_scale > 1.0
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+
+        t0 = time.perf_counter()
+        prompt_embeds, text_embeds, time_ids = self._encode_prompt(request, height, width, do_cfg)
+        timings["text_encode"] = time.perf_counter() - t0
+
+        scheduler = self._make_scheduler(request.scheduler)
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
+        latents = randn_tensor(
+            (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
+            generator=generator, device=self.device, dtype=prompt_embeds.dtype,
+        ) * scheduler.init_noise_sigma  # fmt: skip
+        step_kwargs = self._extra_step_kwargs(scheduler, generator)
+
+        t0 = time.perf_counter()
+        sources = self._open_controlnets(request, open_controlnet, prompt_embeds, text_embeds, time_ids, height, width, do_cfg)
+        timings["controlnet_setup"] = time.perf_counter() - t0
+
+        step_times = {"encoder_half": 0.0, "controlnet_wait": 0.0, "decoder_half": 0.0, "scheduler": 0.0}
+        t_loop = time.perf_counter()
+        try:
+            for i, t in enumerate(timesteps):
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"request cancelled before step {i}")
+                if before_step is not None:
+                    before_step(i)
+                latents = self._step(
+                    i, t, latents, len(timesteps), request, sources, prompt_embeds, text_embeds, time_ids,
+                    do_cfg, scheduler, step_kwargs, step_times,
+                )  # fmt: skip
+                if on_step is not None:
+                    on_step(i, len(timesteps), latents)
+        finally:
+            for _, source in sources:
+                source.close()
+        timings["denoise"] = time.perf_counter() - t_loop
+        timings.update({f"denoise.{k}": v for k, v in step_times.items()})
+
+        t0 = time.perf_counter()
+        image = self.decode(latents)
+        timings["vae_decode"] = time.perf_counter() - t0
+        return GenerationResult(latents=latents, image=image, seed=request.seed, timings=timings)
+
+    def _step(self, i, t, latents, num_steps, request, sources, prompt_embeds, text_embeds, time_ids,
+              do_cfg, scheduler, step_kwargs, step_times) -> torch.Tensor:  # fmt: skip
+        latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+        latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+        # Start every ControlNet that acts at this step; those outside their window would
+        # contribute zeros in Diffusers, so they are not run at all.
+        active = [
+            (cn, source) for cn, source in sources
+            if controlnet_active(i, num_steps, cn.guidance_start, cn.guidance_end)
+        ]  # fmt: skip
+        guess_input = None
+        for cn, source in active:
+            if cn.guess_mode and do_cfg:
+                # Guess mode: the ControlNet sees only the conditional half of the batch.
+                if guess_input is None:
+                    guess_input = scheduler.scale_model_input(latents, t)
+                source.start_step(i, t, guess_input)
+            else:
+                source.start_step(i, t, latent_model_input)
+
+        t0 = time.perf_counter()
+        encoded = self.split_unet.encoder_half(latent_model_input, t, prompt_embeds, text_embeds, time_ids)
+        t1 = time.perf_counter()
+        down_residuals, mid_residual = None, None
+        for cn, source in active:
+            residuals = source.wait_step()
+            down, mid = list(residuals.down_block_res_samples), residuals.mid_block_res_sample
+            if cn.guess_mode and do_cfg:  # nothing for the unconditional half
+                down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+                mid = torch.cat([torch.zeros_like(mid), mid])
+            if down_residuals is None:
+                down_residuals, mid_residual = down, mid
+            else:
+                down_residuals = [d + r for d, r in zip(down_residuals, down)]
+                mid_residual = mid_residual + mid
+        t2 = time.perf_counter()
+        noise_pred = self.split_unet.decoder_half(
+            encoded, tuple(down_residuals) if down_residuals is not None else None, mid_residual
+        )
+        t3 = time.perf_counter()
+        if do_cfg:
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + request.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        t4 = time.perf_counter()
+        step_times["encoder_half"] += t1 - t0
+        step_times["controlnet_wait"] += t2 - t1
+        step_times["decoder_half"] += t3 - t2
+        step_times["scheduler"] += t4 - t3
+        return latents
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _encode_prompt(self, request, height, width, do_cfg):
+        """Prompt embeddings (CFG batch: negative first), and SDXL's added conditioning."""
+        pipe = self.pipe
+        negative_prompt = request.negative_prompt or None  # None: Diffusers' default handling
+        if not self.is_sdxl:
+            prompt_embeds, negative_embeds = pipe.encode_prompt(
+                request.prompt, self.device, 1, do_cfg, negative_prompt
+            )
+            if do_cfg:
+                prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+            return prompt_embeds, None, None
+
+        prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=request.prompt, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt,
+        )  # fmt: skip
+        projection_dim = (
+            pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+        )
+        time_ids = pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        )  # fmt: skip
+        text_embeds = pooled
+        if do_cfg:
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+            text_embeds = torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        return prompt_embeds, text_embeds.to(self.device), time_ids.to(self.device)
+
+    def _make_scheduler(self, name: str | None):
+        if not name:
+            return self.pipe.scheduler.__class__.from_config(self.pipe.scheduler.config)
+        if name not in SCHEDULERS:
+            raise InvalidArgument("scheduler", f"unknown scheduler {name!r}; one of {sorted(SCHEDULERS)}")
+        return SCHEDULERS[name].from_config(self.pipe.scheduler.config)
+
+    @staticmethod
+    def _extra_step_kwargs(scheduler, generator) -> dict:
+        params = set(inspect.signature(scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = 0.0
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _open_controlnets(self, request, open_controlnet, prompt_embeds, text_embeds, time_ids, height, width, do_cfg):
+        """One ResidualSource per ControlNet, each sent what is constant for the request."""
+        sources: list[tuple[ControlNetRequest, ResidualSource]] = []
+        try:
+            for cn in request.controlnets:
+                guess_cfg = cn.guess_mode and do_cfg
+                cond = self.prepare_control_image(cn.image, height, width, duplicate_for_cfg=do_cfg and not cn.guess_mode)
+                session = ControlNetSession(
+                    controlnet_id=cn.controlnet_id,
+                    controlnet_cond=cond,
+                    encoder_hidden_states=prompt_embeds.chunk(2)[1] if guess_cfg else prompt_embeds,
+                    text_embeds=(text_embeds.chunk(2)[1] if guess_cfg else text_embeds) if text_embeds is not None else None,
+                    time_ids=(time_ids.chunk(2)[1] if guess_cfg else time_ids) if time_ids is not None else None,
+                    conditioning_scale=cn.conditioning_scale,
+                    guess_mode=cn.guess_mode,
+                )
+                sources.append((cn, open_controlnet(cn, session)))
+        except BaseException:
+            for _, source in sources:
+                source.close()
+            raise
+        return sources
+
+    def prepare_control_image(self, image: PIL.Image.Image, height: int, width: int, duplicate_for_cfg: bool) -> torch.Tensor:
+        """Diffusers' ControlNet preprocessing: RGB, resize to the output size, range [0, 1]."""
+        cond = self.control_image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+        cond = cond.to(device=self.device, dtype=self.dtype)
+        return torch.cat([cond] * 2) if duplicate_for_cfg else cond
+
+    def decode(self, latents: torch.Tensor) -> PIL.Image.Image:
+        """VAE decode as the Diffusers pipelines do (SDXL: fp16 upcast, latents mean/std)."""
+        vae = self.pipe.vae
+        needs_upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if needs_upcast:
+            vae = vae.to(torch.float32)
+        latents = latents.to(vae.dtype)
+        mean = getattr(vae.config, "latents_mean", None)
+        std = getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if needs_upcast:
+            vae.to(torch.float16)
+        return self.pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+    def preview(self, latents: torch.Tensor) -> PIL.Image.Image:
+        """A cheap low-resolution preview: a linear latent->RGB map instead of the VAE."""
+        factors = torch.tensor(LATENT_RGB_FACTORS["sdxl" if self.is_sdxl else "sd15"], dtype=torch.float32)
+        if latents.shape[1] != factors.shape[0]:
+            factors = torch.zeros(latents.shape[1], 3)
+        rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), factors)
+        rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+        return PIL.Image.fromarray(rgb)
+
+
+# Linear approximations of the SD1.5 and SDXL VAEs (latent channel -> RGB), as used for live
+# previews by ComfyUI and A1111.
+LATENT_RGB_FACTORS = {
+    "sd15": [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+    "sdxl": [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+}

@@ -1,0 +1,200 @@
+"""UNetWorker servicer: protobuf in, engine call, protobuf out."""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+import time
+
+import grpc
+import PIL.Image
+
+from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest, GenerationResult
+from swiftd import codec
+from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
+from swiftd.loading import pipeline_family
+from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_NAMES = {
+    common_pb2.SCHEDULER_DDIM: "ddim",
+    common_pb2.SCHEDULER_EULER: "euler",
+    common_pb2.SCHEDULER_EULER_ANCESTRAL: "euler_a",
+    common_pb2.SCHEDULER_DPMPP_2M: "dpmpp_2m",
+    common_pb2.SCHEDULER_PNDM: "pndm",
+}
+DEFAULT_GUIDANCE_SCALE = 7.5
+DEFAULT_STEPS = 20
+
+
+def decode_image(data: bytes, field: str) -> PIL.Image.Image:
+    if not data:
+        raise InvalidArgument(field, "is empty (expected PNG or JPEG bytes)")
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises many types for bad data
+        raise InvalidArgument(field, f"cannot be decoded as an image ({exc.__class__.__name__})") from None
+    return image.convert("RGB")
+
+
+def encode_png(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generation_request_from_proto(request: unet_pb2.DenoiseRequest) -> GenerationRequest:
+    p = request.params
+    if p.width % 8 or p.height % 8 or p.width < 0 or p.height < 0:
+        raise InvalidArgument("params.width" if p.width % 8 or p.width < 0 else "params.height", "must be a non-negative multiple of 8")
+    if p.num_inference_steps < 0:
+        raise InvalidArgument("params.num_inference_steps", "must be positive")
+    if p.scheduler and p.scheduler not in SCHEDULER_NAMES:
+        raise InvalidArgument("params.scheduler", f"unknown value {p.scheduler}")
+    controlnets = []
+    for i, attachment in enumerate(request.controlnets):
+        cn = attachment.input
+        if attachment.worker_address:
+            raise FailedPrecondition(
+                f"controlnets[{i}].worker_address: remote ControlNet workers are not supported by this worker yet"
+            )
+        start, end = cn.guidance_start, cn.guidance_end or 1.0
+        if not 0.0 <= start < end <= 1.0:
+            raise InvalidArgument(f"controlnets[{i}].guidance_start", "need 0 <= guidance_start < guidance_end <= 1")
+        controlnets.append(
+            ControlNetRequest(
+                controlnet_id=cn.controlnet_id,
+                image=decode_image(cn.image, f"controlnets[{i}].input.image"),
+                conditioning_scale=cn.conditioning_scale or 1.0,
+                guidance_start=start,
+                guidance_end=end,
+                guess_mode=cn.guess_mode,
+            )
+        )
+    return GenerationRequest(
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt,
+        width=p.width or None,
+        height=p.height or None,
+        num_inference_steps=p.num_inference_steps or DEFAULT_STEPS,
+        guidance_scale=p.guidance_scale or DEFAULT_GUIDANCE_SCALE,
+        seed=p.seed if p.HasField("seed") else int(time.time_ns() % (2**31)),
+        scheduler=SCHEDULER_NAMES.get(p.scheduler),
+        controlnets=controlnets,
+    )
+
+
+def response_from_result(result: GenerationResult, request: unet_pb2.DenoiseRequest) -> unet_pb2.DenoiseResponse:
+    response = unet_pb2.DenoiseResponse(
+        image_png=encode_png(result.image),
+        seed=result.seed,
+        request_id=request.request_id,
+        lora_applied_at_step=-1,
+        timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in result.timings.items()],
+    )
+    if request.return_latents:
+        response.latents.CopyFrom(codec.tensor_to_proto(result.latents))
+    return response
+
+
+class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
+    def __init__(self, engine: DenoisingEngine, model_id: str, model_path):
+        self.engine = engine
+        self.model_id = model_id
+        self.family = pipeline_family(model_path if model_path.is_dir() else model_path.with_suffix(""))
+        self._in_flight = 0
+        self._waiting = 0
+        self._count_lock = threading.Lock()
+
+    def _check(self, request: unet_pb2.DenoiseRequest) -> GenerationRequest:
+        if request.params.model_id and request.params.model_id != self.model_id:
+            raise NotFound("params.model_id", request.params.model_id)
+        if request.loras:
+            raise FailedPrecondition("loras: LoRA patching is not available on this worker yet")
+        return generation_request_from_proto(request)
+
+    def _run(self, generation: GenerationRequest, context, on_step=None) -> GenerationResult:
+        with self._count_lock:
+            self._waiting += 1
+        started = False
+
+        def should_stop():
+            nonlocal started
+            if not started:
+                started = True
+                with self._count_lock:
+                    self._waiting -= 1
+                    self._in_flight += 1
+            return not context.is_active()
+
+        try:
+            return self.engine.generate(generation, on_step=on_step, should_stop=should_stop)
+        finally:
+            with self._count_lock:
+                if started:
+                    self._in_flight -= 1
+                else:
+                    self._waiting -= 1
+
+    def Denoise(self, request, context):
+        generation = self._check(request)
+        result = self._run(generation, context)
+        return response_from_result(result, request)
+
+    def DenoiseStream(self, request, context):
+        generation = self._check(request)
+        events: queue.Queue = queue.Queue()
+        t0 = time.perf_counter()
+        every = request.preview_every_n_steps
+
+        def on_step(step, total, latents):
+            events.put(unet_pb2.DenoiseStreamResponse(
+                progress=common_pb2.Progress(step=step + 1, total_steps=total, elapsed_seconds=time.perf_counter() - t0)
+            ))  # fmt: skip
+            if every > 0 and (step + 1) % every == 0 and step + 1 < total:
+                preview = common_pb2.Preview(step=step + 1, image_png=encode_png(self.engine.preview(latents)))
+                events.put(unet_pb2.DenoiseStreamResponse(preview=preview))
+
+        outcome: dict = {}
+
+        def work():
+            try:
+                outcome["result"] = self._run(generation, context, on_step)
+            except BaseException as exc:  # re-raised on the RPC thread, where the interceptor maps it
+                outcome["error"] = exc
+            finally:
+                events.put(None)
+
+        threading.Thread(target=work, name="denoise-stream", daemon=True).start()
+        while (event := events.get()) is not None:
+            yield event
+        if "error" in outcome:
+            raise outcome["error"]
+        yield unet_pb2.DenoiseStreamResponse(final=response_from_result(outcome["result"], request))
+
+    def GetWorkerStatus(self, request, context):
+        with self._count_lock:
+            in_flight, waiting = self._in_flight, self._waiting
+        return unet_pb2.GetWorkerStatusResponse(
+            model_ids=[self.model_id],
+            requests_in_flight=in_flight,
+            queue_length=waiting,
+            dtype=codec.dtype_to_proto(self.engine.dtype),
+            device=str(self.engine.device),
+        )
+
+    def ListModels(self, request, context):
+        size = self.engine.default_size()
+        return unet_pb2.UNetWorkerListModelsResponse(
+            models=[common_pb2.ModelInfo(
+                model_id=self.model_id, family=self.family, default_width=size, default_height=size,
+                dtype=codec.dtype_to_proto(self.engine.dtype),
+            )]
+        )  # fmt: skip
+
+    def ReceiveLoraDeltas(self, request_iterator, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "LoRA deltas are not accepted by this worker yet")

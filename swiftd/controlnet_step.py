@@ -1,0 +1,100 @@
+"""One ControlNet step, with the conditioning image's embedding computed once per request.
+
+`diffusers.ControlNetModel.forward` runs the hint encoder (`controlnet_cond_embedding`) on the
+conditioning image at every step although the image never changes. `ControlNetStepper` splits
+that off: `embed_condition` once per request, `step` per denoising step. The remaining arithmetic
+follows `ControlNetModel.forward` operation for operation, so residuals are the same numbers.
+Both the ControlNet service and the UNet worker's in-process path use this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import ControlNetModel
+
+
+@dataclass
+class ControlNetResiduals:
+    down_block_res_samples: tuple[torch.Tensor, ...]
+    mid_block_res_sample: torch.Tensor
+
+
+class ControlNetStepper:
+    def __init__(self, controlnet: ControlNetModel):
+        if controlnet.config.class_embed_type is not None:
+            raise ValueError("ControlNets with class embeddings are not supported")
+        self.controlnet = controlnet
+
+    @torch.no_grad()
+    def embed_condition(self, controlnet_cond: torch.Tensor) -> torch.Tensor:
+        """The hint encoder's output for a preprocessed conditioning image (NCHW, range [0, 1])."""
+        cn = self.controlnet
+        if cn.config.controlnet_conditioning_channel_order == "bgr":
+            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
+        return cn.controlnet_cond_embedding(controlnet_cond.to(cn.dtype))
+
+    @torch.no_grad()
+    def step(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        cond_embedding: torch.Tensor,
+        conditioning_scale: float,
+        guess_mode: bool = False,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> ControlNetResiduals:
+        cn = self.controlnet
+        timesteps = timestep
+        if not torch.is_tensor(timesteps):
+            timesteps = torch.tensor([timesteps], dtype=torch.int64, device=sample.device)
+        elif timesteps.dim() == 0:
+            timesteps = timesteps[None].to(sample.device)
+        timesteps = timesteps.expand(sample.shape[0])
+        t_emb = cn.time_proj(timesteps).to(dtype=sample.dtype)
+        emb = cn.time_embedding(t_emb, None)
+
+        if cn.config.addition_embed_type == "text_time":
+            time_embeds = cn.add_time_proj(time_ids.flatten()).reshape((text_embeds.shape[0], -1))
+            add_embeds = torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
+            emb = emb + cn.add_embedding(add_embeds)
+        elif cn.config.addition_embed_type == "text":
+            emb = emb + cn.add_embedding(encoder_hidden_states)
+        elif cn.config.addition_embed_type is not None:
+            raise ValueError(f"addition_embed_type {cn.config.addition_embed_type!r} is not supported")
+
+        sample = cn.conv_in(sample)
+        sample = sample + cond_embedding
+        down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
+        for down_block in cn.down_blocks:
+            if getattr(down_block, "has_cross_attention", False):
+                sample, res_samples = down_block(
+                    hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states
+                )
+            else:
+                sample, res_samples = down_block(hidden_states=sample, temb=emb)
+            down_block_res_samples += res_samples
+        if cn.mid_block is not None:
+            if getattr(cn.mid_block, "has_cross_attention", False):
+                sample = cn.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample = cn.mid_block(sample, emb)
+
+        down = [block(res) for res, block in zip(down_block_res_samples, cn.controlnet_down_blocks)]
+        mid = cn.controlnet_mid_block(sample)
+
+        if guess_mode and not cn.config.global_pool_conditions:
+            # Shallow residuals weigh less in guess mode (0.1 .. 1.0), as in diffusers.
+            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale
+            down = [d * s for d, s in zip(down, scales)]
+            mid = mid * scales[-1]
+        else:
+            down = [d * conditioning_scale for d in down]
+            mid = mid * conditioning_scale
+        if cn.config.global_pool_conditions:
+            down = [torch.mean(d, dim=(2, 3), keepdim=True) for d in down]
+            mid = torch.mean(mid, dim=(2, 3), keepdim=True)
+        return ControlNetResiduals(tuple(down), mid)

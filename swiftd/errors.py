@@ -1,0 +1,66 @@
+"""Typed errors, each bound to the gRPC status a caller sees.
+
+Engines and servicers raise these; `swiftd.interceptor.ErrorInterceptor` turns them into statuses
+in one place. Anything else becomes INTERNAL with a generic message (details go to the log).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServingError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServingError):
+    """A request field is malformed or out of range; the message names the field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(ServingError):
+    """An id (model, LoRA, ControlNet) names nothing this service knows."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, field: str, item_id: str):
+        super().__init__(f"{field}: {item_id!r} not found")
+        self.field = field
+        self.item_id = item_id
+
+
+class FailedPrecondition(ServingError):
+    """The request is well formed but cannot apply here (e.g. a LoRA for another base model)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(ServingError):
+    """A downstream worker cannot be reached or died mid-request."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ServingError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServingError):
+    """The caller went away; work for it stopped."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class ResourceExhausted(ServingError):
+    """Admission control refused the request (queue full)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED

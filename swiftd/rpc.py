@@ -1,0 +1,100 @@
+"""gRPC server and channel construction with the suite's explicit limits.
+
+Every service builds its server with ``create_server`` and every client its channel with
+``create_channel``, so message-size limits and keepalive agree on both ends of each connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from swiftd.v1 import controlnet_pb2, gateway_pb2, lora_store_pb2, unet_pb2
+
+MiB = 1 << 20
+
+#: Largest message either side sends or accepts. ControlNet residuals are the largest messages
+#: (~54 MB fp32 per step at SD1.5 512^2 with CFG; ~4x that for SDXL at 1024^2), far above gRPC's
+#: 4 MiB default; images and latents are smaller. LoRA deltas travel in chunks of
+#: LORA_CHUNK_BYTES instead of one message per LoRA.
+MAX_MESSAGE_BYTES = 512 * MiB
+
+#: Target size of the tensor data in one LoraDeltaChunk (a chunk holds whole ParameterDeltas, so
+#: one larger than this travels alone).
+LORA_CHUNK_BYTES = 16 * MiB
+
+#: Options for both servers and channels (each side ignores the ones that do not apply to it).
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Keepalive: ping every 30 s, also while a long stream is idle (a UNet worker waiting on LoRA
+    # deltas, a queued GenerateStream), and drop the connection if a ping goes unanswered for 10 s,
+    # so a dead peer fails the stream instead of hanging it.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Server side: accept those pings (the default policy rejects pings more often than every
+    # 5 min without data and closes the connection with GOAWAY "too_many_pings").
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    # Server side: fail to bind a port that is already in use instead of sharing it silently.
+    ("grpc.so_reuseport", 0),
+]
+
+#: Fully qualified names of the suite's services, for health checks and reflection.
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+UNET_SERVICE = unet_pb2.DESCRIPTOR.services_by_name["UNetWorker"].full_name
+CONTROLNET_SERVICE = controlnet_pb2.DESCRIPTOR.services_by_name["ControlNetWorker"].full_name
+LORA_STORE_SERVICE = lora_store_pb2.DESCRIPTOR.services_by_name["LoraStore"].full_name
+
+
+def _merge(extra: Iterable[tuple[str, object]]) -> list[tuple[str, object]]:
+    """GRPC_OPTIONS with ``extra`` overriding options of the same name."""
+    extra = list(extra)
+    names = {name for name, _ in extra}
+    return [opt for opt in GRPC_OPTIONS if opt[0] not in names] + extra
+
+
+def create_server(
+    max_workers: int,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    options: Iterable[tuple[str, object]] = (),
+) -> grpc.Server:
+    """A thread-pool gRPC server with GRPC_OPTIONS (``options`` override them by name).
+
+    Each in-flight RPC, a whole stream included, holds one of the ``max_workers`` threads for its
+    duration: size the pool for the concurrent streams the service must carry. Add ports and
+    servicers, then ``start()``.
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server")
+    return grpc.server(pool, interceptors=list(interceptors), options=_merge(options))
+
+
+def create_channel(address: str, options: Iterable[tuple[str, object]] = ()) -> grpc.Channel:
+    """An insecure channel to ``address`` ("host:port") with GRPC_OPTIONS (``options`` override)."""
+    return grpc.insecure_channel(address, options=_merge(options))
+
+
+def add_health_and_reflection(
+    server: grpc.Server, service_names: Iterable[str]
+) -> health.HealthServicer:
+    """Register grpc.health.v1 (SERVING for ``service_names`` and "") and server reflection.
+
+    Returns the health servicer, so the service can flip statuses (e.g. NOT_SERVING on drain).
+    """
+    names = list(service_names)
+    servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in ["", *names]:
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer

@@ -1,0 +1,98 @@
+"""Running a service process: CPU pinning, the gRPC server, health, graceful stop.
+
+Every service's `__main__` builds its servicer and calls `serve`. Readiness is the standard
+grpc.health.v1 status (SERVING once the servicer is registered, NOT_SERVING while draining);
+liveness is the server answering at all. SIGTERM/SIGINT drain: health flips to NOT_SERVING, new
+RPCs are refused, running ones get `grace_seconds` to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2
+
+from swiftd import rpc, tracing
+from swiftd.interceptor import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    address: str = "127.0.0.1:0"
+    max_workers: int = 16  # concurrent RPCs (a whole stream holds one)
+    grace_seconds: float = 10.0
+    num_threads: int | None = None  # torch intra-op threads; None = torch's default
+    cpu_cores: list[int] = field(default_factory=list)  # pin the process (a CPU "device"); empty = no pinning
+
+
+def add_server_arguments(parser) -> None:
+    parser.add_argument("--address", default="127.0.0.1:0", help="host:port to listen on (port 0 = pick one)")
+    parser.add_argument("--max-workers", type=int, default=16)
+    parser.add_argument("--grace-seconds", type=float, default=10.0)
+    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--cpu-cores", default="", help="comma-separated cores to pin this process to")
+
+
+def server_config_from_args(args) -> ServerConfig:
+    cores = [int(c) for c in args.cpu_cores.split(",") if c.strip()]
+    return ServerConfig(args.address, args.max_workers, args.grace_seconds, args.num_threads, cores)
+
+
+def configure_process(config: ServerConfig) -> None:
+    """Pin cores and threads before any model is loaded (oneDNN sizes its pools at first use)."""
+    if config.cpu_cores:
+        os.sched_setaffinity(0, set(config.cpu_cores))
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    logging.basicConfig(level=os.environ.get("SWIFTD_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def serve(
+    service_full_name: str,
+    config: ServerConfig,
+    register: Callable[[grpc.Server], None],
+    on_bound: Callable[[int], None] | None = None,
+) -> None:
+    """Start the server, report the bound port, block until SIGTERM/SIGINT, then drain."""
+    server = rpc.create_server(
+        config.max_workers, interceptors=[*tracing.server_interceptors(), ErrorInterceptor()]
+    )
+    register(server)
+    health = rpc.add_health_and_reflection(server, [service_full_name])
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {config.address}")
+    server.start()
+    host = config.address.rsplit(":", 1)[0]
+    # One parseable line: launchers that asked for port 0 read the real address from it.
+    print(f"SWIFTD_LISTENING {service_full_name} {host}:{port}", flush=True)
+    log.info("%s serving on %s:%d", service_full_name, host, port)
+    if on_bound is not None:
+        on_bound(port)
+
+    stopping = threading.Event()
+
+    def drain(signum, _frame):
+        if stopping.is_set():
+            return
+        stopping.set()
+        log.info("signal %d: draining for up to %.1f s", signum, config.grace_seconds)
+        health.enter_graceful_shutdown()  # every service reports NOT_SERVING from now on
+        server.stop(config.grace_seconds)
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    server.wait_for_termination()
+    log.info("%s stopped", service_full_name)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING

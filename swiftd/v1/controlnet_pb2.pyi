@@ -1,0 +1,98 @@
+from swiftd.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ResidualsRequest(_message.Message):
+    __slots__ = ("start", "step")
+    START_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    start: SessionStart
+    step: StepInput
+    def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., step: _Optional[_Union[StepInput, _Mapping]] = ...) -> None: ...
+
+class SessionStart(_message.Message):
+    __slots__ = ("controlnet_id", "controlnet_cond", "encoder_hidden_states", "text_embeds", "time_ids", "conditioning_scale", "guess_mode", "wire_dtype", "request_id")
+    CONTROLNET_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_COND_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_EMBEDS_FIELD_NUMBER: _ClassVar[int]
+    TIME_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_SCALE_FIELD_NUMBER: _ClassVar[int]
+    GUESS_MODE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    controlnet_id: str
+    controlnet_cond: _common_pb2.Tensor
+    encoder_hidden_states: _common_pb2.Tensor
+    text_embeds: _common_pb2.Tensor
+    time_ids: _common_pb2.Tensor
+    conditioning_scale: float
+    guess_mode: bool
+    wire_dtype: _common_pb2.DType
+    request_id: str
+    def __init__(self, controlnet_id: _Optional[str] = ..., controlnet_cond: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoder_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., time_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., conditioning_scale: _Optional[float] = ..., guess_mode: _Optional[bool] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StepInput(_message.Message):
+    __slots__ = ("step_index", "timestep", "sample")
+    STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    TIMESTEP_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    step_index: int
+    timestep: float
+    sample: _common_pb2.Tensor
+    def __init__(self, step_index: _Optional[int] = ..., timestep: _Optional[float] = ..., sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class ResidualsResponse(_message.Message):
+    __slots__ = ("step_index", "down_block_res_samples", "mid_block_res_sample", "compute_seconds")
+    STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DOWN_BLOCK_RES_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MID_BLOCK_RES_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    step_index: int
+    down_block_res_samples: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
+    mid_block_res_sample: _common_pb2.Tensor
+    compute_seconds: float
+    def __init__(self, step_index: _Optional[int] = ..., down_block_res_samples: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mid_block_res_sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
+class ControlNetWorkerListControlNetsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ControlNetWorkerListControlNetsResponse(_message.Message):
+    __slots__ = ("controlnets",)
+    CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
+    controlnets: _containers.RepeatedCompositeFieldContainer[_common_pb2.ControlNetInfo]
+    def __init__(self, controlnets: _Optional[_Iterable[_Union[_common_pb2.ControlNetInfo, _Mapping]]] = ...) -> None: ...
+
+class LoadControlNetRequest(_message.Message):
+    __slots__ = ("controlnet_id",)
+    CONTROLNET_ID_FIELD_NUMBER: _ClassVar[int]
+    controlnet_id: str
+    def __init__(self, controlnet_id: _Optional[str] = ...) -> None: ...
+
+class LoadControlNetResponse(_message.Message):
+    __slots__ = ("controlnet", "already_loaded", "load_seconds")
+    CONTROLNET_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_LOADED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    controlnet: _common_pb2.ControlNetInfo
+    already_loaded: bool
+    load_seconds: float
+    def __init__(self, controlnet: _Optional[_Union[_common_pb2.ControlNetInfo, _Mapping]] = ..., already_loaded: _Optional[bool] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class UnloadControlNetRequest(_message.Message):
+    __slots__ = ("controlnet_id",)
+    CONTROLNET_ID_FIELD_NUMBER: _ClassVar[int]
+    controlnet_id: str
+    def __init__(self, controlnet_id: _Optional[str] = ...) -> None: ...
+
+class UnloadControlNetResponse(_message.Message):
+    __slots__ = ("was_loaded",)
+    WAS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    was_loaded: bool
+    def __init__(self, was_loaded: _Optional[bool] = ...) -> None: ...
