@@ -98,3 +98,31 @@ def add_health_and_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     return servicer
+
+
+def tune_allocator_for_large_messages(threshold_bytes: int = 1 << 30) -> bool:
+    """Opt-in, process-wide: keep large buffers on glibc's heap instead of fresh mmap()s.
+
+    glibc serves allocations above its mmap threshold (at most 32 MiB by default) with a new
+    mapping each time, so every 54 MB residual message page-faults its memory in again; measured
+    on the 2-core dev box, encode+decode of a 54 MB fp32 tensor drops from ~140-200 ms to ~30-55
+    ms with this. Cost: freed memory is kept for reuse rather than returned to the OS (RSS stays
+    near its peak). Call once at service start, before the first large message. Returns False
+    (and does nothing) where glibc's mallopt is unavailable. The environment variables
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do the same from outside the process.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_mmap_threshold, ctypes.c_int(min(threshold_bytes, 2**31 - 1)))
+    ok &= mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
+    return bool(ok)

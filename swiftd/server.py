@@ -53,6 +53,9 @@ def configure_process(config: ServerConfig) -> None:
         os.sched_setaffinity(0, set(config.cpu_cores))
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    # Residual messages are tens of MB; keep their buffers on the heap instead of re-faulting
+    # fresh mmap()s per message (3-4x faster codec; see rpc.tune_allocator_for_large_messages).
+    rpc.tune_allocator_for_large_messages()
     logging.basicConfig(level=os.environ.get("SWIFTD_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
@@ -68,9 +71,7 @@ def serve(
     )
     register(server)
     health = rpc.add_health_and_reflection(server, [service_full_name])
-    port = server.add_insecure_port(config.address)
-    if port == 0:
-        raise RuntimeError(f"could not bind {config.address}")
+    port = server.add_insecure_port(config.address)  # raises if the address cannot be bound
     server.start()
     host = config.address.rsplit(":", 1)[0]
     # One parseable line: launchers that asked for port 0 read the real address from it.

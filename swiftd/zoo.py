@@ -189,7 +189,7 @@ SPECS: dict[str, FamilySpec] = {
         text_encoders=(_clip(32, 2, 4, 64),),
         scheduler=SD15_SCHEDULER,
         cn_cond_channels=(8, 16, 16, 32),
-        single_file=False,  # TODO
+        single_file=True,
     ),
     "tiny-sdxl": FamilySpec(
         name="tiny-sdxl",
@@ -233,7 +233,7 @@ SPECS: dict[str, FamilySpec] = {
         text_encoders=(_clip(128, 4, 4, 512),),
         scheduler=SD15_SCHEDULER,
         cn_cond_channels=(16, 32, 96, 256),
-        single_file=False,  # TODO
+        single_file=True,
     ),
     # Full-size: the real SD1.5 / SDXL configs. The text encoders keep CLIP's real 49408-token
     # embedding so parameter counts and memory match; the zoo tokenizer only uses the low ids.
@@ -256,7 +256,7 @@ SPECS: dict[str, FamilySpec] = {
         scheduler=SD15_SCHEDULER,
         cn_cond_channels=(16, 32, 96, 256),
         fp16=True,
-        single_file=False,  # TODO
+        single_file=True,
     ),
     "sdxl": FamilySpec(
         name="sdxl",
@@ -547,6 +547,26 @@ def make_components(spec: FamilySpec) -> dict:
     return parts
 
 
+def te_checkpoint_name(module: str) -> str:
+    """A text-encoder module/parameter name as real checkpoints spell it: under `text_model.`.
+
+    transformers 5 flattened CLIPTextModel (its modules are `encoder.layers...`, no `text_model`),
+    while CLIPTextModelWithProjection keeps `text_model.`; real SD checkpoints and kohya LoRAs
+    always use `text_model.`, and transformers strips it again on load.
+    """
+    return module if module.startswith(("text_model.", "text_projection")) else "text_model." + module
+
+
+def _restore_text_model_prefix(path: Path) -> None:
+    # A from-scratch CLIPTextModel saves without the prefix; rewrite so the file matches real repos.
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    renamed = {te_checkpoint_name(k): v for k, v in tensors.items()}
+    if renamed.keys() != tensors.keys():
+        save_file(dict(sorted(renamed.items())), str(path), metadata={"format": "pt"})
+
+
 def write_pipeline(spec: FamilySpec, parts: dict, folder: Path) -> None:
     """Save a Diffusers pipeline folder component by component plus model_index.json."""
     import diffusers
@@ -557,6 +577,7 @@ def write_pipeline(spec: FamilySpec, parts: dict, folder: Path) -> None:
     for name in ("text_encoder", "text_encoder_2"):
         if name in parts:
             parts[name].save_pretrained(folder / name)
+            _restore_text_model_prefix(folder / name / "model.safetensors")
     parts["scheduler"].save_pretrained(folder / "scheduler")
     write_tokenizer(folder / "tokenizer", pad_token=TOKENIZER_PADS[0])
     index = {
@@ -703,13 +724,12 @@ def kohya_unet_name(module: str, spec: FamilySpec) -> str:
 def kohya_te_name(module: str, encoder_index: int, spec: FamilySpec) -> str:
     """kohya's name for a text-encoder module: lora_te_ (SD1.x), lora_te1_ / lora_te2_ (SDXL)."""
     prefix = "lora_te_" if spec.kind == "sd15" else f"lora_te{encoder_index + 1}_"
-    return prefix + module.replace(".", "_")
+    return prefix + te_checkpoint_name(module).replace(".", "_")
 
 
 def write_kohya_lora(spec: FamilySpec, parts: dict, rank: int, path: Path, lora_id: str, dtype, te: bool, convs: bool) -> None:
     """kohya/A1111 format: <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha (scale alpha/rank)."""
     import torch
-    from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(seed_for(lora_id))
     tensors = {}
@@ -732,16 +752,116 @@ def write_kohya_lora(spec: FamilySpec, parts: dict, rank: int, path: Path, lora_
     if convs:
         meta.update(ss_network_args=json.dumps({"conv_dim": str(rank), "conv_alpha": str(KOHYA_CONV_CONV_ALPHA)}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(tensors, path, meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single-file checkpoint (original LDM / A1111 key layout)
+# --------------------------------------------------------------------------------------------------
+
+_UNET_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+                    "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}  # fmt: skip
+_VAE_ATTN_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def ldm_unet_key(key: str, config: dict) -> str:
+    """A diffusers UNet parameter name in the original LDM layout (no `model.diffusion_model.`).
+
+    The exact inverse of Diffusers' convert_ldm_unet_checkpoint, for any block count: LDM numbers
+    the encoder's layers input_blocks.1.. with layers_per_block (resnet[, attention]) entries plus
+    one downsampler per block, the decoder's output_blocks.0.. with layers_per_block + 1 entries.
+    """
+    per = config["layers_per_block"] + 1
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    head, _, leaf = key.rpartition(".")
+    if head in fixed:
+        return f"{fixed[head]}.{leaf}"
+
+    def resnet(rest):
+        first, _, tail = rest.partition(".")
+        return _UNET_RESNET_LDM.get(first, first) + ("." + tail if tail else "")
+
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = 1 + b * per + j
+        return f"input_blocks.{idx}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{rest}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        if m[1] == "attentions":
+            return f"middle_block.1.{m[3]}"
+        return f"middle_block.{2 * int(m[2])}.{resnet(m[3])}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        idx = b * per + j
+        return f"output_blocks.{idx}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{rest}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        b = int(m[1])
+        has_attn = "CrossAttn" in config["up_block_types"][b]
+        return f"output_blocks.{b * per + per - 1}.{2 if has_attn else 1}.conv.{m[2]}"
+    raise ValueError(f"no LDM name for UNet parameter {key}")
+
+
+def ldm_vae_key(key: str, config: dict) -> str:
+    """A diffusers AutoencoderKL parameter name in the LDM layout (no `first_stage_model.`)."""
+    n = len(config["block_out_channels"])
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
+    key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.block.", key)
+    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{n - 1 - int(m[1])}.upsample.", key)
+    key = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", key)
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTN_LDM[m[2]]}.{m[3]}"
+    return key
 
 
 def write_single_file(spec: FamilySpec, parts: dict, path: Path) -> None:
-    raise NotImplementedError
+    """One .safetensors in the original LDM / A1111 layout, as SD1.5 checkpoints are shared.
+
+    Loads with StableDiffusionPipeline.from_single_file(path, config=<pipeline folder>) to the very
+    same weights as the folder. (SD1.x layout only: SDXL's has two differently laid-out text encoders.)
+    """
+    assert spec.kind == "sd15", "single-file export is implemented for the SD1.x layout"
+    tensors = {}
+    for k, v in parts["unet"].state_dict().items():
+        tensors["model.diffusion_model." + ldm_unet_key(k, spec.unet)] = v
+    for k, v in parts["vae"].state_dict().items():
+        name = ldm_vae_key(k, spec.vae)
+        if ".mid.attn_1." in name and name.endswith(("q.weight", "k.weight", "v.weight", "proj_out.weight")):
+            v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convs
+        tensors["first_stage_model." + name] = v
+    for k, v in parts["text_encoder"].state_dict().items():
+        tensors["cond_stage_model.transformer." + te_checkpoint_name(k)] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors({k: v.contiguous() for k, v in sorted(tensors.items())}, path, {"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------------
 # Build driver
 # --------------------------------------------------------------------------------------------------
+
+
+def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    """safetensors.save_file with a reproducible header.
+
+    safetensors keeps `__metadata__` in a Rust HashMap, so with more than one entry its order (and
+    the file's bytes) changes from process to process. Rewrite the header with sorted metadata:
+    same JSON, same length, so the data offsets stay valid.
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        assert len(text) <= n, "safetensors header grew"
+        fh.seek(8)
+        fh.write(text + b" " * (n - len(text)))
 
 
 def _write_json(path: Path, obj, sort_keys: bool = True) -> None:
@@ -759,6 +879,18 @@ def is_complete(out: str | Path, family: str) -> bool:
     if not paths.marker.is_file() or paths.marker.read_text() != marker_text(family):
         return False
     return all(p.exists() for p in paths.all_outputs())
+
+
+def _make_readable(paths: list[Path]) -> None:
+    # safetensors writes its files 0600; a model repository is read by other users (containers).
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for root in paths:
+        for f in [root] if root.is_file() else root.rglob("*"):
+            if f.is_file():
+                f.chmod(0o666 & ~umask)
 
 
 def _log(msg: str) -> None:
@@ -804,6 +936,7 @@ def build_family(out: Path, family: str) -> None:
                 te, convs = lora_id.endswith("-te"), lora_id.endswith("-conv")
                 write_kohya_lora(spec, parts, rank, paths.loras[lora_id], lora_id, dtype, te=te, convs=convs)
 
+    _make_readable(paths.all_outputs())
     paths.marker.write_text(marker_text(family))  # last: its presence means the family is whole
     _log(
         f"built {family} in {time.perf_counter() - t0:.1f}s: UNet {_count(parts['unet']) / 1e6:.2f} M params, "

@@ -1,0 +1,57 @@
+"""Python client for the suite.
+
+Until the gateway lands, requests go straight to a UNet worker (`Denoise`); the request and
+response shapes are the ones the gateway will expose.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+
+from swiftd import rpc
+from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
+
+
+@dataclass
+class GenerationOutput:
+    image_png: bytes
+    seed: int
+    timings: list[tuple[str, float]]
+
+
+def edge_image(size: int) -> bytes:
+    """A synthetic edge map (rings and a diagonal) as PNG: a stand-in for a Canny image."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    r = np.hypot(x - 0.5, y - 0.5)
+    edges = (np.abs(np.sin(r * 40)) < 0.15) | (np.abs(x - y) < 0.01)
+    image = PIL.Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def format_timings(timings: list[tuple[str, float]]) -> str:
+    rows = ["stage                         seconds"]
+    rows += [f"  {stage:<28}{seconds:8.3f}" for stage, seconds in timings]
+    return "\n".join(rows)
+
+
+def demo_request(unet_address: str, args) -> GenerationOutput:
+    request = unet_pb2.DenoiseRequest(
+        params=common_pb2.GenerationParams(
+            prompt="a photo of an astronaut riding a horse", negative_prompt="blurry",
+            width=args.size, height=args.size, num_inference_steps=args.steps, guidance_scale=7.5, seed=42,
+            scheduler=common_pb2.SCHEDULER_EULER, model_id=args.model_id,
+        ),
+        controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(
+            controlnet_id=args.controlnet_id, image=edge_image(args.size), conditioning_scale=1.0,
+        ))],
+        request_id="make-run",
+    )  # fmt: skip
+    with rpc.create_channel(unet_address) as channel:
+        response = unet_pb2_grpc.UNetWorkerStub(channel).Denoise(request, timeout=600)
+    return GenerationOutput(response.image_png, response.seed, [(t.stage, t.seconds) for t in response.timings])

@@ -1,0 +1,165 @@
+"""Start the suite's services as separate processes on loopback, and stop them cleanly.
+
+Used by `make run` (the demo below), by the benchmark and by the tests, so all three exercise the
+same processes a deployment runs. Each service is asked for port 0 and reports the port it bound
+(`SWIFTD_LISTENING <service> <host:port>` on stdout); it counts as up once grpc.health.v1 says
+SERVING. Children die with the launcher: on exit, Ctrl-C or SIGTERM they get SIGTERM (graceful
+drain), then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from swiftd import rpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    process: subprocess.Popen
+    address: str = ""
+    log_lines: list[str] = field(default_factory=list)
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_seconds)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_lines[-n:])
+
+
+_running: list[ServiceProcess] = []
+
+
+def _stop_all() -> None:
+    while _running:
+        _running.pop().stop()
+
+
+atexit.register(_stop_all)
+
+
+def start_service(
+    name: str, module: str, args: list[str], cpu_cores: list[int] | None = None,
+    num_threads: int | None = None, timeout: float = 300.0, env: dict | None = None,
+) -> ServiceProcess:  # fmt: skip
+    """Start `python -m module args...` and wait until it is SERVING."""
+    cmd = [sys.executable, "-m", module, *args, "--address", "127.0.0.1:0"]
+    if cpu_cores:
+        cmd += ["--cpu-cores", ",".join(map(str, cpu_cores))]
+    if num_threads:
+        cmd += ["--num-threads", str(num_threads)]
+    proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(
+        cmd, cwd=REPO, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
+    )  # fmt: skip
+    service = ServiceProcess(name, process)
+    _running.append(service)
+    bound = threading.Event()
+
+    def pump():
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            service.log_lines.append(line)
+            if line.startswith("SWIFTD_LISTENING "):
+                service.address = line.split()[2]
+                bound.set()
+        bound.set()
+
+    threading.Thread(target=pump, name=f"log-{name}", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    bound.wait(timeout)
+    if not service.address:
+        service.stop()
+        raise RuntimeError(f"{name} did not start:\n{service.log_tail()}")
+    wait_serving(service.address, deadline - time.monotonic())
+    return service
+
+
+def wait_serving(address: str, timeout: float) -> None:
+    with rpc.create_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+def start_unet(model_root: Path, model_id: str, **kwargs) -> ServiceProcess:
+    return start_service("unet", "services.unet", ["--model-root", str(model_root), "--model-id", model_id], **kwargs)
+
+
+# -- make run --------------------------------------------------------------------------------------
+
+
+def demo(args) -> int:
+    """Build nothing, start the services, send one request with a ControlNet and a LoRA, stop."""
+    from swiftd import client as client_lib
+
+    def on_signal(signum, _frame):
+        _stop_all()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"starting the UNet worker for {args.model_id} ...", flush=True)
+    unet = start_unet(args.zoo, args.model_id)
+    print(f"  unet     {unet.address}   (up in {time.perf_counter() - t0:.1f} s)")
+    try:
+        result = client_lib.demo_request(unet.address, args)
+    finally:
+        _stop_all()
+    path = args.out / "demo.png"
+    path.write_bytes(result.image_png)
+    print(f"\nwrote {path} (seed {result.seed})\n")
+    print(client_lib.format_timings(result.timings))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m swiftd.launcher")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="start the suite, send one request, write the image, stop")
+    d.add_argument("--zoo", type=Path, default=Path(".zoo"))
+    d.add_argument("--out", type=Path, default=Path("out"))
+    d.add_argument("--model-id", default="tiny-sd15")
+    d.add_argument("--controlnet-id", default="tiny-sd15-cn-edges")
+    d.add_argument("--lora-id", default="tiny-sd15-lora-peft-r4")
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--size", type=int, default=256)
+    args = parser.parse_args(argv)
+    return demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny model zoo (built once, reused across runs) and loaded pipelines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from swiftd import zoo
+
+REPO = Path(__file__).resolve().parent.parent
+ZOO = Path(os.environ.get("SWIFTD_ZOO", REPO / ".zoo"))
+TINY_FAMILIES = ["tiny-sd15", "tiny-sdxl"]
+
+
+@pytest.fixture(scope="session")
+def zoo_root() -> Path:
+    """The repository's zoo with the tiny families; building is skipped when already complete."""
+    zoo.build(ZOO, only=TINY_FAMILIES)
+    return ZOO
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+    # Two cores: keep test processes from oversubscribing them when services run beside.
+    torch.set_num_threads(1)
