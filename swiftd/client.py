@@ -50,6 +50,7 @@ def demo_request(unet_address: str, args) -> GenerationOutput:
         controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(
             controlnet_id=args.controlnet_id, image=edge_image(args.size), conditioning_scale=1.0,
         ))],
+        loras=[common_pb2.LoraRef(lora_id=args.lora_id, scale=0.8)],
         request_id="make-run",
     )  # fmt: skip
     with rpc.create_channel(unet_address) as channel:

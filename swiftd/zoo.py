@@ -18,8 +18,9 @@ Layout of one family (ids are the folder/file names)::
     <out>/loras/<family>-lora-kohya-r8-conv.safetensors      kohya LoCon, UNet linear + resnet 3x3 convs
     <out>/.complete-<family>                                  marker, written last
 
-Everything is seeded per component, so the same command gives byte-identical files on any machine;
-a family whose marker matches the current generator is skipped, so callers may run `build` every time.
+Every random init is seeded per component, so the same command gives byte-identical files run to
+run (and machine to machine with the same torch/diffusers/transformers). A family whose marker
+matches the current generator is skipped, so callers may run `build` every time.
 """
 
 from __future__ import annotations
@@ -559,12 +560,12 @@ def te_checkpoint_name(module: str) -> str:
 
 def _restore_text_model_prefix(path: Path) -> None:
     # A from-scratch CLIPTextModel saves without the prefix; rewrite so the file matches real repos.
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     tensors = load_file(str(path))
     renamed = {te_checkpoint_name(k): v for k, v in tensors.items()}
     if renamed.keys() != tensors.keys():
-        save_file(dict(sorted(renamed.items())), str(path), metadata={"format": "pt"})
+        save_safetensors(renamed, path, {"format": "pt"})
 
 
 def write_pipeline(spec: FamilySpec, parts: dict, folder: Path) -> None:
@@ -638,7 +639,7 @@ def make_controlnet(spec: FamilySpec, unet, cn_kind: str):
 # --------------------------------------------------------------------------------------------------
 
 
-def _unet_lora_targets(unet, convs: bool = False) -> list[tuple[str, object]]:
+def unet_lora_targets(unet, convs: bool = False) -> list[tuple[str, object]]:
     """(module name, module) of the UNet layers a LoRA adapts, in a stable order."""
     import torch
 
@@ -651,7 +652,7 @@ def _unet_lora_targets(unet, convs: bool = False) -> list[tuple[str, object]]:
     return out
 
 
-def _te_lora_targets(te) -> list[tuple[str, object]]:
+def te_lora_targets(te) -> list[tuple[str, object]]:
     return [(n, m) for n, m in te.named_modules() if ".layers." in n and n.rsplit(".", 1)[-1] in TE_TARGETS]
 
 
@@ -666,7 +667,9 @@ def _lora_pair(gen, weight, rank: int, scale: float):
     out_ch, in_ch, *kernel = weight.shape
     fan_in = in_ch * math.prod(kernel)
     down = torch.randn((rank, in_ch, *kernel), generator=gen) / math.sqrt(fan_in)
-    up_std = LORA_REL_DELTA * weight.float().std().item() * math.sqrt(fan_in) / (scale * math.sqrt(rank))
+    # Rounded so a last-bit difference in the reduction (thread count, SIMD) cannot change the file.
+    w_std = float(f"{weight.double().std().item():.4g}")
+    up_std = LORA_REL_DELTA * w_std * math.sqrt(fan_in) / (scale * math.sqrt(rank))
     up = torch.randn((out_ch, rank, *[1] * len(kernel)), generator=gen) * up_std
     return down.contiguous(), up.contiguous()
 
@@ -681,7 +684,7 @@ def write_peft_lora(spec: FamilySpec, unet, rank: int, path: Path, lora_id: str,
 
     gen = torch.Generator().manual_seed(seed_for(lora_id))
     layers = {}
-    for name, mod in _unet_lora_targets(unet):
+    for name, mod in unet_lora_targets(unet):
         down, up = _lora_pair(gen, mod.weight, rank, 1.0)
         layers[f"{name}.lora_A.weight"] = down.to(dtype)
         layers[f"{name}.lora_B.weight"] = up.to(dtype)
@@ -741,12 +744,12 @@ def write_kohya_lora(spec: FamilySpec, parts: dict, rank: int, path: Path, lora_
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
 
     linear_alpha = KOHYA_TE_ALPHA if te else KOHYA_CONV_ALPHA
-    for name, mod in _unet_lora_targets(parts["unet"], convs=convs):
+    for name, mod in unet_lora_targets(parts["unet"], convs=convs):
         is_3x3 = mod.weight.ndim == 4 and mod.weight.shape[-1] == 3
         add(kohya_unet_name(name, spec), mod.weight, KOHYA_CONV_CONV_ALPHA if is_3x3 else linear_alpha)
     if te:
         for i, te_name in enumerate(n for n in ("text_encoder", "text_encoder_2") if n in parts):
-            for name, mod in _te_lora_targets(parts[te_name]):
+            for name, mod in te_lora_targets(parts[te_name]):
                 add(kohya_te_name(name, i, spec), mod.weight, linear_alpha)
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(linear_alpha)}
     if convs:
@@ -991,15 +994,20 @@ def build(out: str | Path, only: list[str] | None = None, full: bool = False) ->
     """
     out = Path(out)
     families = resolve_families(only, full)
+    if all(is_complete(out, f) for f in families):  # no lock needed (the zoo may be read-only)
+        _log(f"{', '.join(families)}: up to date")
+        return
     with _locked(out):
-        todo = [f for f in families if not is_complete(out, f)]
+        todo = [f for f in families if not is_complete(out, f)]  # again: another builder may have run
         for family in families:
             if family not in todo:
                 _log(f"{family}: up to date")
-        if todo:  # imports torch & co. only now, so an up-to-date zoo is checked in milliseconds
-            with _quiet_libraries():
-                for family in todo:
-                    build_family(out, family)
+        # torch & co. are imported only now, so an up-to-date zoo is checked in milliseconds.
+        import torch
+
+        with _quiet_libraries(), torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
+            for family in todo:
+                build_family(out, family)
 
 
 def main(argv: list[str] | None = None) -> int:

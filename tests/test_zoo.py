@@ -141,6 +141,22 @@ def test_tokenizer_is_a_real_clip_tokenizer(zoo_dir, family):
         assert tok2(PROMPT).input_ids == ids
 
 
+def test_single_file_checkpoint_loads_to_the_same_weights(zoo_dir):
+    from diffusers import StableDiffusionPipeline
+
+    paths = zoo.zoo_paths(zoo_dir, "tiny-sd15")
+    keys = load_file(paths.single_file).keys()
+    assert any(k.startswith("model.diffusion_model.input_blocks.") for k in keys)
+    assert any(k.startswith("first_stage_model.decoder.up.") for k in keys)
+    assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
+    folder = _load_pipeline(zoo_dir, "tiny-sd15")
+    single = StableDiffusionPipeline.from_single_file(paths.single_file, config=str(paths.model), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 # --- ControlNets --------------------------------------------------------------------------------
 
 
@@ -199,7 +215,7 @@ def test_lora_loads_fuses_and_changes_the_right_weights(zoo_dir, family, kind):
     unet_changed = changed.pop("unet")
     attn = {k for k in unet_changed if ".attentions." in k}
     convs = {k for k in unet_changed if ".resnets." in k}
-    n_targets = len(zoo._unet_lora_targets(pipe.unet))
+    n_targets = len(zoo.unet_lora_targets(pipe.unet))
     assert len(attn) == n_targets  # every targeted UNet layer moved (no zero up matrices)
     assert all(k.endswith(".weight") for k in unet_changed)
     if kind.endswith("-conv"):
@@ -208,7 +224,7 @@ def test_lora_loads_fuses_and_changes_the_right_weights(zoo_dir, family, kind):
         assert not convs
     for encoder, keys in changed.items():
         if kind.endswith("-te"):
-            assert len(keys) == len(zoo._te_lora_targets(getattr(pipe, encoder))), encoder
+            assert len(keys) == len(zoo.te_lora_targets(getattr(pipe, encoder))), encoder
         else:
             assert not keys, encoder
 
@@ -244,7 +260,7 @@ def test_fused_deltas_match_the_files(zoo_dir, family):
     targets = [("unet", "down_blocks.1.attentions.0.proj_in", zoo.kohya_unet_name("down_blocks.1.attentions.0.proj_in", spec))]
     for i, encoder in enumerate(["text_encoder", "text_encoder_2"][: len(spec.text_encoders)]):
         # transformers 5's CLIPTextModel has no `text_model.` level; kohya names always do.
-        module = next(n for n, _ in zoo._te_lora_targets(getattr(pipe, encoder)) if n.endswith("layers.1.mlp.fc1"))
+        module = next(n for n, _ in zoo.te_lora_targets(getattr(pipe, encoder)) if n.endswith("layers.1.mlp.fc1"))
         name = zoo.kohya_te_name(module, i, spec)
         assert name == f"lora_te{'' if spec.kind == 'sd15' else i + 1}_text_model_encoder_layers_1_mlp_fc1"
         targets.append((encoder, module, name))
@@ -332,6 +348,27 @@ def _meta_param_counts(family: str) -> dict[str, int]:
 def test_full_size_configs_match_the_real_models(family, expected):
     assert _meta_param_counts(family) == expected
     assert zoo.SPECS[family].fp16
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "tiny-sdxl"])
+def test_kohya_names_map_back_through_diffusers(family):
+    """Every kohya name the zoo writes (sgm numbering for SDXL) resolves to the intended module."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    spec = zoo.SPECS[family]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**spec.unet)
+    targets = {name for name, _ in zoo.unet_lora_targets(unet, convs=True)}
+    sd = {}
+    for module in targets:
+        name = zoo.kohya_unet_name(module, spec)
+        sd.update({f"{name}.lora_down.weight": torch.zeros(1), f"{name}.lora_up.weight": torch.zeros(1), f"{name}.alpha": torch.tensor(1.0)})
+    pipe_cls = getattr(diffusers, zoo.zoo_paths(".", family).pipeline_class)
+    converted, _ = pipe_cls.lora_state_dict(sd, unet_config=unet.config)
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    assert {k.split(".lora_A")[0] for k in peft if ".lora_A" in k} == targets
 
 
 def test_bench_config_size():

@@ -12,6 +12,7 @@ from services.unet.engine import DenoisingEngine
 from services.unet.servicer import UNetWorkerServicer
 from swiftd import rpc, tracing
 from swiftd.controlnet_step import ControlNetStepper
+from swiftd.lora import DeltaCache, LoraDeltas, extract_deltas
 from swiftd.loading import load_controlnet, load_pipeline, resolve
 from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
 from swiftd.v1 import unet_pb2_grpc
@@ -27,6 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", type=Path, default=None, help="Diffusers config folder for a single-file checkpoint")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--lora-cache-mib", type=int, default=2048, help="byte budget of prepared LoRA deltas")
     add_server_arguments(parser)
     args = parser.parse_args(argv)
     server_config = server_config_from_args(args)
@@ -45,7 +47,17 @@ def main(argv=None) -> None:
             controlnets[controlnet_id] = ControlNetStepper(load_controlnet(path, dtype=dtype, device=args.device))
         return controlnets[controlnet_id]
 
-    engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet)
+    lora_cache = DeltaCache(args.lora_cache_mib << 20)
+
+    def load_local_lora(lora_id: str) -> LoraDeltas:
+        # Until the LoRA store pushes deltas, the worker prepares them from its model root, once.
+        deltas = lora_cache.get(lora_id)
+        if deltas is None:
+            deltas = extract_deltas(pipe, resolve(args.model_root, "loras", lora_id, "loras.lora_id"))
+            lora_cache.put(lora_id, deltas)
+        return deltas
+
+    engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet, load_lora=load_local_lora)
     servicer = UNetWorkerServicer(engine, args.model_id, model_path)
     serve(rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server))
 

@@ -33,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetStepper
 from swiftd.errors import Cancelled, InvalidArgument
+from swiftd.lora import LoraDeltas, LoraPatcher
 from swiftd.split_unet import SplitUNet
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class GenerationRequest:
     seed: int = 0
     scheduler: str | None = None  # a SCHEDULERS key; None: the model's own scheduler
     controlnets: list[ControlNetRequest] = field(default_factory=list)
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (lora_id, scale), applied in order
 
 
 @dataclass
@@ -79,6 +81,7 @@ class GenerationResult:
     image: PIL.Image.Image
     seed: int
     timings: dict[str, float]  # stage -> seconds, in pipeline order
+    lora_applied_at_step: int = -1  # step before which the LoRA set was in place; -1: no LoRA
 
 
 @dataclass
@@ -144,7 +147,12 @@ def controlnet_active(step_index: int, num_steps: int, start: float, end: float)
 class DenoisingEngine:
     """Runs requests on one base pipeline, one at a time (the worker owns the weights)."""
 
-    def __init__(self, pipe: DiffusionPipeline, load_controlnet: Callable[[str], ControlNetStepper] | None = None):
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        load_controlnet: Callable[[str], ControlNetStepper] | None = None,
+        load_lora: Callable[[str], LoraDeltas] | None = None,
+    ):
         self.pipe = pipe
         self.is_sdxl = isinstance(pipe, StableDiffusionXLPipeline)
         self.split_unet = SplitUNet(pipe.unet)
@@ -154,6 +162,8 @@ class DenoisingEngine:
             vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
         self._load_controlnet = load_controlnet
+        self._load_lora = load_lora
+        self.lora_patcher = LoraPatcher(pipe)
         self._lock = threading.Lock()
 
     # -- public ----------------------------------------------------------------------------
@@ -188,6 +198,12 @@ class DenoisingEngine:
         width = request.width or self.default_size()
         do_cfg = request.guidance_scale > 1.0
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
+
+        # LoRAs synchronously, before text encoding (text-encoder LoRAs must be in place for it).
+        # A worker that already has this LoRA set applied does nothing here.
+        t0 = time.perf_counter()
+        self._apply_loras(request.loras)
+        timings["lora_patch"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         prompt_embeds, text_embeds, time_ids = self._encode_prompt(request, height, width, do_cfg)
@@ -229,7 +245,17 @@ class DenoisingEngine:
         t0 = time.perf_counter()
         image = self.decode(latents)
         timings["vae_decode"] = time.perf_counter() - t0
-        return GenerationResult(latents=latents, image=image, seed=request.seed, timings=timings)
+        return GenerationResult(
+            latents=latents, image=image, seed=request.seed, timings=timings,
+            lora_applied_at_step=0 if request.loras else -1,
+        )  # fmt: skip
+
+    def _apply_loras(self, loras: list[tuple[str, float]]) -> None:
+        if loras and self._load_lora is None:
+            raise InvalidArgument("loras", "this worker has no LoRA source configured")
+        if tuple((i, float(s)) for i, s in loras) == self.lora_patcher.applied:
+            return
+        self.lora_patcher.apply([(lora_id, scale, self._load_lora(lora_id)) for lora_id, scale in loras])
 
     def _step(self, i, t, latents, num_steps, request, sources, prompt_embeds, text_embeds, time_ids,
               do_cfg, scheduler, step_kwargs, step_times) -> torch.Tensor:  # fmt: skip

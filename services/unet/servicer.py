@@ -14,7 +14,7 @@ import PIL.Image
 from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest, GenerationResult
 from swiftd import codec
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
-from swiftd.loading import pipeline_family
+from swiftd.loading import check_id, pipeline_family
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def generation_request_from_proto(request: unet_pb2.DenoiseRequest) -> Generatio
         seed=p.seed if p.HasField("seed") else int(time.time_ns() % (2**31)),
         scheduler=SCHEDULER_NAMES.get(p.scheduler),
         controlnets=controlnets,
+        loras=[(check_id(f"loras[{i}].lora_id", lora.lora_id), lora.scale or 1.0) for i, lora in enumerate(request.loras)],
     )
 
 
@@ -93,7 +94,7 @@ def response_from_result(result: GenerationResult, request: unet_pb2.DenoiseRequ
         image_png=encode_png(result.image),
         seed=result.seed,
         request_id=request.request_id,
-        lora_applied_at_step=-1,
+        lora_applied_at_step=result.lora_applied_at_step,
         timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in result.timings.items()],
     )
     if request.return_latents:
@@ -113,8 +114,6 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
     def _check(self, request: unet_pb2.DenoiseRequest) -> GenerationRequest:
         if request.params.model_id and request.params.model_id != self.model_id:
             raise NotFound("params.model_id", request.params.model_id)
-        if request.loras:
-            raise FailedPrecondition("loras: LoRA patching is not available on this worker yet")
         return generation_request_from_proto(request)
 
     def _run(self, generation: GenerationRequest, context, on_step=None) -> GenerationResult:

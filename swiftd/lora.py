@@ -1,0 +1,170 @@
+"""LoRA deltas in factored form, and in-place patching that restores bit-for-bit.
+
+Preparation (`extract_deltas`) lets Diffusers and PEFT parse the file — Diffusers/PEFT and
+kohya/A1111 keys, alphas, conv (LoCon) layers, text-encoder layers, SDXL block names — by loading
+it as an adapter onto the base pipeline, then reads each adapted layer's (lora_B * scaling,
+lora_A) pair and unloads the adapter. The result is keyed by the base model's parameter names
+(`unet.down_blocks.1....to_q.weight`, `text_encoder.text_model....q_proj.weight`) and is what a
+worker applies: `W += up @ down`, one GEMM per layer.
+
+`LoraPatcher` applies a set of such deltas in place — parameters keep their storage, so compiled
+graphs stay valid — and keeps each touched weight's pristine value, so removal is a copy back,
+never a subtraction (repeated add/subtract drifts).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from peft.tuners.lora import LoraLayer
+
+from swiftd.errors import FailedPrecondition
+
+# Pipeline components a LoRA may target, in the order deltas are applied.
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+
+
+@dataclass(frozen=True)
+class FactoredDelta:
+    """delta(W) = (up @ down).view(W.shape); alpha/rank is folded into `up`."""
+
+    up: torch.Tensor  # [out_features, rank]
+    down: torch.Tensor  # [rank, in_features * kernel elements]
+
+    @property
+    def nbytes(self) -> int:
+        return self.up.numel() * self.up.element_size() + self.down.numel() * self.down.element_size()
+
+
+LoraDeltas = dict[str, FactoredDelta]  # parameter name -> delta
+
+
+_extract_lock = threading.Lock()
+
+
+@torch.no_grad()
+def extract_deltas(pipe: DiffusionPipeline, lora_path: Path, adapter_name: str = "swiftd_extract") -> LoraDeltas:
+    """Parse a LoRA file into factored deltas for `pipe`'s parameters (scale 1.0).
+
+    Leaves the pipeline's weights and modules as they were. Raises FailedPrecondition for a LoRA
+    that does not fit the pipeline (other family, unknown targets, shape mismatch).
+    """
+    with _extract_lock:  # adapters are module surgery on the shared pipeline
+        try:
+            pipe.load_lora_weights(str(lora_path), adapter_name=adapter_name)
+        except (ValueError, RuntimeError, KeyError) as exc:
+            _unload(pipe)
+            raise FailedPrecondition(f"lora {Path(lora_path).stem!r} does not fit this model: {exc}") from None
+        try:
+            deltas: LoraDeltas = {}
+            for component in LORA_COMPONENTS:
+                module = getattr(pipe, component, None)
+                if module is None:
+                    continue
+                for name, layer in module.named_modules():
+                    if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+                        continue
+                    if layer.use_dora.get(adapter_name, False):
+                        raise FailedPrecondition(f"{component}.{name}: DoRA layers are not supported")
+                    down = layer.lora_A[adapter_name].weight
+                    up = layer.lora_B[adapter_name].weight
+                    scaling = layer.scaling[adapter_name]
+                    deltas[f"{component}.{name}.weight"] = FactoredDelta(
+                        up=(up.reshape(up.shape[0], -1) * scaling).contiguous().clone(),
+                        down=down.reshape(down.shape[0], -1).contiguous().clone(),
+                    )
+            if not deltas:
+                raise FailedPrecondition(f"lora {Path(lora_path).stem!r} targets no layer of this model")
+            return deltas
+        finally:
+            _unload(pipe)
+
+
+def _unload(pipe: DiffusionPipeline) -> None:
+    # Unloading removes the PEFT wrappers entirely, so the modules are plain again.
+    pipe.unload_lora_weights()
+
+
+class LoraPatcher:
+    """Applies LoRA sets in place on a pipeline's parameters; restores them exactly."""
+
+    def __init__(self, pipe: DiffusionPipeline):
+        self._params: dict[str, torch.nn.Parameter] = {}
+        for component in LORA_COMPONENTS:
+            module = getattr(pipe, component, None)
+            if module is not None:
+                for name, param in module.named_parameters():
+                    self._params[f"{component}.{name}"] = param
+        self._pristine: dict[str, torch.Tensor] = {}
+        self.applied: tuple[tuple[str, float], ...] = ()  # (lora_id, scale) in application order
+
+    @torch.no_grad()
+    def apply(self, loras: list[tuple[str, float, LoraDeltas]]) -> None:
+        """Make exactly `loras` (id, scale, deltas) the applied set; no-op if it already is."""
+        key = tuple((lora_id, float(scale)) for lora_id, scale, _ in loras)
+        if key == self.applied:
+            return
+        for lora_id, _, deltas in loras:  # validate everything before touching anything
+            for name, delta in deltas.items():
+                param = self._params.get(name)
+                if param is None:
+                    raise FailedPrecondition(f"lora {lora_id!r}: parameter {name!r} not in this model")
+                if delta.up.shape[0] * delta.down.shape[1] != param.numel() or delta.up.shape[0] != param.shape[0]:
+                    raise FailedPrecondition(
+                        f"lora {lora_id!r}: delta for {name!r} has shape "
+                        f"{tuple(delta.up.shape)} @ {tuple(delta.down.shape)}, weight is {tuple(param.shape)}"
+                    )
+        self.restore()
+        for lora_id, scale, deltas in loras:
+            for name, delta in deltas.items():
+                param = self._params[name]
+                if name not in self._pristine:
+                    self._pristine[name] = param.detach().clone()
+                up = delta.up.to(device=param.device, dtype=param.dtype)
+                down = delta.down.to(device=param.device, dtype=param.dtype)
+                # One GEMM into the weight's own storage.
+                param.view(param.shape[0], -1).addmm_(up, down, alpha=scale)
+        self.applied = key
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the pristine values of every touched weight (bit-identical)."""
+        for name, pristine in self._pristine.items():
+            self._params[name].copy_(pristine)
+        self._pristine.clear()
+        self.applied = ()
+
+
+class DeltaCache:
+    """Prepared deltas by LoRA id, least recently used evicted beyond a byte budget."""
+
+    def __init__(self, budget_bytes: int):
+        from collections import OrderedDict
+
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, tuple[LoraDeltas, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, size in self._entries.values())
+
+    def get(self, lora_id: str) -> LoraDeltas | None:
+        with self._lock:
+            entry = self._entries.get(lora_id)
+            if entry is None:
+                return None
+            self._entries.move_to_end(lora_id)
+            return entry[0]
+
+    def put(self, lora_id: str, deltas: LoraDeltas) -> None:
+        size = sum(d.nbytes for d in deltas.values())
+        with self._lock:
+            self._entries[lora_id] = (deltas, size)
+            self._entries.move_to_end(lora_id)
+            while len(self._entries) > 1 and self.nbytes > self.budget_bytes:
+                self._entries.popitem(last=False)
