@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 zoo: $(STAMP)
-	$(PY) -m swiftd.zoo build --out $(ZOO)
+	$(PY) -m swiftd.zoo build --out $(ZOO) --only tiny-sd15 tiny-sdxl
 
 protos: $(STAMP)
 	$(PY) -m swiftd.protogen

@@ -180,6 +180,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             in_flight, waiting = self._in_flight, self._waiting
         return unet_pb2.GetWorkerStatusResponse(
             model_ids=[self.model_id],
+            applied_loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in self.engine.lora_patcher.applied],
             requests_in_flight=in_flight,
             queue_length=waiting,
             dtype=codec.dtype_to_proto(self.engine.dtype),
