@@ -98,6 +98,8 @@ def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root)
 )  # fmt: skip
 def test_bad_requests_get_clear_status_and_change_nothing(worker, bad, code, field):
     stub, channel, service = worker
+    # Put a LoRA set in place first: a bad request must not change it.
+    stub.Denoise(request(steps=1, loras=[common_pb2.LoraRef(lora_id=LORA, scale=0.7)]), timeout=60)
     before = stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=10)
     with pytest.raises(grpc.RpcError) as info:
         stub.Denoise(bad, timeout=60)
@@ -106,6 +108,7 @@ def test_bad_requests_get_clear_status_and_change_nothing(worker, bad, code, fie
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     after = stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=10)
+    assert [(x.lora_id, x.scale) for x in before.applied_loras] == [(LORA, pytest.approx(0.7))]
     assert list(after.applied_loras) == list(before.applied_loras)
     assert service.process.poll() is None
 

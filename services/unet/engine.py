@@ -172,9 +172,7 @@ class DenoisingEngine:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
     def open_local_controlnet(self, request: ControlNetRequest, session: ControlNetSession) -> ResidualSource:
-        if self._load_controlnet is None:
-            raise InvalidArgument("controlnets", "this worker has no ControlNet models configured")
-        return LocalResidualSource(self._load_controlnet(request.controlnet_id), session)
+        return LocalResidualSource(self._local_controlnet(request.controlnet_id), session)
 
     @torch.no_grad()
     def generate(
@@ -199,10 +197,19 @@ class DenoisingEngine:
         do_cfg = request.guidance_scale > 1.0
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
 
+        # Resolve every id before changing any state, so a bad request changes nothing.
+        t0 = time.perf_counter()
+        lora_set = self._resolve_loras(request.loras)
+        if open_controlnet == self.open_local_controlnet:
+            for cn in request.controlnets:
+                self._local_controlnet(cn.controlnet_id)
+        timings["resolve"] = time.perf_counter() - t0
+
         # LoRAs synchronously, before text encoding (text-encoder LoRAs must be in place for it).
         # A worker that already has this LoRA set applied does nothing here.
         t0 = time.perf_counter()
-        self._apply_loras(request.loras)
+        if lora_set is not None:
+            self.lora_patcher.apply(lora_set)
         timings["lora_patch"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -250,12 +257,18 @@ class DenoisingEngine:
             lora_applied_at_step=0 if request.loras else -1,
         )  # fmt: skip
 
-    def _apply_loras(self, loras: list[tuple[str, float]]) -> None:
+    def _resolve_loras(self, loras: list[tuple[str, float]]) -> list[tuple[str, float, LoraDeltas]] | None:
+        """The deltas to apply, or None when exactly this set is applied already (affinity)."""
+        if tuple((i, float(s)) for i, s in loras) == self.lora_patcher.applied:
+            return None
         if loras and self._load_lora is None:
             raise InvalidArgument("loras", "this worker has no LoRA source configured")
-        if tuple((i, float(s)) for i, s in loras) == self.lora_patcher.applied:
-            return
-        self.lora_patcher.apply([(lora_id, scale, self._load_lora(lora_id)) for lora_id, scale in loras])
+        return [(lora_id, scale, self._load_lora(lora_id)) for lora_id, scale in loras]
+
+    def _local_controlnet(self, controlnet_id: str) -> ControlNetStepper:
+        if self._load_controlnet is None:
+            raise InvalidArgument("controlnets", "this worker has no ControlNet models configured")
+        return self._load_controlnet(controlnet_id)
 
     def _step(self, i, t, latents, num_steps, request, sources, prompt_embeds, text_embeds, time_ids,
               do_cfg, scheduler, step_kwargs, step_times) -> torch.Tensor:  # fmt: skip
