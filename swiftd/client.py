@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import PIL.Image
 
@@ -40,6 +41,15 @@ def format_timings(timings: list[tuple[str, float]]) -> str:
     return "\n".join(rows)
 
 
+def _wait_interruptibly(future):
+    # A blocking gRPC call does not return to Python for signal handlers; polling does.
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except grpc.FutureTimeoutError:
+            continue
+
+
 def demo_request(unet_address: str, args) -> GenerationOutput:
     request = unet_pb2.DenoiseRequest(
         params=common_pb2.GenerationParams(
@@ -54,5 +64,10 @@ def demo_request(unet_address: str, args) -> GenerationOutput:
         request_id="make-run",
     )  # fmt: skip
     with rpc.create_channel(unet_address) as channel:
-        response = unet_pb2_grpc.UNetWorkerStub(channel).Denoise(request, timeout=600)
+        future = unet_pb2_grpc.UNetWorkerStub(channel).Denoise.future(request, timeout=600)
+        try:
+            response = _wait_interruptibly(future)
+        except BaseException:
+            future.cancel()  # Ctrl-C: the worker stops its loop within one step
+            raise
     return GenerationOutput(response.image_png, response.seed, [(t.stage, t.seconds) for t in response.timings])

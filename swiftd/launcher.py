@@ -51,6 +51,16 @@ class ServiceProcess:
 _running: list[ServiceProcess] = []
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def _stop_all() -> None:
     while _running:
         _running.pop().stop()
@@ -73,6 +83,7 @@ def start_service(
     process = subprocess.Popen(
         cmd, cwd=REPO, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )  # fmt: skip
     service = ServiceProcess(name, process)
     _running.append(service)
@@ -125,15 +136,18 @@ def demo(args) -> int:
     from swiftd import client as client_lib
 
     def on_signal(signum, _frame):
-        _stop_all()
-        sys.exit(128 + signum)
+        # Unwind: the in-flight call is cancelled first, then the services are stopped (finally).
+        print(f"\nsignal {signum}: cancelling and stopping the services", flush=True)
+        raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     print(f"starting the UNet worker for {args.model_id} ...", flush=True)
-    unet = start_unet(args.zoo, args.model_id)
+    # One device per service: on CPU, one pinned core and one thread (two threads on a busy
+    # core oversubscribe OpenMP and run many times slower).
+    unet = start_unet(args.zoo, args.model_id, cpu_cores=[0], num_threads=1)
     print(f"  unet     {unet.address}   (up in {time.perf_counter() - t0:.1f} s)")
     try:
         result = client_lib.demo_request(unet.address, args)
