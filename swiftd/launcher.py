@@ -128,6 +128,13 @@ def start_unet(model_root: Path, model_id: str, **kwargs) -> ServiceProcess:
     return start_service("unet", "services.unet", ["--model-root", str(model_root), "--model-id", model_id], **kwargs)
 
 
+def start_controlnet(model_root: Path, preload: list[str] = (), **kwargs) -> ServiceProcess:
+    args = ["--model-root", str(model_root)]
+    if preload:
+        args += ["--preload", *preload]
+    return start_service("controlnet", "services.controlnet", args, **kwargs)
+
+
 # -- make run --------------------------------------------------------------------------------------
 
 

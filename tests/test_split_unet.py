@@ -6,64 +6,12 @@ Bound: latents within 1e-4 max abs difference of `StableDiffusion(XL)Pipeline` a
 
 from __future__ import annotations
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
-from diffusers import (
-    MultiControlNetModel,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionXLControlNetPipeline,
-)
 
-from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest
-from swiftd import zoo
-from swiftd.controlnet_step import ControlNetStepper
-from swiftd.loading import load_controlnet, load_pipeline
+from services.unet.engine import ControlNetRequest, GenerationRequest
 from swiftd.split_unet import SplitUNet
-
-TOLERANCE = 1e-4
-SIZE = 64
-STEPS = 5
-
-
-def conditioning_image(seed: int) -> PIL.Image.Image:
-    rng = np.random.RandomState(seed)
-    return PIL.Image.fromarray((rng.rand(SIZE, SIZE, 3) * 255).astype(np.uint8))
-
-
-class Family:
-    def __init__(self, root, name):
-        paths = zoo.zoo_paths(root, name)
-        self.pipe = load_pipeline(paths.model)
-        self.controlnets = {cid: load_controlnet(p) for cid, p in paths.controlnets.items()}
-        self.ids = list(self.controlnets)
-        self.engine = DenoisingEngine(self.pipe, load_controlnet=lambda cid: ControlNetStepper(self.controlnets[cid]))
-        self.is_sdxl = paths.kind == "sdxl"
-
-    def diffusers_latents(self, scheduler, controlnets: list[ControlNetRequest], guess_mode=False, **kwargs):
-        """The same request through Diffusers' own pipeline, the usual way."""
-        kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent", **kwargs)
-        if not controlnets:
-            pipe = self.pipe.__class__(**self.pipe.components)
-        else:
-            cls = StableDiffusionXLControlNetPipeline if self.is_sdxl else StableDiffusionControlNetPipeline
-            models = [self.controlnets[c.controlnet_id] for c in controlnets]
-            controlnet = models[0] if len(models) == 1 else MultiControlNetModel(models)
-            components = {k: v for k, v in self.pipe.components.items() if k not in ("image_encoder",)}
-            pipe = cls(**components, controlnet=controlnet)
-            one = len(controlnets) == 1
-            pick = (lambda xs: xs[0]) if one else (lambda xs: xs)
-            kwargs.update(
-                image=pick([c.image for c in controlnets]),
-                controlnet_conditioning_scale=pick([c.conditioning_scale for c in controlnets]),
-                control_guidance_start=pick([c.guidance_start for c in controlnets]),
-                control_guidance_end=pick([c.guidance_end for c in controlnets]),
-                guess_mode=guess_mode,
-            )
-        pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = self.engine._make_scheduler(scheduler)
-        return pipe(**kwargs).images
+from tests.reference import SIZE, STEPS, TOLERANCE, Family, assert_close, conditioning_image
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +22,6 @@ def sd15(zoo_root):
 @pytest.fixture(scope="module")
 def sdxl(zoo_root):
     return Family(zoo_root, "tiny-sdxl")
-
-
-def assert_close(ours, reference):
-    assert ours.shape == reference.shape
-    assert torch.isfinite(ours).all()
-    diff = (ours - reference).abs().max().item()
-    assert diff <= TOLERANCE, f"max abs difference {diff:.3g} > {TOLERANCE}"
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

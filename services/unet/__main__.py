@@ -29,6 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--lora-cache-mib", type=int, default=2048, help="byte budget of prepared LoRA deltas")
+    parser.add_argument("--controlnet-step-timeout", type=float, default=60.0,
+                        help="longest wait for one step's residuals from a ControlNet worker (seconds)")
     add_server_arguments(parser)
     args = parser.parse_args(argv)
     server_config = server_config_from_args(args)
@@ -58,7 +60,7 @@ def main(argv=None) -> None:
         return deltas
 
     engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet, load_lora=load_local_lora)
-    servicer = UNetWorkerServicer(engine, args.model_id, model_path)
+    servicer = UNetWorkerServicer(engine, args.model_id, model_path, controlnet_step_timeout=args.controlnet_step_timeout)
     serve(rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server))
 
 

@@ -59,6 +59,7 @@ class ControlNetRequest:
     guidance_start: float = 0.0  # fraction of the schedule where this ControlNet starts acting
     guidance_end: float = 1.0  # fraction where it stops
     guess_mode: bool = False  # Diffusers guess mode: sees only the conditional half of the CFG batch
+    worker_address: str = ""  # ControlNet worker to stream residuals from; empty: in-process
 
 
 @dataclass
@@ -200,8 +201,8 @@ class DenoisingEngine:
         # Resolve every id before changing any state, so a bad request changes nothing.
         t0 = time.perf_counter()
         lora_set = self._resolve_loras(request.loras)
-        if open_controlnet == self.open_local_controlnet:
-            for cn in request.controlnets:
+        for cn in request.controlnets:
+            if not cn.worker_address:
                 self._local_controlnet(cn.controlnet_id)
         timings["resolve"] = time.perf_counter() - t0
 
@@ -248,6 +249,10 @@ class DenoisingEngine:
                 source.close()
         timings["denoise"] = time.perf_counter() - t_loop
         timings.update({f"denoise.{k}": v for k, v in step_times.items()})
+        for cn, source in sources:  # remote ControlNets report their own compute and transport
+            for key, value in getattr(source, "stats", {}).items():
+                if key != "steps":
+                    timings[f"controlnet.{cn.controlnet_id}.{key}"] = value
 
         t0 = time.perf_counter()
         image = self.decode(latents)

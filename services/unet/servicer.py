@@ -11,9 +11,10 @@ import time
 import grpc
 import PIL.Image
 
+from services.unet.controlnet_client import ChannelPool, RemoteResidualSource
 from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest, GenerationResult
 from swiftd import codec
-from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
+from swiftd.errors import InvalidArgument, NotFound
 from swiftd.loading import check_id, pipeline_family
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
 
@@ -58,10 +59,6 @@ def generation_request_from_proto(request: unet_pb2.DenoiseRequest) -> Generatio
     controlnets = []
     for i, attachment in enumerate(request.controlnets):
         cn = attachment.input
-        if attachment.worker_address:
-            raise FailedPrecondition(
-                f"controlnets[{i}].worker_address: remote ControlNet workers are not supported by this worker yet"
-            )
         start, end = cn.guidance_start, cn.guidance_end or 1.0
         if not 0.0 <= start < end <= 1.0:
             raise InvalidArgument(f"controlnets[{i}].guidance_start", "need 0 <= guidance_start < guidance_end <= 1")
@@ -73,6 +70,7 @@ def generation_request_from_proto(request: unet_pb2.DenoiseRequest) -> Generatio
                 guidance_start=start,
                 guidance_end=end,
                 guess_mode=cn.guess_mode,
+                worker_address=attachment.worker_address,
             )
         )
     return GenerationRequest(
@@ -103,8 +101,10 @@ def response_from_result(result: GenerationResult, request: unet_pb2.DenoiseRequ
 
 
 class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
-    def __init__(self, engine: DenoisingEngine, model_id: str, model_path):
+    def __init__(self, engine: DenoisingEngine, model_id: str, model_path, controlnet_step_timeout: float = 60.0):
         self.engine = engine
+        self.channels = ChannelPool()
+        self.controlnet_step_timeout = controlnet_step_timeout
         self.model_id = model_id
         self.family = pipeline_family(model_path if model_path.is_dir() else model_path.with_suffix(""))
         self._in_flight = 0
@@ -116,7 +116,24 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             raise NotFound("params.model_id", request.params.model_id)
         return generation_request_from_proto(request)
 
-    def _run(self, generation: GenerationRequest, context, on_step=None) -> GenerationResult:
+    def _controlnet_opener(self, request: unet_pb2.DenoiseRequest, context):
+        """Residual sources for this request: remote where the plan names a worker."""
+        wire_dtype = request.controlnet_wire_dtype
+        if wire_dtype not in (common_pb2.DTYPE_UNSPECIFIED, common_pb2.DTYPE_FLOAT32, common_pb2.DTYPE_FLOAT16, common_pb2.DTYPE_BFLOAT16):
+            raise InvalidArgument("controlnet_wire_dtype", "must be FLOAT32, FLOAT16 or BFLOAT16")
+
+        def open_controlnet(cn, session):
+            if not cn.worker_address:
+                return self.engine.open_local_controlnet(cn, session)
+            return RemoteResidualSource(
+                self.channels.get(cn.worker_address), cn.worker_address, session, wire_dtype, request.request_id,
+                timeout=context.time_remaining(), step_timeout=self.controlnet_step_timeout,
+                out_dtype=self.engine.dtype, out_device=self.engine.device,
+            )  # fmt: skip
+
+        return open_controlnet
+
+    def _run(self, generation: GenerationRequest, context, on_step=None, open_controlnet=None) -> GenerationResult:
         with self._count_lock:
             self._waiting += 1
         started = False
@@ -131,7 +148,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             return not context.is_active()
 
         try:
-            return self.engine.generate(generation, on_step=on_step, should_stop=should_stop)
+            return self.engine.generate(generation, open_controlnet=open_controlnet, on_step=on_step, should_stop=should_stop)
         finally:
             with self._count_lock:
                 if started:
@@ -141,11 +158,12 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
 
     def Denoise(self, request, context):
         generation = self._check(request)
-        result = self._run(generation, context)
+        result = self._run(generation, context, open_controlnet=self._controlnet_opener(request, context))
         return response_from_result(result, request)
 
     def DenoiseStream(self, request, context):
         generation = self._check(request)
+        open_controlnet = self._controlnet_opener(request, context)
         events: queue.Queue = queue.Queue()
         t0 = time.perf_counter()
         every = request.preview_every_n_steps
@@ -162,7 +180,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
 
         def work():
             try:
-                outcome["result"] = self._run(generation, context, on_step)
+                outcome["result"] = self._run(generation, context, on_step, open_controlnet)
             except BaseException as exc:  # re-raised on the RPC thread, where the interceptor maps it
                 outcome["error"] = exc
             finally:

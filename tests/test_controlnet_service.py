@@ -1,0 +1,231 @@
+"""ControlNet as a service: residuals streamed between real worker processes on loopback.
+
+Equivalence bound: with fp32 on the wire, latents within 1e-4 of Diffusers'
+StableDiffusion(XL)ControlNetPipeline (MultiControlNet for two) for the same seed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import time
+
+import grpc
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.controlnet.engine import ControlNetRegistry
+from services.unet.engine import ControlNetRequest
+from swiftd import codec, rpc, zoo
+from swiftd.launcher import start_controlnet, start_unet
+from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
+from tests.reference import SIZE, STEPS, Family, assert_close, conditioning_image
+
+FAMILIES = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
+
+
+@pytest.fixture(scope="module")
+def suite(zoo_root):
+    """Two ControlNet workers (one per ControlNet of a request) and a UNet worker per family."""
+    services = {
+        "cn_a": start_controlnet(zoo_root, num_threads=1),
+        "cn_b": start_controlnet(zoo_root, num_threads=1),
+    }
+    for family, model in FAMILIES.items():
+        services[family] = start_unet(zoo_root, model, num_threads=1)
+    channels = {name: rpc.create_channel(s.address) for name, s in services.items()}
+    yield services, channels
+    for channel in channels.values():
+        channel.close()
+    for service in services.values():
+        service.stop()
+
+
+@pytest.fixture(scope="module")
+def families(zoo_root):
+    return {family: Family(zoo_root, model) for family, model in FAMILIES.items()}
+
+
+def png(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def denoise_request(model_id, controlnets, addresses, guidance, wire=common_pb2.DTYPE_FLOAT32, steps=STEPS):
+    return unet_pb2.DenoiseRequest(
+        params=common_pb2.GenerationParams(
+            prompt="an astronaut riding a horse", width=SIZE, height=SIZE, num_inference_steps=steps,
+            guidance_scale=guidance, seed=11, scheduler=common_pb2.SCHEDULER_EULER, model_id=model_id,
+        ),
+        controlnets=[
+            unet_pb2.ControlNetAttachment(
+                input=common_pb2.ControlNetInput(
+                    controlnet_id=cn.controlnet_id, image=png(cn.image), conditioning_scale=cn.conditioning_scale,
+                    guidance_start=cn.guidance_start, guidance_end=cn.guidance_end, guess_mode=cn.guess_mode,
+                ),
+                worker_address=address,
+            )
+            for cn, address in zip(controlnets, addresses)
+        ],
+        controlnet_wire_dtype=wire, return_latents=True, request_id="cn-test",
+    )  # fmt: skip
+
+
+CASES = {
+    "one": ([(1.0, 0.0, 1.0)], 7.5, False),
+    "one-no-cfg-window": ([(0.6, 0.2, 0.8)], 1.0, False),
+    "two": ([(0.8, 0.0, 0.6), (0.5, 0.4, 1.0)], 7.5, False),
+    "two-guess-mode": ([(1.0, 0.0, 1.0), (0.7, 0.0, 1.0)], 7.5, True),
+}
+
+
+def controlnet_requests(fam, specs, guess):
+    return [
+        ControlNetRequest(fam.ids[i], conditioning_image(i), scale, start, end, guess_mode=guess)
+        for i, (scale, start, end) in enumerate(specs)
+    ]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_residuals_over_grpc_match_diffusers(suite, families, family, case):
+    services, channels = suite
+    fam = families[family]
+    specs, guidance, guess = CASES[case]
+    controlnets = controlnet_requests(fam, specs, guess)
+    addresses = [services["cn_a"].address, services["cn_b"].address][: len(controlnets)]
+    stub = unet_pb2_grpc.UNetWorkerStub(channels[family])
+    response = stub.Denoise(denoise_request(FAMILIES[family], controlnets, addresses, guidance), timeout=120)
+    ours = codec.tensor_from_proto(response.latents)
+    reference = fam.diffusers_latents(
+        "euler", controlnets, guess_mode=guess, prompt="an astronaut riding a horse",
+        guidance_scale=guidance, generator=torch.Generator().manual_seed(11),
+    )  # fmt: skip
+    assert_close(ours, reference)
+    stages = {t.stage for t in response.timings}
+    assert any(s.startswith("controlnet.") and s.endswith(".transport") for s in stages)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_fp16_wire_stays_close(suite, families):
+    """fp16 residuals on the wire: measured against Diffusers' image (reported by the benchmark)."""
+    services, channels = suite
+    fam = families["sd15"]
+    controlnets = controlnet_requests(fam, CASES["two"][0], False)
+    addresses = [services["cn_a"].address, services["cn_b"].address]
+    stub = unet_pb2_grpc.UNetWorkerStub(channels["sd15"])
+    response = stub.Denoise(denoise_request("tiny-sd15", controlnets, addresses, 7.5, wire=common_pb2.DTYPE_FLOAT16), timeout=120)
+    ours = np.asarray(PIL.Image.open(io.BytesIO(response.image_png)).convert("RGB"))
+    reference = fam.diffusers_run(
+        "euler", controlnets, prompt="an astronaut riding a horse", height=SIZE, width=SIZE,
+        num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(11), output_type="np",
+    )[0]  # fmt: skip
+    assert psnr(ours, (reference * 255).round().astype(np.uint8)) > 35.0
+
+
+def start_doomed_worker(zoo_root):
+    return start_controlnet(zoo_root, preload=["tiny-sd15-cn-edges"], num_threads=1)
+
+
+def test_dead_controlnet_worker_fails_request_promptly(suite, families, zoo_root):
+    services, channels = suite
+    fam = families["sd15"]
+    doomed = start_doomed_worker(zoo_root)
+    stub = unet_pb2_grpc.UNetWorkerStub(channels["sd15"])
+    controlnets = controlnet_requests(fam, CASES["one"][0], False)
+    # Killed mid-request: the worker dies while the UNet waits for a step's residuals.
+    call = stub.DenoiseStream(denoise_request("tiny-sd15", controlnets, [doomed.address], 7.5, steps=400), timeout=120)
+    next(call)  # first step done
+    doomed.process.send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    assert time.monotonic() - t0 < 10
+    # Nobody listening at all: UNAVAILABLE too.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Denoise(denoise_request("tiny-sd15", controlnets, [doomed.address], 7.5), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert_worker_healthy(channels["sd15"], services, fam)
+
+
+def test_hung_controlnet_worker_hits_the_deadline(suite, families, zoo_root):
+    services, channels = suite
+    fam = families["sd15"]
+    hung = start_doomed_worker(zoo_root)
+    os.kill(hung.process.pid, signal.SIGSTOP)  # alive but never answers
+    try:
+        stub = unet_pb2_grpc.UNetWorkerStub(channels["sd15"])
+        controlnets = controlnet_requests(fam, CASES["one"][0], False)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Denoise(denoise_request("tiny-sd15", controlnets, [hung.address], 7.5), timeout=3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - t0 < 8
+    finally:
+        os.kill(hung.process.pid, signal.SIGCONT)
+        hung.stop()
+    assert_worker_healthy(channels["sd15"], services, fam)
+
+
+def assert_worker_healthy(channel, services, fam):
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    stub = unet_pb2_grpc.UNetWorkerStub(channel)
+    deadline = time.monotonic() + 15
+    while stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=5).requests_in_flight and time.monotonic() < deadline:
+        time.sleep(0.1)
+    controlnets = controlnet_requests(fam, CASES["one"][0], False)
+    response = stub.Denoise(denoise_request("tiny-sd15", controlnets, [services["cn_a"].address], 7.5), timeout=60)
+    assert response.image_png
+
+
+def test_controlnet_worker_errors(suite):
+    services, channels = suite
+    stub = controlnet_pb2_grpc.ControlNetWorkerStub(channels["cn_a"])
+    step = controlnet_pb2.ResidualsRequest(step=controlnet_pb2.StepInput(step_index=0, timestep=1.0))
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamResiduals(iter([step]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "SessionStart" in info.value.details()
+    start = controlnet_pb2.ResidualsRequest(start=controlnet_pb2.SessionStart(
+        controlnet_id="no-such-cn", controlnet_cond=codec.tensor_to_proto(torch.zeros(1, 3, 64, 64)),
+        encoder_hidden_states=codec.tensor_to_proto(torch.zeros(1, 77, 32)),
+    ))  # fmt: skip
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamResiduals(iter([start]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-cn" in info.value.details()
+    # Load/unload are idempotent; listing shows what is resident.
+    load = stub.LoadControlNet(controlnet_pb2.LoadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=30)
+    again = stub.LoadControlNet(controlnet_pb2.LoadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=30)
+    assert again.already_loaded and load.controlnet.loaded
+    listed = {c.controlnet_id: c for c in stub.ListControlNets(controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10).controlnets}
+    assert listed["tiny-sd15-cn-depth"].loaded and listed["tiny-sd15-cn-depth"].size_bytes > 0
+    assert stub.UnloadControlNet(controlnet_pb2.UnloadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=10).was_loaded
+    assert not stub.UnloadControlNet(controlnet_pb2.UnloadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=10).was_loaded
+
+
+def test_registry_evicts_least_recently_used_beyond_budget(zoo_root):
+    ids = zoo.controlnet_ids("tiny-sd15")
+    probe = ControlNetRegistry(zoo_root, budget_bytes=1 << 40)
+    probe.load(ids[0])
+    one = probe.loaded()[ids[0]]
+    registry = ControlNetRegistry(zoo_root, budget_bytes=int(one * 1.5))
+    registry.load(ids[0])
+    registry.load(ids[1])
+    assert list(registry.loaded()) == [ids[1]]  # the older one was evicted
+    assert registry.nbytes <= registry.budget_bytes
+    registry.acquire(ids[1])  # pinned by a session
+    registry.load(ids[0])
+    assert set(registry.loaded()) == {ids[0], ids[1]}  # in-use models are never evicted
+    registry.release(ids[1])
+    assert list(registry.loaded()) == [ids[0]]
