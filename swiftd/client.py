@@ -36,8 +36,9 @@ def edge_image(size: int) -> bytes:
 
 
 def format_timings(timings: list[tuple[str, float]]) -> str:
-    rows = ["stage                         seconds"]
-    rows += [f"  {stage:<28}{seconds:8.3f}" for stage, seconds in timings]
+    width = max([len(stage) for stage, _ in timings] + [5]) + 2
+    rows = [f"{'stage':<{width}}  seconds"]
+    rows += [f"  {stage:<{width}}{seconds:7.3f}" for stage, seconds in timings]
     return "\n".join(rows)
 
 
@@ -50,7 +51,7 @@ def _wait_interruptibly(future):
             continue
 
 
-def demo_request(unet_address: str, args) -> GenerationOutput:
+def demo_request(unet_address: str, controlnet_address: str, args) -> GenerationOutput:
     request = unet_pb2.DenoiseRequest(
         params=common_pb2.GenerationParams(
             prompt="a photo of an astronaut riding a horse", negative_prompt="blurry",
@@ -59,7 +60,7 @@ def demo_request(unet_address: str, args) -> GenerationOutput:
         ),
         controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(
             controlnet_id=args.controlnet_id, image=edge_image(args.size), conditioning_scale=1.0,
-        ))],
+        ), worker_address=controlnet_address)],
         loras=[common_pb2.LoraRef(lora_id=args.lora_id, scale=0.8)],
         request_id="make-run",
     )  # fmt: skip

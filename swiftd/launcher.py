@@ -34,6 +34,17 @@ class ServiceProcess:
     process: subprocess.Popen
     address: str = ""
     log_lines: list[str] = field(default_factory=list)
+    bound: threading.Event = field(default_factory=threading.Event)
+    deadline: float = 0.0
+
+    def wait_ready(self) -> "ServiceProcess":
+        """Block until the service listens and reports SERVING."""
+        self.bound.wait(max(0.0, self.deadline - time.monotonic()))
+        if not self.address:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start:\n{self.log_tail()}")
+        wait_serving(self.address, self.deadline - time.monotonic())
+        return self
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         if self.process.poll() is None:
@@ -71,9 +82,12 @@ atexit.register(_stop_all)
 
 def start_service(
     name: str, module: str, args: list[str], cpu_cores: list[int] | None = None,
-    num_threads: int | None = None, timeout: float = 300.0, env: dict | None = None,
+    num_threads: int | None = None, timeout: float = 300.0, env: dict | None = None, wait: bool = True,
 ) -> ServiceProcess:  # fmt: skip
-    """Start `python -m module args...` and wait until it is SERVING."""
+    """Start `python -m module args...`; with `wait`, block until it is SERVING.
+
+    Call from the main thread: a child is tied to the thread that spawned it (PDEATHSIG).
+    """
     cmd = [sys.executable, "-m", module, *args, "--address", "127.0.0.1:0"]
     if cpu_cores:
         cmd += ["--cpu-cores", ",".join(map(str, cpu_cores))]
@@ -85,9 +99,8 @@ def start_service(
         start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )  # fmt: skip
-    service = ServiceProcess(name, process)
+    service = ServiceProcess(name, process, deadline=time.monotonic() + timeout)
     _running.append(service)
-    bound = threading.Event()
 
     def pump():
         for line in process.stdout:
@@ -95,17 +108,11 @@ def start_service(
             service.log_lines.append(line)
             if line.startswith("SWIFTD_LISTENING "):
                 service.address = line.split()[2]
-                bound.set()
-        bound.set()
+                service.bound.set()
+        service.bound.set()
 
     threading.Thread(target=pump, name=f"log-{name}", daemon=True).start()
-    deadline = time.monotonic() + timeout
-    bound.wait(timeout)
-    if not service.address:
-        service.stop()
-        raise RuntimeError(f"{name} did not start:\n{service.log_tail()}")
-    wait_serving(service.address, deadline - time.monotonic())
-    return service
+    return service.wait_ready() if wait else service
 
 
 def wait_serving(address: str, timeout: float) -> None:
@@ -151,13 +158,18 @@ def demo(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    print(f"starting the UNet worker for {args.model_id} ...", flush=True)
-    # One device per service: on CPU, one pinned core and one thread (two threads on a busy
+    print(f"starting the services for {args.model_id} ...", flush=True)
+    # One device per service: on CPU, one pinned core and one thread each (two threads on a busy
     # core oversubscribe OpenMP and run many times slower).
-    unet = start_unet(args.zoo, args.model_id, cpu_cores=[0], num_threads=1)
-    print(f"  unet     {unet.address}   (up in {time.perf_counter() - t0:.1f} s)")
+    # Started side by side (most of a start is importing torch and diffusers), then awaited.
+    controlnet = start_controlnet(args.zoo, preload=[args.controlnet_id], cpu_cores=[1 % os.cpu_count()], num_threads=1, wait=False)
+    unet = start_unet(args.zoo, args.model_id, cpu_cores=[0], num_threads=1, wait=False)
+    controlnet.wait_ready()
+    unet.wait_ready()
+    print(f"  controlnet  {controlnet.address}")
+    print(f"  unet        {unet.address}   (all up in {time.perf_counter() - t0:.1f} s)")
     try:
-        result = client_lib.demo_request(unet.address, args)
+        result = client_lib.demo_request(unet.address, controlnet.address, args)
     finally:
         _stop_all()
     path = args.out / "demo.png"
