@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import ControlNetModel
 
+from swiftd.split_unet import run_down_and_mid_blocks
+
 
 @dataclass
 class ControlNetResiduals:
@@ -66,22 +68,8 @@ class ControlNetStepper:
         elif cn.config.addition_embed_type is not None:
             raise ValueError(f"addition_embed_type {cn.config.addition_embed_type!r} is not supported")
 
-        sample = cn.conv_in(sample)
-        sample = sample + cond_embedding
-        down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
-        for down_block in cn.down_blocks:
-            if getattr(down_block, "has_cross_attention", False):
-                sample, res_samples = down_block(
-                    hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states
-                )
-            else:
-                sample, res_samples = down_block(hidden_states=sample, temb=emb)
-            down_block_res_samples += res_samples
-        if cn.mid_block is not None:
-            if getattr(cn.mid_block, "has_cross_attention", False):
-                sample = cn.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                sample = cn.mid_block(sample, emb)
+        sample = cn.conv_in(sample) + cond_embedding
+        sample, down_block_res_samples = run_down_and_mid_blocks(cn, sample, emb, encoder_hidden_states)
 
         down = [block(res) for res, block in zip(down_block_res_samples, cn.controlnet_down_blocks)]
         mid = cn.controlnet_mid_block(sample)

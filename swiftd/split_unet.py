@@ -30,6 +30,28 @@ class EncoderHalfOutput:
     down_block_res_samples: tuple[torch.Tensor, ...]  # skip connections, in down-block order
 
 
+def run_down_and_mid_blocks(
+    model: nn.Module, sample: torch.Tensor, emb: torch.Tensor, encoder_hidden_states: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Down blocks then mid block of a UNet or ControlNet, from the conv_in output.
+
+    Returns the mid-block output and the skip connections (conv_in output first).
+    """
+    down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
+    for down_block in model.down_blocks:
+        if getattr(down_block, "has_cross_attention", False):
+            sample, res_samples = down_block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample, res_samples = down_block(hidden_states=sample, temb=emb)
+        down_block_res_samples += res_samples
+    if model.mid_block is not None:
+        if getattr(model.mid_block, "has_cross_attention", False):
+            sample = model.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample = model.mid_block(sample, emb)
+    return sample, down_block_res_samples
+
+
 class UNetEncoderHalf(nn.Module):
     """Time embedding, conv_in, down blocks and mid block."""
 
@@ -64,22 +86,7 @@ class UNetEncoderHalf(nn.Module):
             encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
         )
 
-        sample = unet.conv_in(sample)
-        down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
-        for down_block in unet.down_blocks:
-            if getattr(down_block, "has_cross_attention", False):
-                sample, res_samples = down_block(
-                    hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states
-                )
-            else:
-                sample, res_samples = down_block(hidden_states=sample, temb=emb)
-            down_block_res_samples += res_samples
-
-        if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                sample = unet.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                sample = unet.mid_block(sample, emb)
+        sample, down_block_res_samples = run_down_and_mid_blocks(unet, unet.conv_in(sample), emb, encoder_hidden_states)
         return EncoderHalfOutput(sample, emb, encoder_hidden_states, down_block_res_samples)
 
 
