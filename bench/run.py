@@ -1,0 +1,334 @@
+"""The benchmark: our services against plain Diffusers, side by side in one run, on the same core.
+
+    python -m bench.run --zoo .zoo [--only GROUP[,GROUP]] [--repeats N]      (what `make bench` runs)
+
+Each group measures one thing and returns figures, one JSON line each:
+    {"figure": NAME, "value": NUMBER, "unit": "s" | "x", "group": GROUP}
+printed to stdout and written to bench/results.jsonl (or --out), where the lines of the groups that
+ran replace their previous lines and other groups' lines are kept.
+
+Groups (GROUPS below; later work adds its own):
+  baseline  request latency per scenario (base, cn1, cn1_lora1, cn2_lora2): Diffusers the usual way
+            (bench.baseline_process) vs the UNet worker service (bench.ours), both on one core with
+            one thread, never at the same time (timed requests alternate between the sides);
+            plus the per-stage breakdown of both.
+  lora      the cost of switching one rank-64 LoRA in and out: Diffusers' load+fuse / unfuse+unload
+            vs our in-place patch / restore of prepared deltas.
+
+On this 2-core CPU a "device" is one core (--device-core, default 0). The bench process itself
+keeps off that core (it only waits on the device), so what it does is not measured against either
+side. Ratios of one run are what count; absolute CPU times are for orientation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.baseline_process import BaselineProcess
+from swiftd.v1 import common_pb2
+from bench.ours import OursWorker
+from bench.scenarios import (
+    DEFAULT_RESULTS,
+    BenchConfig,
+    Figure,
+    GroupResult,
+    baseline_scenarios,
+    image_max_abs_diff,
+    psnr_db,
+    median,
+    rank64_lora_id,
+)
+
+
+class Session:
+    """The processes of one invocation, started on first use and shared by the groups.
+
+    Only one of them computes at any time: every call waits for its answer before the next.
+    """
+
+    def __init__(self, config: BenchConfig):
+        self.config = config
+        self._baseline: BaselineProcess | None = None
+        self._ours: OursWorker | None = None
+
+    def baseline(self) -> BaselineProcess:
+        if self._baseline is None:
+            c = self.config
+            c.log(f"[bench] starting the Diffusers baseline process ({c.family}, core {c.device_core}, 1 thread) ...")
+            self._baseline = BaselineProcess(c.zoo, c.family, c.device_core)
+            c.log(f"[bench]   loaded in {self._baseline.ready['load_s']:.1f} s")
+        return self._baseline
+
+    def ours(self) -> OursWorker:
+        if self._ours is None:
+            c = self.config
+            c.log(f"[bench] starting the UNet worker service ({c.family}, core {c.device_core}, 1 thread) ...")
+            self._ours = OursWorker(c)
+            c.log(f"[bench]   up at {self._ours.service.address} in {self._ours.start_s:.1f} s")
+        return self._ours
+
+    def close(self) -> None:
+        if self._ours is not None:
+            self._ours.close()
+            self._ours = None
+        if self._baseline is not None:
+            self._baseline.close()
+            self._baseline = None
+
+
+# -- groups ------------------------------------------------------------------------------------
+
+
+def group_baseline(config: BenchConfig, session: Session) -> GroupResult:
+    group = "baseline"
+    result = GroupResult()
+    rows = []
+    for scenario in baseline_scenarios(config.family, config.size):
+        # Untimed warm-ups, then the timed requests alternating between the sides, so that
+        # whatever else the machine does at the time weighs on both alike.
+        config.log(f"[bench] {scenario.name}: warming up both sides ...")
+        baseline, ours = session.baseline(), session.ours()
+        generate = dict(scenario=scenario.to_json(), size=config.size, steps=config.steps)
+        baseline.call("generate", **generate)
+        ours.warm_up(scenario)
+        theirs_runs, ours_runs = [], []
+        for i in range(config.repeats):
+            config.log(f"[bench] {scenario.name}: timed request {i + 1}/{config.repeats} ...")
+            theirs_runs.append(baseline.call("generate", **generate))
+            ours_runs.append(ours.run_once(scenario))
+        steps_applied = [r["lora_applied_at_step"] for r in ours_runs]
+        if scenario.loras and any(step != 0 for step in steps_applied):
+            raise RuntimeError(f"{scenario.name}: LoRA set not in place before the first step: {steps_applied}")
+
+        d, o = median([r["latency_s"] for r in theirs_runs]), median([r["latency_s"] for r in ours_runs])
+        result.figures += [
+            Figure(f"diffusers.latency_s.{scenario.name}", d, "s", group),
+            Figure(f"ours.latency_s.{scenario.name}", o, "s", group),
+            Figure(f"speedup.{scenario.name}", d / o, "x", group),
+        ]
+        for side, runs in (("ours", ours_runs), ("diffusers", theirs_runs)):
+            for stage in runs[0]["stages"]:
+                value = median([r["stages"].get(stage, 0.0) for r in runs])
+                result.figures.append(Figure(f"{side}.stage_s.{scenario.name}.{stage}", value, "s", group))
+        diff = image_max_abs_diff(base64.b64decode(theirs_runs[-1]["image_png"]), ours_runs[-1]["image_png"])
+        rows.append((scenario.name, d, o, d / o, diff))
+        config.log(f"[bench] {scenario.name}: Diffusers {d:.2f} s, ours {o:.2f} s, speedup {d / o:.2f}x, max |dpx| {diff}")
+
+    lines = [
+        f"baseline: {config.family}, {config.size}x{config.size}, {config.steps} steps, CFG 7.5, Euler, "
+        f"core {config.device_core} x 1 thread, median of {config.repeats}",
+        f"  {'scenario':<12}{'diffusers s':>12}{'ours s':>10}{'speedup':>10}{'max |dpx|':>11}",
+    ]
+    lines += [f"  {name:<12}{d:>12.3f}{o:>10.3f}{s:>9.2f}x{diff:>11d}" for name, d, o, s, diff in rows]
+    lines.append("  (max |dpx|: largest pixel difference between the two sides' images, 0..255; a sanity check)")
+    result.table = "\n".join(lines)
+    return result
+
+
+def group_lora(config: BenchConfig, session: Session) -> GroupResult:
+    group = "lora"
+    lora_id = rank64_lora_id(config.family)
+    repeats = max(5, config.repeats)  # cheap, and noisier than whole requests
+    config.log(f"[bench] lora: swapping {lora_id} ({repeats} rounds each side) ...")
+    r = session.baseline().call("lora_swap", lora_id=lora_id, repeats=repeats)
+    load_fuse, unfuse_unload = median(r["diffusers_load_fuse_s"]), median(r["diffusers_unfuse_unload_s"])
+    apply_, restore = median(r["ours_apply_s"]), median(r["ours_restore_s"])
+    swap_d = median([a + b for a, b in zip(r["diffusers_load_fuse_s"], r["diffusers_unfuse_unload_s"])])
+    swap_o = median([a + b for a, b in zip(r["ours_apply_s"], r["ours_restore_s"])])
+    result = GroupResult(figures=[
+        Figure("diffusers.lora_load_fuse_s", load_fuse, "s", group),
+        Figure("diffusers.lora_unfuse_unload_s", unfuse_unload, "s", group),
+        Figure("ours.lora_apply_s", apply_, "s", group),
+        Figure("ours.lora_restore_s", restore, "s", group),
+        Figure("ours.lora_prepare_s", r["ours_prepare_s"], "s", group),
+        Figure("lora.swap_s.diffusers", swap_d, "s", group),
+        Figure("lora.swap_s.ours", swap_o, "s", group),
+        Figure("lora.swap_speedup", swap_d / swap_o, "x", group),
+    ])  # fmt: skip
+    result.table = "\n".join([
+        f"lora: {lora_id} ({r['num_params']} layers, {r['num_weights'] / 1e6:.1f} M weights), scale 1.0, "
+        f"core {config.device_core} x 1 thread, median of {repeats}",
+        f"  {'':<34}{'diffusers s':>12}{'ours s':>10}",
+        f"  {'load+fuse / apply (patch in)':<34}{load_fuse:>12.4f}{apply_:>10.4f}",
+        f"  {'unfuse+unload / restore':<34}{unfuse_unload:>12.4f}{restore:>10.4f}",
+        f"  {'swap (in + out)':<34}{swap_d:>12.4f}{swap_o:>10.4f}   speedup {swap_d / swap_o:.1f}x",
+        f"  ours' one-time preparation (extract_deltas, cached): {r['ours_prepare_s']:.3f} s",
+    ])  # fmt: skip
+    return result
+
+
+def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
+    """ControlNet as a service: add-on overhead, per-step split, transport, fp16 wire quality."""
+    group = "controlnet"
+    scenarios = {s.name: s for s in baseline_scenarios(config.family, config.size)}
+    base, cn1 = scenarios["base"], scenarios["cn1"]
+    baseline, ours = session.baseline(), session.ours()
+    config.log("[bench] controlnet: warming up ...")
+    for scenario in (base, cn1):
+        baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps)
+        ours.warm_up(scenario)
+    runs: dict[str, list] = {"d_base": [], "d_cn1": [], "o_base": [], "o_cn1": []}
+    for i in range(config.repeats):
+        config.log(f"[bench] controlnet: timed requests {i + 1}/{config.repeats} ...")
+        for side, scenario in (("base", base), ("cn1", cn1)):
+            runs[f"d_{side}"].append(baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps))
+            runs[f"o_{side}"].append(ours.run_once(scenario))
+    fp16 = ours.run_once(cn1, wire_dtype=common_pb2.DTYPE_FLOAT16)
+
+    latency = {k: median([r["latency_s"] for r in v]) for k, v in runs.items()}
+    steps = config.steps
+
+    def per_step(prefix: str) -> float:
+        return median([sum(v for k, v in r["stages"].items() if k.startswith(prefix)) for r in runs["o_cn1"]]) / steps
+
+    encoder, decoder = per_step("denoise.encoder_half"), per_step("denoise.decoder_half")
+    wait = per_step("denoise.controlnet_wait")
+    transport = median([sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".transport"))
+                        for r in runs["o_cn1"]]) / steps  # fmt: skip
+    compute = median([sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".compute"))
+                      for r in runs["o_cn1"]]) / steps  # fmt: skip
+    reference_png = base64.b64decode(runs["d_cn1"][-1]["image_png"])
+    psnr_fp32 = psnr_db(runs["o_cn1"][-1]["image_png"], reference_png)
+    psnr_fp16 = psnr_db(fp16["image_png"], reference_png)
+    finite = lambda x: min(x, 999.0)  # noqa: E731 - identical images give inf; JSON wants a number
+    overhead_ours = latency["o_cn1"] / latency["o_base"]
+    overhead_diffusers = latency["d_cn1"] / latency["d_base"]
+    result = GroupResult(figures=[
+        Figure("controlnet.addon_overhead", overhead_ours, "x", group),
+        Figure("controlnet.addon_overhead.diffusers", overhead_diffusers, "x", group),
+        Figure("controlnet.transport_fraction", transport / (encoder + decoder), "x", group),
+        Figure("controlnet.step_s.encoder_half", encoder, "s", group),
+        Figure("controlnet.step_s.decoder_half", decoder, "s", group),
+        Figure("controlnet.step_s.controlnet", compute, "s", group),
+        Figure("controlnet.step_s.wait", wait, "s", group),
+        Figure("controlnet.step_s.transport", transport, "s", group),
+        Figure("controlnet.latency_s.ours.base", latency["o_base"], "s", group),
+        Figure("controlnet.latency_s.ours.cn1", latency["o_cn1"], "s", group),
+        Figure("controlnet.latency_s.diffusers.base", latency["d_base"], "s", group),
+        Figure("controlnet.latency_s.diffusers.cn1", latency["d_cn1"], "s", group),
+        Figure("controlnet.speedup.cn1", latency["d_cn1"] / latency["o_cn1"], "x", group),
+        Figure("controlnet.fp32_wire_psnr_db", finite(psnr_fp32), "dB", group),
+        Figure("controlnet.fp16_wire_psnr_db", finite(psnr_fp16), "dB", group),
+    ])  # fmt: skip
+    result.table = "\n".join([
+        f"controlnet: {config.family}, {config.size}x{config.size}, {steps} steps; UNet worker on core "
+        f"{config.device_core}, ControlNet worker on core {config.controlnet_core}, 1 thread each; "
+        f"Diffusers on core {config.device_core}; median of {config.repeats}",
+        f"  add-on overhead (cn1 / base)   ours {overhead_ours:.3f}x   diffusers {overhead_diffusers:.3f}x",
+        f"  latency cn1                     ours {latency['o_cn1']:.3f} s   diffusers {latency['d_cn1']:.3f} s   "
+        f"speedup {latency['d_cn1'] / latency['o_cn1']:.2f}x",
+        f"  per step: encoder half {encoder:.3f} s, decoder half {decoder:.3f} s, ControlNet {compute:.3f} s, "
+        f"wait {wait:.3f} s, transport {transport:.3f} s ({transport / (encoder + decoder):.1%} of a UNet step)",
+        f"  image PSNR against Diffusers: fp32 wire {psnr_fp32:.1f} dB, fp16 wire {psnr_fp16:.1f} dB",
+    ])  # fmt: skip
+    return result
+
+
+GroupFn = Callable[[BenchConfig, Session], GroupResult]
+#: Group name -> function; `--only` picks among them, default: all, in this order.
+GROUPS: dict[str, GroupFn] = {
+    "baseline": group_baseline,
+    "lora": group_lora,
+    "controlnet": group_controlnet,
+}
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+def write_results(path: Path, figures: list[Figure], groups_ran: list[str]) -> None:
+    """Replace the lines of `groups_ran` in the JSONL file at `path`; keep every other group's lines."""
+    path = Path(path)
+    kept = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                group = json.loads(line).get("group")
+            except json.JSONDecodeError:
+                continue
+            if group not in groups_ran:
+                kept.append(line)
+    lines = kept + [json.dumps(f.as_dict()) for f in figures]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def run(config: BenchConfig, groups: list[str]) -> list[Figure]:
+    """Run `groups` (names in GROUPS), print their tables and figures, update config.out."""
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown group(s) {unknown}; known: {sorted(GROUPS)}")
+    session = Session(config)
+    results: dict[str, GroupResult] = {}
+    try:
+        for name in groups:
+            results[name] = GROUPS[name](config, session)
+    finally:
+        session.close()
+    figures = [f for r in results.values() for f in r.figures]
+    print()
+    for r in results.values():
+        print(r.table + "\n")
+    for f in figures:
+        print(json.dumps(f.as_dict()))
+    write_results(config.out, figures, groups)
+    return figures
+
+
+def _pin_off_device(device_core: int) -> None:
+    """Keep the bench process (a client that mostly waits) off the device core, where possible."""
+    others = os.sched_getaffinity(0) - {device_core}
+    if others:
+        os.sched_setaffinity(0, others)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", type=Path, default=Path(".zoo"), help="model zoo root (python -m swiftd.zoo build)")
+    parser.add_argument("--only", action="append", default=[], help=f"group(s) to run, comma-separated or repeated: {', '.join(GROUPS)}")
+    parser.add_argument("--repeats", type=int, default=1, help="timed requests per scenario and side (median reported)")
+    parser.add_argument("--family", default="bench-sd15", help="zoo family to benchmark")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--device-core", type=int, default=0, help="the core both sides run on")
+    parser.add_argument("--controlnet-core", type=int, default=1, help="the core our ControlNet workers run on")
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results JSONL file to update")
+    parser.add_argument("--no-pin", action="store_true", help="leave the bench process's own CPU affinity alone")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    args = parser.parse_args(argv)
+    groups = [g for item in args.only for g in item.split(",") if g.strip()] or list(GROUPS)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown group(s) {', '.join(unknown)}; known: {', '.join(GROUPS)}")
+    if not args.no_pin:
+        _pin_off_device(args.device_core)
+    config = BenchConfig(
+        zoo=args.zoo, family=args.family, size=args.size, steps=args.steps, repeats=args.repeats,
+        device_core=args.device_core, controlnet_core=args.controlnet_core, out=args.out, verbose=not args.quiet,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    run(config, groups)
+    print(
+        f"\n[bench] groups {', '.join(groups)} done in {time.perf_counter() - t0:.0f} s; results in {args.out}\n"
+        f"[bench] 1-min load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+        f"(this run keeps about 1 core busy; more means something else shared the machine)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The benchmark harness end to end on the tiny model: both sides run, every stable figure is
+written with a positive value, and other groups' lines in the results file survive. No speed is
+asserted (tiny models on a shared CPU say nothing about it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import run as bench_run
+
+SCENARIOS = ("base", "cn1", "cn1_lora1", "cn2_lora2")
+STABLE = {
+    "baseline": [
+        *(f"{side}.latency_s.{s}" for side in ("diffusers", "ours") for s in SCENARIOS),
+        *(f"speedup.{s}" for s in SCENARIOS),
+        *(f"ours.stage_s.{s}.{stage}" for s in SCENARIOS for stage in ("text_encode", "denoise", "denoise.encoder_half", "denoise.decoder_half", "vae_decode")),
+        *(f"ours.stage_s.{s}.lora_patch" for s in ("cn1_lora1", "cn2_lora2")),
+        *(f"ours.stage_s.{s}.denoise.controlnet_wait" for s in ("cn1", "cn1_lora1", "cn2_lora2")),
+    ],
+    "lora": [
+        "diffusers.lora_load_fuse_s", "diffusers.lora_unfuse_unload_s", "ours.lora_apply_s", "ours.lora_restore_s",
+        "lora.swap_s.diffusers", "lora.swap_s.ours", "lora.swap_speedup",
+    ],
+    "controlnet": [
+        "controlnet.addon_overhead", "controlnet.addon_overhead.diffusers", "controlnet.transport_fraction",
+        *(f"controlnet.step_s.{part}" for part in ("encoder_half", "decoder_half", "controlnet", "wait", "transport")),
+        "controlnet.speedup.cn1", "controlnet.fp32_wire_psnr_db", "controlnet.fp16_wire_psnr_db",
+    ],
+}  # fmt: skip
+
+
+def expected_unit(name: str) -> str:
+    if name.endswith("_db"):
+        return "dB"
+    return "x" if any(word in name for word in ("speedup", "overhead", "fraction")) else "s"
+
+
+@pytest.mark.slow  # ~30 s: starts the worker service and the Diffusers process
+def test_bench_harness_writes_stable_figures(zoo_root, tmp_path, capsys):
+    out = tmp_path / "results.jsonl"
+    other = {"figure": "other.thing_s", "value": 1.0, "unit": "s", "group": "other"}
+    stale = {"figure": "ours.latency_s.gone", "value": 9.0, "unit": "s", "group": "baseline"}
+    out.write_text(json.dumps(other) + "\n" + json.dumps(stale) + "\n")
+
+    argv = ["--zoo", str(zoo_root), "--family", "tiny-sd15", "--size", "64", "--steps", "2", "--out", str(out), "--no-pin", "--quiet"]
+    assert bench_run.main(argv + ["--only", "baseline,lora,controlnet"]) == 0
+
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert other in lines, "another group's line was dropped"
+    assert stale not in lines, "a stale line of a group that ran was kept"
+    by_name = {line["figure"]: line for line in lines}
+    assert len(by_name) == len(lines), "duplicate figure names"
+    for group, names in STABLE.items():
+        for name in names:
+            assert name in by_name, f"missing figure {name}"
+            figure = by_name[name]
+            assert figure["group"] == group
+            assert figure["unit"] == expected_unit(name), figure
+            assert isinstance(figure["value"], float | int) and figure["value"] > 0, figure
+    for line in lines:
+        assert set(line) == {"figure", "value", "unit", "group"}
+        assert line["unit"] in ("s", "x", "dB")
+
+    printed = capsys.readouterr().out
+    assert "speedup" in printed and "cn2_lora2" in printed  # the table
+    assert json.dumps(by_name["speedup.base"]) in printed  # the figures, one JSON line each
+
+
+def test_write_results_keeps_other_groups(tmp_path):
+    out = tmp_path / "r.jsonl"
+    bench_run.write_results(out, [bench_run.Figure("a.x_s", 1.0, "s", "g1")], ["g1"])
+    bench_run.write_results(out, [bench_run.Figure("b.y", 2.0, "x", "g2")], ["g2"])
+    bench_run.write_results(out, [bench_run.Figure("a.z_s", 3.0, "s", "g1")], ["g1"])
+    assert [json.loads(line)["figure"] for line in out.read_text().splitlines()] == ["b.y", "a.z_s"]
