@@ -29,18 +29,30 @@ LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 
 
 @dataclass(frozen=True)
-class FactoredDelta:
-    """delta(W) = (up @ down).view(W.shape); alpha/rank is folded into `up`."""
+class WeightDelta:
+    """delta(W) = (up @ down).view(W.shape), alpha/rank (and a scale, once scaled) folded into `up`.
 
-    up: torch.Tensor  # [out_features, rank]
-    down: torch.Tensor  # [rank, in_features * kernel elements]
+    Where the factors would be larger than the matrix, `down` is None and `up` is the full delta
+    (shaped [out_features, in_features * kernel elements]).
+    """
+
+    up: torch.Tensor  # [out_features, rank], or the full delta
+    down: torch.Tensor | None = None  # [rank, in_features * kernel elements]
 
     @property
     def nbytes(self) -> int:
-        return self.up.numel() * self.up.element_size() + self.down.numel() * self.down.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.up, self.down) if t is not None)
+
+    @property
+    def out_features(self) -> int:
+        return self.up.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.up.shape[1] if self.down is None else self.down.shape[1]
 
 
-LoraDeltas = dict[str, FactoredDelta]  # parameter name -> delta
+LoraDeltas = dict[str, WeightDelta]  # parameter name -> delta, in the order a forward pass uses them
 
 
 _extract_lock = threading.Lock()
@@ -73,7 +85,7 @@ def extract_deltas(pipe: DiffusionPipeline, lora_path: Path, adapter_name: str =
                     down = layer.lora_A[adapter_name].weight
                     up = layer.lora_B[adapter_name].weight
                     scaling = layer.scaling[adapter_name]
-                    deltas[f"{component}.{name}.weight"] = FactoredDelta(
+                    deltas[f"{component}.{name}.weight"] = WeightDelta(
                         up=(up.reshape(up.shape[0], -1) * scaling).contiguous().clone(),
                         down=down.reshape(down.shape[0], -1).contiguous().clone(),
                     )
@@ -104,31 +116,50 @@ class LoraPatcher:
 
     @torch.no_grad()
     def apply(self, loras: list[tuple[str, float, LoraDeltas]]) -> None:
-        """Make exactly `loras` (id, scale, deltas) the applied set; no-op if it already is."""
+        """Make exactly `loras` (id, scale, deltas) the applied set; no-op if it already is.
+
+        `scale` multiplies the deltas (use 1.0 for deltas with the scale already folded in).
+        """
         key = tuple((lora_id, float(scale)) for lora_id, scale, _ in loras)
         if key == self.applied:
             return
         for lora_id, _, deltas in loras:  # validate everything before touching anything
-            for name, delta in deltas.items():
-                param = self._params.get(name)
-                if param is None:
-                    raise FailedPrecondition(f"lora {lora_id!r}: parameter {name!r} not in this model")
-                if delta.up.shape[0] * delta.down.shape[1] != param.numel() or delta.up.shape[0] != param.shape[0]:
-                    raise FailedPrecondition(
-                        f"lora {lora_id!r}: delta for {name!r} has shape "
-                        f"{tuple(delta.up.shape)} @ {tuple(delta.down.shape)}, weight is {tuple(param.shape)}"
-                    )
+            self.check(lora_id, deltas)
         self.restore()
         for lora_id, scale, deltas in loras:
-            for name, delta in deltas.items():
-                param = self._params[name]
-                if name not in self._pristine:
-                    self._pristine[name] = param.detach().clone()
-                up = delta.up.to(device=param.device, dtype=param.dtype)
-                down = delta.down.to(device=param.device, dtype=param.dtype)
-                # One GEMM into the weight's own storage.
-                param.view(param.shape[0], -1).addmm_(up, down, alpha=scale)
+            self.add(lora_id, deltas, scale)
         self.applied = key
+
+    def check(self, lora_id: str, deltas: LoraDeltas) -> None:
+        for name, delta in deltas.items():
+            param = self._params.get(name)
+            if param is None:
+                raise FailedPrecondition(f"lora {lora_id!r}: parameter {name!r} not in this model")
+            if delta.out_features * delta.in_features != param.numel() or delta.out_features != param.shape[0]:
+                raise FailedPrecondition(
+                    f"lora {lora_id!r}: delta for {name!r} is {delta.out_features}x{delta.in_features}, "
+                    f"weight is {tuple(param.shape)}"
+                )
+
+    @torch.no_grad()
+    def add(self, lora_id: str, deltas: LoraDeltas, scale: float = 1.0) -> None:
+        """Patch `deltas` in on top of whatever is applied (all or nothing: checked first).
+
+        For building a set in parts (text encoder now, UNet later); `applied` is left as it was:
+        set it once the whole set is in.
+        """
+        self.check(lora_id, deltas)
+        for name, delta in deltas.items():
+            param = self._params[name]
+            if name not in self._pristine:
+                self._pristine[name] = param.detach().clone()
+            weight = param.view(param.shape[0], -1)
+            up = delta.up.to(device=param.device, dtype=param.dtype)
+            if delta.down is None:
+                weight.add_(up, alpha=scale)
+            else:
+                # One GEMM into the weight's own storage.
+                weight.addmm_(up, delta.down.to(device=param.device, dtype=param.dtype), alpha=scale)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -168,3 +199,66 @@ class DeltaCache:
             self._entries.move_to_end(lora_id)
             while len(self._entries) > 1 and self.nbytes > self.budget_bytes:
                 self._entries.popitem(last=False)
+
+
+# -- preparation and the wire ----------------------------------------------------------------------
+
+
+def prepare_deltas(deltas: LoraDeltas, scale: float, dtype: torch.dtype) -> LoraDeltas:
+    """Ready to apply with no further arithmetic: the user's scale folded into `up`, cast to the
+    serving dtype, and the full matrix wherever the factors would be larger."""
+    ready: LoraDeltas = {}
+    for name, delta in deltas.items():
+        up = delta.up.float() * scale
+        if delta.down is not None:
+            rank = delta.down.shape[0]
+            if rank * (delta.out_features + delta.in_features) >= delta.out_features * delta.in_features:
+                ready[name] = WeightDelta((up @ delta.down.float()).to(dtype))
+                continue
+            ready[name] = WeightDelta(up.to(dtype), delta.down.to(dtype))
+        else:
+            ready[name] = WeightDelta(up.to(dtype))
+    return ready
+
+
+def deltas_to_chunks(
+    lora_id: str, scale: float, deltas: LoraDeltas, request_id: str = "", chunk_bytes: int = 16 << 20
+):
+    """LoraDeltaChunk messages of at most ~chunk_bytes tensor data each, in the deltas' order
+    (text encoders first, then the UNet in forward order: what the worker needs first comes first)."""
+    from swiftd import codec
+    from swiftd.v1 import lora_store_pb2
+
+    def message(batch, last):
+        return lora_store_pb2.LoraDeltaChunk(request_id=request_id, lora_id=lora_id, scale=scale, deltas=batch, last=last)
+
+    batch, size = [], 0
+    items = list(deltas.items())
+    for i, (name, delta) in enumerate(items):
+        entry = lora_store_pb2.ParameterDelta(parameter_name=name)
+        if delta.down is None:
+            entry.full.CopyFrom(codec.tensor_to_proto(delta.up))
+        else:
+            entry.factored.up.CopyFrom(codec.tensor_to_proto(delta.up))
+            entry.factored.down.CopyFrom(codec.tensor_to_proto(delta.down))
+        if batch and size + delta.nbytes > chunk_bytes:
+            yield message(batch, last=False)
+            batch, size = [], 0
+        batch.append(entry)
+        size += delta.nbytes
+    yield message(batch, last=True)
+
+
+def delta_from_proto(entry) -> tuple[str, WeightDelta]:
+    """(parameter name, delta) of one ParameterDelta; ValueError for a malformed one."""
+    from swiftd import codec
+
+    form = entry.WhichOneof("form")
+    if form == "full":
+        return entry.parameter_name, WeightDelta(codec.tensor_from_proto(entry.full))
+    if form == "factored":
+        up, down = codec.tensor_from_proto(entry.factored.up), codec.tensor_from_proto(entry.factored.down)
+        if up.dim() != 2 or down.dim() != 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"{entry.parameter_name}: factors {tuple(up.shape)} @ {tuple(down.shape)} do not chain")
+        return entry.parameter_name, WeightDelta(up, down)
+    raise ValueError(f"{entry.parameter_name}: delta has no form")

@@ -16,7 +16,7 @@ STABLE = {
         *(f"{side}.latency_s.{s}" for side in ("diffusers", "ours") for s in SCENARIOS),
         *(f"speedup.{s}" for s in SCENARIOS),
         *(f"ours.stage_s.{s}.{stage}" for s in SCENARIOS for stage in ("text_encode", "denoise", "denoise.encoder_half", "denoise.decoder_half", "vae_decode")),
-        *(f"ours.stage_s.{s}.lora_patch" for s in ("cn1_lora1", "cn2_lora2")),
+        *(f"ours.stage_s.{s}.lora_unet_patch" for s in ("cn1_lora1", "cn2_lora2")),
         *(f"ours.stage_s.{s}.denoise.controlnet_wait" for s in ("cn1", "cn1_lora1", "cn2_lora2")),
     ],
     "lora": [

@@ -59,7 +59,7 @@ def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root)
     image = PIL.Image.open(io.BytesIO(response.image_png))
     assert image.size == (64, 64)
     stages = [t.stage for t in response.timings]
-    assert {"text_encode", "denoise", "vae_decode", "lora_patch"} <= set(stages)
+    assert {"text_encode", "denoise", "vae_decode", "lora_text_encoder", "lora_unet_patch"} <= set(stages)
 
     # The same request through the engine in this process (proved equal to Diffusers elsewhere).
     paths = zoo.zoo_paths(zoo_root, MODEL)

@@ -12,7 +12,8 @@ from services.unet.engine import DenoisingEngine
 from services.unet.servicer import UNetWorkerServicer
 from swiftd import rpc, tracing
 from swiftd.controlnet_step import ControlNetStepper
-from swiftd.lora import DeltaCache, LoraDeltas, extract_deltas
+from services.unet.lora_inbox import LoraInbox
+from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
 from swiftd.loading import load_controlnet, load_pipeline, resolve
 from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
 from swiftd.v1 import unet_pb2_grpc
@@ -28,7 +29,11 @@ def main(argv=None) -> None:
     parser.add_argument("--config", type=Path, default=None, help="Diffusers config folder for a single-file checkpoint")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--lora-cache-mib", type=int, default=2048, help="byte budget of prepared LoRA deltas")
+    parser.add_argument("--lora-cache-mib", type=int, default=2048, help="byte budget of received LoRA deltas")
+    parser.add_argument("--lora-store", default="", help="LoRA store address to pull deltas from (empty: prepare locally)")
+    parser.add_argument("--lora-bound-steps", type=int, default=0,
+                        help="default BAL bound K: LoRA deltas are in place before step K at the latest (0: synchronous)")
+    parser.add_argument("--lora-wait-timeout", type=float, default=120.0, help="longest wait for a LoRA's deltas (seconds)")
     parser.add_argument("--controlnet-step-timeout", type=float, default=60.0,
                         help="longest wait for one step's residuals from a ControlNet worker (seconds)")
     add_server_arguments(parser)
@@ -49,18 +54,22 @@ def main(argv=None) -> None:
             controlnets[controlnet_id] = ControlNetStepper(load_controlnet(path, dtype=dtype, device=args.device))
         return controlnets[controlnet_id]
 
-    lora_cache = DeltaCache(args.lora_cache_mib << 20)
+    def prepare_local_lora(lora_id: str, scale: float) -> LoraDeltas:
+        # Without a LoRA store the worker prepares deltas from its own model root (the inbox
+        # caches the result); with one, they are pushed or pulled ready to apply.
+        path = resolve(args.model_root, "loras", lora_id, "loras.lora_id")
+        return prepare_deltas(extract_deltas(pipe, path), scale, dtype)
 
-    def load_local_lora(lora_id: str) -> LoraDeltas:
-        # Until the LoRA store pushes deltas, the worker prepares them from its model root, once.
-        deltas = lora_cache.get(lora_id)
-        if deltas is None:
-            deltas = extract_deltas(pipe, resolve(args.model_root, "loras", lora_id, "loras.lora_id"))
-            lora_cache.put(lora_id, deltas)
-        return deltas
-
-    engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet, load_lora=load_local_lora)
-    servicer = UNetWorkerServicer(engine, args.model_id, model_path, controlnet_step_timeout=args.controlnet_step_timeout)
+    inbox = LoraInbox(
+        budget_bytes=args.lora_cache_mib << 20, dtype=dtype, base_model_id=args.model_id,
+        prepare_local=None if args.lora_store else prepare_local_lora,
+        default_store=args.lora_store, wait_timeout=args.lora_wait_timeout,
+    )  # fmt: skip
+    engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet, lora_inbox=inbox)
+    servicer = UNetWorkerServicer(
+        engine, args.model_id, model_path, controlnet_step_timeout=args.controlnet_step_timeout,
+        default_lora_bound_steps=args.lora_bound_steps,
+    )  # fmt: skip
     serve(rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server))
 
 

@@ -31,9 +31,10 @@ from diffusers import (
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
+from services.unet.lora_inbox import LoraFetch, LoraInbox, lora_key
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetStepper
 from swiftd.errors import Cancelled, InvalidArgument
-from swiftd.lora import LoraDeltas, LoraPatcher
+from swiftd.lora import LoraDeltas, LoraPatcher, prepare_deltas
 from swiftd.split_unet import SplitUNet
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,13 @@ class GenerationRequest:
     scheduler: str | None = None  # a SCHEDULERS key; None: the model's own scheduler
     controlnets: list[ControlNetRequest] = field(default_factory=list)
     loras: list[tuple[str, float]] = field(default_factory=list)  # (lora_id, scale), applied in order
+    # Bounded asynchronous LoRA loading: UNet deltas are patched in at the first step boundary
+    # after they are complete, and before step `lora_bound_steps` at the latest (the loop waits
+    # there); 0 = before the first step, i.e. synchronous. Text-encoder deltas are always in
+    # place before text encoding (they are streamed first).
+    lora_bound_steps: int = 0
+    lora_store_address: str = ""  # pull deltas from this store; empty: worker default / pushed
+    request_id: str = ""
 
 
 @dataclass
@@ -153,7 +161,10 @@ class DenoisingEngine:
         pipe: DiffusionPipeline,
         load_controlnet: Callable[[str], ControlNetStepper] | None = None,
         load_lora: Callable[[str], LoraDeltas] | None = None,
+        lora_inbox: LoraInbox | None = None,
     ):
+        """`lora_inbox` is where LoRA deltas arrive; `load_lora` (id -> scale-1 deltas) is a
+        shortcut for an inbox that prepares them in-process."""
         self.pipe = pipe
         self.is_sdxl = isinstance(pipe, StableDiffusionXLPipeline)
         self.split_unet = SplitUNet(pipe.unet)
@@ -163,7 +174,12 @@ class DenoisingEngine:
             vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
         self._load_controlnet = load_controlnet
-        self._load_lora = load_lora
+        if lora_inbox is None and load_lora is not None:
+            lora_inbox = LoraInbox(
+                budget_bytes=1 << 40, dtype=self.dtype, base_model_id="",
+                prepare_local=lambda lora_id, scale: prepare_deltas(load_lora(lora_id), scale, self.dtype),
+            )  # fmt: skip
+        self.lora_inbox = lora_inbox
         self.lora_patcher = LoraPatcher(pipe)
         self._lock = threading.Lock()
 
@@ -200,18 +216,30 @@ class DenoisingEngine:
 
         # Resolve every id before changing any state, so a bad request changes nothing.
         t0 = time.perf_counter()
-        lora_set = self._resolve_loras(request.loras)
+        fetch = self._fetch_loras(request, should_stop)
         for cn in request.controlnets:
             if not cn.worker_address:
                 self._local_controlnet(cn.controlnet_id)
         timings["resolve"] = time.perf_counter() - t0
+        try:
+            return self._denoise(request, fetch, open_controlnet, on_step, should_stop, before_step, timings, height, width, do_cfg, generator)
+        except BaseException:
+            if fetch is not None:  # a set half patched in is no set: back to the base weights
+                self.lora_patcher.restore()
+            raise
 
-        # LoRAs synchronously, before text encoding (text-encoder LoRAs must be in place for it).
-        # A worker that already has this LoRA set applied does nothing here.
+    def _denoise(self, request, fetch, open_controlnet, on_step, should_stop, before_step, timings, height, width, do_cfg, generator):
+        pipe = self.pipe
+        # LoRAs: a worker that already has this set applied does nothing. Otherwise denoising
+        # starts from the base weights; text-encoder deltas go in before text encoding.
         t0 = time.perf_counter()
-        if lora_set is not None:
-            self.lora_patcher.apply(lora_set)
-        timings["lora_patch"] = time.perf_counter() - t0
+        applied_at = (0 if request.loras else -1) if fetch is None else None
+        if fetch is not None or (not request.loras and self.lora_patcher.applied):
+            self.lora_patcher.restore()
+        if fetch is not None:
+            for lora_id, deltas in fetch.text_encoder_deltas():
+                self.lora_patcher.add(lora_id, deltas)
+        timings["lora_text_encoder"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         prompt_embeds, text_embeds, time_ids = self._encode_prompt(request, height, width, do_cfg)
@@ -233,11 +261,19 @@ class DenoisingEngine:
         step_times = {"encoder_half": 0.0, "controlnet_wait": 0.0, "decoder_half": 0.0, "scheduler": 0.0}
         t_loop = time.perf_counter()
         try:
+            bound = min(max(request.lora_bound_steps, 0), len(timesteps) - 1)
             for i, t in enumerate(timesteps):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"request cancelled before step {i}")
                 if before_step is not None:
                     before_step(i)
+                if applied_at is None and (i >= bound or fetch.is_complete()):
+                    t0 = time.perf_counter()
+                    for lora_id, deltas in fetch.unet_deltas():  # waits here at the bound
+                        self.lora_patcher.add(lora_id, deltas)
+                    self.lora_patcher.applied = fetch.key
+                    applied_at = i
+                    timings["lora_unet_patch"] = time.perf_counter() - t0
                 latents = self._step(
                     i, t, latents, len(timesteps), request, sources, prompt_embeds, text_embeds, time_ids,
                     do_cfg, scheduler, step_kwargs, step_times,
@@ -259,16 +295,17 @@ class DenoisingEngine:
         timings["vae_decode"] = time.perf_counter() - t0
         return GenerationResult(
             latents=latents, image=image, seed=request.seed, timings=timings,
-            lora_applied_at_step=0 if request.loras else -1,
+            lora_applied_at_step=applied_at,
         )  # fmt: skip
 
-    def _resolve_loras(self, loras: list[tuple[str, float]]) -> list[tuple[str, float, LoraDeltas]] | None:
-        """The deltas to apply, or None when exactly this set is applied already (affinity)."""
-        if tuple((i, float(s)) for i, s in loras) == self.lora_patcher.applied:
+    def _fetch_loras(self, request: GenerationRequest, should_stop) -> LoraFetch | None:
+        """The request's LoRA deltas (possibly still arriving), or None when nothing is to patch."""
+        key = tuple(lora_key(i, s) for i, s in request.loras)
+        if not request.loras or key == self.lora_patcher.applied:
             return None
-        if loras and self._load_lora is None:
+        if self.lora_inbox is None:
             raise InvalidArgument("loras", "this worker has no LoRA source configured")
-        return [(lora_id, scale, self._load_lora(lora_id)) for lora_id, scale in loras]
+        return self.lora_inbox.fetch(request.loras, request.request_id, request.lora_store_address, should_stop)
 
     def _local_controlnet(self, controlnet_id: str) -> ControlNetStepper:
         if self._load_controlnet is None:

@@ -8,13 +8,12 @@ import queue
 import threading
 import time
 
-import grpc
 import PIL.Image
 
 from services.unet.controlnet_client import ChannelPool, RemoteResidualSource
 from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest, GenerationResult
 from swiftd import codec
-from swiftd.errors import InvalidArgument, NotFound
+from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
 from swiftd.loading import check_id, pipeline_family
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
 
@@ -48,7 +47,7 @@ def encode_png(image: PIL.Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def generation_request_from_proto(request: unet_pb2.DenoiseRequest) -> GenerationRequest:
+def generation_request_from_proto(request: unet_pb2.DenoiseRequest, default_lora_bound_steps: int = 0) -> GenerationRequest:
     p = request.params
     if p.width % 8 or p.height % 8 or p.width < 0 or p.height < 0:
         raise InvalidArgument("params.width" if p.width % 8 or p.width < 0 else "params.height", "must be a non-negative multiple of 8")
@@ -84,6 +83,13 @@ def generation_request_from_proto(request: unet_pb2.DenoiseRequest) -> Generatio
         scheduler=SCHEDULER_NAMES.get(p.scheduler),
         controlnets=controlnets,
         loras=[(check_id(f"loras[{i}].lora_id", lora.lora_id), lora.scale or 1.0) for i, lora in enumerate(request.loras)],
+        lora_bound_steps=(
+            request.lora_bound_steps
+            if request.HasField("lora_bound_steps") and request.lora_bound_steps >= 0
+            else default_lora_bound_steps
+        ),
+        lora_store_address=request.lora_store_address,
+        request_id=request.request_id,
     )
 
 
@@ -101,8 +107,10 @@ def response_from_result(result: GenerationResult, request: unet_pb2.DenoiseRequ
 
 
 class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
-    def __init__(self, engine: DenoisingEngine, model_id: str, model_path, controlnet_step_timeout: float = 60.0):
+    def __init__(self, engine: DenoisingEngine, model_id: str, model_path, controlnet_step_timeout: float = 60.0,
+                 default_lora_bound_steps: int = 0):  # fmt: skip
         self.engine = engine
+        self.default_lora_bound_steps = default_lora_bound_steps
         self.channels = ChannelPool()
         self.controlnet_step_timeout = controlnet_step_timeout
         self.model_id = model_id
@@ -114,7 +122,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
     def _check(self, request: unet_pb2.DenoiseRequest) -> GenerationRequest:
         if request.params.model_id and request.params.model_id != self.model_id:
             raise NotFound("params.model_id", request.params.model_id)
-        return generation_request_from_proto(request)
+        return generation_request_from_proto(request, self.default_lora_bound_steps)
 
     def _controlnet_opener(self, request: unet_pb2.DenoiseRequest, context):
         """Residual sources for this request: remote where the plan names a worker."""
@@ -215,4 +223,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
         )  # fmt: skip
 
     def ReceiveLoraDeltas(self, request_iterator, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "LoRA deltas are not accepted by this worker yet")
+        if self.engine.lora_inbox is None:
+            raise FailedPrecondition("this worker has no LoRA inbox")
+        completed, parameters, nbytes = self.engine.lora_inbox.receive(request_iterator)
+        return unet_pb2.ReceiveLoraDeltasResponse(lora_ids=completed, parameters_received=parameters, bytes_received=nbytes)

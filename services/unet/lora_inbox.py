@@ -1,0 +1,246 @@
+"""LoRA deltas arriving at a UNet worker, and what a request waits on.
+
+Deltas reach the worker as LoraDeltaChunk streams: pushed by the LoRA store
+(`ReceiveLoraDeltas`), pulled from it (`StreamDeltas`) by a background thread, or — with no store
+configured — prepared locally from the worker's own model root. Either way they land in the
+inbox, keyed by (lora_id, scale) since the store folds the scale in. A request gets a
+`LoraFetch` over its entries and denoises while they fill; the engine applies text-encoder deltas
+before text encoding and UNet deltas at a step boundary (bounded asynchronous loading).
+
+Chunks come in forward order: text-encoder deltas first, then the UNet's. So a LoRA's
+text-encoder part is complete as soon as its first UNet delta (or its last chunk) arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import grpc
+import torch
+
+from swiftd import codec, rpc
+from swiftd.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
+from swiftd.lora import LoraDeltas, delta_from_proto
+from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+LoraKey = tuple[str, float]  # (lora_id, scale)
+UNET_PREFIX = "unet."
+
+
+def lora_key(lora_id: str, scale: float) -> LoraKey:
+    return (lora_id, round(float(scale), 6))  # scales travel as float32: compare at that precision
+
+
+class InboxEntry:
+    def __init__(self, key: LoraKey):
+        self.key = key
+        self.deltas: LoraDeltas = {}
+        self.nbytes = 0
+        self.complete = False
+        self.text_encoder_done = False
+        self.error: ServingError | None = None
+        self.changed = threading.Condition()
+
+    def add(self, deltas: Iterable[tuple[str, object]], last: bool) -> None:
+        with self.changed:
+            for name, delta in deltas:
+                self.deltas[name] = delta
+                self.nbytes += delta.nbytes
+                if name.startswith(UNET_PREFIX):
+                    self.text_encoder_done = True
+            if last:
+                self.complete = self.text_encoder_done = True
+            self.changed.notify_all()
+
+    def fail(self, error: ServingError) -> None:
+        with self.changed:
+            if not self.complete:
+                self.error = error
+            self.changed.notify_all()
+
+    def wait(self, done: Callable[[], bool], timeout: float, should_stop: Callable[[], bool] | None) -> None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not done():
+                if self.error is not None:
+                    raise self.error
+                if should_stop is not None and should_stop():
+                    raise Cancelled(f"request cancelled while waiting for lora {self.key[0]!r}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(f"lora {self.key[0]!r}: deltas not complete after {timeout:.0f} s")
+                self.changed.wait(min(remaining, 0.1))
+            if self.error is not None and not self.complete:
+                raise self.error
+
+
+class LoraFetch:
+    """The LoRA set of one request, possibly still arriving."""
+
+    def __init__(self, entries: list[InboxEntry], timeout: float, should_stop: Callable[[], bool] | None = None):
+        self.entries = entries
+        self.timeout = timeout
+        self.should_stop = should_stop
+
+    @property
+    def key(self) -> tuple[LoraKey, ...]:
+        return tuple(e.key for e in self.entries)
+
+    def is_complete(self) -> bool:
+        return all(e.complete for e in self.entries)
+
+    def text_encoder_deltas(self) -> list[tuple[str, LoraDeltas]]:
+        """Waits until every LoRA's text-encoder part is in; returns those parts."""
+        parts = []
+        for entry in self.entries:
+            entry.wait(lambda e=entry: e.text_encoder_done, self.timeout, self.should_stop)
+            parts.append((entry.key[0], {n: d for n, d in entry.deltas.items() if not n.startswith(UNET_PREFIX)}))
+        return parts
+
+    def unet_deltas(self) -> list[tuple[str, LoraDeltas]]:
+        """Waits until every LoRA is complete; returns the UNet parts."""
+        parts = []
+        for entry in self.entries:
+            entry.wait(lambda e=entry: e.complete, self.timeout, self.should_stop)
+            parts.append((entry.key[0], {n: d for n, d in entry.deltas.items() if n.startswith(UNET_PREFIX)}))
+        return parts
+
+
+class LoraInbox:
+    """Received deltas by (lora_id, scale); complete entries kept LRU under a byte budget."""
+
+    def __init__(self, budget_bytes: int, dtype: torch.dtype, base_model_id: str,
+                 prepare_local: Callable[[str, float], LoraDeltas] | None = None,
+                 default_store: str = "", wait_timeout: float = 120.0):  # fmt: skip
+        self.budget_bytes = budget_bytes
+        self.dtype = dtype
+        self.base_model_id = base_model_id
+        self.prepare_local = prepare_local
+        self.default_store = default_store
+        self.wait_timeout = wait_timeout
+        self._entries: OrderedDict[LoraKey, InboxEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+
+    # -- arrival -----------------------------------------------------------------------------
+
+    def _entry(self, key: LoraKey, create: bool = True) -> InboxEntry | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.error is not None:
+                del self._entries[key]  # a failed transfer may be retried
+                entry = None
+            if entry is None and create:
+                entry = self._entries[key] = InboxEntry(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def receive(self, chunks: Iterable[lora_store_pb2.LoraDeltaChunk]) -> tuple[list[str], int, int]:
+        """Consume a chunk stream. Returns (completed lora ids, parameters, bytes)."""
+        completed, parameters, nbytes = [], 0, 0
+        current: InboxEntry | None = None
+        try:
+            for chunk in chunks:
+                key = lora_key(chunk.lora_id, chunk.scale or 1.0)
+                if current is None or current.key != key:
+                    current = self._entry(key)
+                try:
+                    deltas = [delta_from_proto(d) for d in chunk.deltas]
+                except ValueError as exc:
+                    raise InvalidArgument("deltas", str(exc)) from None
+                deltas = [(n, _cast(d, self.dtype)) for n, d in deltas]
+                current.add(deltas, chunk.last)
+                parameters += len(deltas)
+                nbytes += sum(d.nbytes for _, d in deltas)
+                if chunk.last:
+                    completed.append(chunk.lora_id)
+                    current = None
+        except BaseException as exc:
+            if current is not None and not current.complete:
+                current.fail(exc if isinstance(exc, ServingError) else Unavailable(f"lora {current.key[0]!r}: transfer broke off: {exc}"))
+            raise
+        finally:
+            self._evict()
+        return completed, parameters, nbytes
+
+    def _pull(self, store: str, keys: list[LoraKey], request_id: str) -> None:
+        """Background: stream the deltas of `keys` from a LoRA store into the inbox."""
+        with self._lock:
+            channel = self._channels.get(store) or self._channels.setdefault(store, rpc.create_channel(store))
+        request = lora_store_pb2.StreamDeltasRequest(
+            loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in keys],
+            base_model_id=self.base_model_id, dtype=codec.dtype_to_proto(self.dtype), request_id=request_id,
+        )  # fmt: skip
+        try:
+            self.receive(lora_store_pb2_grpc.LoraStoreStub(channel).StreamDeltas(request, timeout=self.wait_timeout))
+        except grpc.RpcError as exc:
+            error = _store_error(store, exc)
+            for key in keys:
+                entry = self._entry(key, create=False)
+                if entry is not None:
+                    entry.fail(error)
+        except Exception:  # noqa: BLE001 - already recorded on the entry by receive()
+            log.exception("pulling lora deltas from %s failed", store)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def fetch(self, loras: list[tuple[str, float]], request_id: str, store: str = "",
+              should_stop: Callable[[], bool] | None = None) -> LoraFetch:  # fmt: skip
+        """Entries for a request's LoRAs; missing ones are pulled or prepared (not waited for)."""
+        keys = [lora_key(i, s) for i, s in loras]
+        store = store or self.default_store
+        missing = [k for k in keys if self._entry(k, create=False) is None]
+        entries = [self._entry(k) for k in keys]
+        if missing:
+            if store:
+                threading.Thread(target=self._pull, args=(store, missing, request_id), name="lora-pull", daemon=True).start()
+            elif self.prepare_local is not None:
+                for key in missing:  # synchronous: raises NotFound/FailedPrecondition before anything changed
+                    try:
+                        deltas = self.prepare_local(*key)
+                    except ServingError as exc:
+                        self._entry(key).fail(exc)
+                        raise
+                    self._entry(key).add(deltas.items(), last=True)
+                self._evict()
+            # else: wait for the store's push (ReceiveLoraDeltas), bounded by wait_timeout
+        return LoraFetch(entries, self.wait_timeout, should_stop)
+
+    def _evict(self) -> None:
+        with self._lock:
+            total = sum(e.nbytes for e in self._entries.values())
+            for key in list(self._entries):
+                if total <= self.budget_bytes or len(self._entries) <= 1:
+                    break
+                entry = self._entries[key]
+                if entry.complete:  # a request holding it keeps its own reference
+                    del self._entries[key]
+                    total -= entry.nbytes
+
+
+def _cast(delta, dtype: torch.dtype):
+    if delta.up.dtype == dtype and (delta.down is None or delta.down.dtype == dtype):
+        return delta
+    return type(delta)(delta.up.to(dtype), None if delta.down is None else delta.down.to(dtype))
+
+
+def _store_error(store: str, exc: grpc.RpcError) -> ServingError:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.NOT_FOUND:
+        error = NotFound("loras.lora_id", details)
+        error.message = f"loras: {details}"
+        return error
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(f"loras: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument("loras", details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"lora store {store}: {details}")
+    return Unavailable(f"lora store {store}: {code.name.lower()}: {details}")

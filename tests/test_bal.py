@@ -1,0 +1,129 @@
+"""Bounded asynchronous LoRA loading in the engine: when deltas are patched in, what waits, and
+that a broken transfer leaves the base weights intact."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from services.unet.engine import DenoisingEngine, GenerationRequest
+from services.unet.lora_inbox import LoraInbox, lora_key
+from swiftd import zoo
+from swiftd.errors import Unavailable
+from swiftd.lora import extract_deltas, prepare_deltas
+from swiftd.loading import load_pipeline
+from tests.test_lora_patch import weights_digest
+
+LORA = "tiny-sd15-lora-kohya-r16-te"  # text encoder + UNet layers
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def setup(zoo_root):
+    paths = zoo.zoo_paths(zoo_root, "tiny-sd15")
+    pipe = load_pipeline(paths.model)
+    deltas = prepare_deltas(extract_deltas(pipe, paths.loras[LORA]), 0.8, torch.float32)
+    return pipe, deltas
+
+
+def engine_with_push_inbox(pipe):
+    """An engine whose inbox neither pulls nor prepares: deltas arrive only when the test adds them."""
+    inbox = LoraInbox(budget_bytes=1 << 40, dtype=torch.float32, base_model_id="tiny-sd15", wait_timeout=30)
+    return DenoisingEngine(pipe, lora_inbox=inbox), inbox
+
+
+def request(k: int, loras=((LORA, 0.8),)) -> GenerationRequest:
+    return GenerationRequest("a cat", width=64, height=64, num_inference_steps=STEPS, seed=4, scheduler="euler",
+                             loras=list(loras), lora_bound_steps=k)  # fmt: skip
+
+
+def deliver(inbox, deltas, parts=("te", "unet")):
+    """As the store streams: text-encoder deltas, then the UNet's (the first UNet delta marks
+    the text-encoder part complete)."""
+    entry = inbox._entry(lora_key(LORA, 0.8))
+    items = list(deltas.items())
+    first_unet = next(i for i, (n, _) in enumerate(items) if n.startswith("unet."))
+    te, unet = items[: first_unet + 1], items[first_unet + 1 :]
+    if "te" in parts:
+        entry.add(te, last=False)
+    if "unet" in parts:
+        entry.add(unet, last=True)
+
+
+def test_complete_deltas_apply_before_the_first_step_and_equal_synchronous(setup):
+    pipe, deltas = setup
+    engine, inbox = engine_with_push_inbox(pipe)
+    deliver(inbox, deltas)
+    result = engine.generate(request(k=4))
+    assert result.lora_applied_at_step == 0  # complete at the first boundary: no reason to wait
+    engine.lora_patcher.restore()
+    engine2, inbox2 = engine_with_push_inbox(pipe)
+    deliver(inbox2, deltas)
+    k0 = engine2.generate(request(k=0))
+    engine2.lora_patcher.restore()
+    assert torch.equal(result.latents, k0.latents)
+
+
+def test_deltas_arriving_mid_loop_are_patched_at_the_next_boundary(setup):
+    pipe, deltas = setup
+    engine, inbox = engine_with_push_inbox(pipe)
+    deliver(inbox, deltas, parts=("te",))  # text encoder part first, as the store streams it
+
+    def on_step(i, total, latents):
+        if i == 1:  # the UNet part completes during step 1
+            deliver(inbox, deltas, parts=("unet",))
+
+    late = engine.generate(request(k=5), on_step=on_step)
+    assert late.lora_applied_at_step == 2
+    assert engine.lora_patcher.applied == ((LORA, 0.8),)
+    engine.lora_patcher.restore()
+    engine0, inbox0 = engine_with_push_inbox(pipe)
+    deliver(inbox0, deltas)
+    synchronous = engine0.generate(request(k=0))
+    engine0.lora_patcher.restore()
+    # Patched two steps late: close to synchronous, but not the same computation.
+    assert not torch.equal(late.latents, synchronous.latents)
+
+
+def test_the_loop_waits_at_the_bound(setup):
+    pipe, deltas = setup
+    engine, inbox = engine_with_push_inbox(pipe)
+    deliver(inbox, deltas, parts=("te",))
+    timer = threading.Timer(1.0, deliver, args=(inbox, deltas), kwargs={"parts": ("unet",)})
+    timer.start()
+    t0 = time.perf_counter()
+    result = engine.generate(request(k=1))
+    timer.join()
+    engine.lora_patcher.restore()
+    assert result.lora_applied_at_step == 1
+    assert time.perf_counter() - t0 >= 1.0
+    assert result.timings["lora_unet_patch"] > 0.5  # the wait is visible in the breakdown
+
+
+def test_text_encoder_part_does_not_wait_for_the_unet_part(setup):
+    pipe, deltas = setup
+    _, inbox = engine_with_push_inbox(pipe)
+    deliver(inbox, deltas, parts=("te",))
+    fetch = inbox.fetch([(LORA, 0.8)], "r")
+    (lora_id, te), = fetch.text_encoder_deltas()  # returns at once
+    assert te and all(n.startswith("text_encoder") for n in te)  # only the text-encoder part
+    assert not fetch.is_complete()
+
+
+def test_broken_transfer_fails_the_request_and_restores_base_weights(setup):
+    pipe, deltas = setup
+    engine, inbox = engine_with_push_inbox(pipe)
+    pristine = weights_digest(pipe)
+    deliver(inbox, deltas, parts=("te",))
+
+    def on_step(i, total, latents):
+        if i == 0:
+            inbox._entry(lora_key(LORA, 0.8), create=False).fail(Unavailable("store went away"))
+
+    with pytest.raises(Unavailable):
+        engine.generate(request(k=3), on_step=on_step)
+    assert weights_digest(pipe) == pristine
+    assert engine.lora_patcher.applied == ()
