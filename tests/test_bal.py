@@ -43,14 +43,13 @@ def request(k: int, loras=((LORA, 0.8),)) -> GenerationRequest:
 def deliver(inbox, deltas, parts=("te", "unet")):
     """As the store streams: text-encoder deltas, then the UNet's (the first UNet delta marks
     the text-encoder part complete)."""
-    entry = inbox._entry(lora_key(LORA, 0.8))
     items = list(deltas.items())
     first_unet = next(i for i, (n, _) in enumerate(items) if n.startswith("unet."))
     te, unet = items[: first_unet + 1], items[first_unet + 1 :]
     if "te" in parts:
-        entry.add(te, last=False)
+        inbox.put(LORA, 0.8, te, last=False)
     if "unet" in parts:
-        entry.add(unet, last=True)
+        inbox.put(LORA, 0.8, unet, last=True)
 
 
 def test_complete_deltas_apply_before_the_first_step_and_equal_synchronous(setup):

@@ -142,6 +142,12 @@ class LoraInbox:
                 self._entries.move_to_end(key)
             return entry
 
+    def put(self, lora_id: str, scale: float, deltas: Iterable[tuple[str, object]], last: bool) -> None:
+        """Accept ready deltas (scale folded in) from elsewhere in this process, in forward order."""
+        self._entry(lora_key(lora_id, scale)).add(deltas, last)
+        if last:
+            self._evict()
+
     def receive(self, chunks: Iterable[lora_store_pb2.LoraDeltaChunk]) -> tuple[list[str], int, int]:
         """Consume a chunk stream. Returns (completed lora ids, parameters, bytes)."""
         completed, parameters, nbytes = [], 0, 0
