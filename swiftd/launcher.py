@@ -131,8 +131,11 @@ def wait_serving(address: str, timeout: float) -> None:
             time.sleep(0.1)
 
 
-def start_unet(model_root: Path, model_id: str, **kwargs) -> ServiceProcess:
-    return start_service("unet", "services.unet", ["--model-root", str(model_root), "--model-id", model_id], **kwargs)
+def start_unet(model_root: Path, model_id: str, lora_store: str = "", extra_args: list[str] = (), **kwargs) -> ServiceProcess:
+    args = ["--model-root", str(model_root), "--model-id", model_id, *extra_args]
+    if lora_store:
+        args += ["--lora-store", lora_store]
+    return start_service("unet", "services.unet", args, **kwargs)
 
 
 def start_controlnet(model_root: Path, preload: list[str] = (), **kwargs) -> ServiceProcess:
@@ -140,6 +143,13 @@ def start_controlnet(model_root: Path, preload: list[str] = (), **kwargs) -> Ser
     if preload:
         args += ["--preload", *preload]
     return start_service("controlnet", "services.controlnet", args, **kwargs)
+
+
+def start_lora_store(model_root: Path, cache_dir: Path, base_models: list[str] = (), **kwargs) -> ServiceProcess:
+    args = ["--model-root", str(model_root), "--cache-dir", str(cache_dir)]
+    if base_models:
+        args += ["--base-model", *base_models]
+    return start_service("lora_store", "services.lora_store", args, **kwargs)
 
 
 # -- make run --------------------------------------------------------------------------------------
