@@ -11,12 +11,13 @@ cached from the warm-up: preparing happens once per LoRA, off the critical path,
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 from bench.scenarios import GUIDANCE_SCALE, NEGATIVE_PROMPT, PROMPT, SEED, BenchConfig, Scenario
 from swiftd import rpc
-from swiftd.launcher import ServiceProcess, start_controlnet, start_unet
-from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
+from swiftd.launcher import ServiceProcess, start_controlnet, start_lora_store, start_unet
+from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
 
 RESET_SIZE = 64  # the untimed "put the base weights back" request: tiny, one step, no CFG
 MAX_CONTROLNETS = 2  # the most any scenario uses: one worker each
@@ -33,16 +34,38 @@ class OursWorker:
             start_controlnet(config.zoo, cpu_cores=[config.controlnet_core], num_threads=1, wait=False)
             for _ in range(MAX_CONTROLNETS)
         ]
+        # The LoRA store prepares deltas ahead of requests, off the device (a fresh cache dir, so
+        # its precompute is measured cold).
+        self._cache_dir = tempfile.TemporaryDirectory(prefix="swiftd-bench-lora-cache-")
+        self.store: ServiceProcess = start_lora_store(
+            config.zoo, self._cache_dir.name, base_models=[config.family], cpu_cores=[config.controlnet_core], num_threads=1
+        )
         self.service: ServiceProcess = start_unet(
-            config.zoo, config.family, cpu_cores=[config.device_core], num_threads=1, wait=False
+            config.zoo, config.family, lora_store=self.store.address, cpu_cores=[config.device_core], num_threads=1, wait=False
         )
         for service in [*self.controlnet_services, self.service]:
             service.wait_ready()
         self.start_s = time.perf_counter() - t0
         self.channel = rpc.create_channel(self.service.address)
         self.stub = unet_pb2_grpc.UNetWorkerStub(self.channel)
+        self.store_channel = rpc.create_channel(self.store.address)
+        self.store_stub = lora_store_pb2_grpc.LoraStoreStub(self.store_channel)
+        self._prefetched: dict[str, lora_store_pb2.PrefetchLoraResponse] = {}
 
-    def request(self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32) -> unet_pb2.DenoiseRequest:
+    def first_prefetch(self, lora_id: str) -> lora_store_pb2.PrefetchLoraResponse:
+        """The response of the first prefetch of `lora_id` in this run (the cold precompute)."""
+        if lora_id not in self._prefetched:
+            self.prefetch(lora_id)
+        return self._prefetched[lora_id]
+
+    def prefetch(self, lora_id: str) -> lora_store_pb2.PrefetchLoraResponse:
+        """Into the store's host tier (what a deployment does ahead of requests)."""
+        response = self.store_stub.PrefetchLora(lora_store_pb2.PrefetchLoraRequest(
+            lora_id=lora_id, base_model_id=self.config.family, dtype=common_pb2.DTYPE_FLOAT32), timeout=600)  # fmt: skip
+        self._prefetched.setdefault(lora_id, response)
+        return response
+
+    def request(self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32, lora_bound_steps: int = 0) -> unet_pb2.DenoiseRequest:
         c = self.config
         return unet_pb2.DenoiseRequest(
             params=common_pb2.GenerationParams(
@@ -61,6 +84,7 @@ class OursWorker:
             ],
             controlnet_wire_dtype=wire_dtype,
             loras=[common_pb2.LoraRef(lora_id=lora_id, scale=scale) for lora_id, scale in scenario.loras],
+            lora_bound_steps=lora_bound_steps,
             request_id=f"bench-{scenario.name}",
         )  # fmt: skip
 
@@ -81,14 +105,16 @@ class OursWorker:
         return time.perf_counter() - t0, response
 
     def warm_up(self, scenario: Scenario) -> None:
-        """Untimed: loads the scenario's ControlNets and prepares (caches) its LoRA deltas."""
+        """Untimed: loads the scenario's ControlNets; its LoRAs reach the store's host tier."""
+        for lora_id, _ in scenario.loras:
+            self.prefetch(lora_id)
         self.stub.Denoise(self.request(scenario), timeout=600)
 
-    def run_once(self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32) -> dict:
+    def run_once(self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32, lora_bound_steps: int = 0) -> dict:
         """One timed request; a LoRA one is cold (the worker starts from the pristine weights)."""
         if scenario.loras:
             self.reset_loras()
-        latency, response = self.timed(self.request(scenario, wire_dtype))
+        latency, response = self.timed(self.request(scenario, wire_dtype, lora_bound_steps))
         stages = {t.stage: t.seconds for t in response.timings}
         # Outside the engine's stages: gRPC, (de)serialisation, PNG decode/encode, request parsing.
         top_level = sum(v for k, v in stages.items() if "." not in k)
@@ -98,7 +124,24 @@ class OursWorker:
             "lora_applied_at_step": response.lora_applied_at_step,
         }  # fmt: skip
 
+    def stream_deltas(self, lora_id: str, scale: float) -> tuple[float, int]:
+        """(seconds, bytes) to stream one LoRA's deltas from the store's host tier to here."""
+        from swiftd import codec
+
+        t0 = time.perf_counter()
+        nbytes = 0
+        for chunk in self.store_stub.StreamDeltas(lora_store_pb2.StreamDeltasRequest(
+            loras=[common_pb2.LoraRef(lora_id=lora_id, scale=scale)], base_model_id=self.config.family,
+            dtype=common_pb2.DTYPE_FLOAT32,
+        ), timeout=600):  # fmt: skip
+            for delta in chunk.deltas:
+                tensors = [delta.full] if delta.WhichOneof("form") == "full" else [delta.factored.up, delta.factored.down]
+                nbytes += sum(codec.tensor_nbytes(t) for t in tensors)
+        return time.perf_counter() - t0, nbytes
+
     def close(self) -> None:
-        self.channel.close()
-        for service in [self.service, *self.controlnet_services]:
+        for channel in (self.channel, self.store_channel):
+            channel.close()
+        for service in [self.service, *self.controlnet_services, self.store]:
             service.stop()
+        self._cache_dir.cleanup()

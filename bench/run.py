@@ -31,12 +31,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.bal import images_by_arrival_step
 from bench.baseline_process import BaselineProcess
+from bench.quality import psnr, ssim
 from swiftd.v1 import common_pb2
 from bench.ours import OursWorker
 from bench.scenarios import (
     DEFAULT_RESULTS,
     BenchConfig,
+    Scenario,
     Figure,
     GroupResult,
     baseline_scenarios,
@@ -142,7 +145,8 @@ def group_lora(config: BenchConfig, session: Session) -> GroupResult:
     apply_, restore = median(r["ours_apply_s"]), median(r["ours_restore_s"])
     swap_d = median([a + b for a, b in zip(r["diffusers_load_fuse_s"], r["diffusers_unfuse_unload_s"])])
     swap_o = median([a + b for a, b in zip(r["ours_apply_s"], r["ours_restore_s"])])
-    result = GroupResult(figures=[
+    extra, extra_table = lora_service_figures(config, session, group)
+    result = GroupResult(figures=extra + [
         Figure("diffusers.lora_load_fuse_s", load_fuse, "s", group),
         Figure("diffusers.lora_unfuse_unload_s", unfuse_unload, "s", group),
         Figure("ours.lora_apply_s", apply_, "s", group),
@@ -160,8 +164,71 @@ def group_lora(config: BenchConfig, session: Session) -> GroupResult:
         f"  {'unfuse+unload / restore':<34}{unfuse_unload:>12.4f}{restore:>10.4f}",
         f"  {'swap (in + out)':<34}{swap_d:>12.4f}{swap_o:>10.4f}   speedup {swap_d / swap_o:.1f}x",
         f"  ours' one-time preparation (extract_deltas, cached): {r['ours_prepare_s']:.3f} s",
+        *extra_table,
     ])  # fmt: skip
     return result
+
+
+BAL_STEPS = (2, 5, 10)
+
+
+def lora_service_figures(config: BenchConfig, session: Session, group: str) -> tuple[list[Figure], list[str]]:
+    """LoRA store throughput, the LoRA's cost on a request's critical path, and BAL quality."""
+    ours = session.ours()
+    lora_id = rank64_lora_id(config.family)
+    prefetch = ours.first_prefetch(lora_id)
+    stream_s, stream_bytes = ours.stream_deltas(lora_id, 1.0)
+    prepare_mb_s = prefetch.size_bytes / 1e6 / max(prefetch.prepare_seconds, 1e-9)
+    stream_mb_s = stream_bytes / 1e6 / stream_s
+
+    # Critical path: the same request with the LoRA (in the store's host tier, not on the worker:
+    # each run uses a scale the worker has not seen) against without it.
+    plain = Scenario("base")
+    ours.warm_up(plain)
+    config.log("[bench] lora: critical path (K=0 and K=2) ...")
+    base_runs, k0_runs, k2_runs = [], [], []
+    for i in range(config.repeats):
+        base_runs.append(ours.run_once(plain)["latency_s"])
+        k0_runs.append(ours.run_once(Scenario("lora", loras=((lora_id, 1.0 - 0.001 * (2 * i + 1)),)), lora_bound_steps=0))
+        k2_runs.append(ours.run_once(Scenario("lora", loras=((lora_id, 1.0 - 0.001 * (2 * i + 2)),)), lora_bound_steps=2))
+    base_s = median(base_runs)
+    k0_s, k2_s = median([r["latency_s"] for r in k0_runs]), median([r["latency_s"] for r in k2_runs])
+
+    # BAL quality: UNet deltas landing at step K (in-process, forced) and when they really arrive
+    # (over the services, bound at the last step), each against K = 0.
+    config.log("[bench] lora: BAL quality ...")
+    bal_steps = [k for k in BAL_STEPS if k < config.steps]
+    images = images_by_arrival_step(config.zoo, config.family, lora_id, config.size, config.steps, [0, *bal_steps])
+    scale = 0.777
+    k0 = ours.run_once(Scenario("lora", loras=((lora_id, scale),)), lora_bound_steps=0)
+    ours.reset_loras()
+    arrival = ours.run_once(Scenario("lora", loras=((lora_id, scale + 0.001),)), lora_bound_steps=config.steps)
+    finite = lambda x: min(x, 999.0)  # noqa: E731
+    figures = [
+        Figure("lora.store.prepare_mb_s", prepare_mb_s, "MB/s", group),
+        Figure("lora.store.stream_mb_s", stream_mb_s, "MB/s", group),
+        Figure("lora.store.delta_mb", stream_bytes / 1e6, "MB", group),
+        Figure("lora.critical_path_fraction", k0_s / base_s - 1, "x", group),
+        Figure("lora.critical_path_fraction.k2", k2_s / base_s - 1, "x", group),
+        Figure("lora.bal_applied_step.on_arrival", arrival["lora_applied_at_step"], "step", group),
+    ]
+    rows = []
+    for k in bal_steps:
+        p, q = psnr(images[0], images[k]), ssim(images[0], images[k])
+        figures += [Figure(f"lora.bal_psnr_db.k{k}", finite(p), "dB", group), Figure(f"lora.bal_ssim.k{k}", q, "x", group)]
+        rows.append(f"    K={k:<3} (deltas land before step {k})   PSNR {p:6.2f} dB   SSIM {q:.4f}")
+    p, q = psnr(k0["image_png"], arrival["image_png"]), ssim(k0["image_png"], arrival["image_png"])
+    figures += [Figure("lora.bal_psnr_db.on_arrival", finite(p), "dB", group), Figure("lora.bal_ssim.on_arrival", q, "x", group)]
+    rows.append(f"    on arrival (applied before step {arrival['lora_applied_at_step']})   PSNR {p:6.2f} dB   SSIM {q:.4f}  (scale 0.778 vs 0.777)")
+    table = [
+        f"  LoRA store: prepare {prepare_mb_s:.0f} MB/s ({prefetch.size_bytes / 1e6:.1f} MB in {prefetch.prepare_seconds:.2f} s), "
+        f"stream {stream_mb_s:.0f} MB/s over loopback gRPC",
+        f"  critical path (LoRA from the store's host tier, not on the worker; no ControlNet): "
+        f"base {base_s:.3f} s, K=0 {k0_s:.3f} s (+{k0_s / base_s - 1:.1%}), K=2 {k2_s:.3f} s (+{k2_s / base_s - 1:.1%})",
+        "  BAL quality against K=0 (same seed):",
+        *rows,
+    ]
+    return figures, table
 
 
 def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:

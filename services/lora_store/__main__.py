@@ -1,0 +1,56 @@
+"""`python -m services.lora_store --model-root .zoo --cache-dir .lora-cache --host-budget-mib 4096 --address 127.0.0.1:50071`
+
+Serves the LoRA files under `<model-root>/loras/` (all registered at start) for the base models
+under `<model-root>/models/`, with prepared deltas cached in memory (`--host-budget-mib`) and on
+disk (`--cache-dir`; omit it for no disk tier).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from services.lora_store.engine import LoraStore
+from services.lora_store.servicer import LoraStoreServicer
+from swiftd import rpc, tracing
+from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
+from swiftd.v1 import lora_store_pb2_grpc
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.lora_store", description=__doc__)
+    parser.add_argument("--model-root", type=Path, required=True, help="model repository with loras/ and models/")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="disk tier of prepared deltas (default: none)")
+    parser.add_argument("--host-budget-mib", type=float, default=4096.0,
+                        help="byte budget of the host-memory tier of prepared deltas, MiB (fractions allowed)")
+    parser.add_argument("--chunk-mib", type=float, default=rpc.LORA_CHUNK_BYTES / rpc.MiB,
+                        help="target tensor bytes per LoraDeltaChunk, MiB (fractions allowed, e.g. 0.25 = 256 KiB)")
+    parser.add_argument("--default-dtype", choices=sorted(DTYPES), default="float32",
+                        help="serving dtype for requests that leave dtype unspecified")
+    parser.add_argument("--push-timeout", type=float, default=300.0, help="deadline of one PushLoras stream, seconds")
+    parser.add_argument("--base-model", nargs="*", default=[], metavar="ID", help="base models to load before serving")
+    parser.add_argument("--prefetch", nargs="*", default=[], metavar="LORA_ID",
+                        help="LoRAs to prepare for every --base-model (default dtype) before serving")
+    add_server_arguments(parser)
+    args = parser.parse_args(argv)
+    server_config = server_config_from_args(args)
+    configure_process(server_config)
+    tracing.setup_tracing("lora_store")
+
+    chunk_bytes = max(1, int(args.chunk_mib * rpc.MiB))
+    store = LoraStore(args.model_root, args.cache_dir, int(args.host_budget_mib * rpc.MiB), DTYPES[args.default_dtype])
+    for model_id in args.base_model:
+        store.bases.pipeline(model_id)
+        for lora_id in args.prefetch:
+            store.prefetch(lora_id, model_id)
+    servicer = LoraStoreServicer(store, chunk_bytes=chunk_bytes, push_timeout=args.push_timeout)
+    serve(rpc.LORA_STORE_SERVICE, server_config,
+          lambda server: lora_store_pb2_grpc.add_LoraStoreServicer_to_server(servicer, server))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""LoraStore servicer: protobuf in and out; the work is in `engine.LoraStore`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from services.lora_store.catalog import LoraFileInfo
+from services.lora_store.engine import LoraStore, ServedLora
+from swiftd import codec, rpc
+from swiftd.errors import InvalidArgument, ServingError, Unavailable
+from swiftd.lora import deltas_to_chunks
+from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def lora_info(info: LoraFileInfo) -> common_pb2.LoraInfo:
+    return common_pb2.LoraInfo(
+        lora_id=info.lora_id, family=info.family, rank=info.rank, num_targets=info.num_targets,
+        size_bytes=info.size_bytes, format=info.format,
+    )  # fmt: skip
+
+
+def dtype_from_request(value: int):
+    try:
+        return codec.dtype_from_proto(value, allow_unspecified=True)
+    except ValueError as exc:
+        raise InvalidArgument("dtype", str(exc)) from None
+
+
+def chunks(served: list[ServedLora], request_id: str, chunk_bytes: int):
+    """LoraDeltaChunk messages of each LoRA in turn (never interleaved), `last` on each LoRA's final one."""
+    for lora in served:
+        yield from deltas_to_chunks(lora.lora_id, lora.scale, lora.deltas, request_id, chunk_bytes)
+
+
+def _stream_error(exc: grpc.RpcError, address: str) -> ServingError:
+    code, details = exc.code(), exc.details()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"unet_worker_address: worker {address} unreachable or did not answer ({code.name}: {details})")
+    error = ServingError(f"unet worker {address} refused the deltas: {details}")
+    error.code = code  # the worker's verdict (e.g. FAILED_PRECONDITION) passes through
+    return error
+
+
+class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
+    def __init__(self, store: LoraStore, chunk_bytes: int = rpc.LORA_CHUNK_BYTES, push_timeout: float = 300.0):
+        self.store = store
+        self.chunk_bytes = chunk_bytes
+        self.push_timeout = push_timeout
+        self._channels: dict[str, grpc.Channel] = {}
+        self._channels_lock = threading.Lock()
+
+    def RegisterLora(self, request, context):
+        info, already = self.store.register(request.lora_id)
+        return lora_store_pb2.RegisterLoraResponse(lora=lora_info(info), already_registered=already)
+
+    def ListLoras(self, request, context):
+        if request.family not in ("", "sd15", "sdxl"):
+            raise InvalidArgument("family", f"{request.family!r} is not a family (sd15, sdxl, or empty for all)")
+        return lora_store_pb2.LoraStoreListLorasResponse(loras=[lora_info(i) for i in self.store.list(request.family)])
+
+    def RemoveLora(self, request, context):
+        return lora_store_pb2.RemoveLoraResponse(removed=self.store.remove(request.lora_id))
+
+    def PrefetchLora(self, request, context):
+        dtype = dtype_from_request(request.dtype)
+        already, seconds, size = self.store.prefetch(request.lora_id, request.base_model_id, dtype)
+        return lora_store_pb2.PrefetchLoraResponse(already_hot=already, prepare_seconds=seconds, size_bytes=size)
+
+    def _served(self, request) -> list[ServedLora]:
+        dtype = dtype_from_request(request.dtype)
+        return self.store.lora_set([(r.lora_id, r.scale) for r in request.loras], request.base_model_id, dtype)
+
+    def StreamDeltas(self, request, context):
+        served = self._served(request)  # everything prepared and validated before the first chunk
+        yield from chunks(served, request.request_id, self.chunk_bytes)
+
+    def PushLoras(self, request, context):
+        t0 = time.perf_counter()
+        address = request.unet_worker_address
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidArgument("unet_worker_address", f"{address!r} is not host:port")
+        served = self._served(request)
+        stub = unet_pb2_grpc.UNetWorkerStub(self._channel(address))
+        try:
+            ack = stub.ReceiveLoraDeltas(chunks(served, request.request_id, self.chunk_bytes), timeout=self.push_timeout)
+        except grpc.RpcError as exc:
+            raise _stream_error(exc, address) from None
+        missing = [s.lora_id for s in served if s.lora_id not in set(ack.lora_ids)]
+        if missing:
+            raise Unavailable(f"unet worker {address} did not acknowledge lora(s) {missing}")
+        seconds = time.perf_counter() - t0
+        parameters = sum(len(s.deltas) for s in served)
+        nbytes = sum(s.nbytes for s in served)
+        log.info("pushed %d lora(s), %d parameters, %.1f MB to %s in %.3f s (request %s)", len(served), parameters,
+                 nbytes / 1e6, address, seconds, request.request_id)  # fmt: skip
+        return lora_store_pb2.PushLorasResponse(
+            parameters_sent=parameters, bytes_sent=nbytes, seconds=seconds,
+            cache_hits=[s.lora_id for s in served if s.tier == "host"],
+        )  # fmt: skip
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._channels_lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = rpc.create_channel(address)
+            return channel
