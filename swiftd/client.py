@@ -22,6 +22,7 @@ class GenerationOutput:
     image_png: bytes
     seed: int
     timings: list[tuple[str, float]]
+    lora_applied_at_step: int = -1
 
 
 def edge_image(size: int) -> bytes:
@@ -71,4 +72,6 @@ def demo_request(unet_address: str, controlnet_address: str, args) -> Generation
         except BaseException:
             future.cancel()  # Ctrl-C: the worker stops its loop within one step
             raise
-    return GenerationOutput(response.image_png, response.seed, [(t.stage, t.seconds) for t in response.timings])
+    return GenerationOutput(
+        response.image_png, response.seed, [(t.stage, t.seconds) for t in response.timings], response.lora_applied_at_step
+    )

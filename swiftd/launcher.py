@@ -145,10 +145,12 @@ def start_controlnet(model_root: Path, preload: list[str] = (), **kwargs) -> Ser
     return start_service("controlnet", "services.controlnet", args, **kwargs)
 
 
-def start_lora_store(model_root: Path, cache_dir: Path, base_models: list[str] = (), **kwargs) -> ServiceProcess:
+def start_lora_store(model_root: Path, cache_dir: Path, base_models: list[str] = (), prefetch: list[str] = (), **kwargs) -> ServiceProcess:
     args = ["--model-root", str(model_root), "--cache-dir", str(cache_dir)]
     if base_models:
         args += ["--base-model", *base_models]
+    if prefetch:
+        args += ["--prefetch", *prefetch]
     return start_service("lora_store", "services.lora_store", args, **kwargs)
 
 
@@ -172,10 +174,16 @@ def demo(args) -> int:
     # One device per service: on CPU, one pinned core and one thread each (two threads on a busy
     # core oversubscribe OpenMP and run many times slower).
     # Started side by side (most of a start is importing torch and diffusers), then awaited.
-    controlnet = start_controlnet(args.zoo, preload=[args.controlnet_id], cpu_cores=[1 % os.cpu_count()], num_threads=1, wait=False)
-    unet = start_unet(args.zoo, args.model_id, cpu_cores=[0], num_threads=1, wait=False)
+    side_core = [1 % os.cpu_count()]
+    # The store prepares the LoRA before serving (as a deployment prefetches its popular LoRAs).
+    store = start_lora_store(args.zoo, args.zoo / ".lora-cache", base_models=[args.model_id], prefetch=[args.lora_id],
+                             cpu_cores=side_core, num_threads=1, wait=False)  # fmt: skip
+    controlnet = start_controlnet(args.zoo, preload=[args.controlnet_id], cpu_cores=side_core, num_threads=1, wait=False)
+    store.wait_ready()
+    unet = start_unet(args.zoo, args.model_id, lora_store=store.address, cpu_cores=[0], num_threads=1, wait=False)
     controlnet.wait_ready()
     unet.wait_ready()
+    print(f"  lora_store  {store.address}")
     print(f"  controlnet  {controlnet.address}")
     print(f"  unet        {unet.address}   (all up in {time.perf_counter() - t0:.1f} s)")
     try:
@@ -184,7 +192,7 @@ def demo(args) -> int:
         _stop_all()
     path = args.out / "demo.png"
     path.write_bytes(result.image_png)
-    print(f"\nwrote {path} (seed {result.seed})\n")
+    print(f"\nwrote {path} (seed {result.seed}; LoRA {args.lora_id} via the LoRA store, in place before step {result.lora_applied_at_step})\n")
     print(client_lib.format_timings(result.timings))
     return 0
 
@@ -197,7 +205,7 @@ def main(argv=None) -> int:
     d.add_argument("--out", type=Path, default=Path("out"))
     d.add_argument("--model-id", default="tiny-sd15")
     d.add_argument("--controlnet-id", default="tiny-sd15-cn-edges")
-    d.add_argument("--lora-id", default="tiny-sd15-lora-peft-r4")
+    d.add_argument("--lora-id", default="tiny-sd15-lora-kohya-r16-te", help="kohya format, text encoder + UNet")
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--size", type=int, default=256)
     args = parser.parse_args(argv)
