@@ -170,37 +170,6 @@ class LoraPatcher:
         self.applied = ()
 
 
-class DeltaCache:
-    """Prepared deltas by LoRA id, least recently used evicted beyond a byte budget."""
-
-    def __init__(self, budget_bytes: int):
-        from collections import OrderedDict
-
-        self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[str, tuple[LoraDeltas, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(size for _, size in self._entries.values())
-
-    def get(self, lora_id: str) -> LoraDeltas | None:
-        with self._lock:
-            entry = self._entries.get(lora_id)
-            if entry is None:
-                return None
-            self._entries.move_to_end(lora_id)
-            return entry[0]
-
-    def put(self, lora_id: str, deltas: LoraDeltas) -> None:
-        size = sum(d.nbytes for d in deltas.values())
-        with self._lock:
-            self._entries[lora_id] = (deltas, size)
-            self._entries.move_to_end(lora_id)
-            while len(self._entries) > 1 and self.nbytes > self.budget_bytes:
-                self._entries.popitem(last=False)
-
-
 # -- preparation and the wire ----------------------------------------------------------------------
 
 
@@ -209,15 +178,16 @@ def prepare_deltas(deltas: LoraDeltas, scale: float, dtype: torch.dtype) -> Lora
     serving dtype, and the full matrix wherever the factors would be larger."""
     ready: LoraDeltas = {}
     for name, delta in deltas.items():
-        up = delta.up.float() * scale
         if delta.down is not None:
             rank = delta.down.shape[0]
             if rank * (delta.out_features + delta.in_features) >= delta.out_features * delta.in_features:
-                ready[name] = WeightDelta((up @ delta.down.float()).to(dtype))
+                # Scaled after the product, so that scaling a prepared (full) delta again gives
+                # the same bits as preparing with that scale directly.
+                ready[name] = WeightDelta(((delta.up.float() @ delta.down.float()) * scale).to(dtype))
                 continue
-            ready[name] = WeightDelta(up.to(dtype), delta.down.to(dtype))
+            ready[name] = WeightDelta((delta.up.float() * scale).to(dtype), delta.down.to(dtype))
         else:
-            ready[name] = WeightDelta(up.to(dtype))
+            ready[name] = WeightDelta((delta.up.float() * scale).to(dtype))
     return ready
 
 

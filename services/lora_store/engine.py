@@ -29,7 +29,7 @@ from diffusers import DiffusionPipeline
 
 from services.lora_store.catalog import LoraCatalog, LoraFileInfo, component_of
 from services.lora_store.tiers import CacheKey, DiskTier, HostTier, PreparedLora
-from swiftd.errors import FailedPrecondition, InvalidArgument
+from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
 from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
 from swiftd.loading import check_id, load_pipeline, pipeline_family, resolve
 
@@ -188,6 +188,7 @@ class LoraStore:
         self._hashes = SourceHashes()
         self._lock = threading.Lock()  # counters, per-entry locks, tier writes vs removal
         self._computing: dict[CacheKey, threading.Lock] = {}
+        self._failures: dict[CacheKey, tuple[str, str]] = {}  # key -> (source sha256, error), under its lock
         self._counts = {"precomputes": 0, "disk_hits": 0, "host_hits": 0}
         self.catalog.scan()
 
@@ -200,6 +201,8 @@ class LoraStore:
         with self._lock:
             removed = self.catalog.remove(lora_id)
             host = self.host.drop(lambda key: key[0] == lora_id)
+            for key in [k for k in self._failures if k[0] == lora_id]:
+                self._failures.pop(key, None)
             disk = self.disk.drop_lora(lora_id)
         if removed or host or disk:
             log.info("removed lora %s (%d host, %d disk entries dropped)", lora_id, host, disk)
@@ -234,7 +237,10 @@ class LoraStore:
                 f"lora {lora_id!r} is a {info.family} LoRA; base model {base_model_id!r} is {family}"
             )
         key: CacheKey = (lora_id, base_model_id, DTYPE_NAMES[dtype])
-        sha = self._hashes(info.path)
+        try:
+            sha = self._hashes(info.path)
+        except FileNotFoundError:
+            raise NotFound(field, f"{lora_id} (its file is gone)") from None
         prepared = self.host.get(key)
         if prepared is not None and prepared.source_sha256 == sha:
             return self._report(key, prepared, "host", t0)
@@ -244,10 +250,17 @@ class LoraStore:
             prepared = self.host.get(key)
             if prepared is not None and prepared.source_sha256 == sha:
                 return self._report(key, prepared, "host", t0)
+            failed = self._failures.get(key)
+            if failed is not None and failed[0] == sha:  # a file that did not fit stays refused, cheaply
+                raise FailedPrecondition(failed[1])
             prepared = self.disk.load(key, sha, signature)
             tier = "disk"
             if prepared is None:
-                prepared = PreparedLora(self._precompute(info, base_model_id, dtype), sha)
+                try:
+                    prepared = PreparedLora(self._precompute(info, base_model_id, dtype), sha)
+                except FailedPrecondition as exc:
+                    self._failures[key] = (sha, exc.message)
+                    raise
                 tier = "precompute"
             if tier == "precompute":
                 self.disk.store(key, prepared, signature)

@@ -1,0 +1,502 @@
+"""LoRA store: a real service process on loopback over a copy of the tiny zoo's LoRAs.
+
+Deltas streamed over gRPC decode to exactly what `prepare_deltas(extract_deltas(...))` gives in
+this process, in the same order; errors map to their statuses and leave the service healthy; the
+host tier stays within its byte budget; a restart serves from the disk tier without recomputing.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file, save_file
+
+from services.lora_store.engine import LoraStore
+from swiftd import rpc
+from swiftd.errors import InvalidArgument
+from swiftd.launcher import start_service
+from swiftd.lora import delta_from_proto, extract_deltas, prepare_deltas
+from swiftd.loading import load_pipeline
+from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
+
+BASE = "tiny-sd15"
+SD15_LORAS = ["tiny-sd15-lora-peft-r4", "tiny-sd15-lora-peft-r64", "tiny-sd15-lora-kohya-r16-te", "tiny-sd15-lora-kohya-r8-conv"]
+SCALES = {"tiny-sd15-lora-peft-r4": 1.0, "tiny-sd15-lora-peft-r64": 0.5, "tiny-sd15-lora-kohya-r16-te": 0.7,
+          "tiny-sd15-lora-kohya-r8-conv": 0.0}  # fmt: skip  # 0 = unset = 1.0
+BOGUS = "tiny-sd15-lora-bogus-key"
+CHUNK_BYTES = 32 << 10
+F32 = common_pb2.DTYPE_FLOAT32
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+
+
+def make_root(zoo_root, path):
+    """A model root: the zoo's base models (linked) and copies of its tiny LoRAs, plus one LoRA
+    with a target that exists in no model."""
+    (path / "loras").mkdir(parents=True)
+    (path / "models").symlink_to((zoo_root / "models").resolve())
+    for lora in sorted((zoo_root / "loras").glob("tiny-*.safetensors")):
+        shutil.copy(lora, path / "loras" / lora.name)
+    state = load_file(zoo_root / "loras" / "tiny-sd15-lora-kohya-r8-conv.safetensors")
+    state["lora_unet_nonexistent_layer.lora_down.weight"] = torch.randn(8, 32)
+    state["lora_unet_nonexistent_layer.lora_up.weight"] = torch.randn(32, 8)
+    state["lora_unet_nonexistent_layer.alpha"] = torch.tensor(4.0)
+    save_file(state, path / "loras" / f"{BOGUS}.safetensors")
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(zoo_root, tmp_path_factory):
+    return make_root(zoo_root, tmp_path_factory.mktemp("lora_root"))
+
+
+@pytest.fixture(scope="module")
+def store(root, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("lora_cache")
+    service = start_service("lora_store", "services.lora_store", [
+        "--model-root", str(root), "--cache-dir", str(cache), "--host-budget-mib", "64",
+        "--chunk-mib", str(CHUNK_BYTES / rpc.MiB),
+    ], num_threads=1)  # fmt: skip
+    channel = rpc.create_channel(service.address)
+    yield service, lora_store_pb2_grpc.LoraStoreStub(channel), cache
+    channel.close()
+    service.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """Deltas prepared in this process: (extracted at scale 1, pipeline) per tiny-sd15 LoRA."""
+    pipe = load_pipeline(root / "models" / BASE)
+    return pipe, {lora_id: extract_deltas(pipe, root / "loras" / f"{lora_id}.safetensors") for lora_id in SD15_LORAS}
+
+
+def f32(x: float) -> float:
+    """A scale as it travels (LoraRef.scale is a float32)."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+def expected_deltas(extracted, scale, dtype=torch.float32):
+    """What the store serves: its scale-1 entry, with the request's scale folded in when != 1."""
+    entry = prepare_deltas(extracted, 1.0, dtype)
+    return entry if scale == 1.0 else prepare_deltas(entry, scale, dtype)
+
+
+def stream(stub, loras, base=BASE, dtype=F32, request_id="t"):
+    request = lora_store_pb2.StreamDeltasRequest(
+        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras], base_model_id=base, dtype=dtype,
+        request_id=request_id,
+    )  # fmt: skip
+    return list(stub.StreamDeltas(request, timeout=60))
+
+
+def decode(chunks, chunk_bytes=CHUNK_BYTES):
+    """[(lora_id, scale, {name: delta})] in stream order, checking the chunking contract."""
+    out = []
+    for chunk in chunks:
+        if not out or out[-1][3]:
+            out.append([chunk.lora_id, chunk.scale, {}, False])
+        entry = out[-1]
+        assert chunk.lora_id == entry[0] and chunk.scale == entry[1], "LoRAs interleaved"
+        size = 0
+        for proto in chunk.deltas:
+            name, delta = delta_from_proto(proto)
+            assert name not in entry[2]
+            entry[2][name] = delta
+            size += delta.nbytes
+        assert size <= chunk_bytes or len(chunk.deltas) == 1, f"chunk of {size} bytes"
+        entry[3] = chunk.last
+    assert all(done for *_, done in out), "a LoRA without its last chunk"
+    return [(lora_id, scale, deltas) for lora_id, scale, deltas, _ in out]
+
+
+def assert_same(got, want):
+    assert list(got) == list(want), "order or names differ"
+    for name, delta in want.items():
+        assert (got[name].down is None) == (delta.down is None), name
+        assert torch.equal(got[name].up, delta.up) and got[name].up.dtype == delta.up.dtype, name
+        if delta.down is not None:
+            assert torch.equal(got[name].down, delta.down), name
+
+
+def assert_healthy(service, stub):
+    channel = rpc.create_channel(service.address)
+    try:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    finally:
+        channel.close()
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10).loras
+    assert service.process.poll() is None
+    assert not [line for line in service.log_lines if "incident" in line], "an RPC failed with INTERNAL"
+
+
+def rpc_error(call, request):
+    """The RpcError of a unary call or of a server stream (raised while reading it)."""
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(request, timeout=60)
+        if hasattr(result, "__next__"):
+            list(result)
+    return info.value
+
+
+_CACHE_LINE = re.compile(r"cache (host|disk|precompute) lora=(\S+) base=(\S+) dtype=(\S+) bytes=(\d+) .*"
+                         r"host_bytes=(\d+) host_budget=(\d+) host_entries=(\d+) precomputes=(\d+) "
+                         r"disk_hits=(\d+) host_hits=(\d+)")  # fmt: skip
+
+
+def cache_events(service, count, timeout=10.0):
+    """The service's first `count` cache log lines, as dicts (waits for the log pump)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = []
+        for line in list(service.log_lines):
+            m = _CACHE_LINE.search(line)
+            if m:
+                keys = ["tier", "lora", "base", "dtype", "bytes", "host_bytes", "host_budget", "host_entries",
+                        "precomputes", "disk_hits", "host_hits"]  # fmt: skip
+                events.append({k: (int(v) if v.isdigit() else v) for k, v in zip(keys, m.groups())})
+        if len(events) >= count or time.monotonic() > deadline:
+            assert len(events) >= count, f"expected {count} cache lines:\n{service.log_tail()}"
+            return events[:count]
+        time.sleep(0.05)
+
+
+# -- catalog ---------------------------------------------------------------------------------------
+
+
+def test_catalog_lists_every_file_with_metadata(store, root, reference):
+    _, stub, _ = store
+    _, extracted = reference
+    loras = {i.lora_id: i for i in stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10).loras}
+    files = sorted(p.stem for p in (root / "loras").glob("*.safetensors"))
+    assert sorted(loras) == files
+    for lora_id in SD15_LORAS:
+        info = loras[lora_id]
+        assert info.family == "sd15"
+        assert info.format == ("peft" if "peft" in lora_id else "kohya")
+        assert info.rank == int(re.search(r"-r(\d+)", lora_id).group(1))
+        assert info.num_targets == len(extracted[lora_id])
+        assert info.size_bytes == (root / "loras" / f"{lora_id}.safetensors").stat().st_size
+    for lora_id in loras:
+        if lora_id.startswith("tiny-sdxl"):
+            assert loras[lora_id].family == "sdxl", lora_id
+    sdxl = stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(family="sdxl"), timeout=10).loras
+    assert sorted(i.lora_id for i in sdxl) == sorted(i for i in files if i.startswith("tiny-sdxl"))
+
+
+def test_register_stream_and_remove_a_file_added_while_running(store, root, reference):
+    service, stub, cache = store
+    _, extracted = reference
+    late = root / "loras" / "late-lora.safetensors"
+    shutil.copy(root / "loras" / "tiny-sd15-lora-peft-r4.safetensors", late)
+    listed = lambda: [i.lora_id for i in stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10).loras]  # noqa: E731
+    assert "late-lora" not in listed()
+    assert rpc_error(stub.StreamDeltas, lora_store_pb2.StreamDeltasRequest(
+        loras=[common_pb2.LoraRef(lora_id="late-lora")], base_model_id=BASE)).code() == grpc.StatusCode.NOT_FOUND  # fmt: skip
+
+    first = stub.RegisterLora(lora_store_pb2.RegisterLoraRequest(lora_id="late-lora"), timeout=10)
+    assert not first.already_registered and first.lora.format == "peft" and first.lora.family == "sd15"
+    again = stub.RegisterLora(lora_store_pb2.RegisterLoraRequest(lora_id="late-lora"), timeout=10)
+    assert again.already_registered and again.lora == first.lora
+    assert "late-lora" in listed()
+
+    [(lora_id, scale, deltas)] = decode(stream(stub, [("late-lora", 1.0)]))
+    assert (lora_id, scale) == ("late-lora", 1.0)
+    assert_same(deltas, expected_deltas(extracted["tiny-sd15-lora-peft-r4"], 1.0))
+    assert list(cache.glob("*/*/late-lora.safetensors")), "no disk-tier entry written"
+
+    assert stub.RemoveLora(lora_store_pb2.RemoveLoraRequest(lora_id="late-lora"), timeout=10).removed
+    assert not stub.RemoveLora(lora_store_pb2.RemoveLoraRequest(lora_id="late-lora"), timeout=10).removed
+    assert "late-lora" not in listed()
+    assert late.is_file(), "the source file must stay"
+    assert not list(cache.glob("*/*/late-lora.safetensors")), "disk-tier entry left behind"
+    error = rpc_error(stub.StreamDeltas, lora_store_pb2.StreamDeltasRequest(
+        loras=[common_pb2.LoraRef(lora_id="late-lora")], base_model_id=BASE))  # fmt: skip
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "late-lora" in error.details()
+
+
+# -- streaming -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lora_id", SD15_LORAS)
+def test_stream_matches_local_preparation(store, reference, lora_id):
+    _, stub, _ = store
+    _, extracted = reference
+    scale = SCALES[lora_id]
+    chunks = stream(stub, [(lora_id, scale)], request_id=f"req-{lora_id}")
+    assert all(c.request_id == f"req-{lora_id}" for c in chunks)
+    assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    if sum(d.nbytes for d in extracted[lora_id].values()) > 2 * CHUNK_BYTES:
+        assert len(chunks) > 1
+    [(got_id, got_scale, deltas)] = decode(chunks)
+    effective = f32(scale or 1.0)
+    assert (got_id, got_scale) == (lora_id, effective)
+    assert_same(deltas, expected_deltas(extracted[lora_id], effective))
+    # Folding the scale into the cached entry vs into the raw factors: the same up to rounding
+    # (bit-equal where the delta is factored, or the scale is 1).
+    direct = prepare_deltas(extracted[lora_id], effective, torch.float32)
+    for name, delta in direct.items():
+        if delta.down is not None or effective == 1.0:
+            assert torch.equal(deltas[name].up, delta.up), name
+        torch.testing.assert_close(deltas[name].up, delta.up, rtol=1e-6, atol=1e-7)
+
+
+def test_stream_of_a_lora_set_keeps_order_and_dtype(store, reference):
+    _, stub, _ = store
+    _, extracted = reference
+    loras = [("tiny-sd15-lora-kohya-r16-te", 0.8), ("tiny-sd15-lora-peft-r64", 1.0), ("tiny-sd15-lora-kohya-r8-conv", -0.5)]
+    got = decode(stream(stub, loras, dtype=common_pb2.DTYPE_FLOAT16))
+    assert [(i, s) for i, s, _ in got] == [(i, pytest.approx(s)) for i, s in loras]
+    for (lora_id, scale), (_, _, deltas) in zip(loras, got):
+        assert_same(deltas, expected_deltas(extracted[lora_id], f32(scale), torch.float16))
+    names = list(got[0][2])
+    assert names[0].startswith("text_encoder.") and names[-1].startswith("unet."), "text encoder first"
+
+
+def test_stream_sdxl_with_both_text_encoders(store, root):
+    _, stub, _ = store
+    pipe = load_pipeline(root / "models" / "tiny-sdxl")
+    loras = [("tiny-sdxl-lora-kohya-r16-te", 0.5), ("tiny-sdxl-lora-peft-r4", 1.0)]
+    got = decode(stream(stub, loras, base="tiny-sdxl"))
+    for (lora_id, scale), (got_id, _, deltas) in zip(loras, got):
+        assert got_id == lora_id
+        assert_same(deltas, expected_deltas(extract_deltas(pipe, root / "loras" / f"{lora_id}.safetensors"), scale))
+    assert any(n.startswith("text_encoder_2.") for n in got[0][2])
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_bad_requests_change_nothing(store, root):
+    service, stub, _ = store
+    before = stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10)
+    for bad in ["../loras/tiny-sd15-lora-peft-r4", "loras/x", "..", "/etc/passwd", ""]:
+        error = rpc_error(stub.RegisterLora, lora_store_pb2.RegisterLoraRequest(lora_id=bad))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, error.details())
+        assert "lora_id" in error.details()
+        error = rpc_error(stub.StreamDeltas, lora_store_pb2.StreamDeltasRequest(
+            loras=[common_pb2.LoraRef(lora_id=bad)], base_model_id=BASE))  # fmt: skip
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, error.details())
+    assert rpc_error(stub.RemoveLora, lora_store_pb2.RemoveLoraRequest(lora_id="a/../b")).code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    error = rpc_error(stub.RegisterLora, lora_store_pb2.RegisterLoraRequest(lora_id="no-such-lora"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "no-such-lora" in error.details()
+    junk = root / "loras" / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    try:
+        error = rpc_error(stub.RegisterLora, lora_store_pb2.RegisterLoraRequest(lora_id="junk"))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "junk" in error.details()
+    finally:
+        junk.unlink()
+    request = lambda **kw: lora_store_pb2.StreamDeltasRequest(**{  # noqa: E731
+        "loras": [common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")], "base_model_id": BASE, **kw})
+    cases = {
+        "unknown lora": (request(loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4"),
+                                        common_pb2.LoraRef(lora_id="no-such-lora")]),
+                         grpc.StatusCode.NOT_FOUND, "no-such-lora"),
+        "unknown base": (request(base_model_id="no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        "no base": (request(base_model_id=""), grpc.StatusCode.INVALID_ARGUMENT, "base_model_id"),
+        "no loras": (request(loras=[]), grpc.StatusCode.INVALID_ARGUMENT, "loras"),
+        "int dtype": (request(dtype=common_pb2.DTYPE_INT64), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+        "unknown dtype": (request(dtype=42), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+        "nan scale": (request(loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4", scale=float("nan"))]),
+                      grpc.StatusCode.INVALID_ARGUMENT, "scale"),
+        "sdxl lora on sd15": (request(loras=[common_pb2.LoraRef(lora_id="tiny-sdxl-lora-peft-r4")]),
+                              grpc.StatusCode.FAILED_PRECONDITION, "tiny-sdxl-lora-peft-r4"),
+        "unknown target key": (request(loras=[common_pb2.LoraRef(lora_id=BOGUS)]),
+                               grpc.StatusCode.FAILED_PRECONDITION, "lora_unet_nonexistent_layer"),
+    }  # fmt: skip
+    for name, (req, code, needle) in cases.items():
+        error = rpc_error(stub.StreamDeltas, req)
+        assert error.code() == code, (name, error.code(), error.details())
+        assert needle in error.details(), (name, error.details())
+    error = rpc_error(stub.PrefetchLora, lora_store_pb2.PrefetchLoraRequest(lora_id=BOGUS, base_model_id=BASE))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "nonexistent" in error.details()
+    error = rpc_error(stub.ListLoras, lora_store_pb2.LoraStoreListLorasRequest(family="sd3"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "family" in error.details()
+
+    assert stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10) == before
+    assert_healthy(service, stub)
+    assert decode(stream(stub, [("tiny-sd15-lora-peft-r4", 1.0)]))
+
+
+# -- push to a UNet worker -------------------------------------------------------------------------
+
+
+class Receiver(unet_pb2_grpc.UNetWorkerServicer):
+    """A stand-in UNet worker that keeps what ReceiveLoraDeltas brings."""
+
+    def __init__(self):
+        self.streams = []
+
+    def ReceiveLoraDeltas(self, request_iterator, context):
+        chunks = list(request_iterator)
+        self.streams.append(chunks)
+        return unet_pb2.ReceiveLoraDeltasResponse(
+            lora_ids=[c.lora_id for c in chunks if c.last], parameters_received=sum(len(c.deltas) for c in chunks),
+            bytes_received=sum(len(t.data) for c in chunks for d in c.deltas
+                               for t in ([d.full] if d.HasField("full") else [d.factored.up, d.factored.down])),
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    servicer = Receiver()
+    server = rpc.create_server(4)
+    unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield servicer, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_push_to_a_worker(store, reference, receiver):
+    _, stub, _ = store
+    _, extracted = reference
+    servicer, address = receiver
+    loras = [("tiny-sd15-lora-kohya-r8-conv", 1.0), ("tiny-sd15-lora-peft-r4", 0.25)]
+    stub.PrefetchLora(lora_store_pb2.PrefetchLoraRequest(lora_id=loras[0][0], base_model_id=BASE), timeout=60)
+    response = stub.PushLoras(lora_store_pb2.PushLorasRequest(
+        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras], base_model_id=BASE, dtype=F32,
+        unet_worker_address=address, request_id="push-1"), timeout=60)  # fmt: skip
+    got = decode(servicer.streams[-1])
+    assert [(i, s) for i, s, _ in got] == loras
+    for (lora_id, scale), (_, _, deltas) in zip(loras, got):
+        assert_same(deltas, expected_deltas(extracted[lora_id], scale))
+    assert all(c.request_id == "push-1" for c in servicer.streams[-1])
+    assert response.parameters_sent == sum(len(d) for *_, d in got)
+    assert response.bytes_sent == sum(x.nbytes for *_, d in got for x in d.values())
+    assert loras[0][0] in response.cache_hits and response.seconds > 0
+
+
+def test_push_to_an_unreachable_worker(store):
+    service, stub, _ = store
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
+    error = rpc_error(stub.PushLoras, lora_store_pb2.PushLorasRequest(
+        loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")], base_model_id=BASE,
+        unet_worker_address=address))  # fmt: skip
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and address in error.details()
+    error = rpc_error(stub.PushLoras, lora_store_pb2.PushLorasRequest(
+        loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")], base_model_id=BASE, unet_worker_address="nowhere"))  # fmt: skip
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "unet_worker_address" in error.details()
+    assert_healthy(service, stub)
+
+
+# -- tiers -----------------------------------------------------------------------------------------
+
+
+def test_host_budget_and_restart_from_disk(root, reference, tmp_path):
+    """Budget fits the rank-64 LoRA (2.06 MB prepared) but not it and another; then a restart."""
+    budget_mib = 2.5
+    args = ["--model-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--host-budget-mib", str(budget_mib)]
+    prefetch = lambda stub, lora_id: stub.PrefetchLora(  # noqa: E731
+        lora_store_pb2.PrefetchLoraRequest(lora_id=lora_id, base_model_id=BASE), timeout=60)
+    big, small = "tiny-sd15-lora-peft-r64", "tiny-sd15-lora-kohya-r16-te"
+
+    service = start_service("lora_store", "services.lora_store", args, num_threads=1)
+    try:
+        stub = lora_store_pb2_grpc.LoraStoreStub(rpc.create_channel(service.address))
+        first = prefetch(stub, big)
+        assert not first.already_hot and first.size_bytes < budget_mib * rpc.MiB < 2 * first.size_bytes
+        assert prefetch(stub, big).already_hot
+        assert not prefetch(stub, small).already_hot  # evicts the rank-64 one
+        assert not prefetch(stub, big).already_hot  # back from disk, evicting the small one
+        events = cache_events(service, 4)
+    finally:
+        service.stop()
+    assert [e["tier"] for e in events] == ["precompute", "host", "precompute", "disk"]
+    for e in events:
+        assert e["host_bytes"] <= e["host_budget"] == int(budget_mib * rpc.MiB)
+        assert e["host_entries"] == 1
+
+    service = start_service("lora_store", "services.lora_store", args, num_threads=1)
+    try:
+        stub = lora_store_pb2_grpc.LoraStoreStub(rpc.create_channel(service.address))
+        assert not prefetch(stub, small).already_hot
+        [(_, _, deltas)] = decode(stream(stub, [(big, 1.0)]), rpc.LORA_CHUNK_BYTES)
+        assert_same(deltas, expected_deltas(reference[1][big], 1.0))
+        events = cache_events(service, 2)
+    finally:
+        service.stop()
+    assert [e["tier"] for e in events] == ["disk", "disk"]
+    assert events[-1]["precomputes"] == 0 and events[-1]["disk_hits"] == 2
+
+
+def test_engine_tiers_in_process(root, tmp_path):
+    """Random prefetches never exceed the budget; one computation per entry under concurrency; an
+    oversized LoRA is served from disk without being kept; a changed source is recomputed."""
+    budget = 2_500_000
+    store = LoraStore(root, tmp_path / "cache", budget)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: store.entry("tiny-sd15-lora-peft-r64", BASE)[1], range(4)))
+    assert results.count("precompute") == 1 and store.stats()["precomputes"] == 1
+    rng = random.Random(0)
+    keys = {("tiny-sd15-lora-peft-r64", torch.float32)}
+    for _ in range(16):
+        key = (rng.choice(SD15_LORAS), rng.choice([torch.float32, torch.float16]))
+        keys.add(key)
+        store.entry(key[0], BASE, key[1])
+        assert store.host.nbytes <= budget
+    stats = store.stats()
+    assert stats["precomputes"] == len(keys), "each entry is computed once, then read from disk"
+    assert stats["host_evictions"] > 0 and stats["disk_hits"] > 0
+
+    small = LoraStore(root, tmp_path / "cache", 100_000)
+    prepared, tier, _ = small.entry("tiny-sd15-lora-peft-r64", BASE)
+    assert tier == "disk" and len(small.host) == 0
+    assert small.entry("tiny-sd15-lora-peft-r64", BASE)[1] == "disk"
+
+    # Replace a LoRA's file under the same id: the disk entry is stale and recomputed.
+    shutil.copy(root / "loras" / "tiny-sd15-lora-peft-r4.safetensors", root / "loras" / "swap.safetensors")
+    store.register("swap")
+    before = store.entry("swap", BASE)[0].deltas
+    time.sleep(0.01)
+    shutil.copy(root / "loras" / "tiny-sd15-lora-kohya-r8-conv.safetensors", root / "loras" / "swap.safetensors")
+    after, tier, _ = store.entry("swap", BASE)
+    assert tier == "precompute" and list(after.deltas) != list(before)
+    assert store.catalog.get("swap").format == "kohya"
+    store.remove("swap")
+    (root / "loras" / "swap.safetensors").unlink()
+
+    # A link that leaves the root is refused like a path.
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(root / "loras" / "tiny-sd15-lora-peft-r4.safetensors", outside)
+    (root / "loras" / "escape.safetensors").symlink_to(outside)
+    try:
+        with pytest.raises(InvalidArgument, match="outside"):
+            store.register("escape")
+    finally:
+        (root / "loras" / "escape.safetensors").unlink()
+
+
+def test_concurrent_streams(store):
+    """Several clients at once get complete, identical streams."""
+    _, stub, _ = store
+    loras = [("tiny-sd15-lora-peft-r64", 1.0), ("tiny-sd15-lora-kohya-r16-te", 1.0)]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = decode(stream(stub, loras))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for other in results[1:]:
+        for (i, s, d), (j, t, e) in zip(results[0], other):
+            assert (i, s) == (j, t)
+            assert_same(e, d)
