@@ -4,6 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ZOO    := .zoo
 ONLY   ?=
+REPEATS ?= 1
 
 .PHONY: install test run bench zoo protos clean
 
@@ -30,7 +31,7 @@ run: zoo
 
 bench: $(STAMP)
 	$(PY) -m swiftd.zoo build --out $(ZOO) --only bench-sd15
-	$(PY) -m bench.run --zoo $(ZOO) $(if $(ONLY),--only $(ONLY),)
+	$(PY) -m bench.run --zoo $(ZOO) --repeats $(REPEATS) $(if $(ONLY),--only $(ONLY),)
 
 clean:
 	rm -rf $(VENV) $(ZOO) out
