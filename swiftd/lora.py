@@ -203,6 +203,7 @@ def deltas_to_chunks(
         return lora_store_pb2.LoraDeltaChunk(request_id=request_id, lora_id=lora_id, scale=scale, deltas=batch, last=last)
 
     batch, size = [], 0
+    first_unet_sent = False
     items = list(deltas.items())
     for i, (name, delta) in enumerate(items):
         entry = lora_store_pb2.ParameterDelta(parameter_name=name)
@@ -216,6 +217,13 @@ def deltas_to_chunks(
             batch, size = [], 0
         batch.append(entry)
         size += delta.nbytes
+        if not first_unet_sent and name.startswith("unet.") and i < len(items) - 1:
+            # The text-encoder part and the first UNet delta travel alone and early: the first
+            # UNet delta tells the worker the text-encoder part is complete (text encoding may
+            # start) without waiting for a full-size chunk.
+            first_unet_sent = True
+            yield message(batch, last=False)
+            batch, size = [], 0
     yield message(batch, last=True)
 
 
