@@ -70,3 +70,23 @@ def assert_close(ours, reference, tolerance=TOLERANCE):
     assert diff <= tolerance, f"max abs difference {diff:.3g} > {tolerance}"
 
 
+
+
+def diffusers_fused_latents(pipe, lora_paths: dict, loras, **kwargs):
+    """The usual way: load_lora_weights + fuse_lora per request (Euler), then unfuse + unload."""
+    from diffusers import EulerDiscreteScheduler
+
+    reference = pipe.__class__(**pipe.components)  # same modules, own scheduler
+    reference.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    names = []
+    for i, (lora_id, _) in enumerate(loras):
+        reference.load_lora_weights(str(lora_paths[lora_id]), adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    reference.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+    reference.fuse_lora(adapter_names=names)
+    try:
+        return reference(**kwargs).images
+    finally:
+        reference.unfuse_lora()
+        reference.unload_lora_weights()

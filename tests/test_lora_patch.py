@@ -14,6 +14,7 @@ from swiftd import zoo
 from swiftd.errors import FailedPrecondition
 from swiftd.lora import LoraPatcher, extract_deltas
 from swiftd.loading import load_pipeline
+from tests.reference import diffusers_fused_latents
 
 TOLERANCE = 1e-4
 
@@ -38,24 +39,6 @@ def family(request, zoo_root):
     return paths, pipe, engine, deltas
 
 
-def diffusers_fused_latents(engine, paths, loras, **kwargs):
-    """The usual way: load_lora_weights + fuse_lora per request, then unfuse + unload."""
-    pipe = engine.pipe.__class__(**engine.pipe.components)  # same modules, own scheduler
-    pipe.scheduler = engine._make_scheduler("euler")
-    pipe.set_progress_bar_config(disable=True)
-    names = []
-    for i, (lora_id, scale) in enumerate(loras):
-        pipe.load_lora_weights(str(paths.loras[lora_id]), adapter_name=f"a{i}")
-        names.append(f"a{i}")
-    pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
-    pipe.fuse_lora(adapter_names=names)
-    try:
-        return pipe(**kwargs).images
-    finally:
-        pipe.unfuse_lora()
-        pipe.unload_lora_weights()
-
-
 CASES = {
     "peft": [("lora-peft-r4", 1.0)],
     "kohya-te-scaled": [("lora-kohya-r16-te", 0.7)],
@@ -74,7 +57,7 @@ def test_synchronous_patch_matches_diffusers_fuse(family, case):
     engine.lora_patcher.restore()
     assert weights_digest(pipe) == pristine
     reference = diffusers_fused_latents(
-        engine, paths, loras, prompt="a photo of a cat", height=64, width=64, num_inference_steps=4,
+        pipe, paths.loras, loras, prompt="a photo of a cat", height=64, width=64, num_inference_steps=4,
         guidance_scale=7.5, generator=torch.Generator().manual_seed(2), output_type="latent",
     )  # fmt: skip
     diff = (ours - reference).abs().max().item()

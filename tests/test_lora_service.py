@@ -12,6 +12,7 @@ from swiftd import codec, rpc, zoo
 from swiftd.launcher import start_lora_store, start_unet
 from swiftd.loading import load_pipeline
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
+from tests.reference import diffusers_fused_latents
 
 FAMILIES = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
 TOLERANCE = 1e-4
@@ -53,24 +54,10 @@ def denoise(channel, model_id, loras=(), k=0, **extra) -> unet_pb2.DenoiseRespon
 
 
 def diffusers_fused(pipe, zoo_root, family, loras):
-    from diffusers import EulerDiscreteScheduler
-
-    reference = pipe.__class__(**pipe.components)
-    reference.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    reference.set_progress_bar_config(disable=True)
-    paths = zoo.zoo_paths(zoo_root, FAMILIES[family])
-    names = []
-    for i, (lora_id, _) in enumerate(loras):
-        reference.load_lora_weights(str(paths.loras[lora_id]), adapter_name=f"a{i}")
-        names.append(f"a{i}")
-    reference.set_adapters(names, adapter_weights=[s for _, s in loras])
-    reference.fuse_lora(adapter_names=names)
-    try:
-        return reference("a photo of a cat", height=64, width=64, num_inference_steps=4, guidance_scale=7.5,
-                         generator=torch.Generator().manual_seed(2), output_type="latent").images  # fmt: skip
-    finally:
-        reference.unfuse_lora()
-        reference.unload_lora_weights()
+    return diffusers_fused_latents(
+        pipe, zoo.zoo_paths(zoo_root, FAMILIES[family]).loras, loras, prompt="a photo of a cat", height=64, width=64,
+        num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(2), output_type="latent",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
