@@ -16,7 +16,7 @@ from swiftd.v1 import controlnet_pb2_grpc
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.controlnet", description=__doc__)
     parser.add_argument("--model-root", type=Path, required=True, help="model repository with controlnets/")
     parser.add_argument("--device", default="cpu")
@@ -24,7 +24,11 @@ def main(argv=None) -> None:
     parser.add_argument("--budget-mib", type=int, default=8192, help="memory budget for resident ControlNets")
     parser.add_argument("--preload", nargs="*", default=[], metavar="ID", help="ControlNets to load before serving")
     add_server_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     server_config = server_config_from_args(args)
     configure_process(server_config)
     tracing.setup_tracing("controlnet")

@@ -21,7 +21,7 @@ from swiftd.v1 import lora_store_pb2_grpc
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.lora_store", description=__doc__)
     parser.add_argument("--model-root", type=Path, required=True, help="model repository with loras/ and models/")
     parser.add_argument("--cache-dir", type=Path, default=None, help="disk tier of prepared deltas (default: none)")
@@ -36,7 +36,11 @@ def main(argv=None) -> None:
     parser.add_argument("--prefetch", nargs="*", default=[], metavar="LORA_ID",
                         help="LoRAs to prepare for every --base-model (default dtype) before serving")
     add_server_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     server_config = server_config_from_args(args)
     configure_process(server_config)
     tracing.setup_tracing("lora_store")

@@ -22,7 +22,7 @@ log = logging.getLogger("services.unet")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.unet", description=__doc__)
     parser.add_argument("--model-root", type=Path, required=True, help="model repository (models/, controlnets/, loras/)")
     parser.add_argument("--model-id", required=True, help="base model to serve: models/<id> folder or single file")
@@ -37,7 +37,11 @@ def main(argv=None) -> None:
     parser.add_argument("--controlnet-step-timeout", type=float, default=60.0,
                         help="longest wait for one step's residuals from a ControlNet worker (seconds)")
     add_server_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     server_config = server_config_from_args(args)
     configure_process(server_config)
     tracing.setup_tracing("unet")
