@@ -58,6 +58,11 @@ class InboxEntry:
                 self.complete = self.text_encoder_done = True
             self.changed.notify_all()
 
+    def snapshot(self) -> list[tuple[str, object]]:
+        """The deltas received so far (safe while more arrive)."""
+        with self.changed:
+            return list(self.deltas.items())
+
     def fail(self, error: ServingError) -> None:
         with self.changed:
             if not self.complete:
@@ -100,7 +105,7 @@ class LoraFetch:
         parts = []
         for entry in self.entries:
             entry.wait(lambda e=entry: e.text_encoder_done, self.timeout, self.should_stop)
-            parts.append((entry.key[0], {n: d for n, d in entry.deltas.items() if not n.startswith(UNET_PREFIX)}))
+            parts.append((entry.key[0], {n: d for n, d in entry.snapshot() if not n.startswith(UNET_PREFIX)}))
         return parts
 
     def unet_deltas(self) -> list[tuple[str, LoraDeltas]]:
@@ -108,7 +113,7 @@ class LoraFetch:
         parts = []
         for entry in self.entries:
             entry.wait(lambda e=entry: e.complete, self.timeout, self.should_stop)
-            parts.append((entry.key[0], {n: d for n, d in entry.deltas.items() if n.startswith(UNET_PREFIX)}))
+            parts.append((entry.key[0], {n: d for n, d in entry.snapshot() if n.startswith(UNET_PREFIX)}))
         return parts
 
 
