@@ -90,13 +90,13 @@ def load_pipeline(
     if path.is_dir():
         cls = _PIPELINE_CLASSES[pipeline_family(path)]
         kwargs = {"safety_checker": None, "feature_extractor": None} if cls is StableDiffusionPipeline else {}
-        pipe = cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
+        pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
     else:
         config = Path(config) if config else path.with_suffix("")
         if not (config / "model_index.json").is_file():
             raise NotFound("config", f"{config} (a single-file checkpoint needs its Diffusers config folder)")
         cls = _PIPELINE_CLASSES[pipeline_family(config)]
-        pipe = cls.from_single_file(str(path), config=str(config), torch_dtype=dtype, local_files_only=True)
+        pipe = cls.from_single_file(str(path), config=str(config), dtype=dtype, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -104,7 +104,7 @@ def load_pipeline(
 def load_controlnet(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> ControlNetModel:
     path = Path(path)
     if path.is_dir():
-        model = ControlNetModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+        model = ControlNetModel.from_pretrained(path, dtype=dtype, local_files_only=True)
     else:
-        model = ControlNetModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=True)
+        model = ControlNetModel.from_single_file(str(path), dtype=dtype, local_files_only=True)
     return model.to(device).eval()
