@@ -200,14 +200,14 @@ class DenoisingEngine:
         should_stop: Callable[[], bool] | None = None,
         before_step: Callable[[int], None] | None = None,
     ) -> GenerationResult:
-        """Run one request. `before_step(i)` runs at each step boundary (LoRA patching hooks in there)."""
+        """Run one request. `on_step(i, total, latents)` runs after each step, `before_step(i)` before
+        it; `should_stop()` is polled at each boundary (a cancelled caller stops the loop)."""
         with self._lock:
             return self._generate(request, open_controlnet or self.open_local_controlnet, on_step, should_stop, before_step)
 
     # -- the loop ----------------------------------------------------------------------------
 
     def _generate(self, request, open_controlnet, on_step, should_stop, before_step) -> GenerationResult:
-        pipe = self.pipe
         timings: dict[str, float] = {}
         height = request.height or self.default_size()
         width = request.width or self.default_size()
