@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 
 def to_array(image) -> np.ndarray:
+    """An RGB image (PNG bytes, PIL image or HxWx3 array) as float64 pixel values."""
+    if isinstance(image, np.ndarray):
+        return image.astype(np.float64)
     if isinstance(image, bytes | bytearray):
         image = PIL.Image.open(io.BytesIO(image))
     return np.asarray(image.convert("RGB"), dtype=np.float64)

@@ -44,7 +44,6 @@ from bench.scenarios import (
     GroupResult,
     baseline_scenarios,
     image_max_abs_diff,
-    psnr_db,
     median,
     rank64_lora_id,
 )
@@ -262,8 +261,8 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
     compute = median([sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".compute"))
                       for r in runs["o_cn1"]]) / steps  # fmt: skip
     reference_png = base64.b64decode(runs["d_cn1"][-1]["image_png"])
-    psnr_fp32 = psnr_db(runs["o_cn1"][-1]["image_png"], reference_png)
-    psnr_fp16 = psnr_db(fp16["image_png"], reference_png)
+    psnr_fp32 = psnr(runs["o_cn1"][-1]["image_png"], reference_png)
+    psnr_fp16 = psnr(fp16["image_png"], reference_png)
     finite = lambda x: min(x, 999.0)  # noqa: E731 - identical images give inf; JSON wants a number
     overhead_ours = latency["o_cn1"] / latency["o_base"]
     overhead_diffusers = latency["d_cn1"] / latency["d_base"]

@@ -132,14 +132,6 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def psnr_db(png_a: bytes, png_b: bytes) -> float:
-    """PSNR (dB) of two 8-bit PNGs; inf when identical."""
-    a = np.asarray(PIL.Image.open(io.BytesIO(png_a)).convert("RGB"), dtype=np.float64)
-    b = np.asarray(PIL.Image.open(io.BytesIO(png_b)).convert("RGB"), dtype=np.float64)
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
-
-
 def image_max_abs_diff(png_a: bytes, png_b: bytes) -> int:
     """Largest per-pixel difference (0..255) of two PNGs: a sanity check that both sides did the same work."""
     a = np.asarray(PIL.Image.open(io.BytesIO(png_a)).convert("RGB"), dtype=np.int16)

@@ -18,6 +18,20 @@ from swiftd.split_unet import run_down_and_mid_blocks
 
 
 @dataclass
+class ControlNetSession:
+    """What stays constant for one ControlNet during one request: sent once (SessionStart in
+    protos/swiftd/v1/controlnet.proto), not per step."""
+
+    controlnet_id: str
+    controlnet_cond: torch.Tensor  # preprocessed image, CFG-duplicated exactly as Diffusers does
+    encoder_hidden_states: torch.Tensor
+    text_embeds: torch.Tensor | None  # SDXL added conditioning
+    time_ids: torch.Tensor | None
+    conditioning_scale: float
+    guess_mode: bool
+
+
+@dataclass
 class ControlNetResiduals:
     down_block_res_samples: tuple[torch.Tensor, ...]
     mid_block_res_sample: torch.Tensor

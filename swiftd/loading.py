@@ -32,6 +32,9 @@ from swiftd.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
+# Serving dtypes by the names the services' --dtype flags take.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 FAMILY_SD15 = "sd15"
 FAMILY_SDXL = "sdxl"
 _PIPELINE_CLASSES = {FAMILY_SD15: StableDiffusionPipeline, FAMILY_SDXL: StableDiffusionXLPipeline}

@@ -7,6 +7,7 @@ Every service builds its server with ``create_server`` and every client its chan
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+import threading
 from concurrent import futures
 
 import grpc
@@ -80,6 +81,26 @@ def create_server(
 def create_channel(address: str, options: Iterable[tuple[str, object]] = ()) -> grpc.Channel:
     """An insecure channel to ``address`` ("host:port") with GRPC_OPTIONS (``options`` override)."""
     return grpc.insecure_channel(address, options=_merge(options))
+
+
+class ChannelPool:
+    """One channel per worker address, shared by all requests (HTTP/2 multiplexes streams)."""
+
+    def __init__(self):
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> grpc.Channel:
+        with self._lock:
+            if address not in self._channels:
+                self._channels[address] = create_channel(address)
+            return self._channels[address]
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
 
 
 def add_health_and_reflection(

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2
 
 from swiftd import rpc, tracing
 from swiftd.interceptor import ErrorInterceptor
@@ -94,6 +93,3 @@ def serve(
     signal.signal(signal.SIGINT, drain)
     server.wait_for_termination()
     log.info("%s stopped", service_full_name)
-
-
-SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.controlnet.engine import ControlNetRegistry
 from services.unet.engine import ControlNetRequest
+from bench.quality import psnr
 from swiftd import codec, rpc, zoo
 from swiftd.launcher import start_controlnet, start_unet
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
@@ -109,11 +110,6 @@ def test_residuals_over_grpc_match_diffusers(suite, families, family, case):
     assert_close(ours, reference)
     stages = {t.stage for t in response.timings}
     assert any(s.startswith("controlnet.") and s.endswith(".transport") for s in stages)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def test_fp16_wire_stays_close(suite, families):

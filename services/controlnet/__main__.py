@@ -5,15 +5,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from services.controlnet.engine import ControlNetRegistry
 from services.controlnet.servicer import ControlNetWorkerServicer
 from swiftd import rpc, tracing
-from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
+from swiftd.loading import DTYPES
+from swiftd.server import (
+    add_server_arguments,
+    configure_process,
+    serve,
+    server_config_from_args,
+)
 from swiftd.v1 import controlnet_pb2_grpc
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:

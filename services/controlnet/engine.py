@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel
 
-from swiftd.controlnet_step import ControlNetResiduals, ControlNetStepper
+from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession, ControlNetStepper
 from swiftd.errors import InvalidArgument, ResourceExhausted
 from swiftd.loading import list_ids, load_controlnet, resolve
 
@@ -128,23 +128,10 @@ class ControlNetRegistry:
             log.info("evicted ControlNet %s (budget %.1f MB)", cid, self.budget_bytes / 1e6)
 
 
-@dataclass
-class SessionConstants:
-    """What a request sends once: see SessionStart in protos/swiftd/v1/controlnet.proto."""
-
-    controlnet_id: str
-    controlnet_cond: torch.Tensor
-    encoder_hidden_states: torch.Tensor
-    text_embeds: torch.Tensor | None
-    time_ids: torch.Tensor | None
-    conditioning_scale: float
-    guess_mode: bool
-
-
 class ResidualSession:
     """One ControlNet of one request: the hint embedded once, then one call per step."""
 
-    def __init__(self, registry: ControlNetRegistry, constants: SessionConstants):
+    def __init__(self, registry: ControlNetRegistry, constants: ControlNetSession):
         self._registry = registry
         self.constants = constants
         self.stepper = registry.acquire(constants.controlnet_id)

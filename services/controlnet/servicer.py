@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from services.controlnet.engine import ControlNetRegistry, ResidualSession, SessionConstants
+from services.controlnet.engine import ControlNetRegistry, ResidualSession
+from swiftd.controlnet_step import ControlNetSession
 from swiftd import codec
 from swiftd.errors import InvalidArgument
 from swiftd.loading import check_id
@@ -25,9 +26,9 @@ def _tensor(msg, field: str, required: bool = True):
         raise InvalidArgument(field, str(exc)) from None
 
 
-def constants_from_proto(start: controlnet_pb2.SessionStart) -> SessionConstants:
+def constants_from_proto(start: controlnet_pb2.SessionStart) -> ControlNetSession:
     check_id("start.controlnet_id", start.controlnet_id)
-    constants = SessionConstants(
+    constants = ControlNetSession(
         controlnet_id=start.controlnet_id,
         controlnet_cond=_tensor(start.controlnet_cond, "start.controlnet_cond"),
         encoder_hidden_states=_tensor(start.encoder_hidden_states, "start.encoder_hidden_states"),

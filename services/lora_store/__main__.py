@@ -10,15 +10,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from services.lora_store.engine import LoraStore
 from services.lora_store.servicer import LoraStoreServicer
 from swiftd import rpc, tracing
-from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
+from swiftd.loading import DTYPES
+from swiftd.server import (
+    add_server_arguments,
+    configure_process,
+    serve,
+    server_config_from_args,
+)
 from swiftd.v1 import lora_store_pb2_grpc
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:

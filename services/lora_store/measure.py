@@ -23,9 +23,8 @@ import torch
 
 from swiftd import rpc
 from swiftd.lora import delta_from_proto
-from swiftd.loading import load_pipeline, resolve
+from swiftd.loading import DTYPES, load_pipeline, resolve
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def measure_precompute(zoo: Path, model: str, lora: str, dtype: torch.dtype, repeats: int) -> dict:

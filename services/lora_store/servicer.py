@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import grpc
@@ -52,8 +51,7 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
         self.store = store
         self.chunk_bytes = chunk_bytes
         self.push_timeout = push_timeout
-        self._channels: dict[str, grpc.Channel] = {}
-        self._channels_lock = threading.Lock()
+        self._channels = rpc.ChannelPool()
 
     def RegisterLora(self, request, context):
         info, already = self.store.register(request.lora_id)
@@ -87,7 +85,7 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
         if not host or not port.isdigit():
             raise InvalidArgument("unet_worker_address", f"{address!r} is not host:port")
         served = self._served(request)
-        stub = unet_pb2_grpc.UNetWorkerStub(self._channel(address))
+        stub = unet_pb2_grpc.UNetWorkerStub(self._channels.get(address))
         try:
             ack = stub.ReceiveLoraDeltas(chunks(served, request.request_id, self.chunk_bytes), timeout=self.push_timeout)
         except grpc.RpcError as exc:
@@ -105,9 +103,3 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
             cache_hits=[s.lora_id for s in served if s.tier == "host"],
         )  # fmt: skip
 
-    def _channel(self, address: str) -> grpc.Channel:
-        with self._channels_lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channels[address] = rpc.create_channel(address)
-            return channel

@@ -6,20 +6,22 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 from services.unet.engine import DenoisingEngine
+from services.unet.lora_inbox import LoraInbox
 from services.unet.servicer import UNetWorkerServicer
 from swiftd import rpc, tracing
 from swiftd.controlnet_step import ControlNetStepper
-from services.unet.lora_inbox import LoraInbox
+from swiftd.loading import DTYPES, load_controlnet, load_pipeline, resolve
 from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
-from swiftd.loading import load_controlnet, load_pipeline, resolve
-from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
+from swiftd.server import (
+    add_server_arguments,
+    configure_process,
+    serve,
+    server_config_from_args,
+)
 from swiftd.v1 import unet_pb2_grpc
 
 log = logging.getLogger("services.unet")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,33 +16,12 @@ import time
 import grpc
 import torch
 
-from services.unet.engine import ControlNetSession
-from swiftd import codec, rpc
-from swiftd.controlnet_step import ControlNetResiduals
+from swiftd import codec
+from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession
 from swiftd.errors import DeadlineExceeded, InvalidArgument, NotFound, ServingError, Unavailable
 from swiftd.v1 import controlnet_pb2, controlnet_pb2_grpc
 
 _END = object()
-
-
-class ChannelPool:
-    """One channel per worker address, shared by all requests (HTTP/2 multiplexes streams)."""
-
-    def __init__(self):
-        self._channels: dict[str, grpc.Channel] = {}
-        self._lock = threading.Lock()
-
-    def get(self, address: str) -> grpc.Channel:
-        with self._lock:
-            if address not in self._channels:
-                self._channels[address] = rpc.create_channel(address)
-            return self._channels[address]
-
-    def close(self) -> None:
-        with self._lock:
-            for channel in self._channels.values():
-                channel.close()
-            self._channels.clear()
 
 
 def _error_from_rpc(address: str, controlnet_id: str, exc: grpc.RpcError) -> ServingError:

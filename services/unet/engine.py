@@ -32,7 +32,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from services.unet.lora_inbox import LoraFetch, LoraInbox, lora_key
-from swiftd.controlnet_step import ControlNetResiduals, ControlNetStepper
+from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession, ControlNetStepper
 from swiftd.errors import Cancelled, InvalidArgument
 from swiftd.lora import LoraDeltas, LoraPatcher, prepare_deltas
 from swiftd.split_unet import SplitUNet
@@ -91,19 +91,6 @@ class GenerationResult:
     seed: int
     timings: dict[str, float]  # stage -> seconds, in pipeline order
     lora_applied_at_step: int = -1  # step before which the LoRA set was in place; -1: no LoRA
-
-
-@dataclass
-class ControlNetSession:
-    """What stays constant for one ControlNet during one request (sent once, not per step)."""
-
-    controlnet_id: str
-    controlnet_cond: torch.Tensor  # preprocessed image, CFG-duplicated exactly as Diffusers does
-    encoder_hidden_states: torch.Tensor
-    text_embeds: torch.Tensor | None  # SDXL added conditioning
-    time_ids: torch.Tensor | None
-    conditioning_scale: float
-    guess_mode: bool
 
 
 class ResidualSource(Protocol):
@@ -198,16 +185,15 @@ class DenoisingEngine:
         open_controlnet: ResidualSourceFactory | None = None,
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
-        before_step: Callable[[int], None] | None = None,
     ) -> GenerationResult:
-        """Run one request. `on_step(i, total, latents)` runs after each step, `before_step(i)` before
-        it; `should_stop()` is polled at each boundary (a cancelled caller stops the loop)."""
+        """Run one request. `on_step(i, total, latents)` runs after each step; `should_stop()` is
+        polled at each step boundary (a cancelled caller stops the loop)."""
         with self._lock:
-            return self._generate(request, open_controlnet or self.open_local_controlnet, on_step, should_stop, before_step)
+            return self._generate(request, open_controlnet or self.open_local_controlnet, on_step, should_stop)
 
     # -- the loop ----------------------------------------------------------------------------
 
-    def _generate(self, request, open_controlnet, on_step, should_stop, before_step) -> GenerationResult:
+    def _generate(self, request, open_controlnet, on_step, should_stop) -> GenerationResult:
         timings: dict[str, float] = {}
         height = request.height or self.default_size()
         width = request.width or self.default_size()
@@ -222,13 +208,13 @@ class DenoisingEngine:
                 self._local_controlnet(cn.controlnet_id)
         timings["resolve"] = time.perf_counter() - t0
         try:
-            return self._denoise(request, fetch, open_controlnet, on_step, should_stop, before_step, timings, height, width, do_cfg, generator)
+            return self._denoise(request, fetch, open_controlnet, on_step, should_stop, timings, height, width, do_cfg, generator)
         except BaseException:
             if fetch is not None:  # a set half patched in is no set: back to the base weights
                 self.lora_patcher.restore()
             raise
 
-    def _denoise(self, request, fetch, open_controlnet, on_step, should_stop, before_step, timings, height, width, do_cfg, generator):
+    def _denoise(self, request, fetch, open_controlnet, on_step, should_stop, timings, height, width, do_cfg, generator):
         pipe = self.pipe
         # LoRAs: a worker that already has this set applied does nothing. Otherwise denoising
         # starts from the base weights; text-encoder deltas go in before text encoding.
@@ -265,8 +251,6 @@ class DenoisingEngine:
             for i, t in enumerate(timesteps):
                 if should_stop is not None and should_stop():
                     raise Cancelled(f"request cancelled before step {i}")
-                if before_step is not None:
-                    before_step(i)
                 if applied_at is None and (i >= bound or fetch.is_complete()):
                     t0 = time.perf_counter()
                     for lora_id, deltas in fetch.unet_deltas():  # waits here at the bound

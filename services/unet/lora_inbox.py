@@ -131,7 +131,7 @@ class LoraInbox:
         self.wait_timeout = wait_timeout
         self._entries: OrderedDict[LoraKey, InboxEntry] = OrderedDict()
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels = rpc.ChannelPool()
 
     # -- arrival -----------------------------------------------------------------------------
 
@@ -183,8 +183,7 @@ class LoraInbox:
 
     def _pull(self, store: str, keys: list[LoraKey], request_id: str) -> None:
         """Background: stream the deltas of `keys` from a LoRA store into the inbox."""
-        with self._lock:
-            channel = self._channels.get(store) or self._channels.setdefault(store, rpc.create_channel(store))
+        channel = self._channels.get(store)
         request = lora_store_pb2.StreamDeltasRequest(
             loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in keys],
             base_model_id=self.base_model_id, dtype=codec.dtype_to_proto(self.dtype), request_id=request_id,

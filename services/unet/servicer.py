@@ -10,9 +10,9 @@ import time
 
 import PIL.Image
 
-from services.unet.controlnet_client import ChannelPool, RemoteResidualSource
+from services.unet.controlnet_client import RemoteResidualSource
 from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest, GenerationResult
-from swiftd import codec
+from swiftd import codec, rpc
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
 from swiftd.loading import check_id, pipeline_family
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
@@ -111,7 +111,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
                  default_lora_bound_steps: int = 0):  # fmt: skip
         self.engine = engine
         self.default_lora_bound_steps = default_lora_bound_steps
-        self.channels = ChannelPool()
+        self.channels = rpc.ChannelPool()
         self.controlnet_step_timeout = controlnet_step_timeout
         self.model_id = model_id
         self.family = pipeline_family(model_path if model_path.is_dir() else model_path.with_suffix(""))
