@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from swiftd.client import edge_image
+from swiftd.images import edge_image
 
 PROMPT = "a photo of an astronaut riding a horse"
 NEGATIVE_PROMPT = "blurry"

@@ -1,9 +1,11 @@
-"""`swiftd` command line: generate an image through a running worker.
+"""`swiftd` command line: generate through the gateway, list what it serves.
 
-    swiftd generate --address 127.0.0.1:50051 --model tiny-sd15 --prompt "a cat" \\
+    swiftd generate --address 127.0.0.1:50050 --prompt "a cat" \\
         --lora tiny-sd15-lora-peft-r4:0.8 --controlnet tiny-sd15-cn-edges=edges.png:1.0 -o out.png
+    swiftd models | loras | controlnets --address 127.0.0.1:50050
 
-Until the gateway lands, `--address` names a UNet worker.
+Exit status: 0 on success, 1 when the server refused or failed the request (its status code and
+message are printed), 2 for bad command-line arguments, 130 on Ctrl-C (the request is cancelled).
 """
 
 from __future__ import annotations
@@ -14,88 +16,129 @@ from pathlib import Path
 
 import grpc
 
-from swiftd import rpc
-from swiftd.client import format_timings
-from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
+from swiftd.client import SCHEDULERS, WIRE_DTYPES, Client, ControlNet, Lora, Result, format_timings
 
-SCHEDULERS = {
-    "ddim": common_pb2.SCHEDULER_DDIM,
-    "euler": common_pb2.SCHEDULER_EULER,
-    "euler_a": common_pb2.SCHEDULER_EULER_ANCESTRAL,
-    "dpmpp_2m": common_pb2.SCHEDULER_DPMPP_2M,
-    "pndm": common_pb2.SCHEDULER_PNDM,
-}
+DEFAULT_ADDRESS = "127.0.0.1:50050"
 
 
-def parse_lora(text: str) -> common_pb2.LoraRef:
+def parse_lora(text: str) -> Lora:
+    """ID[:SCALE]"""
     lora_id, _, scale = text.partition(":")
-    return common_pb2.LoraRef(lora_id=lora_id, scale=float(scale) if scale else 1.0)
+    try:
+        return Lora(lora_id, float(scale) if scale else 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected ID[:SCALE]") from None
 
 
-def parse_controlnet(text: str) -> common_pb2.ControlNetInput:
-    """id=image.png[:scale[:start[:end]]]"""
+def parse_controlnet(text: str) -> ControlNet:
+    """ID=IMAGE[:SCALE[:START[:END]]]"""
     controlnet_id, sep, rest = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--controlnet {text!r}: expected ID=IMAGE[:SCALE[:START[:END]]]")
     image, *numbers = rest.split(":")
-    values = [float(v) for v in numbers] + [1.0, 0.0, 1.0][len(numbers):]
-    return common_pb2.ControlNetInput(
-        controlnet_id=controlnet_id, image=Path(image).read_bytes(),
-        conditioning_scale=values[0], guidance_start=values[1], guidance_end=values[2],
-    )  # fmt: skip
+    try:
+        if not sep or not image:
+            raise ValueError
+        values = [float(v) for v in numbers] + [1.0, 0.0, 1.0][len(numbers):]
+        data = Path(image).read_bytes()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--controlnet {text!r}: expected ID=IMAGE[:SCALE[:START[:END]]]") from None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"--controlnet {text!r}: cannot read {image}: {exc.strerror}") from None
+    return ControlNet(controlnet_id, data, scale=values[0], guidance_start=values[1], guidance_end=values[2])
+
+
+def _progress(step: int, total: int, elapsed: float) -> None:
+    bar = "#" * (30 * step // max(total, 1))
+    print(f"\r[{bar:<30}] step {step}/{total} {elapsed:6.1f} s", end="", file=sys.stderr, flush=True)
 
 
 def generate(args) -> int:
-    request = unet_pb2.DenoiseRequest(
-        params=common_pb2.GenerationParams(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=SCHEDULERS[args.scheduler],
-            model_id=args.model, **({"seed": args.seed} if args.seed is not None else {}),
-        ),
-        loras=args.lora,
-        controlnets=[unet_pb2.ControlNetAttachment(input=cn) for cn in args.controlnet],
+    options = dict(
+        negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
+        guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler, model_id=args.model,
+        loras=args.lora, controlnets=args.controlnet, lora_bound_steps=args.lora_bound_steps,
+        request_id=args.request_id, controlnet_wire_dtype=args.controlnet_wire_dtype,
     )  # fmt: skip
-    with rpc.create_channel(args.address) as channel:
-        stub = unet_pb2_grpc.UNetWorkerStub(channel)
-        final = None
+    result = None
+    with Client(args.address, timeout=args.timeout) as client:
         try:
-            for event in stub.DenoiseStream(request, timeout=args.timeout):
-                if event.HasField("progress"):
-                    p = event.progress
-                    bar = "#" * (30 * p.step // p.total_steps)
-                    print(f"\r[{bar:<30}] step {p.step}/{p.total_steps} {p.elapsed_seconds:6.1f} s", end="", file=sys.stderr)
-                elif event.HasField("final"):
-                    final = event.final
+            for event in client.generate_stream(args.prompt, **options):
+                kind = event.WhichOneof("event")
+                if kind == "queued":
+                    print(f"\rqueued: {event.queued.position} ahead", end="", file=sys.stderr, flush=True)
+                elif kind == "progress":
+                    _progress(event.progress.step, event.progress.total_steps, event.progress.elapsed_seconds)
+                elif kind == "final":
+                    result = Result.from_proto(event.final)
         except grpc.RpcError as exc:
             print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     print(file=sys.stderr)
-    args.output.write_bytes(final.image_png)
-    print(f"wrote {args.output} (seed {final.seed})")
-    print(format_timings([(t.stage, t.seconds) for t in final.timings]))
+    result.save(args.output)
+    print(f"wrote {args.output} (seed {result.seed}, request {result.request_id}, trace {result.trace_id})")
+    plan = result.plan
+    print(f"plan: unet {plan.unet_worker}"
+          + "".join(f"; {a.controlnet_id} on {a.worker}" for a in plan.controlnets)
+          + (f"; LoRAs {list(plan.lora_ids)} " + ("already applied" if plan.lora_set_already_applied
+             else f"pushed {list(plan.pushed_lora_ids)}, in place before step {result.lora_applied_at_step}")
+             if plan.lora_ids else ""))  # fmt: skip
+    print(format_timings(result.timings))
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="swiftd")
+def list_items(args) -> int:
+    with Client(args.address) as client:
+        try:
+            if args.command == "models":
+                for m in client.list_models():
+                    print(f"{m.model_id}\t{m.family}\t{m.default_width}x{m.default_height}\t{','.join(m.workers)}")
+            elif args.command == "loras":
+                for lora in client.list_loras(args.family):
+                    print(f"{lora.lora_id}\t{lora.family}\trank {lora.rank}\t{lora.format}\t{lora.size_bytes} bytes")
+            else:
+                for cn in client.list_controlnets():
+                    print(f"{cn.controlnet_id}\t{cn.family}\t{'loaded on ' + ','.join(cn.workers) if cn.loaded else 'not loaded'}")
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swiftd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate one image")
-    g.add_argument("--address", default="127.0.0.1:50051")
-    g.add_argument("--model", default="", help="model id (empty: the worker's model)")
+    g = sub.add_parser("generate", help="generate one image through the gateway")
+    g.add_argument("--address", default=DEFAULT_ADDRESS, help="gateway host:port")
+    g.add_argument("--model", default="", help="model id (empty: the gateway's default)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--width", type=int, default=0)
+    g.add_argument("--width", type=int, default=0, help="0: the model's native size")
     g.add_argument("--height", type=int, default=0)
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None, help="default: the server picks one and reports it")
     g.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="euler")
     g.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="ID[:SCALE]")
     g.add_argument("--controlnet", type=parse_controlnet, action="append", default=[], metavar="ID=IMAGE[:SCALE[:START[:END]]]")
-    g.add_argument("--timeout", type=float, default=600)
+    g.add_argument("--lora-bound-steps", type=int, default=None, metavar="K", help="BAL bound (default: the server's)")
+    g.add_argument("--controlnet-wire-dtype", choices=sorted(WIRE_DTYPES), default="")
+    g.add_argument("--request-id", default="")
+    g.add_argument("--timeout", type=float, default=600, help="deadline in seconds, propagated to every service")
     g.add_argument("-o", "--output", type=Path, default=Path("out.png"))
-    args = parser.parse_args(argv)
-    return generate(args)
+    for name in ("models", "loras", "controlnets"):
+        p = sub.add_parser(name, help=f"list the {name} the gateway serves")
+        p.add_argument("--address", default=DEFAULT_ADDRESS, help="gateway host:port")
+        if name == "loras":
+            p.add_argument("--family", default="", choices=["", "sd15", "sdxl"])
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return generate(args) if args.command == "generate" else list_items(args)
+    except KeyboardInterrupt:
+        print("\ncancelled", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -64,3 +64,23 @@ class ResourceExhausted(ServingError):
     """Admission control refused the request (queue full)."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+_RETRYABLE_AS_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+
+
+def from_rpc_error(exc: grpc.RpcError, where: str) -> ServingError:
+    """A downstream call's failure as our own error, to pass on to our caller.
+
+    The downstream verdict on the request (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
+    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED) keeps its code and message; a broken or
+    failing downstream service becomes UNAVAILABLE naming `where` (its own INTERNAL details stay
+    in its log).
+    """
+    code, details = exc.code(), exc.details() or ""
+    if code in _RETRYABLE_AS_UNAVAILABLE or code is None:
+        error = Unavailable(f"{where}: {code.name.lower() if code else 'failed'}: {details}")
+    else:
+        error = ServingError(details)
+        error.code = code
+    return error

@@ -145,6 +145,16 @@ def start_controlnet(model_root: Path, preload: list[str] = (), **kwargs) -> Ser
     return start_service("controlnet", "services.controlnet", args, **kwargs)
 
 
+def start_gateway(unet: list[str], controlnet: list[str] = (), lora_store: str = "", extra_args: list[str] = (),
+                  **kwargs) -> ServiceProcess:  # fmt: skip
+    args = ["--unet", *unet, *extra_args]
+    if controlnet:
+        args += ["--controlnet", *controlnet]
+    if lora_store:
+        args += ["--lora-store", lora_store]
+    return start_service("gateway", "services.gateway", args, **kwargs)
+
+
 def start_lora_store(model_root: Path, cache_dir: Path, base_models: list[str] = (), prefetch: list[str] = (), **kwargs) -> ServiceProcess:
     args = ["--model-root", str(model_root), "--cache-dir", str(cache_dir)]
     if base_models:
@@ -158,8 +168,9 @@ def start_lora_store(model_root: Path, cache_dir: Path, base_models: list[str] =
 
 
 def demo(args) -> int:
-    """Build nothing, start the services, send one request with a ControlNet and a LoRA, stop."""
-    from swiftd import client as client_lib
+    """Start the four services, send one request through the gateway with the CLI, stop."""
+    from swiftd import cli
+    from swiftd.images import edge_image
 
     def on_signal(signum, _frame):
         # Unwind: the in-flight call is cancelled first, then the services are stopped (finally).
@@ -179,22 +190,26 @@ def demo(args) -> int:
     store = start_lora_store(args.zoo, args.zoo / ".lora-cache", base_models=[args.model_id], prefetch=[args.lora_id],
                              cpu_cores=side_core, num_threads=1, wait=False)  # fmt: skip
     controlnet = start_controlnet(args.zoo, preload=[args.controlnet_id], cpu_cores=side_core, num_threads=1, wait=False)
-    store.wait_ready()
-    unet = start_unet(args.zoo, args.model_id, lora_store=store.address, cpu_cores=[0], num_threads=1, wait=False)
-    controlnet.wait_ready()
-    unet.wait_ready()
-    print(f"  lora_store  {store.address}")
-    print(f"  controlnet  {controlnet.address}")
-    print(f"  unet        {unet.address}   (all up in {time.perf_counter() - t0:.1f} s)")
+    unet = start_unet(args.zoo, args.model_id, cpu_cores=[0], num_threads=1, wait=False)
+    for service in (store, controlnet, unet):
+        service.wait_ready()
+    gateway = start_gateway([unet.address], [controlnet.address], store.address, cpu_cores=side_core)
+    for service in (store, controlnet, unet, gateway):
+        print(f"  {service.name:<11} {service.address}")
+    print(f"all up in {time.perf_counter() - t0:.1f} s; the request, through the gateway with the swiftd CLI:\n")
+    edges = args.out / "edges.png"
+    edges.write_bytes(edge_image(args.size))
+    command = [
+        "generate", "--address", gateway.address, "--model", args.model_id, "--prompt", "a photo of an astronaut riding a horse",
+        "--negative-prompt", "blurry", "--width", str(args.size), "--height", str(args.size), "--steps", str(args.steps),
+        "--seed", "42", "--lora", f"{args.lora_id}:0.8", "--controlnet", f"{args.controlnet_id}={edges}:1.0",
+        "--request-id", "make-run", "-o", str(args.out / "demo.png"),
+    ]  # fmt: skip
+    print("  swiftd " + " ".join(command[:1] + [f"'{c}'" if " " in c else c for c in command[1:]]) + "\n", flush=True)
     try:
-        result = client_lib.demo_request(unet.address, controlnet.address, args)
+        return cli.main(command)
     finally:
         _stop_all()
-    path = args.out / "demo.png"
-    path.write_bytes(result.image_png)
-    print(f"\nwrote {path} (seed {result.seed}; LoRA {args.lora_id} via the LoRA store, in place before step {result.lora_applied_at_step})\n")
-    print(client_lib.format_timings(result.timings))
-    return 0
 
 
 def main(argv=None) -> int:

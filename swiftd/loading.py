@@ -81,6 +81,15 @@ def pipeline_family(config_folder: Path) -> str:
     raise InvalidArgument("model_id", f"unsupported pipeline class {name!r} in {config_folder}")
 
 
+def controlnet_family(path: Path) -> str:
+    """'sd15' or 'sdxl' for a ControlNet folder (from its config.json); '' when it cannot tell."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return ""  # a single-file ControlNet: its family is only known once loaded
+    settings = json.loads(config.read_text())
+    return FAMILY_SDXL if settings.get("addition_embed_type") == "text_time" else FAMILY_SD15
+
+
 def load_pipeline(
     path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", config: Path | None = None
 ) -> DiffusionPipeline:

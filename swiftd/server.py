@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 
 from swiftd import rpc, tracing
 from swiftd.interceptor import ErrorInterceptor
@@ -51,6 +50,8 @@ def configure_process(config: ServerConfig) -> None:
     if config.cpu_cores:
         os.sched_setaffinity(0, set(config.cpu_cores))
     if config.num_threads:
+        import torch  # here, so that the gateway (no models) never loads it
+
         torch.set_num_threads(config.num_threads)
     # Residual messages are tens of MB; keep their buffers on the heap instead of re-faulting
     # fresh mmap()s per message (3-4x faster codec; see rpc.tune_allocator_for_large_messages).
@@ -92,4 +93,5 @@ def serve(
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
     server.wait_for_termination()
+    tracing.shutdown_tracing()  # flush the spans of the last requests
     log.info("%s stopped", service_full_name)

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest
 from swiftd import codec, rpc, zoo
-from swiftd.client import edge_image
+from swiftd.images import edge_image
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.launcher import start_unet
 from swiftd.loading import load_controlnet, load_pipeline
@@ -141,23 +141,3 @@ def test_cancelled_stream_frees_the_worker(worker):
     assert status.requests_in_flight == 0 and status.queue_length == 0
     # Freed within well under the 200 steps' time, and ready for the next request.
     assert stub.Denoise(request(steps=2), timeout=60).image_png
-
-
-def test_cli_generates_an_image(worker, tmp_path, capsys):
-    from swiftd.cli import main
-
-    _, _, service = worker
-    edges = tmp_path / "edges.png"
-    edges.write_bytes(edge_image(64))
-    out = tmp_path / "out.png"
-    rc = main([
-        "generate", "--address", service.address, "--model", MODEL, "--prompt", "a cat", "--width", "64",
-        "--height", "64", "--steps", "2", "--seed", "5", "--lora", f"{LORA}:0.5",
-        "--controlnet", f"{CN}={edges}:0.8", "-o", str(out),
-    ])  # fmt: skip
-    assert rc == 0
-    assert PIL.Image.open(out).size == (64, 64)
-    assert "denoise" in capsys.readouterr().out
-    rc = main(["generate", "--address", service.address, "--prompt", "a cat", "--width", "63", "-o", str(out)])
-    assert rc == 1
-    assert "INVALID_ARGUMENT" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from diffusers import ControlNetModel
 
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession, ControlNetStepper
 from swiftd.errors import InvalidArgument, ResourceExhausted
-from swiftd.loading import list_ids, load_controlnet, resolve
+from swiftd.loading import controlnet_family, list_ids, load_controlnet, resolve
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,10 @@ class ControlNetRegistry:
 
     def available(self) -> list[str]:
         return list_ids(self.model_root, "controlnets")
+
+    def family(self, controlnet_id: str) -> str:
+        """'sd15' or 'sdxl' from the ControlNet's config ('' when unknown)."""
+        return controlnet_family(resolve(self.model_root, "controlnets", controlnet_id, "controlnet_id"))
 
     def loaded(self) -> dict[str, int]:
         with self._lock:

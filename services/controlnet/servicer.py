@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import time
 
+from opentelemetry import trace
+
 from services.controlnet.engine import ControlNetRegistry, ResidualSession
-from swiftd.controlnet_step import ControlNetSession
 from swiftd import codec
+from swiftd.controlnet_step import ControlNetSession
 from swiftd.errors import InvalidArgument
 from swiftd.loading import check_id
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("swiftd.controlnet")
 
 
 def _tensor(msg, field: str, required: bool = True):
@@ -43,9 +46,8 @@ def constants_from_proto(start: controlnet_pb2.SessionStart) -> ControlNetSessio
 
 
 class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
-    def __init__(self, registry: ControlNetRegistry, family_of: dict[str, str] | None = None):
+    def __init__(self, registry: ControlNetRegistry):
         self.registry = registry
-        self._family_of = family_of or {}
 
     def StreamResiduals(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -53,7 +55,8 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
             raise InvalidArgument("start", "the first message of a residual stream must be a SessionStart")
         start = first.start
         wire_dtype = start.wire_dtype or common_pb2.DTYPE_UNSPECIFIED
-        session = ResidualSession(self.registry, constants_from_proto(start))
+        with tracer.start_as_current_span("controlnet.session_start", attributes={"controlnet.id": start.controlnet_id}):
+            session = ResidualSession(self.registry, constants_from_proto(start))  # embeds the hint once
         log.debug("session %s/%s opened", start.request_id, start.controlnet_id)
         try:
             for message in request_iterator:
@@ -62,7 +65,8 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
                 step = message.step
                 sample = _tensor(step.sample, "step.sample")
                 t0 = time.perf_counter()
-                residuals = session.step(step.timestep, sample)
+                with tracer.start_as_current_span("controlnet.step", attributes={"step": step.step_index}):
+                    residuals = session.step(step.timestep, sample)
                 seconds = time.perf_counter() - t0
                 yield controlnet_pb2.ResidualsResponse(
                     step_index=step.step_index,
@@ -76,7 +80,7 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
 
     def _info(self, controlnet_id: str, loaded: dict[str, int]) -> common_pb2.ControlNetInfo:
         return common_pb2.ControlNetInfo(
-            controlnet_id=controlnet_id, family=self._family_of.get(controlnet_id, ""),
+            controlnet_id=controlnet_id, family=self.registry.family(controlnet_id),
             size_bytes=loaded.get(controlnet_id, 0), loaded=controlnet_id in loaded,
         )  # fmt: skip
 

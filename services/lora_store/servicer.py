@@ -6,6 +6,7 @@ import logging
 import time
 
 import grpc
+from opentelemetry import trace
 
 from services.lora_store.catalog import LoraFileInfo
 from services.lora_store.engine import LoraStore, ServedLora
@@ -15,6 +16,7 @@ from swiftd.lora import deltas_to_chunks
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2_grpc
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("swiftd.lora_store")
 
 
 def lora_info(info: LoraFileInfo) -> common_pb2.LoraInfo:
@@ -72,7 +74,13 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
 
     def _served(self, request) -> list[ServedLora]:
         dtype = dtype_from_request(request.dtype)
-        return self.store.lora_set([(r.lora_id, r.scale) for r in request.loras], request.base_model_id, dtype)
+        with tracer.start_as_current_span("lora_store.prepare") as span:
+            served = self.store.lora_set([(r.lora_id, r.scale) for r in request.loras], request.base_model_id, dtype)
+            span.set_attributes({
+                "lora.ids": [s.lora_id for s in served], "lora.tiers": [s.tier for s in served],
+                "lora.bytes": sum(s.nbytes for s in served),
+            })  # fmt: skip
+        return served
 
     def StreamDeltas(self, request, context):
         served = self._served(request)  # everything prepared and validated before the first chunk

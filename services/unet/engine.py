@@ -19,6 +19,7 @@ from typing import Protocol
 
 import PIL.Image
 import torch
+from opentelemetry import trace
 from diffusers import (
     DDIMScheduler,
     DiffusionPipeline,
@@ -32,12 +33,14 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from services.unet.lora_inbox import LoraFetch, LoraInbox, lora_key
+from swiftd import tracing
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession, ControlNetStepper
 from swiftd.errors import Cancelled, InvalidArgument
 from swiftd.lora import LoraDeltas, LoraPatcher, prepare_deltas
 from swiftd.split_unet import SplitUNet
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("swiftd.unet")
 
 # Scheduler names of the public API -> Diffusers classes, configured from the model's own
 # scheduler config (so betas, offsets and prediction type follow the checkpoint).
@@ -80,7 +83,8 @@ class GenerationRequest:
     # there); 0 = before the first step, i.e. synchronous. Text-encoder deltas are always in
     # place before text encoding (they are streamed first).
     lora_bound_steps: int = 0
-    lora_store_address: str = ""  # pull deltas from this store; empty: worker default / pushed
+    lora_store_address: str = ""  # pull missing deltas from this store; empty: the worker's default
+    pushed_lora_ids: list[str] = field(default_factory=list)  # deltas already on their way: wait, don't pull
     request_id: str = ""
 
 
@@ -201,12 +205,11 @@ class DenoisingEngine:
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
 
         # Resolve every id before changing any state, so a bad request changes nothing.
-        t0 = time.perf_counter()
-        fetch = self._fetch_loras(request, should_stop)
-        for cn in request.controlnets:
-            if not cn.worker_address:
-                self._local_controlnet(cn.controlnet_id)
-        timings["resolve"] = time.perf_counter() - t0
+        with tracing.stage(tracer, timings, "resolve"):
+            fetch = self._fetch_loras(request, should_stop)
+            for cn in request.controlnets:
+                if not cn.worker_address:
+                    self._local_controlnet(cn.controlnet_id)
         try:
             return self._denoise(request, fetch, open_controlnet, on_step, should_stop, timings, height, width, do_cfg, generator)
         except BaseException:
@@ -218,18 +221,17 @@ class DenoisingEngine:
         pipe = self.pipe
         # LoRAs: a worker that already has this set applied does nothing. Otherwise denoising
         # starts from the base weights; text-encoder deltas go in before text encoding.
-        t0 = time.perf_counter()
         applied_at = (0 if request.loras else -1) if fetch is None else None
-        if fetch is not None or (not request.loras and self.lora_patcher.applied):
-            self.lora_patcher.restore()
-        if fetch is not None:
-            for lora_id, deltas in fetch.text_encoder_deltas():
-                self.lora_patcher.add(lora_id, deltas)
-        timings["lora_text_encoder"] = time.perf_counter() - t0
+        lora_ids = [lora_id for lora_id, _ in request.loras]
+        with tracing.stage(tracer, timings, "lora_text_encoder", **{"lora.ids": lora_ids, "lora.already_applied": fetch is None}):
+            if fetch is not None or (not request.loras and self.lora_patcher.applied):
+                self.lora_patcher.restore()
+            if fetch is not None:
+                for lora_id, deltas in fetch.text_encoder_deltas():
+                    self.lora_patcher.add(lora_id, deltas)
 
-        t0 = time.perf_counter()
-        prompt_embeds, text_embeds, time_ids = self._encode_prompt(request, height, width, do_cfg)
-        timings["text_encode"] = time.perf_counter() - t0
+        with tracing.stage(tracer, timings, "text_encode"):
+            prompt_embeds, text_embeds, time_ids = self._encode_prompt(request, height, width, do_cfg)
 
         scheduler = self._make_scheduler(request.scheduler)
         scheduler.set_timesteps(request.num_inference_steps, device=self.device)
@@ -240,43 +242,42 @@ class DenoisingEngine:
         ) * scheduler.init_noise_sigma  # fmt: skip
         step_kwargs = self._extra_step_kwargs(scheduler, generator)
 
-        t0 = time.perf_counter()
-        sources = self._open_controlnets(request, open_controlnet, prompt_embeds, text_embeds, time_ids, height, width, do_cfg)
-        timings["controlnet_setup"] = time.perf_counter() - t0
+        with tracing.stage(tracer, timings, "controlnet_setup", **{"controlnet.ids": [cn.controlnet_id for cn in request.controlnets]}):
+            sources = self._open_controlnets(request, open_controlnet, prompt_embeds, text_embeds, time_ids, height, width, do_cfg)
 
         step_times = {"encoder_half": 0.0, "controlnet_wait": 0.0, "decoder_half": 0.0, "scheduler": 0.0}
-        t_loop = time.perf_counter()
         try:
-            bound = min(max(request.lora_bound_steps, 0), len(timesteps) - 1)
-            for i, t in enumerate(timesteps):
-                if should_stop is not None and should_stop():
-                    raise Cancelled(f"request cancelled before step {i}")
-                if applied_at is None and (i >= bound or fetch.is_complete()):
-                    t0 = time.perf_counter()
-                    for lora_id, deltas in fetch.unet_deltas():  # waits here at the bound
-                        self.lora_patcher.add(lora_id, deltas)
-                    self.lora_patcher.applied = fetch.key
-                    applied_at = i
-                    timings["lora_unet_patch"] = time.perf_counter() - t0
-                latents = self._step(
-                    i, t, latents, len(timesteps), request, sources, prompt_embeds, text_embeds, time_ids,
-                    do_cfg, scheduler, step_kwargs, step_times,
-                )  # fmt: skip
-                if on_step is not None:
-                    on_step(i, len(timesteps), latents)
+            with tracing.stage(tracer, timings, "denoise", steps=len(timesteps)) as denoise_span:
+                bound = min(max(request.lora_bound_steps, 0), len(timesteps) - 1)
+                for i, t in enumerate(timesteps):
+                    if should_stop is not None and should_stop():
+                        raise Cancelled(f"request cancelled before step {i}")
+                    if applied_at is None and (i >= bound or fetch.is_complete()):
+                        with tracing.stage(tracer, timings, "lora_unet_patch", **{"lora.ids": lora_ids, "lora.applied_at_step": i}):
+                            for lora_id, deltas in fetch.unet_deltas():  # waits here at the bound
+                                self.lora_patcher.add(lora_id, deltas)
+                            self.lora_patcher.applied = fetch.key
+                        applied_at = i
+                    step_start = dict(step_times)
+                    latents = self._step(
+                        i, t, latents, len(timesteps), request, sources, prompt_embeds, text_embeds, time_ids,
+                        do_cfg, scheduler, step_kwargs, step_times,
+                    )  # fmt: skip
+                    # One event per step (a span each would multiply the trace by the step count).
+                    denoise_span.add_event("step", {"step": i, **{f"{k}_seconds": v - step_start[k] for k, v in step_times.items()}})
+                    if on_step is not None:
+                        on_step(i, len(timesteps), latents)
         finally:
             for _, source in sources:
                 source.close()
-        timings["denoise"] = time.perf_counter() - t_loop
         timings.update({f"denoise.{k}": v for k, v in step_times.items()})
         for cn, source in sources:  # remote ControlNets report their own compute and transport
             for key, value in getattr(source, "stats", {}).items():
                 if key != "steps":
                     timings[f"controlnet.{cn.controlnet_id}.{key}"] = value
 
-        t0 = time.perf_counter()
-        image = self.decode(latents)
-        timings["vae_decode"] = time.perf_counter() - t0
+        with tracing.stage(tracer, timings, "vae_decode"):
+            image = self.decode(latents)
         return GenerationResult(
             latents=latents, image=image, seed=request.seed, timings=timings,
             lora_applied_at_step=applied_at,
@@ -289,7 +290,9 @@ class DenoisingEngine:
             return None
         if self.lora_inbox is None:
             raise InvalidArgument("loras", "this worker has no LoRA source configured")
-        return self.lora_inbox.fetch(request.loras, request.request_id, request.lora_store_address, should_stop)
+        return self.lora_inbox.fetch(
+            request.loras, request.request_id, request.lora_store_address, should_stop, pushed=request.pushed_lora_ids
+        )
 
     def _local_controlnet(self, controlnet_id: str) -> ControlNetStepper:
         if self._load_controlnet is None:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import grpc
 import torch
 
-from swiftd import codec, rpc
+from swiftd import codec, rpc, tracing
 from swiftd.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
 from swiftd.lora import LoraDeltas, delta_from_proto
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc
@@ -202,15 +202,20 @@ class LoraInbox:
     # -- requests ----------------------------------------------------------------------------
 
     def fetch(self, loras: list[tuple[str, float]], request_id: str, store: str = "",
-              should_stop: Callable[[], bool] | None = None) -> LoraFetch:  # fmt: skip
-        """Entries for a request's LoRAs; missing ones are pulled or prepared (not waited for)."""
+              should_stop: Callable[[], bool] | None = None, pushed: Iterable[str] = ()) -> LoraFetch:  # fmt: skip
+        """Entries for a request's LoRAs; missing ones are pulled or prepared (not waited for).
+
+        LoRA ids in `pushed` are on their way from the store (the gateway started the push): the
+        request waits for those, bounded by wait_timeout, and does not fetch them a second time.
+        """
         keys = [lora_key(i, s) for i, s in loras]
         store = store or self.default_store
-        missing = [k for k in keys if self._entry(k, create=False) is None]
+        pushed = set(pushed)
+        missing = [k for k in keys if k[0] not in pushed and self._entry(k, create=False) is None]
         entries = [self._entry(k) for k in keys]
         if missing:
             if store:
-                threading.Thread(target=self._pull, args=(store, missing, request_id), name="lora-pull", daemon=True).start()
+                tracing.in_current_context(self._pull, store, missing, request_id).start()
             elif self.prepare_local is not None:
                 for key in missing:  # synchronous: raises NotFound/FailedPrecondition before anything changed
                     try:
@@ -220,8 +225,13 @@ class LoraInbox:
                         raise
                     self._entry(key).add(deltas.items(), last=True)
                 self._evict()
-            # else: wait for the store's push (ReceiveLoraDeltas), bounded by wait_timeout
+            # else: nowhere to get them from but a push (ReceiveLoraDeltas); wait, bounded by wait_timeout
         return LoraFetch(entries, self.wait_timeout, should_stop)
+
+    def cached(self) -> list[LoraKey]:
+        """Keys of the complete entries, ready to patch without a transfer."""
+        with self._lock:
+            return [key for key, entry in self._entries.items() if entry.complete]
 
     def _evict(self) -> None:
         with self._lock:

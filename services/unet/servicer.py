@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import threading
 import time
 
-import PIL.Image
-
 from services.unet.controlnet_client import RemoteResidualSource
 from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest, GenerationResult
-from swiftd import codec, rpc
+from swiftd import codec, rpc, tracing
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
+from swiftd.images import decode_image, encode_png
 from swiftd.loading import check_id, pipeline_family
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
 
@@ -28,23 +26,6 @@ SCHEDULER_NAMES = {
 }
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_STEPS = 20
-
-
-def decode_image(data: bytes, field: str) -> PIL.Image.Image:
-    if not data:
-        raise InvalidArgument(field, "is empty (expected PNG or JPEG bytes)")
-    try:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as exc:  # PIL raises many types for bad data
-        raise InvalidArgument(field, f"cannot be decoded as an image ({exc.__class__.__name__})") from None
-    return image.convert("RGB")
-
-
-def encode_png(image: PIL.Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def generation_request_from_proto(request: unet_pb2.DenoiseRequest, default_lora_bound_steps: int = 0) -> GenerationRequest:
@@ -89,6 +70,7 @@ def generation_request_from_proto(request: unet_pb2.DenoiseRequest, default_lora
             else default_lora_bound_steps
         ),
         lora_store_address=request.lora_store_address,
+        pushed_lora_ids=list(request.pushed_lora_ids),
         request_id=request.request_id,
     )
 
@@ -194,7 +176,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             finally:
                 events.put(None)
 
-        threading.Thread(target=work, name="denoise-stream", daemon=True).start()
+        tracing.in_current_context(work).start()  # the loop's spans belong to this call's trace
         while (event := events.get()) is not None:
             yield event
         if "error" in outcome:
@@ -202,11 +184,13 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
         yield unet_pb2.DenoiseStreamResponse(final=response_from_result(outcome["result"], request))
 
     def GetWorkerStatus(self, request, context):
+        inbox = self.engine.lora_inbox
         with self._count_lock:
             in_flight, waiting = self._in_flight, self._waiting
         return unet_pb2.GetWorkerStatusResponse(
             model_ids=[self.model_id],
             applied_loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in self.engine.lora_patcher.applied],
+            cached_loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in inbox.cached()] if inbox else [],
             requests_in_flight=in_flight,
             queue_length=waiting,
             dtype=codec.dtype_to_proto(self.engine.dtype),

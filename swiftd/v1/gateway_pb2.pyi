@@ -26,16 +26,18 @@ class GenerateRequest(_message.Message):
     def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., controlnets: _Optional[_Iterable[_Union[_common_pb2.ControlNetInput, _Mapping]]] = ..., lora_bound_steps: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every_n_steps: _Optional[int] = ..., controlnet_wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("unet_worker", "controlnets", "lora_ids", "lora_set_already_applied")
+    __slots__ = ("unet_worker", "controlnets", "lora_ids", "lora_set_already_applied", "pushed_lora_ids")
     UNET_WORKER_FIELD_NUMBER: _ClassVar[int]
     CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
     LORA_IDS_FIELD_NUMBER: _ClassVar[int]
     LORA_SET_ALREADY_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_LORA_IDS_FIELD_NUMBER: _ClassVar[int]
     unet_worker: str
     controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetAssignment]
     lora_ids: _containers.RepeatedScalarFieldContainer[str]
     lora_set_already_applied: bool
-    def __init__(self, unet_worker: _Optional[str] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAssignment, _Mapping]]] = ..., lora_ids: _Optional[_Iterable[str]] = ..., lora_set_already_applied: _Optional[bool] = ...) -> None: ...
+    pushed_lora_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, unet_worker: _Optional[str] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAssignment, _Mapping]]] = ..., lora_ids: _Optional[_Iterable[str]] = ..., lora_set_already_applied: _Optional[bool] = ..., pushed_lora_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ControlNetAssignment(_message.Message):
     __slots__ = ("controlnet_id", "worker")
@@ -46,20 +48,22 @@ class ControlNetAssignment(_message.Message):
     def __init__(self, controlnet_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("image_png", "seed", "timings", "trace_id", "request_id", "plan")
+    __slots__ = ("image_png", "seed", "timings", "trace_id", "request_id", "plan", "lora_applied_at_step")
     IMAGE_PNG_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    LORA_APPLIED_AT_STEP_FIELD_NUMBER: _ClassVar[int]
     image_png: bytes
     seed: int
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.StageTiming]
     trace_id: str
     request_id: str
     plan: Plan
-    def __init__(self, image_png: _Optional[bytes] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
+    lora_applied_at_step: int
+    def __init__(self, image_png: _Optional[bytes] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., trace_id: _Optional[str] = ..., request_id: _Optional[str] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ..., lora_applied_at_step: _Optional[int] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
     __slots__ = ("queued", "started", "progress", "preview", "final")

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DenoiseRequest(_message.Message):
-    __slots__ = ("params", "loras", "lora_bound_steps", "controlnets", "controlnet_wire_dtype", "request_id", "preview_every_n_steps", "return_latents", "lora_store_address")
+    __slots__ = ("params", "loras", "lora_bound_steps", "controlnets", "controlnet_wire_dtype", "request_id", "preview_every_n_steps", "return_latents", "lora_store_address", "pushed_lora_ids")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
     LORA_BOUND_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class DenoiseRequest(_message.Message):
     PREVIEW_EVERY_N_STEPS_FIELD_NUMBER: _ClassVar[int]
     RETURN_LATENTS_FIELD_NUMBER: _ClassVar[int]
     LORA_STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_LORA_IDS_FIELD_NUMBER: _ClassVar[int]
     params: _common_pb2.GenerationParams
     loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraRef]
     lora_bound_steps: int
@@ -28,7 +29,8 @@ class DenoiseRequest(_message.Message):
     preview_every_n_steps: int
     return_latents: bool
     lora_store_address: str
-    def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., lora_bound_steps: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAttachment, _Mapping]]] = ..., controlnet_wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., preview_every_n_steps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., lora_store_address: _Optional[str] = ...) -> None: ...
+    pushed_lora_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., lora_bound_steps: _Optional[int] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAttachment, _Mapping]]] = ..., controlnet_wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., preview_every_n_steps: _Optional[int] = ..., return_latents: _Optional[bool] = ..., lora_store_address: _Optional[str] = ..., pushed_lora_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ControlNetAttachment(_message.Message):
     __slots__ = ("input", "worker_address")
@@ -79,20 +81,22 @@ class GetWorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetWorkerStatusResponse(_message.Message):
-    __slots__ = ("model_ids", "applied_loras", "requests_in_flight", "queue_length", "dtype", "device")
+    __slots__ = ("model_ids", "applied_loras", "requests_in_flight", "queue_length", "dtype", "device", "cached_loras")
     MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_LORAS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_LORAS_FIELD_NUMBER: _ClassVar[int]
     model_ids: _containers.RepeatedScalarFieldContainer[str]
     applied_loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraRef]
     requests_in_flight: int
     queue_length: int
     dtype: _common_pb2.DType
     device: str
-    def __init__(self, model_ids: _Optional[_Iterable[str]] = ..., applied_loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., queue_length: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., device: _Optional[str] = ...) -> None: ...
+    cached_loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraRef]
+    def __init__(self, model_ids: _Optional[_Iterable[str]] = ..., applied_loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., queue_length: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., device: _Optional[str] = ..., cached_loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ...) -> None: ...
 
 class UNetWorkerListModelsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,65 @@
+"""`python -m services.gateway --unet 10.0.0.5:50051 10.0.0.6:50051 --controlnet 10.0.0.7:50052 --lora-store 10.0.0.8:50053`
+
+The public API. Workers are addresses, several per service, so the same gateway runs the suite on
+one machine or many. Holds no weights (and never imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from services.gateway.config import GatewayConfig, Limits
+from services.gateway.servicer import GatewayServicer
+from swiftd import rpc, tracing
+from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
+from swiftd.v1 import gateway_pb2_grpc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
+    parser.add_argument("--unet", nargs="+", required=True, metavar="HOST:PORT", help="UNet workers")
+    parser.add_argument("--controlnet", nargs="*", default=[], metavar="HOST:PORT", help="ControlNet workers")
+    parser.add_argument("--lora-store", default="", metavar="HOST:PORT", help="LoRA store (empty: LoRAs are refused)")
+    parser.add_argument("--default-model", default="", help="model for requests that name none (empty: the first listed)")
+    parser.add_argument("--per-worker-concurrency", type=int, default=1, help="requests admitted per UNet worker")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for admission")
+    parser.add_argument("--affinity-slack", type=int, default=1,
+                        help="extra load a worker with the request's LoRA set applied may have and still be preferred")
+    parser.add_argument("--lora-bound-steps", type=int, default=None,
+                        help="BAL bound K for requests that give none (default: the UNet workers' own default)")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds, when the client sets no deadline")
+    parser.add_argument("--catalog-ttl", type=float, default=10.0, help="seconds between refreshes of the listings")
+    defaults = Limits()
+    parser.add_argument("--min-size", type=int, default=defaults.min_size)
+    parser.add_argument("--max-size", type=int, default=defaults.max_size)
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    parser.add_argument("--max-loras", type=int, default=defaults.max_loras)
+    parser.add_argument("--max-controlnets", type=int, default=defaults.max_controlnets)
+    add_server_arguments(parser)
+    # Every queued or running stream holds a server thread; leave room for listings and probes.
+    parser.set_defaults(max_workers=256)
+    return parser
+
+
+def config_from_args(args) -> GatewayConfig:
+    limits = Limits(min_size=args.min_size, max_size=args.max_size, max_steps=args.max_steps,
+                    max_loras=args.max_loras, max_controlnets=args.max_controlnets)  # fmt: skip
+    return GatewayConfig(
+        unet_workers=args.unet, controlnet_workers=args.controlnet, lora_store=args.lora_store,
+        default_model=args.default_model, limits=limits, per_worker_concurrency=args.per_worker_concurrency,
+        max_queue=args.max_queue, affinity_slack=args.affinity_slack, default_lora_bound_steps=args.lora_bound_steps,
+        request_timeout=args.request_timeout, catalog_ttl=args.catalog_ttl,
+    )  # fmt: skip
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    server_config = server_config_from_args(args)
+    configure_process(server_config)
+    tracing.setup_tracing("gateway")
+    servicer = GatewayServicer(config_from_args(args))
+    serve(rpc.GATEWAY_SERVICE, server_config, lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server))
+
+
+if __name__ == "__main__":
+    main()

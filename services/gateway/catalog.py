@@ -1,0 +1,98 @@
+"""What the suite can serve, from the workers' own listings, refreshed every few seconds.
+
+The gateway holds no weights and reads no model folders: base models come from the UNet workers'
+ListModels, LoRAs from the LoRA store's ListLoras, ControlNets from the ControlNet workers'
+ListControlNets. An unknown id forces one refresh before it is reported NOT_FOUND, so a model
+or LoRA added a moment ago is found.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from swiftd import rpc
+from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Listing:
+    models: dict[str, common_pb2.ModelInfo] = field(default_factory=dict)  # workers filled in
+    loras: dict[str, common_pb2.LoraInfo] = field(default_factory=dict)
+    # ControlNet id -> its info (workers: those that have it loaded) and every worker that can serve it
+    controlnets: dict[str, common_pb2.ControlNetInfo] = field(default_factory=dict)
+    controlnet_hosts: dict[str, list[str]] = field(default_factory=dict)
+    fetched_at: float = 0.0
+
+
+class Catalog:
+    def __init__(self, channels: rpc.ChannelPool, unet_workers: list[str], controlnet_workers: list[str],
+                 lora_store: str, ttl: float, call_timeout: float):  # fmt: skip
+        self._channels = channels
+        self._unet_workers = unet_workers
+        self._controlnet_workers = controlnet_workers
+        self.lora_store = lora_store
+        self._ttl = ttl
+        self._timeout = call_timeout
+        self._listing = Listing()
+        self._lock = threading.Lock()
+        self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="catalog")
+
+    def get(self, force: bool = False) -> Listing:
+        with self._lock:
+            if force or time.monotonic() - self._listing.fetched_at > self._ttl:
+                self._listing = self._fetch()
+            return self._listing
+
+    def _fetch(self) -> Listing:
+        listing = Listing(fetched_at=time.monotonic())
+        unet = {a: self._pool.submit(self._call, unet_pb2_grpc.UNetWorkerStub, "ListModels", a,
+                                     unet_pb2.UNetWorkerListModelsRequest()) for a in self._unet_workers}  # fmt: skip
+        cn = {a: self._pool.submit(self._call, controlnet_pb2_grpc.ControlNetWorkerStub, "ListControlNets", a,
+                                   controlnet_pb2.ControlNetWorkerListControlNetsRequest()) for a in self._controlnet_workers}  # fmt: skip
+        store = (
+            self._pool.submit(self._call, lora_store_pb2_grpc.LoraStoreStub, "ListLoras", self.lora_store,
+                              lora_store_pb2.LoraStoreListLorasRequest())  # fmt: skip
+            if self.lora_store else None
+        )
+        for address, future in unet.items():
+            if (response := future.result()) is None:
+                continue
+            for model in response.models:
+                entry = listing.models.setdefault(model.model_id, common_pb2.ModelInfo())
+                if not entry.model_id:
+                    entry.CopyFrom(model)
+                    del entry.workers[:]
+                entry.workers.append(address)
+        for address, future in cn.items():
+            if (response := future.result()) is None:
+                continue
+            for info in response.controlnets:
+                entry = listing.controlnets.setdefault(info.controlnet_id, common_pb2.ControlNetInfo())
+                if not entry.controlnet_id:
+                    entry.CopyFrom(info)
+                    entry.loaded = False
+                    del entry.workers[:]
+                entry.family = entry.family or info.family
+                entry.size_bytes = max(entry.size_bytes, info.size_bytes)
+                if info.loaded:
+                    entry.loaded = True
+                    entry.workers.append(address)
+                listing.controlnet_hosts.setdefault(info.controlnet_id, []).append(address)
+        if store is not None and (response := store.result()) is not None:
+            listing.loras = {info.lora_id: info for info in response.loras}
+        return listing
+
+    def _call(self, stub_class, method: str, address: str, request):
+        try:
+            return getattr(stub_class(self._channels.get(address)), method)(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            log.warning("%s on %s failed: %s %s (left out of the catalog)", method, address, exc.code().name, exc.details())
+            return None

@@ -1,0 +1,44 @@
+"""Gateway configuration: where the workers are, what a request may ask for, how much to admit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Limits:
+    """What a request may ask for; anything outside is INVALID_ARGUMENT naming the field."""
+
+    min_size: int = 64  # pixels per side (and a multiple of 8)
+    max_size: int = 2048
+    max_steps: int = 150
+    max_guidance_scale: float = 30.0
+    max_lora_scale: float = 8.0  # |scale|
+    max_conditioning_scale: float = 4.0
+    max_loras: int = 8
+    max_controlnets: int = 4
+    max_image_side: int = 4096  # pixels per side of a conditioning image
+    # A conditioning image is stretched to the output size, so its shape must match the output's:
+    # aspect ratios may differ by this fraction at most.
+    max_aspect_mismatch: float = 0.02
+    max_request_id_length: int = 128
+
+
+@dataclass
+class GatewayConfig:
+    unet_workers: list[str]  # host:port of each UNet worker
+    controlnet_workers: list[str] = field(default_factory=list)
+    lora_store: str = ""  # host:port; empty = requests with LoRAs are refused
+    default_model: str = ""  # empty = the first model the workers list
+    limits: Limits = field(default_factory=Limits)
+    # Admission: requests running at once per UNet worker (the worker runs them one at a time; a
+    # second one waits there with its text encoding done), and how many may wait at the gateway.
+    per_worker_concurrency: int = 1
+    max_queue: int = 64
+    # LoRA affinity: the worker that already has the request's LoRA set applied is preferred while
+    # it has at most this many more requests running or queued than the least-loaded worker.
+    affinity_slack: int = 1
+    default_lora_bound_steps: int | None = None  # None = the UNet workers' default
+    request_timeout: float = 600.0  # seconds, applied when the client sets no deadline
+    catalog_ttl: float = 10.0  # seconds between refreshes of the model/LoRA/ControlNet listings
+    status_timeout: float = 2.0  # seconds for a worker's status or listing call

@@ -1,0 +1,142 @@
+"""Placing a request: which UNet worker, which ControlNet worker per ControlNet, which LoRAs to push.
+
+UNet worker: among the workers serving the model, the one that already has the request's LoRA set
+patched in (nothing to transfer or patch), unless it has more than `affinity_slack` requests more
+than the least-loaded worker; otherwise the least loaded. Load is what the worker reports
+(running + queued) or what this gateway has sent it and not yet seen finish, whichever is larger,
+so two requests planned at the same moment do not pile onto one worker. Ties go to a worker that
+holds the LoRA deltas already, then to one with no other LoRA set applied (keeping that set's
+affinity for its own requests), then to the first in the configuration.
+
+ControlNets: each on its own worker where possible (N ControlNets then cost max(), not sum()),
+preferring a worker that has the model loaded, then the least busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+
+from swiftd import rpc
+from swiftd.errors import Unavailable
+from swiftd.v1 import gateway_pb2, unet_pb2, unet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+LoraKey = tuple[tuple[str, float], ...]
+
+
+@dataclass
+class UNetWorkerState:
+    address: str
+    model_ids: list[str]
+    applied: LoraKey  # the LoRA set patched in, (id, scale) in order
+    cached: set[tuple[str, float]]  # LoRA deltas held complete, ready to patch
+    load: int  # requests running or queued there
+    dtype: int = 0
+
+
+@dataclass
+class ControlNetWorkerState:
+    address: str
+    loaded: set[str] = field(default_factory=set)
+
+
+def lora_key(pairs) -> LoraKey:
+    return tuple((lora_id, round(scale or 1.0, 6)) for lora_id, scale in pairs)
+
+
+def choose_unet_worker(workers: list[UNetWorkerState], want: LoraKey, affinity_slack: int) -> tuple[UNetWorkerState, bool]:
+    """The worker for a request with LoRA set `want`, and whether that set is already applied there."""
+    least = min(w.load for w in workers)
+
+    def rank(index_worker):
+        index, w = index_worker
+        affinity = bool(want) and w.applied == want and w.load <= least + affinity_slack
+        holds_deltas = all(k in w.cached for k in want)
+        other_set_applied = bool(w.applied) and w.applied != want
+        return (not affinity, w.load, not holds_deltas, other_set_applied, index)
+
+    _, best = min(enumerate(workers), key=rank)
+    return best, bool(want) and best.applied == want
+
+
+def assign_controlnets(controlnet_ids: list[str], hosts: dict[str, list[str]], loaded: dict[str, set[str]],
+                       busy: Counter) -> list[str]:  # fmt: skip
+    """One worker address per ControlNet of a request, spread across workers."""
+    used: Counter = Counter()
+    chosen = []
+    for controlnet_id in controlnet_ids:
+        candidates = hosts.get(controlnet_id, [])
+        if not candidates:
+            raise Unavailable(f"no reachable ControlNet worker serves {controlnet_id!r}")
+        order = {address: i for i, address in enumerate(candidates)}
+        best = min(candidates, key=lambda a: (used[a], controlnet_id not in loaded.get(a, ()), busy[a], order[a]))
+        used[best] += 1
+        chosen.append(best)
+    return chosen
+
+
+class Planner:
+    """Polls the UNet workers' status at plan time and records what this gateway has sent where."""
+
+    def __init__(self, channels: rpc.ChannelPool, unet_workers: list[str], affinity_slack: int, status_timeout: float):
+        self._channels = channels
+        self._unet_workers = unet_workers
+        self._affinity_slack = affinity_slack
+        self._status_timeout = status_timeout
+        self._pool = futures.ThreadPoolExecutor(max_workers=max(2, len(unet_workers)), thread_name_prefix="status")
+        self._lock = threading.Lock()
+        self._outstanding: Counter = Counter()  # UNet worker -> requests sent and not finished
+        self._controlnet_busy: Counter = Counter()  # ControlNet worker -> sessions sent and not finished
+
+    def _status(self, address: str) -> unet_pb2.GetWorkerStatusResponse | None:
+        try:
+            stub = unet_pb2_grpc.UNetWorkerStub(self._channels.get(address))
+            return stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=self._status_timeout)
+        except grpc.RpcError as exc:
+            log.warning("UNet worker %s skipped: status %s %s", address, exc.code().name, exc.details())
+            return None
+
+    def plan(self, model_id: str, want: LoraKey, controlnet_ids: list[str], controlnet_hosts: dict[str, list[str]],
+             controlnet_loaded: dict[str, set[str]]) -> tuple[gateway_pb2.Plan, int]:  # fmt: skip
+        """The plan and the chosen UNet worker's weight dtype (LoRA deltas are prepared in it).
+
+        Reserves the workers: the caller must `release(plan)` when the request ends.
+        """
+        statuses = dict(zip(self._unet_workers, self._pool.map(self._status, self._unet_workers)))
+        with self._lock:
+            workers = [
+                UNetWorkerState(
+                    address=address, model_ids=list(s.model_ids),
+                    applied=lora_key((r.lora_id, r.scale) for r in s.applied_loras),
+                    cached={(r.lora_id, round(r.scale or 1.0, 6)) for r in s.cached_loras},
+                    load=max(s.requests_in_flight + s.queue_length, self._outstanding[address]), dtype=s.dtype,
+                )  # fmt: skip
+                for address, s in statuses.items() if s is not None and model_id in s.model_ids
+            ]
+            if not workers:
+                raise Unavailable(f"no reachable UNet worker serves model {model_id!r}")
+            worker, already_applied = choose_unet_worker(workers, want, self._affinity_slack)
+            controlnet_workers = assign_controlnets(controlnet_ids, controlnet_hosts, controlnet_loaded, self._controlnet_busy)
+            self._outstanding[worker.address] += 1
+            self._controlnet_busy.update(controlnet_workers)
+        push = [] if already_applied else [lora_id for lora_id, scale in want if (lora_id, scale) not in worker.cached]
+        plan = gateway_pb2.Plan(
+            unet_worker=worker.address,
+            controlnets=[gateway_pb2.ControlNetAssignment(controlnet_id=c, worker=w) for c, w in zip(controlnet_ids, controlnet_workers)],
+            lora_ids=[lora_id for lora_id, _ in want],
+            lora_set_already_applied=already_applied,
+            pushed_lora_ids=push,
+        )  # fmt: skip
+        return plan, worker.dtype
+
+    def release(self, plan: gateway_pb2.Plan) -> None:
+        with self._lock:
+            self._outstanding[plan.unet_worker] -= 1
+            self._controlnet_busy.subtract(a.worker for a in plan.controlnets)

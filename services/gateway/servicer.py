@@ -1,0 +1,202 @@
+"""Gateway servicer: validate, admit, plan, start the LoRA push, run the request on its UNet worker.
+
+Generate and GenerateStream share one path (`_generate`, a generator of stream events; Generate
+keeps the last). The client's deadline (or the configured request timeout) bounds every
+downstream call; a client that goes away cancels them, and the UNet worker stops its loop within
+one step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from opentelemetry import trace
+
+from services.gateway.admission import AdmissionQueue
+from services.gateway.catalog import Catalog
+from services.gateway.config import GatewayConfig
+from services.gateway.planner import Planner
+from services.gateway.validation import ValidRequest, validate
+from swiftd import rpc, tracing
+from swiftd.errors import Cancelled, InvalidArgument, Unavailable, from_rpc_error
+from swiftd.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    lora_store_pb2,
+    lora_store_pb2_grpc,
+    unet_pb2,
+    unet_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("swiftd.gateway")
+
+
+def plan_attributes(plan: gateway_pb2.Plan) -> dict:
+    return {
+        "plan.unet_worker": plan.unet_worker,
+        "plan.controlnet_workers": [a.worker for a in plan.controlnets],
+        "plan.lora_ids": list(plan.lora_ids),
+        "plan.lora_set_already_applied": plan.lora_set_already_applied,
+        "plan.pushed_lora_ids": list(plan.pushed_lora_ids),
+    }
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.channels = rpc.ChannelPool()
+        self.catalog = Catalog(self.channels, config.unet_workers, config.controlnet_workers, config.lora_store,
+                               config.catalog_ttl, config.status_timeout)  # fmt: skip
+        self.planner = Planner(self.channels, config.unet_workers, config.affinity_slack, config.status_timeout)
+        self.admission = AdmissionQueue(len(config.unet_workers) * config.per_worker_concurrency, config.max_queue)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def Generate(self, request, context):
+        final = None
+        for event in self._generate(request, context, stream=False):
+            final = event
+        return final.final
+
+    def GenerateStream(self, request, context):
+        yield from self._generate(request, context, stream=True)
+
+    def _generate(self, request: gateway_pb2.GenerateRequest, context, stream: bool):
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {}
+        server_span = trace.get_current_span()
+        with tracing.stage(tracer, timings, "validate"):
+            valid = validate(request, self.catalog, self.config.limits, self.config.default_model)
+            if not stream:
+                valid.request.preview_every_n_steps = 0  # nobody would see them
+        server_span.set_attributes({"request.id": valid.request_id, "request.model_id": valid.model.model_id})
+        remaining = self._deadline(context)
+
+        with tracing.stage(tracer, timings, "queue") as span:
+            for position in self.admission.wait_turn(context.is_active, time.monotonic() + remaining()):
+                span.add_event("queued", {"position": position})
+                yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
+        try:
+            with tracing.stage(tracer, timings, "plan") as span:
+                listing = self.catalog.get()
+                plan, worker_dtype = self.planner.plan(
+                    valid.model.model_id, valid.lora_key, [cn.controlnet_id for cn in valid.request.controlnets],
+                    listing.controlnet_hosts,
+                    {a: {c for c, info in listing.controlnets.items() if a in info.workers} for a in self.config.controlnet_workers},
+                )  # fmt: skip
+                span.set_attributes(plan_attributes(plan))
+            try:
+                server_span.set_attributes(plan_attributes(plan))
+                log.info("request %s -> %s", valid.request_id, plan_attributes(plan))
+                yield gateway_pb2.GenerateStreamResponse(started=gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"]))
+                yield from self._run(valid, plan, worker_dtype, context, remaining, timings, t_start)
+            finally:
+                self.planner.release(plan)
+        finally:
+            self.admission.release()
+
+    def _run(self, valid: ValidRequest, plan: gateway_pb2.Plan, worker_dtype: int, context, remaining, timings, t_start):
+        push = None
+        if plan.pushed_lora_ids:
+            # Started before the denoise call: with bounded asynchronous loading the worker starts
+            # denoising while the deltas stream in.
+            scales = {lora.lora_id: lora.scale for lora in valid.request.loras}
+            push = lora_store_pb2_grpc.LoraStoreStub(self.channels.get(self.config.lora_store)).PushLoras.future(
+                lora_store_pb2.PushLorasRequest(
+                    loras=[common_pb2.LoraRef(lora_id=i, scale=scales[i]) for i in plan.pushed_lora_ids],
+                    base_model_id=valid.model.model_id, dtype=worker_dtype, unet_worker_address=plan.unet_worker,
+                    request_id=valid.request_id,
+                ),
+                timeout=remaining(),
+            )  # fmt: skip
+        stub = unet_pb2_grpc.UNetWorkerStub(self.channels.get(plan.unet_worker))
+        denoise_request = self._denoise_request(valid, plan)
+        stream = stub.DenoiseStream(denoise_request, timeout=remaining())
+        calls = [stream, *([push] if push is not None else [])]
+        # The client went away or its deadline passed: stop the downstream work too. (At a normal
+        # end the calls are done and cancel() does nothing.)
+        def cancel_downstream():
+            for call in calls:
+                call.cancel()
+
+        if not context.add_callback(cancel_downstream):
+            cancel_downstream()  # the RPC already ended
+        if push is not None:
+            # A failed push leaves the worker waiting for deltas that never come: stop it now.
+            push.add_done_callback(lambda f: stream.cancel() if f.exception() is not None else None)
+
+        result = None
+        try:
+            for event in stream:
+                kind = event.WhichOneof("event")
+                if kind == "progress":
+                    p = event.progress
+                    progress = common_pb2.Progress(step=p.step, total_steps=p.total_steps, elapsed_seconds=time.perf_counter() - t_start)
+                    yield gateway_pb2.GenerateStreamResponse(progress=progress)
+                elif kind == "preview":
+                    yield gateway_pb2.GenerateStreamResponse(preview=event.preview)
+                elif kind == "final":
+                    result = event.final
+        except grpc.RpcError as exc:
+            if push is not None and push.done() and push.exception() is not None:
+                raise from_rpc_error(push.exception(), f"lora store {self.config.lora_store}") from None
+            if not context.is_active():
+                raise Cancelled("the client cancelled the request") from None
+            raise from_rpc_error(exc, f"unet worker {plan.unet_worker}") from None
+        if result is None:
+            raise Unavailable(f"unet worker {plan.unet_worker}: the stream ended without a result")
+
+        timings.update((t.stage, t.seconds) for t in result.timings)
+        timings["total"] = time.perf_counter() - t_start
+        yield gateway_pb2.GenerateStreamResponse(final=gateway_pb2.GenerateResponse(
+            image_png=result.image_png, seed=result.seed,
+            timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in timings.items()],
+            trace_id=tracing.current_trace_id(), request_id=valid.request_id, plan=plan,
+            lora_applied_at_step=result.lora_applied_at_step,
+        ))  # fmt: skip
+
+    def _denoise_request(self, valid: ValidRequest, plan: gateway_pb2.Plan) -> unet_pb2.DenoiseRequest:
+        r = valid.request
+        request = unet_pb2.DenoiseRequest(
+            params=r.params, loras=r.loras,
+            controlnets=[unet_pb2.ControlNetAttachment(input=cn, worker_address=a.worker) for cn, a in zip(r.controlnets, plan.controlnets)],
+            controlnet_wire_dtype=r.controlnet_wire_dtype, request_id=valid.request_id,
+            preview_every_n_steps=r.preview_every_n_steps,
+            # Missing deltas the plan did not push (e.g. evicted since the status poll) are pulled.
+            lora_store_address=self.config.lora_store if r.loras else "",
+            pushed_lora_ids=plan.pushed_lora_ids,
+        )  # fmt: skip
+        if r.HasField("lora_bound_steps") and r.lora_bound_steps >= 0:
+            request.lora_bound_steps = r.lora_bound_steps
+        elif self.config.default_lora_bound_steps is not None:
+            request.lora_bound_steps = self.config.default_lora_bound_steps
+        return request
+
+    def _deadline(self, context):
+        """Seconds left for this request: the client's deadline, capped by the request timeout."""
+        client = context.time_remaining()
+        limit = self.config.request_timeout if client is None else min(client, self.config.request_timeout)
+        end = time.monotonic() + limit
+        return lambda: max(0.0, end - time.monotonic())
+
+    # -- listings ----------------------------------------------------------------------------
+
+    def ListModels(self, request, context):
+        models = self.catalog.get().models
+        return gateway_pb2.ListModelsResponse(models=[models[k] for k in sorted(models)])
+
+    def ListLoras(self, request, context):
+        if request.family not in ("", "sd15", "sdxl"):
+            raise InvalidArgument("family", f"{request.family!r} is not a family (sd15, sdxl, or empty for all)")
+        loras = self.catalog.get().loras
+        return gateway_pb2.ListLorasResponse(
+            loras=[loras[k] for k in sorted(loras) if not request.family or loras[k].family == request.family]
+        )
+
+    def ListControlNets(self, request, context):
+        controlnets = self.catalog.get().controlnets
+        return gateway_pb2.ListControlNetsResponse(controlnets=[controlnets[k] for k in sorted(controlnets)])

@@ -1,0 +1,42 @@
+"""Image bytes in and out of the API: decode with a clear error, encode PNG, a synthetic edge map."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import PIL.Image
+
+from swiftd.errors import InvalidArgument
+
+#: Encodings the API accepts for conditioning images.
+ACCEPTED_FORMATS = ("PNG", "JPEG")
+
+
+def decode_image(data: bytes, field: str) -> PIL.Image.Image:
+    """PNG or JPEG bytes as an RGB image, or InvalidArgument naming `field`."""
+    if not data:
+        raise InvalidArgument(field, "is empty (expected PNG or JPEG bytes)")
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+    except Exception as exc:  # PIL raises many types for bad data (and DecompressionBombError)
+        raise InvalidArgument(field, f"cannot be decoded as an image ({exc.__class__.__name__})") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise InvalidArgument(field, f"is {image.format}; expected one of {', '.join(ACCEPTED_FORMATS)}")
+    return image.convert("RGB")
+
+
+def encode_png(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def edge_image(size: int, height: int | None = None) -> bytes:
+    """A synthetic edge map (rings and a diagonal) as PNG: a stand-in for a Canny image."""
+    height = height or size
+    y, x = np.mgrid[0:height, 0:size] / np.array([height, size]).reshape(2, 1, 1)
+    r = np.hypot(x - 0.5, y - 0.5)
+    edges = (np.abs(np.sin(r * 40)) < 0.15) | (np.abs(x - y) < 0.01)
+    return encode_png(PIL.Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB"))
