@@ -38,6 +38,8 @@ def setup_tracing(service_name: str, extra_processor: SpanProcessor | None = Non
     """Install this process's tracer provider once; returns the service's tracer."""
     global _configured
     if not _configured:
+        # OTEL_SERVICE_NAME, when set, names the service (e.g. per deployment), as the spec says.
+        service_name = os.environ.get("OTEL_SERVICE_NAME") or service_name
         provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
         exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "")
         if exporter_name == "console":
