@@ -83,12 +83,13 @@ atexit.register(_stop_all)
 def start_service(
     name: str, module: str, args: list[str], cpu_cores: list[int] | None = None,
     num_threads: int | None = None, timeout: float = 300.0, env: dict | None = None, wait: bool = True,
+    address: str = "127.0.0.1:0",
 ) -> ServiceProcess:  # fmt: skip
     """Start `python -m module args...`; with `wait`, block until it is SERVING.
 
     Call from the main thread: a child is tied to the thread that spawned it (PDEATHSIG).
     """
-    cmd = [sys.executable, "-m", module, *args, "--address", "127.0.0.1:0"]
+    cmd = [sys.executable, "-m", module, *args, "--address", address]
     if cpu_cores:
         cmd += ["--cpu-cores", ",".join(map(str, cpu_cores))]
     if num_threads:
@@ -147,6 +148,7 @@ def start_controlnet(model_root: Path, preload: list[str] = (), **kwargs) -> Ser
 
 def start_gateway(unet: list[str], controlnet: list[str] = (), lora_store: str = "", extra_args: list[str] = (),
                   **kwargs) -> ServiceProcess:  # fmt: skip
+    """The gateway in front of the given workers (no torch in it: give it no num_threads)."""
     args = ["--unet", *unet, *extra_args]
     if controlnet:
         args += ["--controlnet", *controlnet]
@@ -167,19 +169,18 @@ def start_lora_store(model_root: Path, cache_dir: Path, base_models: list[str] =
 # -- make run --------------------------------------------------------------------------------------
 
 
-def demo(args) -> int:
-    """Start the four services, send one request through the gateway with the CLI, stop."""
-    from swiftd import cli
-    from swiftd.images import edge_image
-
+def _stop_on_signals() -> None:
     def on_signal(signum, _frame):
-        # Unwind: the in-flight call is cancelled first, then the services are stopped (finally).
-        print(f"\nsignal {signum}: cancelling and stopping the services", flush=True)
+        # Unwind: an in-flight call is cancelled first, then the services are stopped (finally).
+        print(f"\nsignal {signum}: stopping the services", flush=True)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    args.out.mkdir(parents=True, exist_ok=True)
+
+
+def start_suite(args, gateway_address: str = "127.0.0.1:0") -> dict[str, ServiceProcess]:
+    """The four services on loopback, as `make run` uses them."""
     t0 = time.perf_counter()
     print(f"starting the services for {args.model_id} ...", flush=True)
     # One device per service: on CPU, one pinned core and one thread each (two threads on a busy
@@ -193,21 +194,49 @@ def demo(args) -> int:
     unet = start_unet(args.zoo, args.model_id, cpu_cores=[0], num_threads=1, wait=False)
     for service in (store, controlnet, unet):
         service.wait_ready()
-    gateway = start_gateway([unet.address], [controlnet.address], store.address, cpu_cores=side_core)
-    for service in (store, controlnet, unet, gateway):
-        print(f"  {service.name:<11} {service.address}")
-    print(f"all up in {time.perf_counter() - t0:.1f} s; the request, through the gateway with the swiftd CLI:\n")
-    edges = args.out / "edges.png"
-    edges.write_bytes(edge_image(args.size))
-    command = [
-        "generate", "--address", gateway.address, "--model", args.model_id, "--prompt", "a photo of an astronaut riding a horse",
-        "--negative-prompt", "blurry", "--width", str(args.size), "--height", str(args.size), "--steps", str(args.steps),
-        "--seed", "42", "--lora", f"{args.lora_id}:0.8", "--controlnet", f"{args.controlnet_id}={edges}:1.0",
-        "--request-id", "make-run", "-o", str(args.out / "demo.png"),
-    ]  # fmt: skip
-    print("  swiftd " + " ".join(command[:1] + [f"'{c}'" if " " in c else c for c in command[1:]]) + "\n", flush=True)
+    gateway = start_gateway([unet.address], [controlnet.address], store.address, cpu_cores=side_core, address=gateway_address)
+    suite = {"lora_store": store, "controlnet": controlnet, "unet": unet, "gateway": gateway}
+    for name, service in suite.items():
+        print(f"  {name:<11} {service.address}")
+    print(f"all up in {time.perf_counter() - t0:.1f} s", flush=True)
+    return suite
+
+
+def demo(args) -> int:
+    """Start the four services, send one request through the gateway with the CLI, stop."""
+    from swiftd import cli
+    from swiftd.images import edge_image
+
+    _stop_on_signals()
+    args.out.mkdir(parents=True, exist_ok=True)
     try:
+        gateway = start_suite(args)["gateway"]
+        edges = args.out / "edges.png"
+        edges.write_bytes(edge_image(args.size))
+        command = [
+            "generate", "--address", gateway.address, "--model", args.model_id, "--prompt",
+            "a photo of an astronaut riding a horse", "--negative-prompt", "blurry", "--width", str(args.size),
+            "--height", str(args.size), "--steps", str(args.steps), "--seed", "42", "--lora", f"{args.lora_id}:0.8",
+            "--controlnet", f"{args.controlnet_id}={edges}:1.0", "--request-id", "make-run", "-o", str(args.out / "demo.png"),
+        ]  # fmt: skip
+        shown = [f"'{c}'" if " " in c else c for c in command]
+        print("\nthe request, through the gateway with the swiftd CLI:\n  swiftd " + " ".join(shown) + "\n", flush=True)
         return cli.main(command)
+    finally:
+        _stop_all()
+
+
+def up(args) -> int:
+    """Start the four services and keep them up until Ctrl-C or SIGTERM."""
+    _stop_on_signals()
+    try:
+        gateway = start_suite(args, gateway_address=args.gateway_address)["gateway"]
+        print(f"\ngateway on {gateway.address}; try:\n  swiftd generate --address {gateway.address} --prompt 'a cat' "
+              f"--lora {args.lora_id}:0.8 -o out.png\nCtrl-C stops the suite.", flush=True)  # fmt: skip
+        while all(s.process.poll() is None for s in _running):
+            time.sleep(0.5)
+        print("a service exited; stopping the others", flush=True)
+        return 1
     finally:
         _stop_all()
 
@@ -216,15 +245,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m swiftd.launcher")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="start the suite, send one request, write the image, stop")
-    d.add_argument("--zoo", type=Path, default=Path(".zoo"))
+    u = sub.add_parser("up", help="start the suite and keep it up until Ctrl-C")
+    u.add_argument("--gateway-address", default="127.0.0.1:50050")
+    for p in (d, u):
+        p.add_argument("--zoo", type=Path, default=Path(".zoo"))
+        p.add_argument("--model-id", default="tiny-sd15")
+        p.add_argument("--controlnet-id", default="tiny-sd15-cn-edges")
+        p.add_argument("--lora-id", default="tiny-sd15-lora-kohya-r16-te", help="kohya format, text encoder + UNet")
     d.add_argument("--out", type=Path, default=Path("out"))
-    d.add_argument("--model-id", default="tiny-sd15")
-    d.add_argument("--controlnet-id", default="tiny-sd15-cn-edges")
-    d.add_argument("--lora-id", default="tiny-sd15-lora-kohya-r16-te", help="kohya format, text encoder + UNet")
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--size", type=int, default=256)
     args = parser.parse_args(argv)
-    return demo(args)
+    return demo(args) if args.command == "demo" else up(args)
 
 
 if __name__ == "__main__":
