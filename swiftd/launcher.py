@@ -62,14 +62,23 @@ class ServiceProcess:
 _running: list[ServiceProcess] = []
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
+def _libc_prctl():
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved here, in the parent: the child of a fork in a threaded process must not dlopen or
+# import anything before exec (a lock another thread held at the fork stays held forever).
+_prctl = _libc_prctl() if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
+    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _stop_all() -> None:
@@ -98,7 +107,7 @@ def start_service(
     process = subprocess.Popen(
         cmd, cwd=REPO, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=_die_with_parent if _prctl is not None else None,
     )  # fmt: skip
     service = ServiceProcess(name, process, deadline=time.monotonic() + timeout)
     _running.append(service)

@@ -10,7 +10,6 @@ cancelled or expired request frees its worker; one request is one trace across a
 from __future__ import annotations
 
 import io
-import threading
 import time
 
 import grpc
@@ -20,9 +19,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swiftd import rpc
-from swiftd.images import edge_image, encode_png
+from swiftd.images import edge_image
 from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
 from swiftd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, unet_pb2, unet_pb2_grpc
+from tests.model_roots import BOGUS, make_root
 from tests.otlp_collector import InMemoryCollector
 
 MODEL = "tiny-sd15"
@@ -36,6 +36,7 @@ LONG_STEPS = 1000  # long enough that finishing it would take far longer than th
 def suite(zoo_root, tmp_path_factory):
     collector = InMemoryCollector().start()
     env = collector.env
+    zoo_root = make_root(zoo_root, tmp_path_factory.mktemp("root"))  # the zoo plus a LoRA the store refuses
     store = start_lora_store(zoo_root, tmp_path_factory.mktemp("lora-cache"), base_models=[MODEL], cpu_cores=[1], num_threads=1, env=env, wait=False)
     controlnets = [start_controlnet(zoo_root, preload=[EDGES, DEPTH], cpu_cores=[1], num_threads=1, env=env, wait=False) for _ in range(2)]
     unets = [start_unet(zoo_root, MODEL, cpu_cores=[0], num_threads=1, env=env, wait=False) for _ in range(2)]
@@ -203,7 +204,7 @@ def test_cancelled_stream_frees_its_worker(suite):
     assert freed_after < 0.2 * step_seconds * (LONG_STEPS - 3)
     unet = next(u for u in suite["unets"] if u.address == plan.unet_worker)
     deadline = time.monotonic() + 5  # the worker logs just after it frees itself
-    while not (cancelled := [line for line in unet.log_lines[logged_before[unet.address]:] if "CANCELLED" in line and "before step" in line]):
+    while not (cancelled := [line for line in unet.log_lines[logged_before[unet.address]:] if "cancelled before step" in line]):
         assert time.monotonic() < deadline, unet.log_tail()
         time.sleep(0.05)
     assert int(cancelled[-1].rsplit("before step", 1)[1].split()[0]) < LONG_STEPS // 2
@@ -219,6 +220,20 @@ def test_client_deadline_propagates_to_the_worker(suite):
     for unet in suite["unets"]:
         wait_idle(unet.address, 10)
     assert time.monotonic() - t0 < 15
+
+
+def test_a_lora_the_store_refuses_fails_the_request_and_frees_the_worker(suite):
+    # It passes the gateway's checks (a known sd15 LoRA); preparing it fails at the store, so the
+    # worker must not sit waiting for deltas that never come.
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        suite["stub"].Generate(generate_request(loras=[(BOGUS, 1.0)], lora_bound_steps=2, steps=LONG_STEPS), timeout=120)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "lora_unet_nonexistent_layer" in error.value.details()
+    for unet in suite["unets"]:
+        wait_idle(unet.address, 10)
+    assert time.monotonic() - t0 < 30  # not the worker's 120 s wait for deltas
+    assert suite["stub"].Generate(generate_request(loras=[(PEFT, 1.0)]), timeout=60).image_png
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -408,3 +423,28 @@ def test_one_trace_spans_all_four_services(suite):
     assert sorted(s.attributes["step"] for s in steps) == list(range(STEPS))
     assert all(s.parent_id == stream.span_id for s in steps)
     named("controlnet", "controlnet.session_start")
+
+
+def test_a_callers_trace_continues_into_the_suite(suite):
+    """A user's service that traces its own work sees the suite's spans in the same trace."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from swiftd import tracing
+    from swiftd.client import Client
+
+    exporter = InMemorySpanExporter()
+    tracing.setup_tracing("test-caller", SimpleSpanProcessor(exporter))
+    with trace.get_tracer("test").start_as_current_span("user-request") as user_span:
+        with Client(suite["gateway"].address) as client:
+            result = client.generate("a lighthouse at dusk", width=64, height=64, steps=2, seed=3, model_id=MODEL)
+    user_trace = format(user_span.get_span_context().trace_id, "032x")
+    assert result.trace_id == user_trace
+    client_span = next(s for s in exporter.get_finished_spans() if s.name == "/swiftd.v1.Gateway/Generate")
+    assert client_span.parent.span_id == user_span.get_span_context().span_id
+
+    spans = suite["collector"].wait_for(user_trace, lambda spans: any(s.name == "vae_decode" for s in spans))
+    gateway_server = next(s for s in spans if s.service == "gateway" and s.name == "/swiftd.v1.Gateway/Generate")
+    assert gateway_server.parent_id == format(client_span.context.span_id, "016x")
+    assert {"gateway", "unet"} <= {s.service for s in spans}

@@ -19,7 +19,6 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from safetensors.torch import load_file, save_file
 
 from services.lora_store.engine import LoraStore
 from swiftd import rpc
@@ -28,32 +27,17 @@ from swiftd.launcher import start_service
 from swiftd.lora import delta_from_proto, extract_deltas, prepare_deltas
 from swiftd.loading import load_pipeline
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
+from tests.model_roots import BOGUS, make_root
 
 BASE = "tiny-sd15"
 SD15_LORAS = ["tiny-sd15-lora-peft-r4", "tiny-sd15-lora-peft-r64", "tiny-sd15-lora-kohya-r16-te", "tiny-sd15-lora-kohya-r8-conv"]
 SCALES = {"tiny-sd15-lora-peft-r4": 1.0, "tiny-sd15-lora-peft-r64": 0.5, "tiny-sd15-lora-kohya-r16-te": 0.7,
           "tiny-sd15-lora-kohya-r8-conv": 0.0}  # fmt: skip  # 0 = unset = 1.0
-BOGUS = "tiny-sd15-lora-bogus-key"
 CHUNK_BYTES = 32 << 10
 F32 = common_pb2.DTYPE_FLOAT32
 
 
 # -- fixtures --------------------------------------------------------------------------------------
-
-
-def make_root(zoo_root, path):
-    """A model root: the zoo's base models (linked) and copies of its tiny LoRAs, plus one LoRA
-    with a target that exists in no model."""
-    (path / "loras").mkdir(parents=True)
-    (path / "models").symlink_to((zoo_root / "models").resolve())
-    for lora in sorted((zoo_root / "loras").glob("tiny-*.safetensors")):
-        shutil.copy(lora, path / "loras" / lora.name)
-    state = load_file(zoo_root / "loras" / "tiny-sd15-lora-kohya-r8-conv.safetensors")
-    state["lora_unet_nonexistent_layer.lora_down.weight"] = torch.randn(8, 32)
-    state["lora_unet_nonexistent_layer.lora_up.weight"] = torch.randn(32, 8)
-    state["lora_unet_nonexistent_layer.alpha"] = torch.tensor(4.0)
-    save_file(state, path / "loras" / f"{BOGUS}.safetensors")
-    return path
 
 
 @pytest.fixture(scope="module")

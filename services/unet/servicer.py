@@ -10,7 +10,7 @@ import time
 from services.unet.controlnet_client import RemoteResidualSource
 from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest, GenerationResult
 from swiftd import codec, rpc, tracing
-from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
+from swiftd.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound
 from swiftd.images import decode_image, encode_png
 from swiftd.loading import check_id, pipeline_family
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
@@ -139,6 +139,9 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
 
         try:
             return self.engine.generate(generation, open_controlnet=open_controlnet, on_step=on_step, should_stop=should_stop)
+        except Cancelled as exc:  # the caller may be gone already: say here where the loop stopped
+            log.info("request %s: %s", generation.request_id or "-", exc.message)
+            raise
         finally:
             with self._count_lock:
                 if started:
