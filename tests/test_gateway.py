@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from swiftd import rpc
 from swiftd.images import edge_image
@@ -344,6 +345,10 @@ def test_listings(suite):
     with pytest.raises(grpc.RpcError) as error:
         stub.ListLoras(gateway_pb2.ListLorasRequest(family="sd3"), timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "family" in error.value.details()
+    reflection = reflection_pb2_grpc.ServerReflectionStub(rpc.create_channel(suite["gateway"].address))
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (answer,) = list(reflection.ServerReflectionInfo(iter([request]), timeout=10))
+    assert {s.name for s in answer.list_services_response.service} >= {rpc.GATEWAY_SERVICE, "grpc.health.v1.Health"}
 
 
 def test_cli_generates_through_the_gateway(suite, tmp_path, capsys):
