@@ -14,6 +14,7 @@ Groups (GROUPS below; later work adds its own):
             plus the per-stage breakdown of both.
   lora      the cost of switching one rank-64 LoRA in and out: Diffusers' load+fuse / unfuse+unload
             vs our in-place patch / restore of prepared deltas.
+  gateway   the latency the gateway adds to a request (bench.gateway).
 
 On this 2-core CPU a "device" is one core (--device-core, default 0). The bench process itself
 keeps off that core (it only waits on the device), so what it does is not measured against either
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from bench.bal import images_by_arrival_step
 from bench.baseline_process import BaselineProcess
+from bench.gateway import group_gateway
 from bench.quality import psnr, ssim
 from swiftd.v1 import common_pb2
 from bench.ours import OursWorker
@@ -303,6 +305,7 @@ GROUPS: dict[str, GroupFn] = {
     "baseline": group_baseline,
     "lora": group_lora,
     "controlnet": group_controlnet,
+    "gateway": group_gateway,
 }
 
 
