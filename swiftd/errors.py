@@ -66,21 +66,18 @@ class ResourceExhausted(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-_RETRYABLE_AS_UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
-
-
 def from_rpc_error(exc: grpc.RpcError, where: str) -> ServingError:
     """A downstream call's failure as our own error, to pass on to our caller.
 
     The downstream verdict on the request (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
-    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED) keeps its code and message; a broken or
-    failing downstream service becomes UNAVAILABLE naming `where` (its own INTERNAL details stay
-    in its log).
+    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) keeps its code and message. A downstream service that
+    cannot be reached, or cancelled the call itself (e.g. while shutting down), is UNAVAILABLE
+    (worth a retry); a downstream bug stays INTERNAL (not worth one), carrying its incident id.
+    Both name `where`.
     """
     code, details = exc.code(), exc.details() or ""
-    if code in _RETRYABLE_AS_UNAVAILABLE or code is None:
-        error = Unavailable(f"{where}: {code.name.lower() if code else 'failed'}: {details}")
-    else:
-        error = ServingError(details)
-        error.code = code
+    if code in (None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"{where}: {code.name.lower() if code else 'failed'}: {details}")
+    error = ServingError(f"{where}: {details}" if code == grpc.StatusCode.INTERNAL else details)
+    error.code = code
     return error

@@ -13,17 +13,26 @@ from swiftd.errors import InvalidArgument
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 
-def decode_image(data: bytes, field: str) -> PIL.Image.Image:
-    """PNG or JPEG bytes as an RGB image, or InvalidArgument naming `field`."""
+def decode_image(data: bytes, field: str, max_side: int | None = None) -> PIL.Image.Image:
+    """PNG or JPEG bytes as an RGB image, or InvalidArgument naming `field`.
+
+    With `max_side`, a larger image is refused from its header, before its pixels are decoded (a
+    few KB of PNG can declare hundreds of MB of pixels).
+    """
     if not data:
         raise InvalidArgument(field, "is empty (expected PNG or JPEG bytes)")
     try:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()
-    except Exception as exc:  # PIL raises many types for bad data (and DecompressionBombError)
+        image = PIL.Image.open(io.BytesIO(data))  # reads the header only
+    except Exception as exc:  # PIL raises many types for bad data
         raise InvalidArgument(field, f"cannot be decoded as an image ({exc.__class__.__name__})") from None
     if image.format not in ACCEPTED_FORMATS:
         raise InvalidArgument(field, f"is {image.format}; expected one of {', '.join(ACCEPTED_FORMATS)}")
+    if max_side is not None and max(image.size) > max_side:
+        raise InvalidArgument(field, f"is {image.size[0]}x{image.size[1]}; each side must be at most {max_side}")
+    try:
+        image.load()
+    except Exception as exc:  # truncated or corrupt pixel data (and DecompressionBombError)
+        raise InvalidArgument(field, f"cannot be decoded as an image ({exc.__class__.__name__})") from None
     return image.convert("RGB")
 
 

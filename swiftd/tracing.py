@@ -95,6 +95,13 @@ def in_current_context(target: Callable, *args) -> threading.Thread:
     return threading.Thread(target=context.run, args=(target, *args), daemon=True, name=getattr(target, "__name__", None))
 
 
+def submitter(pool) -> Callable:
+    """`submit(fn, *args)` for `pool` whose tasks run under the caller's trace context."""
+    context = contextvars.copy_context()
+    # One copy per task: a Context cannot be entered by two threads at once.
+    return lambda fn, *args: pool.submit(context.copy().run, fn, *args)
+
+
 # -- client side -------------------------------------------------------------------------------
 
 

@@ -85,8 +85,9 @@ class InMemoryCollector(trace_service_pb2_grpc.TraceServiceServicer):
     def wait_for(self, trace_id: str, done, timeout: float = 30.0) -> list[CollectedSpan]:
         """The trace's spans once `done(spans)` holds (spans arrive in batches, per service)."""
         deadline = time.monotonic() + timeout
-        while True:
-            spans = self.trace(trace_id)
-            if done(spans) or time.monotonic() > deadline:
-                return spans
+        while not done(spans := self.trace(trace_id)):
+            if time.monotonic() > deadline:
+                have = sorted({(s.service, s.name) for s in spans})
+                raise AssertionError(f"trace {trace_id} incomplete after {timeout:.0f} s; have {have}")
             time.sleep(0.1)
+        return spans

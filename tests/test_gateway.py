@@ -45,7 +45,8 @@ def suite(zoo_root, tmp_path_factory):
         service.wait_ready()
     gateway = start_gateway(
         [u.address for u in unets], [c.address for c in controlnets], store.address,
-        extra_args=["--max-steps", str(LONG_STEPS), "--max-size", "512", "--max-loras", "2", "--max-controlnets", "2"],
+        extra_args=["--max-steps", str(LONG_STEPS), "--max-size", "512", "--max-loras", "2", "--max-controlnets", "2",
+                    "--max-queue", "1"],
         env=env,
     )  # fmt: skip
     channel = rpc.create_channel(gateway.address)
@@ -172,16 +173,7 @@ def test_lora_affinity_and_push(suite):
 
 
 def test_concurrent_requests_go_to_different_workers(suite):
-    stub = suite["stub"]
-    streams = [stub.GenerateStream(generate_request(steps=LONG_STEPS), timeout=120) for _ in range(2)]
-    try:
-        plans = [next(e.started.plan for e in stream if e.HasField("started")) for stream in streams]
-        assert {p.unet_worker for p in plans} == {u.address for u in suite["unets"]}
-    finally:
-        for stream in streams:
-            stream.cancel()
-    for unet in suite["unets"]:
-        wait_idle(unet.address, 10)
+    assert_both_slots_free(suite)
 
 
 # -- deadlines and cancellation --------------------------------------------------------------------
@@ -209,18 +201,73 @@ def test_cancelled_stream_frees_its_worker(suite):
         assert time.monotonic() < deadline, unet.log_tail()
         time.sleep(0.05)
     assert int(cancelled[-1].rsplit("before step", 1)[1].split()[0]) < LONG_STEPS // 2
-    # The gateway freed its admission slot: the next request runs at once.
-    assert suite["stub"].Generate(generate_request(), timeout=60).image_png
+    assert_both_slots_free(suite)
+
+
+def until_started(stream) -> gateway_pb2.Plan:
+    """Read a stream up to its `started` event (a slot still being released may queue it briefly)."""
+    return next(e.started.plan for e in stream if e.HasField("started"))
+
+
+def assert_both_slots_free(suite):
+    """Two requests start side by side (two workers, one slot each): no slot leaked. A leaked one
+    would leave the second queued until its 20 s deadline."""
+    streams = [suite["stub"].GenerateStream(generate_request(steps=LONG_STEPS), timeout=20) for _ in range(2)]
+    try:
+        assert {until_started(s).unet_worker for s in streams} == {u.address for u in suite["unets"]}
+    finally:
+        for stream in streams:
+            stream.cancel()
+    for unet in suite["unets"]:
+        wait_idle(unet.address, 10)
+
+
+def test_queue_positions_limit_and_cancel_while_queued(suite):
+    stub = suite["stub"]
+    running = [stub.GenerateStream(generate_request(steps=LONG_STEPS), timeout=120) for _ in range(2)]
+    waiting = []
+    try:
+        for stream in running:
+            until_started(stream)
+        waiting.append(stub.GenerateStream(generate_request(steps=2), timeout=120))
+        assert next(waiting[0]).queued.position == 0
+        with pytest.raises(grpc.RpcError) as error:  # --max-queue 1: no room for another
+            stub.Generate(generate_request(steps=2), timeout=30)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue full" in error.value.details()
+        waiting[0].cancel()  # leaves the queue: the place is free again
+        deadline = time.monotonic() + 10
+        while True:
+            waiting.append(stub.GenerateStream(generate_request(steps=2), timeout=120))
+            try:
+                assert next(waiting[-1]).queued.position == 0
+                break
+            except grpc.RpcError as exc:  # the cancellation may take a moment to reach the gateway
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.1)
+        running.pop(0).cancel()  # a slot frees: the queued request starts and completes
+        events = [e.WhichOneof("event") for e in waiting[-1]]
+        assert events[0] == "started" and events[-1] == "final"
+    finally:
+        for stream in running + waiting:
+            stream.cancel()
+    for unet in suite["unets"]:
+        wait_idle(unet.address, 10)
 
 
 def test_client_deadline_propagates_to_the_worker(suite):
+    logged_before = {u.address: len(u.log_lines) for u in suite["unets"]}
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
-        suite["stub"].Generate(generate_request(steps=LONG_STEPS), timeout=2.0)
+        suite["stub"].Generate(generate_request(steps=LONG_STEPS), timeout=4.0)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     for unet in suite["unets"]:
         wait_idle(unet.address, 10)
     assert time.monotonic() - t0 < 15
+    # It did run on a worker, which stopped its loop at the deadline.
+    deadline = time.monotonic() + 5
+    while not any("cancelled before step" in line for u in suite["unets"] for line in u.log_lines[logged_before[u.address]:]):
+        assert time.monotonic() < deadline, "no worker stopped a loop at the deadline"
+        time.sleep(0.05)
 
 
 def test_a_lora_the_store_refuses_fails_the_request_and_frees_the_worker(suite):
@@ -301,6 +348,7 @@ INVALID = {
     "image undecodable": (_cn(image=b"definitely not a png"), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
     "image truncated": (_cn(image=edge_image(64)[:200]), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
     "image not png or jpeg": (_cn(image=_image((64, 64), "GIF")), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
+    "image too large": (_cn(image=_image((4104, 8))), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
     "image wrong shape": (_cn(image=_image((64, 128))), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
     "request id": (_with(request_id="not an id!"), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
     "wire dtype": (_with(controlnet_wire_dtype=common_pb2.DTYPE_INT64), grpc.StatusCode.INVALID_ARGUMENT, "controlnet_wire_dtype"),
@@ -379,10 +427,20 @@ def test_one_trace_spans_all_four_services(suite):
     response = suite["stub"].Generate(request, timeout=120)
     assert list(response.plan.pushed_lora_ids) == [KOHYA_TE]
 
-    def complete(spans):
-        names = {s.name for s in spans}
-        return {"vae_decode", "controlnet.step", "lora_store.prepare", "/swiftd.v1.Gateway/Generate"} <= names and \
-            sum(s.name == "controlnet.step" for s in spans) == STEPS
+    expected = {
+        ("gateway", "/swiftd.v1.Gateway/Generate"), ("gateway", "validate"), ("gateway", "queue"), ("gateway", "plan"),
+        ("gateway", "/swiftd.v1.LoraStore/PushLoras"), ("gateway", "/swiftd.v1.UNetWorker/DenoiseStream"),
+        ("lora_store", "/swiftd.v1.LoraStore/PushLoras"), ("lora_store", "lora_store.prepare"),
+        ("unet", "/swiftd.v1.UNetWorker/ReceiveLoraDeltas"), ("unet", "/swiftd.v1.UNetWorker/DenoiseStream"),
+        ("unet", "text_encode"), ("unet", "lora_text_encoder"), ("unet", "controlnet_setup"), ("unet", "denoise"),
+        ("unet", "lora_unet_patch"), ("unet", "vae_decode"), ("unet", "/swiftd.v1.ControlNetWorker/StreamResiduals"),
+        ("controlnet", "/swiftd.v1.ControlNetWorker/StreamResiduals"), ("controlnet", "controlnet.session_start"),
+    }  # fmt: skip
+
+    def complete(spans):  # every process has exported its part
+        ids = {s.span_id for s in spans}
+        return expected <= {(s.service, s.name) for s in spans} and all(not s.parent_id or s.parent_id in ids for s in spans) \
+            and sum(s.name == "controlnet.step" for s in spans) == STEPS  # fmt: skip
 
     spans = suite["collector"].wait_for(response.trace_id, complete)
     by_id = {s.span_id: s for s in spans}
@@ -449,7 +507,9 @@ def test_a_callers_trace_continues_into_the_suite(suite):
     client_span = next(s for s in exporter.get_finished_spans() if s.name == "/swiftd.v1.Gateway/Generate")
     assert client_span.parent.span_id == user_span.get_span_context().span_id
 
-    spans = suite["collector"].wait_for(user_trace, lambda spans: any(s.name == "vae_decode" for s in spans))
+    spans = suite["collector"].wait_for(
+        user_trace, lambda spans: {("gateway", "/swiftd.v1.Gateway/Generate"), ("unet", "vae_decode")} <= {(s.service, s.name) for s in spans}
+    )
     gateway_server = next(s for s in spans if s.service == "gateway" and s.name == "/swiftd.v1.Gateway/Generate")
     assert gateway_server.parent_id == format(client_span.context.span_id, "016x")
     assert {"gateway", "unet"} <= {s.service for s in spans}

@@ -20,14 +20,16 @@ def worker(name, load=0, applied=(), cached=()):
     return UNetWorkerState(name, ["sd15"], tuple(applied), set(cached), load)
 
 
-def test_affinity_first_within_slack_then_least_loaded():
-    pick = lambda workers, want=A, slack=1: choose_unet_worker(workers, want, slack)  # noqa: E731
-    # Equal load: the worker with the set applied wins, and says so.
+def test_affinity_first_while_it_has_a_free_slot_then_least_loaded():
+    pick = lambda workers, want=A, slots=1: choose_unet_worker(workers, want, slots)  # noqa: E731
+    # A free slot: the worker with the set applied wins, and says so.
     assert pick([worker("w0"), worker("w1", applied=A)]) == (worker("w1", applied=A), True)
-    # One request more there is within the slack; two is not.
-    assert pick([worker("w0"), worker("w1", load=1, applied=A)])[0].address == "w1"
-    assert pick([worker("w0"), worker("w1", load=2, applied=A)]) == (worker("w0"), False)
-    assert pick([worker("w0"), worker("w1", load=1, applied=A)], slack=0)[0].address == "w0"
+    # Busy: the request does not wait for it while another worker is free.
+    assert pick([worker("w0"), worker("w1", load=1, applied=A)]) == (worker("w0"), False)
+    assert pick([worker("w0", load=1), worker("w1", load=1, applied=A)], slots=2)[0].address == "w1"
+    # Everyone busy: least loaded, affinity only among equals.
+    assert pick([worker("w0", load=1), worker("w1", load=2, applied=A)]) == (worker("w0", load=1), False)
+    assert pick([worker("w0", load=1), worker("w1", load=1, applied=A)]) == (worker("w1", load=1, applied=A), True)
     # Same ids with another scale is another set.
     other_scale = lora_key([("papercut", 0.7)])
     assert pick([worker("w0", load=0), worker("w1", applied=other_scale)], want=A)[0].address == "w0"
@@ -67,19 +69,25 @@ def test_admission_runs_capacity_then_queues_in_order():
             seen[name].append(position)
         order.append(name)
 
+    def until(condition):
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
     threads = [threading.Thread(target=waiter, args=(n,)) for n in ("a", "b")]
     threads[0].start()
-    time.sleep(0.2)
+    until(lambda: queue.snapshot() == (1, 1))
     threads[1].start()
-    time.sleep(0.2)
+    until(lambda: queue.snapshot() == (1, 2))
     with pytest.raises(ResourceExhausted, match="queue full"):
         list(queue.wait_turn(lambda: True, time.monotonic() + 5))
-    assert queue.snapshot() == (1, 2)
     queue.release()  # the first request ends: a starts, b moves up
-    time.sleep(0.3)
+    until(lambda: order == ["a"] and seen["b"] == [1, 0])
     queue.release()
     for t in threads:
         t.join(5)
+        assert not t.is_alive()
     assert order == ["a", "b"]
     assert seen == {"a": [0], "b": [1, 0]}
     assert queue.snapshot() == (1, 0)

@@ -21,10 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--controlnet", nargs="*", default=[], metavar="HOST:PORT", help="ControlNet workers")
     parser.add_argument("--lora-store", default="", metavar="HOST:PORT", help="LoRA store (empty: LoRAs are refused)")
     parser.add_argument("--default-model", default="", help="model for requests that name none (empty: the first listed)")
-    parser.add_argument("--per-worker-concurrency", type=int, default=1, help="requests admitted per UNet worker")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests that may wait for admission")
-    parser.add_argument("--affinity-slack", type=int, default=1,
-                        help="extra load a worker with the request's LoRA set applied may have and still be preferred")
+    parser.add_argument("--per-worker-concurrency", type=int, default=1, help="requests admitted per UNet worker of a model")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests per model that may wait for admission")
     parser.add_argument("--lora-bound-steps", type=int, default=None,
                         help="BAL bound K for requests that give none (default: the UNet workers' own default)")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds, when the client sets no deadline")
@@ -47,7 +45,7 @@ def config_from_args(args) -> GatewayConfig:
     return GatewayConfig(
         unet_workers=args.unet, controlnet_workers=args.controlnet, lora_store=args.lora_store,
         default_model=args.default_model, limits=limits, per_worker_concurrency=args.per_worker_concurrency,
-        max_queue=args.max_queue, affinity_slack=args.affinity_slack, default_lora_bound_steps=args.lora_bound_steps,
+        max_queue=args.max_queue, default_lora_bound_steps=args.lora_bound_steps,
         request_timeout=args.request_timeout, catalog_ttl=args.catalog_ttl,
     )  # fmt: skip
 

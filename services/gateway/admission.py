@@ -60,6 +60,13 @@ class AdmissionQueue:
                     self._changed.notify_all()
             raise
 
+    def resize(self, capacity: int) -> None:
+        """Follow the number of workers (requests already running keep their slots)."""
+        with self._changed:
+            if capacity != self.capacity:
+                self.capacity = capacity
+                self._changed.notify_all()
+
     def release(self) -> None:
         with self._changed:
             self._running -= 1

@@ -2,8 +2,9 @@
 
 The gateway holds no weights and reads no model folders: base models come from the UNet workers'
 ListModels, LoRAs from the LoRA store's ListLoras, ControlNets from the ControlNet workers'
-ListControlNets. An unknown id forces one refresh before it is reported NOT_FOUND, so a model
-or LoRA added a moment ago is found.
+ListControlNets. An unknown id forces one refresh before it is reported NOT_FOUND (at most one a
+second), so a model or LoRA added a moment ago is found. Refreshes run one at a time, outside any
+lock requests wait on: meanwhile requests use the listing they have.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from swiftd import rpc
+from swiftd import rpc, tracing
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
 
 log = logging.getLogger(__name__)
+MIN_FORCED_REFRESH_INTERVAL = 1.0  # seconds: unknown ids cannot make the gateway hammer the workers
 
 
 @dataclass
@@ -29,6 +31,9 @@ class Listing:
     # ControlNet id -> its info (workers: those that have it loaded) and every worker that can serve it
     controlnets: dict[str, common_pb2.ControlNetInfo] = field(default_factory=dict)
     controlnet_hosts: dict[str, list[str]] = field(default_factory=dict)
+    # Which tables may be missing entries because a source did not answer ("models", "loras",
+    # "controlnets"): an id missing from one of those is UNAVAILABLE, not NOT_FOUND.
+    incomplete: set[str] = field(default_factory=set)
     fetched_at: float = 0.0
 
 
@@ -42,28 +47,39 @@ class Catalog:
         self._ttl = ttl
         self._timeout = call_timeout
         self._listing = Listing()
-        self._lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="catalog")
 
     def get(self, force: bool = False) -> Listing:
-        with self._lock:
-            if force or time.monotonic() - self._listing.fetched_at > self._ttl:
-                self._listing = self._fetch()
-            return self._listing
+        """The current listing; refreshed when older than the TTL, or when `force`d (an unknown id)."""
+        listing = self._listing
+        age = time.monotonic() - listing.fetched_at
+        if age < self._ttl and not (force and age > MIN_FORCED_REFRESH_INTERVAL):
+            return listing
+        # One refresh at a time. A stale listing serves meanwhile; a forced or first one waits.
+        if self._refresh_lock.acquire(blocking=force or not listing.fetched_at):
+            try:
+                if self._listing is listing:  # nobody refreshed it while this request waited
+                    self._listing = self._fetch()
+            finally:
+                self._refresh_lock.release()
+        return self._listing
 
     def _fetch(self) -> Listing:
         listing = Listing(fetched_at=time.monotonic())
-        unet = {a: self._pool.submit(self._call, unet_pb2_grpc.UNetWorkerStub, "ListModels", a,
+        submit = tracing.submitter(self._pool)  # the calls belong to the trace of the request that refreshes
+        unet = {a: submit(self._call, unet_pb2_grpc.UNetWorkerStub, "ListModels", a,
                                      unet_pb2.UNetWorkerListModelsRequest()) for a in self._unet_workers}  # fmt: skip
-        cn = {a: self._pool.submit(self._call, controlnet_pb2_grpc.ControlNetWorkerStub, "ListControlNets", a,
+        cn = {a: submit(self._call, controlnet_pb2_grpc.ControlNetWorkerStub, "ListControlNets", a,
                                    controlnet_pb2.ControlNetWorkerListControlNetsRequest()) for a in self._controlnet_workers}  # fmt: skip
         store = (
-            self._pool.submit(self._call, lora_store_pb2_grpc.LoraStoreStub, "ListLoras", self.lora_store,
+            submit(self._call, lora_store_pb2_grpc.LoraStoreStub, "ListLoras", self.lora_store,
                               lora_store_pb2.LoraStoreListLorasRequest())  # fmt: skip
             if self.lora_store else None
         )
         for address, future in unet.items():
             if (response := future.result()) is None:
+                listing.incomplete.add("models")
                 continue
             for model in response.models:
                 entry = listing.models.setdefault(model.model_id, common_pb2.ModelInfo())
@@ -73,6 +89,7 @@ class Catalog:
                 entry.workers.append(address)
         for address, future in cn.items():
             if (response := future.result()) is None:
+                listing.incomplete.add("controlnets")
                 continue
             for info in response.controlnets:
                 entry = listing.controlnets.setdefault(info.controlnet_id, common_pb2.ControlNetInfo())
@@ -86,8 +103,11 @@ class Catalog:
                     entry.loaded = True
                     entry.workers.append(address)
                 listing.controlnet_hosts.setdefault(info.controlnet_id, []).append(address)
-        if store is not None and (response := store.result()) is not None:
-            listing.loras = {info.lora_id: info for info in response.loras}
+        if store is not None:
+            if (response := store.result()) is not None:
+                listing.loras = {info.lora_id: info for info in response.loras}
+            else:
+                listing.incomplete.add("loras")
         return listing
 
     def _call(self, stub_class, method: str, address: str, request):

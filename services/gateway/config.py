@@ -31,13 +31,11 @@ class GatewayConfig:
     lora_store: str = ""  # host:port; empty = requests with LoRAs are refused
     default_model: str = ""  # empty = the first model the workers list
     limits: Limits = field(default_factory=Limits)
-    # Admission: requests running at once per UNet worker (the worker runs them one at a time; a
-    # second one waits there with its text encoding done), and how many may wait at the gateway.
+    # Admission, per model: requests running at once per UNet worker serving it (a worker runs
+    # them one at a time; more than one per worker keeps it busy between requests at the price of
+    # queueing there), and how many may wait at the gateway.
     per_worker_concurrency: int = 1
     max_queue: int = 64
-    # LoRA affinity: the worker that already has the request's LoRA set applied is preferred while
-    # it has at most this many more requests running or queued than the least-loaded worker.
-    affinity_slack: int = 1
     default_lora_bound_steps: int | None = None  # None = the UNet workers' default
     request_timeout: float = 600.0  # seconds, applied when the client sets no deadline
     catalog_ttl: float = 10.0  # seconds between refreshes of the model/LoRA/ControlNet listings

@@ -9,6 +9,7 @@ one step.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import grpc
@@ -45,14 +46,27 @@ def plan_attributes(plan: gateway_pb2.Plan) -> dict:
     }
 
 
+def _failed(call) -> bool:
+    """A finished call that failed on its own (not one cancelled here)."""
+    return call.done() and not call.cancelled() and call.code() != grpc.StatusCode.OK
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.channels = rpc.ChannelPool()
         self.catalog = Catalog(self.channels, config.unet_workers, config.controlnet_workers, config.lora_store,
                                config.catalog_ttl, config.status_timeout)  # fmt: skip
-        self.planner = Planner(self.channels, config.unet_workers, config.affinity_slack, config.status_timeout)
-        self.admission = AdmissionQueue(len(config.unet_workers) * config.per_worker_concurrency, config.max_queue)
+        self.planner = Planner(self.channels, config.unet_workers, config.per_worker_concurrency, config.status_timeout)
+        self._admission: dict[str, AdmissionQueue] = {}  # per model: one model's load never blocks another's
+        self._admission_lock = threading.Lock()
+
+    def admission(self, model: common_pb2.ModelInfo) -> AdmissionQueue:
+        """The model's queue, sized by the workers serving it now."""
+        with self._admission_lock:
+            queue = self._admission.setdefault(model.model_id, AdmissionQueue(1, self.config.max_queue))
+            queue.resize(max(1, len(model.workers)) * self.config.per_worker_concurrency)
+            return queue
 
     # -- generation --------------------------------------------------------------------------
 
@@ -76,8 +90,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         server_span.set_attributes({"request.id": valid.request_id, "request.model_id": valid.model.model_id})
         remaining = self._deadline(context)
 
+        admission = self.admission(valid.model)
         with tracing.stage(tracer, timings, "queue") as span:
-            for position in self.admission.wait_turn(context.is_active, time.monotonic() + remaining()):
+            for position in admission.wait_turn(context.is_active, time.monotonic() + remaining()):
                 span.add_event("queued", {"position": position})
                 yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
         try:
@@ -87,6 +102,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     valid.model.model_id, valid.lora_key, [cn.controlnet_id for cn in valid.request.controlnets],
                     listing.controlnet_hosts,
                     {a: {c for c, info in listing.controlnets.items() if a in info.workers} for a in self.config.controlnet_workers},
+                    remaining(),
                 )  # fmt: skip
                 span.set_attributes(plan_attributes(plan))
             try:
@@ -97,7 +113,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             finally:
                 self.planner.release(plan)
         finally:
-            self.admission.release()
+            admission.release()
 
     def _run(self, valid: ValidRequest, plan: gateway_pb2.Plan, worker_dtype: int, context, remaining, timings, t_start):
         push = None
@@ -127,7 +143,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             cancel_downstream()  # the RPC already ended
         if push is not None:
             # A failed push leaves the worker waiting for deltas that never come: stop it now.
-            push.add_done_callback(lambda f: stream.cancel() if f.exception() is not None else None)
+            push.add_done_callback(lambda f: stream.cancel() if _failed(f) else None)
 
         result = None
         try:
@@ -142,10 +158,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 elif kind == "final":
                     result = event.final
         except grpc.RpcError as exc:
-            if push is not None and push.done() and push.exception() is not None:
-                raise from_rpc_error(push.exception(), f"lora store {self.config.lora_store}") from None
             if not context.is_active():
                 raise Cancelled("the client cancelled the request") from None
+            if push is not None and _failed(push):
+                raise from_rpc_error(push, f"lora store {self.config.lora_store}") from None
             raise from_rpc_error(exc, f"unet worker {plan.unet_worker}") from None
         if result is None:
             raise Unavailable(f"unet worker {plan.unet_worker}: the stream ended without a result")

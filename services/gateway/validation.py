@@ -59,11 +59,15 @@ def _request_id(value: str, limits: Limits) -> str:
     return value
 
 
-def _known(item_id: str, table: dict, catalog: Catalog, field: str, pick):
-    """Look `item_id` up, refreshing the listing once before giving up."""
+def _known(item_id: str, kind: str, listing: Listing, catalog: Catalog, field: str):
+    """Look `item_id` up in the listing's `kind` table, refreshing it once before giving up."""
+    table = getattr(listing, kind)
     if item_id not in table:
-        table = pick(catalog.get(force=True))
+        listing = catalog.get(force=True)
+        table = getattr(listing, kind)
         if item_id not in table:
+            if kind in listing.incomplete:  # it may be on a service that did not answer
+                raise Unavailable(f"{field}: cannot look up {item_id!r} now: a service listing {kind} is unreachable")
             raise NotFound(field, item_id)
     return table[item_id]
 
@@ -74,7 +78,7 @@ def _model(params: common_pb2.GenerationParams, listing: Listing, catalog: Catal
         if not models:
             raise Unavailable("no UNet worker is reachable")
         params.model_id = default_model or sorted(models)[0]
-    return _known(params.model_id, listing.models, catalog, "params.model_id", lambda l: l.models)
+    return _known(params.model_id, "models", listing, catalog, "params.model_id")
 
 
 def _params(p: common_pb2.GenerationParams, model: common_pb2.ModelInfo, limits: Limits) -> None:
@@ -111,7 +115,7 @@ def _loras(r: gateway_pb2.GenerateRequest, model, listing: Listing, catalog: Cat
             raise InvalidArgument(f"{field}.scale", f"{lora.scale} must be in [-{limits.max_lora_scale}, {limits.max_lora_scale}]")
         if not catalog.lora_store:
             raise InvalidArgument("loras", "this gateway has no LoRA store configured")
-        info = _known(lora.lora_id, listing.loras, catalog, f"{field}.lora_id", lambda l: l.loras)
+        info = _known(lora.lora_id, "loras", listing, catalog, f"{field}.lora_id")
         if info.family and model.family and info.family != model.family:
             raise _family_mismatch(f"{field}.lora_id", "LoRA", lora.lora_id, info.family, model)
 
@@ -128,16 +132,16 @@ def _controlnets(r: gateway_pb2.GenerateRequest, model, listing: Listing, catalo
         end = cn.guidance_end or 1.0
         if not (0.0 <= cn.guidance_start < end <= 1.0):
             raise InvalidArgument(f"{field}.guidance_start", f"need 0 <= guidance_start < guidance_end <= 1, got {cn.guidance_start}, {end}")
-        info = _known(cn.controlnet_id, listing.controlnets, catalog, f"{field}.controlnet_id", lambda l: l.controlnets)
+        info = _known(cn.controlnet_id, "controlnets", listing, catalog, f"{field}.controlnet_id")
         if info.family and model.family and info.family != model.family:
             raise _family_mismatch(f"{field}.controlnet_id", "ControlNet", cn.controlnet_id, info.family, model)
         _conditioning_image(cn.image, f"{field}.image", r.params.width, r.params.height, limits)
 
 
 def _conditioning_image(data: bytes, field: str, width: int, height: int, limits: Limits) -> None:
-    image = decode_image(data, field)
+    image = decode_image(data, field, limits.max_image_side)
     w, h = image.size
-    if max(w, h) > limits.max_image_side or min(w, h) < 8:
+    if min(w, h) < 8:
         raise InvalidArgument(field, f"is {w}x{h}; each side must be in [8, {limits.max_image_side}]")
     mismatch = abs((w / h) / (width / height) - 1.0)
     if mismatch > limits.max_aspect_mismatch:

@@ -11,7 +11,7 @@ from opentelemetry import trace
 from services.lora_store.catalog import LoraFileInfo
 from services.lora_store.engine import LoraStore, ServedLora
 from swiftd import codec, rpc
-from swiftd.errors import InvalidArgument, ServingError, Unavailable
+from swiftd.errors import Cancelled, InvalidArgument, ServingError, Unavailable
 from swiftd.lora import deltas_to_chunks
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2_grpc
 
@@ -94,10 +94,19 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
             raise InvalidArgument("unet_worker_address", f"{address!r} is not host:port")
         served = self._served(request)
         stub = unet_pb2_grpc.UNetWorkerStub(self._channels.get(address))
+        # The caller's deadline bounds the transfer, and its cancellation stops it (gRPC does not
+        # pass either on to calls made inside a handler by itself).
+        remaining = context.time_remaining()
+        timeout = self.push_timeout if remaining is None else min(self.push_timeout, remaining)
+        call = stub.ReceiveLoraDeltas.future(chunks(served, request.request_id, self.chunk_bytes), timeout=timeout)
+        if not context.add_callback(call.cancel):
+            call.cancel()
         try:
-            ack = stub.ReceiveLoraDeltas(chunks(served, request.request_id, self.chunk_bytes), timeout=self.push_timeout)
+            ack = call.result()
         except grpc.RpcError as exc:
             raise _stream_error(exc, address) from None
+        except grpc.FutureCancelledError:
+            raise Cancelled("the caller cancelled the push") from None
         missing = [s.lora_id for s in served if s.lora_id not in set(ack.lora_ids)]
         if missing:
             raise Unavailable(f"unet worker {address} did not acknowledge lora(s) {missing}")

@@ -204,6 +204,10 @@ class DenoisingEngine:
         do_cfg = request.guidance_scale > 1.0
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
 
+        # A caller that left while the request waited for the engine: touch nothing (the LoRA set
+        # applied stays, for the requests that want it).
+        if should_stop is not None and should_stop():
+            raise Cancelled("request cancelled before it started")
         # Resolve every id before changing any state, so a bad request changes nothing.
         with tracing.stage(tracer, timings, "resolve"):
             fetch = self._fetch_loras(request, should_stop)

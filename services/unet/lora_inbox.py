@@ -45,11 +45,17 @@ class InboxEntry:
         self.complete = False
         self.text_encoder_done = False
         self.error: ServingError | None = None
+        # A pushed entry is kept (not evicted) until its request fetches it, or this time passes.
+        self.pinned_until = 0.0
         self.changed = threading.Condition()
 
     def add(self, deltas: Iterable[tuple[str, object]], last: bool) -> None:
         with self.changed:
+            if self.complete:  # the same (lora_id, scale) pushed again: same deltas, nothing to do
+                return
             for name, delta in deltas:
+                if name in self.deltas:
+                    self.nbytes -= self.deltas[name].nbytes
                 self.deltas[name] = delta
                 self.nbytes += delta.nbytes
                 if name.startswith(UNET_PREFIX):
@@ -162,6 +168,7 @@ class LoraInbox:
                 key = lora_key(chunk.lora_id, chunk.scale or 1.0)
                 if current is None or current.key != key:
                     current = self._entry(key)
+                    current.pinned_until = time.monotonic() + self.wait_timeout
                 try:
                     deltas = [delta_from_proto(d) for d in chunk.deltas]
                 except ValueError as exc:
@@ -213,6 +220,8 @@ class LoraInbox:
         pushed = set(pushed)
         missing = [k for k in keys if k[0] not in pushed and self._entry(k, create=False) is None]
         entries = [self._entry(k) for k in keys]
+        for entry in entries:
+            entry.pinned_until = 0.0  # fetched: evictable once this request is done with it
         if missing:
             if store:
                 tracing.in_current_context(self._pull, store, missing, request_id).start()
@@ -234,13 +243,16 @@ class LoraInbox:
             return [key for key, entry in self._entries.items() if entry.complete]
 
     def _evict(self) -> None:
+        now = time.monotonic()
         with self._lock:
             total = sum(e.nbytes for e in self._entries.values())
             for key in list(self._entries):
                 if total <= self.budget_bytes or len(self._entries) <= 1:
                     break
                 entry = self._entries[key]
-                if entry.complete:  # a request holding it keeps its own reference
+                # A request holding it keeps its own reference; one pushed for a request that has
+                # not fetched it yet stays, or that request would wait for it in vain.
+                if entry.complete and entry.pinned_until <= now:
                     del self._entries[key]
                     total -= entry.nbytes
 
