@@ -15,6 +15,9 @@ Groups (GROUPS below; later work adds its own):
   lora      the cost of switching one rank-64 LoRA in and out: Diffusers' load+fuse / unfuse+unload
             vs our in-place patch / restore of prepared deltas.
   gateway   the latency the gateway adds to a request (bench.gateway).
+  compiler  ahead-of-time compiled UNet halves (bench.compiler): eager / compiled step on one core
+            with the weights still patchable, and time to SERVING when a worker compiles at start
+            vs when it loads artifacts (warm start).
 
 On this 2-core CPU a "device" is one core (--device-core, default 0). The bench process itself
 keeps off that core (it only waits on the device), so what it does is not measured against either
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.bal import images_by_arrival_step
+from bench.compiler import group_compiler
 from bench.baseline_process import BaselineProcess
 from bench.gateway import group_gateway
 from bench.quality import psnr, ssim
@@ -306,6 +310,7 @@ GROUPS: dict[str, GroupFn] = {
     "lora": group_lora,
     "controlnet": group_controlnet,
     "gateway": group_gateway,
+    "compiler": group_compiler,
 }
 
 

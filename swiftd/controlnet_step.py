@@ -88,15 +88,17 @@ class ControlNetStepper:
         down = [block(res) for res, block in zip(down_block_res_samples, cn.controlnet_down_blocks)]
         mid = cn.controlnet_mid_block(sample)
 
-        if guess_mode and not cn.config.global_pool_conditions:
-            # Shallow residuals weigh less in guess mode (0.1 .. 1.0), as in diffusers.
-            scales = torch.logspace(-1, 0, len(down) + 1, device=sample.device) * conditioning_scale
-            down = [d * s for d, s in zip(down, scales)]
-            mid = mid * scales[-1]
-        else:
-            down = [d * conditioning_scale for d in down]
-            mid = mid * conditioning_scale
+        down, mid = weight_residuals(down, mid, conditioning_scale, guess_mode and not cn.config.global_pool_conditions)
         if cn.config.global_pool_conditions:
             down = [torch.mean(d, dim=(2, 3), keepdim=True) for d in down]
             mid = torch.mean(mid, dim=(2, 3), keepdim=True)
         return ControlNetResiduals(tuple(down), mid)
+
+
+def weight_residuals(down: list[torch.Tensor], mid: torch.Tensor, conditioning_scale: float, guess_mode: bool):
+    """Diffusers' weighting of a ControlNet's residuals: by the conditioning scale; in guess mode
+    shallow residuals weigh less (0.1 .. 1.0 times the scale)."""
+    if guess_mode:
+        scales = torch.logspace(-1, 0, len(down) + 1, device=mid.device) * conditioning_scale
+        return [d * s for d, s in zip(down, scales)], mid * scales[-1]
+    return [d * conditioning_scale for d in down], mid * conditioning_scale

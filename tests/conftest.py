@@ -26,3 +26,18 @@ def zoo_root() -> Path:
 def _torch_threads():
     # Two cores: keep test processes from oversubscribing them when services run beside.
     torch.set_num_threads(1)
+
+
+# The tiny families' pipelines, loaded once per test module that uses them.
+@pytest.fixture(scope="module")
+def sd15(zoo_root):
+    from tests.reference import Family
+
+    return Family(zoo_root, "tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def sdxl(zoo_root):
+    from tests.reference import Family
+
+    return Family(zoo_root, "tiny-sdxl")

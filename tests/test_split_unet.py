@@ -11,17 +11,7 @@ import torch
 
 from services.unet.engine import ControlNetRequest, GenerationRequest
 from swiftd.split_unet import SplitUNet
-from tests.reference import SIZE, STEPS, TOLERANCE, Family, assert_close, conditioning_image
-
-
-@pytest.fixture(scope="module")
-def sd15(zoo_root):
-    return Family(zoo_root, "tiny-sd15")
-
-
-@pytest.fixture(scope="module")
-def sdxl(zoo_root):
-    return Family(zoo_root, "tiny-sdxl")
+from tests.reference import SIZE, STEPS, TOLERANCE, assert_close, conditioning_image
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])

@@ -38,8 +38,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-wait-timeout", type=float, default=120.0, help="longest wait for a LoRA's deltas (seconds)")
     parser.add_argument("--controlnet-step-timeout", type=float, default=60.0,
                         help="longest wait for one step's residuals from a ControlNet worker (seconds)")
+    parser.add_argument("--compiled-artifacts", type=Path, default=None,
+                        help="artifact directory from `python -m compiler build`: the UNet halves, VAE decoder and "
+                             "in-process ControlNets run compiled (none given: eagerly)")
+    parser.add_argument("--compile-missing", action="store_true",
+                        help="build --compiled-artifacts at start when the directory has none (compiles for minutes)")
+    parser.add_argument("--compile-resolution", type=int, nargs="+", default=None,
+                        help="resolutions --compile-missing builds (default: the model's native size)")
     add_server_arguments(parser)
     return parser
+
+
+def load_compiled(args, pipe):
+    """The compiled backbone from --compiled-artifacts (built first with --compile-missing), or None.
+
+    Artifacts that do not fit this model, dtype, torch/diffusers version or machine stop the
+    worker with the compiler's exit code and the reason, rather than serving something else.
+    """
+    if args.compiled_artifacts is None:
+        log.info("serving eagerly: no --compiled-artifacts given")
+        return None
+    from compiler.artifacts import MANIFEST, CompilerError
+    from compiler.build import build
+    from compiler.runtime import CompiledBackbone, compile_activity
+
+    try:
+        if args.compile_missing and not (args.compiled_artifacts / MANIFEST).exists():
+            resolutions = args.compile_resolution or [pipe.unet.config.sample_size * pipe.vae_scale_factor]
+            log.info("compiling the backbone into %s for %s px (--compile-missing) ...", args.compiled_artifacts, resolutions)
+            build(pipe, args.compiled_artifacts, model_id=args.model_id, resolutions=resolutions, batch_sizes=(1, 2),
+                  device=args.device, force=True)  # fmt: skip
+        compiled = CompiledBackbone.load(args.compiled_artifacts, pipe, device=args.device)
+    except CompilerError as exc:
+        log.error("cannot serve on %s: %s", args.compiled_artifacts, exc)
+        raise SystemExit(exc.exit_code) from None
+    log.info("compiled: %s; compilation so far in this process: %s", compiled.describe(), compile_activity())
+    return compiled
 
 
 def main(argv=None) -> None:
@@ -51,13 +85,15 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype]
     model_path = resolve(args.model_root, "models", args.model_id, "model_id")
     pipe = load_pipeline(model_path, dtype=dtype, device=args.device, config=args.config)
+    compiled = load_compiled(args, pipe)
     controlnets: dict[str, ControlNetStepper] = {}
 
     def load_local_controlnet(controlnet_id: str) -> ControlNetStepper:
         # In-process ControlNets (no worker address given): loaded on first use, then kept.
         if controlnet_id not in controlnets:
             path = resolve(args.model_root, "controlnets", controlnet_id, "controlnet_id")
-            controlnets[controlnet_id] = ControlNetStepper(load_controlnet(path, dtype=dtype, device=args.device))
+            model = load_controlnet(path, dtype=dtype, device=args.device)
+            controlnets[controlnet_id] = compiled.controlnet_stepper(model) if compiled is not None else ControlNetStepper(model)
         return controlnets[controlnet_id]
 
     def prepare_local_lora(lora_id: str, scale: float) -> LoraDeltas:
@@ -71,7 +107,7 @@ def main(argv=None) -> None:
         prepare_local=None if args.lora_store else prepare_local_lora,
         default_store=args.lora_store, wait_timeout=args.lora_wait_timeout,
     )  # fmt: skip
-    engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet, lora_inbox=inbox)
+    engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet, lora_inbox=inbox, compiled=compiled)
     servicer = UNetWorkerServicer(
         engine, args.model_id, model_path, controlnet_step_timeout=args.controlnet_step_timeout,
         default_lora_bound_steps=args.lora_bound_steps,

@@ -153,12 +153,16 @@ class DenoisingEngine:
         load_controlnet: Callable[[str], ControlNetStepper] | None = None,
         load_lora: Callable[[str], LoraDeltas] | None = None,
         lora_inbox: LoraInbox | None = None,
+        compiled=None,
     ):
         """`lora_inbox` is where LoRA deltas arrive; `load_lora` (id -> scale-1 deltas) is a
-        shortcut for an inbox that prepares them in-process."""
+        shortcut for an inbox that prepares them in-process. `compiled` (a
+        compiler.runtime.CompiledBackbone loaded for `pipe`) runs the UNet halves and the VAE
+        decoder compiled; None: eagerly."""
         self.pipe = pipe
         self.is_sdxl = isinstance(pipe, StableDiffusionXLPipeline)
-        self.split_unet = SplitUNet(pipe.unet)
+        self.compiled = compiled
+        self.split_unet = compiled.split_unet() if compiled is not None else SplitUNet(pipe.unet)
         self.device = pipe.unet.device
         self.dtype = pipe.unet.dtype
         self.control_image_processor = VaeImageProcessor(
@@ -447,7 +451,10 @@ class DenoisingEngine:
             latents = latents * std / vae.config.scaling_factor + mean
         else:
             latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
+        if self.compiled is not None:
+            image = self.compiled.vae_decode(vae, latents)
+        else:
+            image = vae.decode(latents, return_dict=False)[0]
         if needs_upcast:
             vae.to(torch.float16)
         return self.pipe.image_processor.postprocess(image, output_type="pil")[0]

@@ -1,0 +1,292 @@
+"""GPU check of the compiler: what the CPU tests cannot show, in one run.
+
+    python -m compiler.gpu_check --out result.json                  (a CUDA machine: full-size SD1.5)
+    python -m compiler.gpu_check --device cpu --family tiny-sd15 --size 64 --dtype float32 --out x.json
+                                                                     (the same code on the tiny model)
+
+On a random-weight UNet built from the zoo's config (full-size SD1.5 by default: fp16, 512²,
+batch 2 = CFG), split into the encoder and decoder halves the service runs:
+
+  eager          time of one UNet step (encoder half + decoder half)
+  compiled       the halves through torch.compile, mode "max-autotune" (Inductor GEMM autotuning
+                 and, on CUDA, CUDA graphs; weights stay graph inputs): compile time, step time,
+                 speedup over eager, max |compiled - eager|
+  lora           LoRA swaps through swiftd.lora.LoraPatcher (rank 64 on attention and feed-forward
+                 weights, as bench.gpu_probe): after each swap the compiled step equals the eager
+                 step with the same weights, differs from the base, and torch's compile counters
+                 (compiler.runtime.compile_activity) show no recompilation
+  aoti           the encoder half as an AOTInductor package bound to the live weights
+                 (compiler.inductor): step time, agreement, and a LoRA patch seen without a reload
+  tensorrt       if torch_tensorrt imports: the encoder half as a refittable engine
+                 (compiler.tensorrt), a LoRA patch, a refit (not a rebuild), agreement with eager;
+                 otherwise the reason it cannot run
+
+Results are written to --out after every stage, so a run stopped by a time limit keeps what it
+measured. Stages run in the order above; --stages picks some.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+STAGES = ("eager", "compiled", "lora", "aoti", "tensorrt")
+
+
+class Timer:
+    def __init__(self, device: str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def ms(self, fn, iters: int, warmup: int = 3) -> float:
+        for _ in range(warmup):
+            fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / iters
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2] * 1e3
+
+
+def max_diff(a, b) -> float:
+    from compiler.parts import flat_tensors
+
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(flat_tensors(a), flat_tensors(b)))
+
+
+def lora_deltas(unet, rank: int, seed: int):
+    """Rank-`rank` deltas on the attention and feed-forward weights, keyed as LoraPatcher expects."""
+    from swiftd.lora import WeightDelta
+
+    gen = torch.Generator(device=unet.device).manual_seed(seed)
+    deltas = {}
+    for name, p in unet.named_parameters():
+        if p.dim() == 2 and name.endswith("weight") and any(k in name for k in ("to_q", "to_k", "to_v", "to_out.0", "ff.net")):
+            scale = 0.1 * p.float().std().item() / rank**0.5
+            up = torch.randn(p.shape[0], rank, generator=gen, device=p.device, dtype=p.dtype) * scale
+            down = torch.randn(rank, p.shape[1], generator=gen, device=p.device, dtype=p.dtype)
+            deltas[f"unet.{name}"] = WeightDelta(up, down)
+    return deltas
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compiler.gpu_check", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--family", default="sd15", help="swiftd.zoo family whose UNet config to build")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--swaps", type=int, default=10, help="LoRA swaps in the lora stage")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--mode", default="max-autotune", help="torch.compile mode of the compiled stage")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    from diffusers import UNet2DConditionModel
+
+    from compiler.runtime import compile_activity
+    from swiftd.lora import LoraPatcher
+    from swiftd.split_unet import SplitUNet
+    from swiftd.zoo import SPECS
+
+    device, dtype = args.device, getattr(torch, args.dtype)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    result: dict = {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "family": args.family, "size": args.size, "batch": args.batch, "dtype": args.dtype,
+        "mode": args.mode, "stages": {},
+    }  # fmt: skip
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+    spec = SPECS[args.family]
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**spec.unet).to(dtype).eval()
+    split = SplitUNet(unet)
+    latent = args.size // 8
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(args.batch, unet.config.in_channels, latent, latent, generator=gen, device=device, dtype=dtype)
+    hidden = torch.randn(args.batch, 77, unet.config.cross_attention_dim, generator=gen, device=device, dtype=dtype)
+    t = torch.tensor(481.0, device=device)
+    added: tuple = ()
+    if unet.config.addition_embed_type == "text_time":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = (torch.randn(args.batch, pooled, generator=gen, device=device, dtype=dtype),
+                 torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * args.batch, device=device, dtype=dtype))  # fmt: skip
+    timer = Timer(device)
+    result["unet_params_m"] = round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)
+
+    cuda_graphs = torch.device(device).type == "cuda" and args.mode in ("reduce-overhead", "max-autotune")
+
+    def step(encoder, decoder):
+        if cuda_graphs and encoder is not split.encoder_half:
+            # A new step: the previous step's CUDA-graph outputs may be overwritten from here on
+            # (the encoder's outputs feed the decoder's graph within one step).
+            torch.compiler.cudagraph_mark_step_begin()
+        return decoder(encoder(x, t, hidden, *added))
+
+    patcher = LoraPatcher(type("Pipe", (), {"unet": unet})())
+    loras = [lora_deltas(unet, 64, seed) for seed in (11, 12)]
+    result["lora_layers"] = len(loras[0])
+    compiled_halves = None
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # of max(1, max |eager|)
+
+    with torch.no_grad():
+        eager_out = step(split.encoder_half, split.decoder_half)
+        scale = max(1.0, eager_out.float().abs().max().item())
+        for stage in args.stages:
+            t0 = time.perf_counter()
+            result["stages"][stage] = {"started": True}  # stays so if the process dies in the stage
+            save()
+            try:
+                if stage == "eager":
+                    result["stages"]["eager"] = {"step_ms": timer.ms(lambda: step(split.encoder_half, split.decoder_half), args.iters)}
+                elif stage == "compiled":
+                    before = compile_activity()
+                    enc = torch.compile(split.encoder_half, mode=args.mode)
+                    dec = torch.compile(split.decoder_half, mode=args.mode)
+                    t_compile = time.perf_counter()
+                    step(enc, dec)
+                    out = step(enc, dec).clone()  # CUDA graphs record on the second call; replays reuse outputs
+                    compile_s = time.perf_counter() - t_compile
+                    compiled_halves = (enc, dec)
+                    step_ms = timer.ms(lambda: step(enc, dec), args.iters)
+                    eager_ms = timer.ms(lambda: step(split.encoder_half, split.decoder_half), args.iters)
+                    result["stages"]["compiled"] = {
+                        "compile_s": round(compile_s, 1), "step_ms": step_ms, "eager_step_ms": eager_ms,
+                        "speedup": eager_ms / step_ms, "max_abs_diff": max_diff(out, eager_out), "eager_scale": scale,
+                        "compile_activity": {k: compile_activity()[k] - before[k] for k in before},
+                    }  # fmt: skip
+                elif stage == "lora":
+                    if compiled_halves is None:
+                        raise RuntimeError("needs the compiled stage")
+                    enc, dec = compiled_halves
+                    before = compile_activity()
+                    swaps, worst, changed, swap_ms = [], 0.0, True, []
+                    for i in range(args.swaps):
+                        deltas = loras[i % 2]
+                        s0 = time.perf_counter()
+                        patcher.apply([(f"lora{i % 2}", 1.0, deltas)]) if i % 3 != 2 else patcher.restore()
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        swap_ms.append((time.perf_counter() - s0) * 1e3)
+                        ours = step(enc, dec).clone()  # CUDA-graph outputs are overwritten by the next replay
+                        reference = step(split.encoder_half, split.decoder_half)
+                        diff = max_diff(ours, reference)
+                        worst = max(worst, diff)
+                        if i % 3 != 2:
+                            changed = changed and max_diff(reference, eager_out) > 10 * tolerance * scale
+                        swaps.append(round(diff, 6))
+                    patcher.restore()
+                    after = compile_activity()
+                    result["stages"]["lora"] = {
+                        "swaps": args.swaps, "max_abs_diff_each": swaps, "max_abs_diff": worst,
+                        "within_tolerance": worst <= tolerance * scale, "lora_changes_output": changed,
+                        "swap_ms_median": sorted(swap_ms)[len(swap_ms) // 2],
+                        "compile_activity_during_swaps": {k: after[k] - before[k] for k in before},
+                    }  # fmt: skip
+                elif stage == "aoti":
+                    from compiler import parts as P
+                    from compiler.export import export_part
+                    from compiler.inductor import PackagePart, build_package
+
+                    class Pipe:  # what compiler.parts needs of a pipeline
+                        pass
+
+                    pipe = Pipe()
+                    pipe.unet, pipe.vae_scale_factor, pipe.tokenizer = unet, 8, None
+                    module = P.graph_module(P.UNET_ENCODER, pipe)
+                    inputs = (x, t, hidden, *added)
+                    program = export_part(P.UNET_ENCODER, module, inputs, (args.batch,))
+                    path = os.path.join(os.path.dirname(os.path.abspath(args.out)) or ".", "gpu_check_encoder.pt2")
+                    build_s = build_package(program, path)
+                    part = PackagePart(path, module, device)
+                    ref = module(*inputs)
+                    diff = max_diff(part(*inputs), ref)
+                    aoti_ms = timer.ms(lambda: part(*inputs), args.iters)
+                    eager_ms = timer.ms(lambda: module(*inputs), args.iters)
+                    patcher.apply([("lora0", 1.0, loras[0])])
+                    patched_diff = max_diff(part(*inputs), module(*inputs))
+                    patcher.restore()
+                    result["stages"]["aoti"] = {
+                        "part": "unet_encoder", "build_s": round(build_s, 1), "step_ms": aoti_ms, "eager_ms": eager_ms,
+                        "speedup": eager_ms / aoti_ms, "max_abs_diff": diff, "max_abs_diff_after_lora": patched_diff,
+                    }  # fmt: skip
+                    os.remove(path)
+                elif stage == "tensorrt":
+                    from compiler import tensorrt
+
+                    reason = tensorrt.unavailable_reason(device)
+                    if reason:
+                        result["stages"]["tensorrt"] = {"skipped": reason}
+                    else:
+                        result["stages"]["tensorrt"] = tensorrt_stage(unet, x, t, hidden, added, patcher, loras[0], timer, args)
+            except Exception as exc:  # noqa: BLE001 - record and go on to the next stage
+                result["stages"][stage] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+            result["stages"].setdefault(stage, {})["wall_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps({stage: result["stages"][stage]})[:600], flush=True)
+            save()
+    return 0
+
+
+def tensorrt_stage(unet, x, t, hidden, added, patcher, deltas, timer, args) -> dict:
+    """Refittable engine for the encoder half: build, run, LoRA patch, refit (not rebuild), compare."""
+    import tempfile
+
+    from compiler import parts as P
+    from compiler.export import export_part
+    from compiler.tensorrt import EnginePart, build_engine, versions
+
+    class Pipe:
+        pass
+
+    pipe = Pipe()
+    pipe.unet, pipe.vae_scale_factor, pipe.tokenizer = unet, 8, None
+    module = P.graph_module(P.UNET_ENCODER, pipe)
+    inputs = (x, t, hidden, *added)
+    program = export_part(P.UNET_ENCODER, module, inputs, (args.batch,))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "encoder.trt.ep")
+        build_s = build_engine(program, inputs, path, {"enabled_precisions": {x.dtype}})
+        part = EnginePart(path, module)
+        ref = module(*inputs)
+        diff = max_diff(part(*inputs), ref)
+        trt_ms = timer.ms(lambda: part(*inputs), args.iters)
+        patcher.apply([("lora0", 1.0, deltas)])
+        t0 = time.perf_counter()
+        patched = part(*inputs)  # refits first: the weights' version counters moved
+        refit_s = time.perf_counter() - t0
+        patched_diff = max_diff(patched, module(*inputs))
+        patcher.restore()
+        restored_diff = max_diff(part(*inputs), ref)
+    return {
+        "versions": versions(), "build_s": round(build_s, 1), "step_ms": trt_ms, "max_abs_diff": diff,
+        "refit_s": round(refit_s, 2), "refits": part.refits, "max_abs_diff_after_lora": patched_diff,
+        "max_abs_diff_after_restore": restored_diff,
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

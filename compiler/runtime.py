@@ -1,0 +1,278 @@
+"""Serving on compiled artifacts: drop-in replacements for the split UNet, the ControlNet step and
+the VAE decode, bound to the serving pipeline's own modules.
+
+`CompiledBackbone.load(directory, pipe, device=...)` reads the manifest, refuses artifacts built
+for another architecture, dtype, library version or platform (ArtifactMismatch), checks the part
+files, and loads every part (a dlopen per part: nothing is compiled). Each call then goes to the
+compiled part built for its resolution and batch size; a shape no artifact covers runs eagerly
+(logged once per shape), so a request is never refused for lack of an artifact.
+
+`compile_activity()` reads torch's own counters of compilation work in this process; a service
+started on artifacts logs it once ready, and tests assert it stays zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from compiler import parts as P
+from compiler.artifacts import (
+    Manifest,
+    PartEntry,
+    check_compatible,
+    check_files,
+    module_fingerprint,
+    pipeline_fingerprint,
+    read_manifest,
+)
+from compiler.build import dtype_name
+from swiftd.controlnet_step import ControlNetResiduals, ControlNetStepper, weight_residuals
+from swiftd.split_unet import EncoderHalfOutput, SplitUNet
+
+log = logging.getLogger(__name__)
+
+
+def compile_activity() -> dict[str, int]:
+    """Compilation work done in this process so far, by torch's counters (all zero: none).
+
+    dynamo_frames: frames Dynamo compiled (`counters["stats"]["unique_graphs"]`);
+    dynamo_recompiles: guard failures that recompiled (`counters["recompiles"]`);
+    inductor: Inductor compilations, cache hits included (`counters["inductor"]`, graph
+    lowerings and FX-graph cache lookups); aot_autograd: AOT autograd graph builds.
+    """
+    from torch._dynamo.utils import counters
+
+    return {
+        "dynamo_frames": int(counters["stats"]["unique_graphs"]),
+        "dynamo_recompiles": int(sum(counters["recompiles"].values())),
+        "inductor": int(counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
+                        + counters["inductor"]["fxgraph_cache_bypass"]),
+        "aot_autograd": int(counters["aot_autograd"]["total"]),
+    }  # fmt: skip
+
+
+def _load_part(directory: Path, entry: PartEntry, module: torch.nn.Module, backend: str, device: str):
+    path = Path(directory) / entry.file
+    if backend == "inductor":
+        from compiler.inductor import PackagePart
+
+        return PackagePart(path, module, device, entry.recipes)
+    from compiler.tensorrt import EnginePart
+
+    return EnginePart(path, module)
+
+
+class _Dispatch:
+    """Compiled parts of one kind by (latent height, latent width) and batch range; eager fallback."""
+
+    def __init__(self, name: str, vae_scale_factor: int, dtype: torch.dtype):
+        self.name = name
+        self.vae_scale_factor = vae_scale_factor
+        self.dtype = dtype
+        self.parts: list[tuple[PartEntry, object]] = []
+        self.calls = Counter()  # "compiled" / "eager"
+        self._warned: set = set()
+
+    def find(self, latent_hw: tuple[int, int], batch: int, dtype: torch.dtype):
+        if dtype == self.dtype and latent_hw[0] == latent_hw[1]:
+            resolution = latent_hw[0] * self.vae_scale_factor
+            for entry, compiled in self.parts:
+                if entry.serves(resolution, batch):
+                    self.calls["compiled"] += 1
+                    return compiled
+        self.calls["eager"] += 1
+        key = (latent_hw, batch, dtype)
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("no compiled %s for batch %d, latent %s, %s: running it eagerly", self.name, batch, latent_hw, dtype)
+        return None
+
+
+def _as_float_timestep(timestep, device) -> torch.Tensor | None:
+    """The 0-d float32 timestep the compiled parts take, or None when it is not a scalar.
+
+    Exact: the UNet and ControlNet turn timesteps into float32 before using them.
+    """
+    t = torch.as_tensor(timestep, device=device)
+    if t.numel() != 1:
+        return None
+    return t.reshape(()).to(torch.float32)
+
+
+class CompiledEncoderHalf:
+    def __init__(self, eager, dispatch: _Dispatch):
+        self.eager = eager
+        self.dispatch = dispatch
+
+    def __call__(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None) -> EncoderHalfOutput:
+        compiled = self.dispatch.find(tuple(sample.shape[-2:]), sample.shape[0], sample.dtype)
+        t = _as_float_timestep(timestep, sample.device) if compiled is not None else None
+        if t is None:
+            return self.eager(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+        added = () if text_embeds is None else (text_embeds, time_ids)
+        out = compiled(sample, t, encoder_hidden_states, *added)
+        return EncoderHalfOutput(out[0], out[1], out[2], tuple(out[3:]))
+
+
+class CompiledDecoderHalf:
+    def __init__(self, eager, dispatch: _Dispatch):
+        self.eager = eager
+        self.dispatch = dispatch
+        self._zeros: dict = {}  # residuals of a step without ControlNets, per shape (never written)
+
+    def _zero_residuals(self, encoded: EncoderHalfOutput):
+        key = tuple((tuple(r.shape), r.dtype) for r in encoded.down_block_res_samples) + (tuple(encoded.sample.shape),)
+        if key not in self._zeros:
+            self._zeros = {key: (tuple(torch.zeros_like(r) for r in encoded.down_block_res_samples),
+                                 torch.zeros_like(encoded.sample))}  # fmt: skip
+        return self._zeros[key]
+
+    def __call__(self, encoded: EncoderHalfOutput, down_block_additional_residuals=None, mid_block_additional_residual=None):
+        sample = encoded.sample
+        compiled = self.dispatch.find(tuple(encoded.down_block_res_samples[0].shape[-2:]), sample.shape[0], sample.dtype)
+        if compiled is None:
+            return self.eager(encoded, down_block_additional_residuals, mid_block_additional_residual)
+        if down_block_additional_residuals is None and mid_block_additional_residual is None:
+            down, mid = self._zero_residuals(encoded)
+        else:
+            zeros_down, zeros_mid = self._zero_residuals(encoded)
+            down = tuple(down_block_additional_residuals) if down_block_additional_residuals is not None else zeros_down
+            mid = mid_block_additional_residual if mid_block_additional_residual is not None else zeros_mid
+            if len(down) != len(encoded.down_block_res_samples):
+                raise ValueError(f"expected {len(encoded.down_block_res_samples)} down-block residuals, got {len(down)}")
+        return compiled(sample, encoded.emb, encoded.encoder_hidden_states, tuple(encoded.down_block_res_samples), down, mid)
+
+
+class CompiledSplitUNet:
+    """What DenoisingEngine uses of a SplitUNet: `encoder_half`, `decoder_half`, `config`."""
+
+    def __init__(self, split: SplitUNet, encoder: _Dispatch, decoder: _Dispatch):
+        self.eager = split
+        self.unet = split.unet
+        self.encoder_half = CompiledEncoderHalf(split.encoder_half, encoder)
+        self.decoder_half = CompiledDecoderHalf(split.decoder_half, decoder)
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def __call__(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):  # fmt: skip
+        encoded = self.encoder_half(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
+        return self.decoder_half(encoded, down_block_additional_residuals, mid_block_additional_residual)
+
+
+class CompiledControlNetStepper(ControlNetStepper):
+    """ControlNetStepper whose step runs the compiled ControlNet graph where one fits.
+
+    The graph returns unscaled residuals; scale and guess mode are applied here as
+    ControlNetStepper.step applies them (ControlNets with global pooling run eagerly).
+    """
+
+    def __init__(self, controlnet, dispatch: _Dispatch):
+        super().__init__(controlnet)
+        self.dispatch = dispatch
+
+    @torch.no_grad()
+    def step(self, sample, timestep, encoder_hidden_states, cond_embedding, conditioning_scale, guess_mode=False,
+             text_embeds=None, time_ids=None) -> ControlNetResiduals:  # fmt: skip
+        cn = self.controlnet
+        compiled = None
+        if not cn.config.global_pool_conditions:
+            compiled = self.dispatch.find(tuple(sample.shape[-2:]), sample.shape[0], sample.dtype)
+        t = _as_float_timestep(timestep, sample.device) if compiled is not None else None
+        if t is None:
+            return super().step(sample, timestep, encoder_hidden_states, cond_embedding, conditioning_scale,
+                                guess_mode, text_embeds, time_ids)  # fmt: skip
+        added = () if text_embeds is None else (text_embeds, time_ids)
+        out = compiled(sample, t, encoder_hidden_states, cond_embedding, *added)
+        down, mid = weight_residuals(list(out[:-1]), out[-1], conditioning_scale, guess_mode)
+        return ControlNetResiduals(tuple(down), mid)
+
+
+class CompiledBackbone:
+    """The compiled parts of one serving pipeline (and its ControlNets), loaded from artifacts."""
+
+    def __init__(self, directory: Path, manifest: Manifest, pipe, device: str):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.pipe = pipe
+        self.device = device
+        dtype = pipe.unet.dtype
+        scale = pipe.vae_scale_factor
+        self.encoder = _Dispatch(P.UNET_ENCODER, scale, dtype)
+        self.decoder = _Dispatch(P.UNET_DECODER, scale, dtype)
+        self.vae = _Dispatch(P.VAE_DECODER, scale, dtype)
+        self.controlnets: dict[int, _Dispatch] = {}  # id(ControlNetModel) -> its compiled parts
+        self.load_seconds = 0.0
+        self._first_request_reported = False
+
+    @classmethod
+    def load(cls, directory: Path, pipe, *, device: str = "cpu") -> CompiledBackbone:
+        """Load every UNet and VAE part of `directory` for `pipe`; ControlNets load on first use."""
+        t0 = time.perf_counter()
+        manifest = read_manifest(directory)
+        check_compatible(manifest, model_fingerprint=pipeline_fingerprint(pipe), dtype=dtype_name(pipe.unet.dtype),
+                         device=device)  # fmt: skip
+        check_files(directory, manifest)
+        backbone = cls(directory, manifest, pipe, device)
+        modules = {
+            P.UNET_ENCODER: (P.graph_module(P.UNET_ENCODER, pipe), backbone.encoder),
+            P.UNET_DECODER: (P.graph_module(P.UNET_DECODER, pipe), backbone.decoder),
+            P.VAE_DECODER: (P.graph_module(P.VAE_DECODER, pipe), backbone.vae),
+        }
+        for entry in manifest.parts:
+            if entry.name in modules:
+                module, dispatch = modules[entry.name]
+                dispatch.parts.append((entry, _load_part(directory, entry, module, manifest.backend, device)))
+        backbone.load_seconds = time.perf_counter() - t0
+        return backbone
+
+    def describe(self) -> str:
+        names = sorted({f"{e.name}@{e.resolution}" for e in self.manifest.parts})
+        return (f"{self.manifest.backend} artifacts from {self.directory} ({', '.join(names)}; "
+                f"batch {self.manifest.batch_sizes}) loaded in {self.load_seconds:.2f} s")  # fmt: skip
+
+    def split_unet(self) -> CompiledSplitUNet:
+        return CompiledSplitUNet(SplitUNet(self.pipe.unet), self.encoder, self.decoder)
+
+    def vae_decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """`vae.decode(latents, return_dict=False)[0]`, compiled when `vae` is the pipeline's own
+        VAE in the serving dtype (an upcast VAE has other weights: eager)."""
+        compiled = None
+        if vae is self.pipe.vae and vae.dtype == self.vae.dtype:
+            compiled = self.vae.find(tuple(latents.shape[-2:]), latents.shape[0], latents.dtype)
+        image = vae.decode(latents, return_dict=False)[0] if compiled is None else compiled(latents)
+        if not self._first_request_reported:
+            # The end of the first request: what it ran compiled, and that nothing was compiled.
+            self._first_request_reported = True
+            log.info("first request done: calls %s; compilation in this process: %s", self.calls(), compile_activity())
+        return image
+
+    def controlnet_stepper(self, controlnet) -> ControlNetStepper:
+        """A stepper for `controlnet`: compiled when an artifact of its architecture exists."""
+        fingerprint = module_fingerprint(controlnet)
+        entries = [e for e in self.manifest.parts if e.name == P.CONTROLNET and e.fingerprint == fingerprint]
+        if not entries:
+            log.info("no compiled ControlNet of this architecture (%s): it runs eagerly", fingerprint)
+            return ControlNetStepper(controlnet)
+        dispatch = _Dispatch(P.CONTROLNET, self.pipe.vae_scale_factor, controlnet.dtype)
+        module = P.graph_module(P.CONTROLNET, self.pipe, controlnet)
+        for entry in entries:
+            dispatch.parts.append((entry, _load_part(self.directory, entry, module, self.manifest.backend, self.device)))
+        self.controlnets[id(controlnet)] = dispatch
+        return CompiledControlNetStepper(controlnet, dispatch)
+
+    def calls(self) -> dict[str, dict[str, int]]:
+        """Calls per part kind that ran compiled / eagerly (for logs and tests)."""
+        result = {d.name: dict(d.calls) for d in (self.encoder, self.decoder, self.vae)}
+        for dispatch in self.controlnets.values():
+            for k, v in dispatch.calls.items():
+                result.setdefault(P.CONTROLNET, {}).setdefault(k, 0)
+                result[P.CONTROLNET][k] += v
+        return result
