@@ -20,6 +20,7 @@ import sys
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
+from compiler.gpu_check import Timer
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.lora import LoraPatcher, WeightDelta
 from swiftd.split_unet import SplitUNet
@@ -29,16 +30,8 @@ SIZES = {"sd15": 512, "sdxl": 1024}
 
 
 def timed_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    """Mean milliseconds per call on the GPU (CUDA events, after 3 warm-up calls)."""
+    return Timer("cuda").ms(fn, iters)
 
 
 @torch.no_grad()

@@ -208,20 +208,11 @@ def main(argv=None) -> int:
                         "compile_activity_during_swaps": {k: after[k] - before[k] for k in before},
                     }  # fmt: skip
                 elif stage == "aoti":
-                    from compiler import parts as P
-                    from compiler.export import export_part
                     from compiler.inductor import PackagePart, build_package
 
-                    class Pipe:  # what compiler.parts needs of a pipeline
-                        pass
-
-                    pipe = Pipe()
-                    pipe.unet, pipe.vae_scale_factor, pipe.tokenizer = unet, 8, None
-                    module = P.graph_module(P.UNET_ENCODER, pipe)
-                    inputs = (x, t, hidden, *added)
-                    program = export_part(P.UNET_ENCODER, module, inputs, (args.batch,))
+                    module, inputs, program = exported_encoder(unet, x, t, hidden, added, args.batch)
                     path = os.path.join(os.path.dirname(os.path.abspath(args.out)) or ".", "gpu_check_encoder.pt2")
-                    build_s = build_package(program, path)
+                    build_s, _ = build_package(program, path, module=module)  # no options: weights read in place
                     part = PackagePart(path, module, device)
                     ref = module(*inputs)
                     diff = max_diff(part(*inputs), ref)
@@ -251,22 +242,28 @@ def main(argv=None) -> int:
     return 0
 
 
-def tensorrt_stage(unet, x, t, hidden, added, patcher, deltas, timer, args) -> dict:
-    """Refittable engine for the encoder half: build, run, LoRA patch, refit (not rebuild), compare."""
-    import tempfile
-
+def exported_encoder(unet, x, t, hidden, added, batch: int):
+    """The encoder half as the service runs it, its example inputs, and its exported program."""
     from compiler import parts as P
     from compiler.export import export_part
-    from compiler.tensorrt import EnginePart, build_engine, versions
 
-    class Pipe:
+    class Pipe:  # what compiler.parts needs of a pipeline
         pass
 
     pipe = Pipe()
     pipe.unet, pipe.vae_scale_factor, pipe.tokenizer = unet, 8, None
     module = P.graph_module(P.UNET_ENCODER, pipe)
     inputs = (x, t, hidden, *added)
-    program = export_part(P.UNET_ENCODER, module, inputs, (args.batch,))
+    return module, inputs, export_part(P.UNET_ENCODER, module, inputs, (batch,))
+
+
+def tensorrt_stage(unet, x, t, hidden, added, patcher, deltas, timer, args) -> dict:
+    """Refittable engine for the encoder half: build, run, LoRA patch, refit (not rebuild), compare."""
+    import tempfile
+
+    from compiler.tensorrt import EnginePart, build_engine, versions
+
+    module, inputs, program = exported_encoder(unet, x, t, hidden, added, args.batch)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "encoder.trt.ep")
         build_s = build_engine(program, inputs, path, {"enabled_precisions": {x.dtype}})
