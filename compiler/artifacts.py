@@ -153,6 +153,7 @@ class Manifest:
     options: dict  # backend options the artifacts were built with
     tolerance: float  # max abs difference compiled vs eager accepted at build time
     parts: list[PartEntry] = field(default_factory=list)
+    vae_scale_factor: int = 8  # pixels per latent: maps a latent shape to the resolution served
     format_version: int = FORMAT_VERSION
     created_unix: float = field(default_factory=time.time)
 
@@ -194,9 +195,11 @@ def read_manifest(directory: Path) -> Manifest:
     return manifest
 
 
-def check_files(directory: Path, manifest: Manifest) -> None:
-    """Every part file is there and has the checksum the build recorded."""
+def check_files(directory: Path, manifest: Manifest, names: set[str] | None = None) -> None:
+    """Every part file (of the parts named in `names`; default all) is there and has the checksum the build recorded."""
     for entry in manifest.parts:
+        if names is not None and entry.name not in names:
+            continue
         path = Path(directory) / entry.file
         if not path.is_file():
             raise ArtifactCorrupt(f"{path} is missing (listed in the manifest)")
@@ -204,10 +207,13 @@ def check_files(directory: Path, manifest: Manifest) -> None:
             raise ArtifactCorrupt(f"{path}: checksum differs from the manifest's (file changed or truncated)")
 
 
-def check_compatible(manifest: Manifest, *, model_fingerprint: str, dtype: str, device: str) -> None:
-    """Raise ArtifactMismatch naming every difference between the artifacts and this process."""
+def check_compatible(manifest: Manifest, *, model_fingerprint: str | None, dtype: str, device: str) -> None:
+    """Raise ArtifactMismatch naming every difference between the artifacts and this process.
+
+    `model_fingerprint` None: no base model to compare (a ControlNet worker; ControlNet parts are
+    matched per ControlNet architecture instead)."""
     problems = []
-    if manifest.model_fingerprint != model_fingerprint:
+    if model_fingerprint is not None and manifest.model_fingerprint != model_fingerprint:
         problems.append(
             f"model: built for {manifest.model_id!r} (architecture {manifest.model_fingerprint}), "
             f"this model's architecture is {model_fingerprint}"

@@ -131,7 +131,7 @@ def build(
         backend=backend, model_id=model_id, model_fingerprint=pipeline_fingerprint(pipe), dtype=dtype,
         libraries=library_versions(backend), platform=platform_key(device),
         resolutions=sorted(set(resolutions)), batch_sizes=sorted(set(batch_sizes)), options=dict(options or {}),
-        tolerance=tol,
+        tolerance=tol, vae_scale_factor=pipe.vae_scale_factor,
     )  # fmt: skip
 
     # One ControlNet per architecture: weights are inputs, so one artifact serves them all.

@@ -58,11 +58,12 @@ def build_package(program: ExportedProgram, path: Path, options: dict | None = N
 
 
 def _build_package(program, path, configs, frozen, module):
+    device = str(_program_device(program))  # reading the package back: the device it was built for
     t0 = time.perf_counter()
     if not frozen:
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=configs)
         seconds = time.perf_counter() - t0
-        baked = [n for n in load_package(path, "cpu").get_constant_fqns() if n not in module_tensors(module)]
+        baked = [n for n in load_package(path, device).get_constant_fqns() if n not in module_tensors(module)]
         if baked:
             # E.g. max_autotune's CPU GEMM templates pack weights into constants of their own.
             raise UsageError(f"{Path(path).name}: options {sorted(configs)} made Inductor bake {len(baked)} weights into "
@@ -77,7 +78,13 @@ def _build_package(program, path, configs, frozen, module):
     if not records:
         raise RuntimeError("freezing was asked for but Inductor froze nothing")
     recipes = F.resolve_leaves(records, leaves, module)
-    return seconds, F.complete_recipes(recipes, load_package(path, "cpu").get_constant_fqns(), module)
+    return seconds, F.complete_recipes(recipes, load_package(path, device).get_constant_fqns(), module)
+
+
+def _program_device(program: ExportedProgram) -> torch.device:
+    for t in program.state_dict.values():
+        return t.device
+    return torch.device("cpu")
 
 
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -96,10 +103,13 @@ def load_package(path: Path, device: str):
     this CPU has the instruction set the package was built for (compiler.artifacts.platform_key),
     so the package's loader is constructed directly (what aoti_load_package itself falls back to).
     """
+    device_index = torch.device(device).index
+    device_index = -1 if device_index is None else device_index
+    if torch.device(device).type != "cpu":  # the ISA probe is a CPU matter: the public loader
+        return torch._inductor.aoti_load_package(str(path), device_index=device_index)
     from torch.export.pt2_archive._package import AOTICompiledModel
 
-    device_index = torch.device(device).index
-    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1 if device_index is None else device_index)
+    loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, device_index)
     return AOTICompiledModel(loader)
 
 

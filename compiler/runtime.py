@@ -1,9 +1,11 @@
 """Serving on compiled artifacts: drop-in replacements for the split UNet, the ControlNet step and
 the VAE decode, bound to the serving pipeline's own modules.
 
-`CompiledBackbone.load(directory, pipe, device=...)` reads the manifest, refuses artifacts built
-for another architecture, dtype, library version or platform (ArtifactMismatch), checks the part
-files, and loads every part (a dlopen per part: nothing is compiled). Each call then goes to the
+`CompiledBackbone.load(directory, pipe, device=...)` (a UNet worker) reads the manifest, refuses
+artifacts built for another architecture, dtype, library version or platform (ArtifactMismatch),
+checks the part files, and loads every part (a dlopen per part: nothing is compiled).
+`CompiledControlNets.load(directory, dtype=..., device=...)` (a ControlNet worker, which has no
+pipeline) does the same for the ControlNet parts alone, matched per ControlNet architecture. Each call then goes to the
 compiled part built for its resolution and batch size; a shape no artifact covers runs eagerly
 (logged once per shape), so a request is never refused for lack of an artifact.
 
@@ -22,6 +24,7 @@ import torch
 
 from compiler import parts as P
 from compiler.artifacts import (
+    ArtifactMismatch,
     Manifest,
     PartEntry,
     check_compatible,
@@ -174,6 +177,8 @@ class CompiledControlNetStepper(ControlNetStepper):
     ControlNetStepper.step applies them (ControlNets with global pooling run eagerly).
     """
 
+    compiled = True
+
     def __init__(self, controlnet, dispatch: _Dispatch):
         super().__init__(controlnet)
         self.dispatch = dispatch
@@ -195,6 +200,60 @@ class CompiledControlNetStepper(ControlNetStepper):
         return ControlNetResiduals(tuple(down), mid)
 
 
+class CompiledControlNets:
+    """The ControlNet parts of an artifact directory: one per ControlNet architecture.
+
+    A ControlNet of a compiled architecture gets a stepper running the compiled graph bound to
+    its own weights (loading it is a dlopen); any other ControlNet runs eagerly (logged).
+    """
+
+    def __init__(self, directory: Path, manifest: Manifest, device: str):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.device = device
+        self.dispatches: dict[int, _Dispatch] = {}  # id(ControlNetModel) -> its compiled parts
+
+    @classmethod
+    def load(cls, directory: Path, *, dtype: torch.dtype, device: str = "cpu") -> CompiledControlNets:
+        """For a ControlNet worker: check the directory (no base model to compare) and its ControlNet parts."""
+        manifest = read_manifest(directory)
+        check_compatible(manifest, model_fingerprint=None, dtype=dtype_name(dtype), device=device)
+        check_files(directory, manifest, names={P.CONTROLNET})
+        compiled = cls(directory, manifest, device)
+        if not compiled.fingerprints():
+            raise ArtifactMismatch(f"{directory} has no ControlNet part (build it with --controlnet-id)")
+        return compiled
+
+    def fingerprints(self) -> set[str]:
+        return {e.fingerprint for e in self.manifest.parts if e.name == P.CONTROLNET}
+
+    def describe(self) -> str:
+        entries = [e for e in self.manifest.parts if e.name == P.CONTROLNET]
+        shapes = sorted({f"{e.source_id}@{e.resolution}" for e in entries})
+        return f"ControlNet artifacts from {self.directory} ({len(self.fingerprints())} architecture(s): {', '.join(shapes)})"
+
+    def stepper(self, controlnet) -> ControlNetStepper:
+        """A stepper for `controlnet`: compiled when an artifact of its architecture exists."""
+        fingerprint = module_fingerprint(controlnet)
+        entries = [e for e in self.manifest.parts if e.name == P.CONTROLNET and e.fingerprint == fingerprint]
+        if not entries:
+            log.info("no compiled ControlNet of this architecture (%s): it runs eagerly", fingerprint)
+            return ControlNetStepper(controlnet)
+        dispatch = _Dispatch(P.CONTROLNET, self.manifest.vae_scale_factor, controlnet.dtype)
+        module = P.graph_module(P.CONTROLNET, None, controlnet)
+        for entry in entries:
+            dispatch.parts.append((entry, _load_part(self.directory, entry, module, self.manifest.backend, self.device)))
+        self.dispatches[id(controlnet)] = dispatch
+        return CompiledControlNetStepper(controlnet, dispatch)
+
+    def calls(self) -> dict[str, int]:
+        """Steps that ran compiled / eagerly, over every ControlNet given a stepper."""
+        total = Counter()
+        for dispatch in self.dispatches.values():
+            total.update(dispatch.calls)
+        return dict(total)
+
+
 class CompiledBackbone:
     """The compiled parts of one serving pipeline (and its ControlNets), loaded from artifacts."""
 
@@ -208,7 +267,7 @@ class CompiledBackbone:
         self.encoder = _Dispatch(P.UNET_ENCODER, scale, dtype)
         self.decoder = _Dispatch(P.UNET_DECODER, scale, dtype)
         self.vae = _Dispatch(P.VAE_DECODER, scale, dtype)
-        self.controlnets: dict[int, _Dispatch] = {}  # id(ControlNetModel) -> its compiled parts
+        self.controlnets = CompiledControlNets(directory, manifest, device)  # in-process ControlNets
         self.load_seconds = 0.0
         self._first_request_reported = False
 
@@ -255,24 +314,12 @@ class CompiledBackbone:
         return image
 
     def controlnet_stepper(self, controlnet) -> ControlNetStepper:
-        """A stepper for `controlnet`: compiled when an artifact of its architecture exists."""
-        fingerprint = module_fingerprint(controlnet)
-        entries = [e for e in self.manifest.parts if e.name == P.CONTROLNET and e.fingerprint == fingerprint]
-        if not entries:
-            log.info("no compiled ControlNet of this architecture (%s): it runs eagerly", fingerprint)
-            return ControlNetStepper(controlnet)
-        dispatch = _Dispatch(P.CONTROLNET, self.pipe.vae_scale_factor, controlnet.dtype)
-        module = P.graph_module(P.CONTROLNET, self.pipe, controlnet)
-        for entry in entries:
-            dispatch.parts.append((entry, _load_part(self.directory, entry, module, self.manifest.backend, self.device)))
-        self.controlnets[id(controlnet)] = dispatch
-        return CompiledControlNetStepper(controlnet, dispatch)
+        """A stepper for an in-process `controlnet`: compiled when an artifact of its architecture exists."""
+        return self.controlnets.stepper(controlnet)
 
     def calls(self) -> dict[str, dict[str, int]]:
         """Calls per part kind that ran compiled / eagerly (for logs and tests)."""
         result = {d.name: dict(d.calls) for d in (self.encoder, self.decoder, self.vae)}
-        for dispatch in self.controlnets.values():
-            for k, v in dispatch.calls.items():
-                result.setdefault(P.CONTROLNET, {}).setdefault(k, 0)
-                result[P.CONTROLNET][k] += v
+        if self.controlnets.dispatches:
+            result[P.CONTROLNET] = self.controlnets.calls()
         return result

@@ -38,6 +38,8 @@ class ControlNetResiduals:
 
 
 class ControlNetStepper:
+    compiled = False  # steps run eagerly (compiler.runtime.CompiledControlNetStepper: compiled)
+
     def __init__(self, controlnet: ControlNetModel):
         if controlnet.config.class_embed_type is not None:
             raise ValueError("ControlNets with class embeddings are not supported")

@@ -148,8 +148,8 @@ def start_unet(model_root: Path, model_id: str, lora_store: str = "", extra_args
     return start_service("unet", "services.unet", args, **kwargs)
 
 
-def start_controlnet(model_root: Path, preload: list[str] = (), **kwargs) -> ServiceProcess:
-    args = ["--model-root", str(model_root)]
+def start_controlnet(model_root: Path, preload: list[str] = (), extra_args: list[str] = (), **kwargs) -> ServiceProcess:
+    args = ["--model-root", str(model_root), *extra_args]
     if preload:
         args += ["--preload", *preload]
     return start_service("controlnet", "services.controlnet", args, **kwargs)

@@ -31,12 +31,12 @@ from compiler.build import build
 from compiler.export import export_part, folded_constants, lifted_weights
 from compiler.runtime import CompiledBackbone, compile_activity
 from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest
-from swiftd import rpc, zoo
+from swiftd import codec, rpc, zoo
 from swiftd.controlnet_step import ControlNetStepper
-from swiftd.launcher import start_unet
+from swiftd.launcher import start_controlnet, start_unet
 from swiftd.lora import LoraPatcher, extract_deltas
 from swiftd.split_unet import SplitUNet
-from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
+from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.reference import conditioning_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -322,6 +322,52 @@ def test_service_on_artifacts_compiles_nothing_and_starts_5x_sooner(zoo_root, co
     assert "running it eagerly" not in log  # every call of the first requests ran compiled
     assert not any(cache.rglob("*")), sorted(str(p) for p in cache.rglob("*"))[:5]
     assert cold_seconds >= 5 * warm_seconds, f"cold {cold_seconds:.1f} s vs warm {warm_seconds:.1f} s"
+
+
+@pytest.mark.slow
+def test_controlnet_service_on_artifacts_compiles_nothing_and_matches_diffusers(zoo_root, sd15, sd15_controlnet_artifacts,
+                                                                                 tmp_path):  # fmt: skip
+    """A ControlNet worker started on the CLI's artifacts: its steps run compiled, it compiles
+    nothing, and requests streaming residuals from it match Diffusers' ControlNet pipeline."""
+    from tests.test_controlnet_service import denoise_request
+
+    cache = tmp_path / "inductor-cache"
+    cache.mkdir()
+    cn_worker = start_controlnet(zoo_root, preload=["tiny-sd15-cn-edges"], num_threads=1, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)},
+                                 extra_args=["--compiled-artifacts", str(sd15_controlnet_artifacts)])  # fmt: skip
+    unet_worker = start_unet(zoo_root, "tiny-sd15", num_threads=1)
+    try:
+        with rpc.create_channel(cn_worker.address) as channel:
+            listing = controlnet_pb2_grpc.ControlNetWorkerStub(channel).ListControlNets(
+                controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10)  # fmt: skip
+        # Loaded and of the compiled architecture: compiled; the others are not loaded.
+        assert {c.controlnet_id for c in listing.controlnets if c.compiled} == {"tiny-sd15-cn-edges"}
+        with rpc.create_channel(unet_worker.address) as channel:
+            stub = unet_pb2_grpc.UNetWorkerStub(channel)
+            for guidance, (scale, start, end) in ((7.5, (0.8, 0.0, 1.0)), (1.0, (1.0, 0.2, 0.8))):  # batch 2 and 1
+                controlnets = [ControlNetRequest("tiny-sd15-cn-edges", conditioning_image(2), scale, start, end)]
+                response = stub.Denoise(denoise_request("tiny-sd15", controlnets, [cn_worker.address], guidance), timeout=120)
+                reference = sd15.diffusers_latents("euler", controlnets, prompt="an astronaut riding a horse",
+                                                   guidance_scale=guidance, generator=torch.Generator().manual_seed(11))  # fmt: skip
+                ours = codec.tensor_from_proto(response.latents)
+                assert (ours - reference).abs().max().item() <= ENGINE_TOLERANCE
+        log = cn_worker.log_tail(400)
+    finally:
+        unet_worker.stop()
+        cn_worker.stop()
+    assert "loaded ControlNet tiny-sd15-cn-edges" in log and "compiled) in" in log, log
+    assert "first session done: steps {'compiled': 5}; compilation in this process: {'dynamo_frames': 0, " \
+           "'dynamo_recompiles': 0, 'inductor': 0, 'aot_autograd': 0}" in log, log  # fmt: skip
+    assert "running it eagerly" not in log
+    assert not any(cache.rglob("*")), sorted(str(p) for p in cache.rglob("*"))[:5]
+
+
+@pytest.mark.slow
+def test_controlnet_service_refuses_artifacts_without_controlnets(zoo_root, cold_start):
+    worker = start_controlnet(zoo_root, num_threads=1, wait=False, extra_args=["--compiled-artifacts", str(cold_start[0])])
+    assert worker.process.wait(timeout=300) == 6
+    time.sleep(0.5)  # the log pump drains the last lines
+    assert "has no ControlNet part" in worker.log_tail(), worker.log_tail()
 
 
 def test_service_without_artifacts_says_it_serves_eagerly(caplog):

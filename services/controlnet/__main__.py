@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from services.controlnet.engine import ControlNetRegistry
 from services.controlnet.servicer import ControlNetWorkerServicer
 from swiftd import rpc, tracing
+from swiftd.controlnet_step import ControlNetStepper
 from swiftd.loading import DTYPES
 from swiftd.server import (
     add_server_arguments,
@@ -17,6 +19,8 @@ from swiftd.server import (
 )
 from swiftd.v1 import controlnet_pb2_grpc
 
+log = logging.getLogger("services.controlnet")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.controlnet", description=__doc__)
@@ -25,8 +29,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--budget-mib", type=int, default=8192, help="memory budget for resident ControlNets")
     parser.add_argument("--preload", nargs="*", default=[], metavar="ID", help="ControlNets to load before serving")
+    parser.add_argument("--compiled-artifacts", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="artifact directories from `python -m compiler build --controlnet-id ...` (one per base "
+                             "model family served): ControlNets of a compiled architecture run compiled, others eagerly")  # fmt: skip
     add_server_arguments(parser)
     return parser
+
+
+def stepper_factory(args):
+    """(make_stepper, compiled artifacts): what the registry makes of a loaded ControlNet, a
+    compiled stepper where an artifact of its architecture exists, else an eager one.
+
+    Artifacts that do not fit this dtype, torch/diffusers version or machine stop the worker with
+    the compiler's exit code and the reason, rather than serving something else.
+    """
+    if not args.compiled_artifacts:
+        log.info("serving eagerly: no --compiled-artifacts given")
+        return ControlNetStepper, []
+    from compiler.artifacts import CompilerError
+    from compiler.runtime import CompiledControlNets
+
+    compiled = []
+    for directory in args.compiled_artifacts:
+        try:
+            compiled.append(CompiledControlNets.load(directory, dtype=DTYPES[args.dtype], device=args.device))
+        except CompilerError as exc:
+            log.error("cannot serve on %s: %s", directory, exc)
+            raise SystemExit(exc.exit_code) from None
+        log.info("compiled: %s", compiled[-1].describe())
+
+    def make_stepper(controlnet) -> ControlNetStepper:
+        from compiler.artifacts import module_fingerprint
+
+        fingerprint = module_fingerprint(controlnet)
+        for artifacts in compiled:
+            if fingerprint in artifacts.fingerprints():
+                return artifacts.stepper(controlnet)
+        return compiled[0].stepper(controlnet)  # no artifact of its architecture: eager, logged
+
+    return make_stepper, compiled
 
 
 def main(argv=None) -> None:
@@ -35,10 +76,24 @@ def main(argv=None) -> None:
     configure_process(server_config)
     tracing.setup_tracing("controlnet")
 
-    registry = ControlNetRegistry(args.model_root, args.budget_mib << 20, DTYPES[args.dtype], args.device)
+    make_stepper, compiled = stepper_factory(args)
+    registry = ControlNetRegistry(args.model_root, args.budget_mib << 20, DTYPES[args.dtype], args.device,
+                                  make_stepper=make_stepper)  # fmt: skip
     for controlnet_id in args.preload:
         registry.load(controlnet_id)
-    servicer = ControlNetWorkerServicer(registry)
+    report = None
+    if compiled:
+        from collections import Counter
+
+        from compiler.runtime import compile_activity
+
+        log.info("ready: compiled %s; compilation so far in this process: %s", sorted(registry.compiled()), compile_activity())
+
+        def report():
+            steps = sum((Counter(artifacts.calls()) for artifacts in compiled), Counter())
+            log.info("first session done: steps %s; compilation in this process: %s", dict(steps), compile_activity())
+
+    servicer = ControlNetWorkerServicer(registry, after_first_session=report)
     serve(rpc.CONTROLNET_SERVICE, server_config,
           lambda server: controlnet_pb2_grpc.add_ControlNetWorkerServicer_to_server(servicer, server))  # fmt: skip
 

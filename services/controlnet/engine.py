@@ -34,21 +34,27 @@ def model_nbytes(model: torch.nn.Module) -> int:
 
 @dataclass
 class _Entry:
-    stepper: ControlNetStepper
+    stepper: ControlNetStepper  # compiled (compiler.runtime) or eager, as make_stepper chose
     nbytes: int
     in_use: int = 0  # sessions holding it; never evicted while > 0
 
 
 class ControlNetRegistry:
-    """ControlNets by id, loaded on demand, least recently used evicted beyond a byte budget."""
+    """ControlNets by id, loaded on demand, least recently used evicted beyond a byte budget.
+
+    `make_stepper` turns a loaded model into what runs its steps: ControlNetStepper (eager), or
+    a compiled stepper bound to the model's weights (services/controlnet/__main__.py).
+    """
 
     def __init__(self, model_root: Path, budget_bytes: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 loader: Callable[[Path, torch.dtype, str], ControlNetModel] = load_controlnet):  # fmt: skip
+                 loader: Callable[[Path, torch.dtype, str], ControlNetModel] = load_controlnet,
+                 make_stepper: Callable[[ControlNetModel], ControlNetStepper] = ControlNetStepper):  # fmt: skip
         self.model_root = Path(model_root)
         self.budget_bytes = budget_bytes
         self.dtype = dtype
         self.device = device
         self._loader = loader
+        self._make_stepper = make_stepper
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -69,6 +75,11 @@ class ControlNetRegistry:
         with self._lock:
             return {cid: e.nbytes for cid, e in self._entries.items()}
 
+    def compiled(self) -> set[str]:
+        """Loaded ControlNets whose steps run compiled."""
+        with self._lock:
+            return {cid for cid, e in self._entries.items() if e.stepper.compiled}
+
     def load(self, controlnet_id: str) -> tuple[bool, float]:
         """Make `controlnet_id` resident. Returns (was already loaded, seconds spent loading)."""
         with self._lock:
@@ -83,12 +94,13 @@ class ControlNetRegistry:
             path = resolve(self.model_root, "controlnets", controlnet_id, "controlnet_id")
             t0 = time.perf_counter()
             model = self._loader(path, self.dtype, self.device)
-            entry = _Entry(ControlNetStepper(model), model_nbytes(model))
+            entry = _Entry(self._make_stepper(model), model_nbytes(model))
             seconds = time.perf_counter() - t0
             with self._lock:
                 self._entries[controlnet_id] = entry
                 self._evict_locked(keep=controlnet_id)
-            log.info("loaded ControlNet %s (%.1f MB) in %.2f s", controlnet_id, entry.nbytes / 1e6, seconds)
+            log.info("loaded ControlNet %s (%.1f MB, %s) in %.2f s", controlnet_id, entry.nbytes / 1e6,
+                     "compiled" if entry.stepper.compiled else "eager", seconds)  # fmt: skip
             return False, seconds
 
     def unload(self, controlnet_id: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from opentelemetry import trace
 
@@ -46,8 +47,9 @@ def constants_from_proto(start: controlnet_pb2.SessionStart) -> ControlNetSessio
 
 
 class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
-    def __init__(self, registry: ControlNetRegistry):
+    def __init__(self, registry: ControlNetRegistry, after_first_session: Callable[[], None] | None = None):
         self.registry = registry
+        self._after_first_session = after_first_session  # e.g. log that serving compiled nothing
 
     def StreamResiduals(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -77,23 +79,26 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         finally:
             session.close()
             log.debug("session %s/%s closed", start.request_id, start.controlnet_id)
+            if self._after_first_session is not None:
+                report, self._after_first_session = self._after_first_session, None
+                report()
 
-    def _info(self, controlnet_id: str, loaded: dict[str, int]) -> common_pb2.ControlNetInfo:
+    def _info(self, controlnet_id: str, loaded: dict[str, int], compiled: set[str]) -> common_pb2.ControlNetInfo:
         return common_pb2.ControlNetInfo(
             controlnet_id=controlnet_id, family=self.registry.family(controlnet_id),
-            size_bytes=loaded.get(controlnet_id, 0), loaded=controlnet_id in loaded,
+            size_bytes=loaded.get(controlnet_id, 0), loaded=controlnet_id in loaded, compiled=controlnet_id in compiled,
         )  # fmt: skip
 
     def ListControlNets(self, request, context):
-        loaded = self.registry.loaded()
+        loaded, compiled = self.registry.loaded(), self.registry.compiled()
         ids = sorted(set(self.registry.available()) | set(loaded))
-        return controlnet_pb2.ControlNetWorkerListControlNetsResponse(controlnets=[self._info(i, loaded) for i in ids])
+        return controlnet_pb2.ControlNetWorkerListControlNetsResponse(controlnets=[self._info(i, loaded, compiled) for i in ids])
 
     def LoadControlNet(self, request, context):
         check_id("controlnet_id", request.controlnet_id)
         already, seconds = self.registry.load(request.controlnet_id)
         return controlnet_pb2.LoadControlNetResponse(
-            controlnet=self._info(request.controlnet_id, self.registry.loaded()),
+            controlnet=self._info(request.controlnet_id, self.registry.loaded(), self.registry.compiled()),
             already_loaded=already, load_seconds=seconds,
         )  # fmt: skip
 

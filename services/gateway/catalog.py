@@ -95,13 +95,14 @@ class Catalog:
                 entry = listing.controlnets.setdefault(info.controlnet_id, common_pb2.ControlNetInfo())
                 if not entry.controlnet_id:
                     entry.CopyFrom(info)
-                    entry.loaded = False
+                    entry.loaded = entry.compiled = False
                     del entry.workers[:]
                 entry.family = entry.family or info.family
                 entry.size_bytes = max(entry.size_bytes, info.size_bytes)
                 if info.loaded:
                     entry.loaded = True
                     entry.workers.append(address)
+                entry.compiled = entry.compiled or info.compiled
                 listing.controlnet_hosts.setdefault(info.controlnet_id, []).append(address)
         if store is not None:
             if (response := store.result()) is not None:

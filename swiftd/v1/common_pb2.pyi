@@ -152,15 +152,17 @@ class LoraInfo(_message.Message):
     def __init__(self, lora_id: _Optional[str] = ..., family: _Optional[str] = ..., rank: _Optional[int] = ..., num_targets: _Optional[int] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ...) -> None: ...
 
 class ControlNetInfo(_message.Message):
-    __slots__ = ("controlnet_id", "family", "size_bytes", "loaded", "workers")
+    __slots__ = ("controlnet_id", "family", "size_bytes", "loaded", "workers", "compiled")
     CONTROLNET_ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_FIELD_NUMBER: _ClassVar[int]
     controlnet_id: str
     family: str
     size_bytes: int
     loaded: bool
     workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, controlnet_id: _Optional[str] = ..., family: _Optional[str] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    compiled: bool
+    def __init__(self, controlnet_id: _Optional[str] = ..., family: _Optional[str] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., workers: _Optional[_Iterable[str]] = ..., compiled: _Optional[bool] = ...) -> None: ...
