@@ -313,6 +313,16 @@ class CompiledBackbone:
             log.info("first request done: calls %s; compilation in this process: %s", self.calls(), compile_activity())
         return image
 
+    def refresh(self) -> int:
+        """Bring frozen parts up to date with the weights now (constants of patched parameters
+        recomputed); returns how many constants were recomputed.
+
+        Each part also does this itself before its next call; calling it right after a LoRA patch
+        puts the cost where the patch is (the `lora_unet_patch` stage) instead of in the next step.
+        """
+        dispatches = [self.encoder, self.decoder, self.vae, *self.controlnets.dispatches.values()]
+        return sum(part.frozen.refresh() for d in dispatches for _, part in d.parts if getattr(part, "frozen", None) is not None)
+
     def controlnet_stepper(self, controlnet) -> ControlNetStepper:
         """A stepper for an in-process `controlnet`: compiled when an artifact of its architecture exists."""
         return self.controlnets.stepper(controlnet)

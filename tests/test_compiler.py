@@ -211,17 +211,38 @@ def test_compiled_controlnet_and_vae_match_eager(sd15, sd15_backbone, sd15_contr
 
 
 @pytest.mark.slow
-def test_compiled_engine_matches_eager_engine(sd15, sd15_backbone, sd15_controlnet_artifacts):
-    """Whole requests (CFG and not, a ControlNet in-process) through DenoisingEngine, compiled vs eager."""
+def test_compiled_engine_matches_eager_engine(zoo_root, sd15, sd15_backbone, sd15_controlnet_artifacts):
+    """Whole requests (CFG and not, a ControlNet in-process, a LoRA) through DenoisingEngine,
+    compiled vs eager; the frozen constants of patched weights are re-packed in the patch stage."""
     cn_backbone = CompiledBackbone.load(sd15_controlnet_artifacts, sd15.pipe)
     steppers = {cid: cn_backbone.controlnet_stepper(model) for cid, model in sd15.controlnets.items()}
-    engine = DenoisingEngine(sd15.pipe, load_controlnet=steppers.__getitem__, compiled=sd15_backbone)
+    lora_path = zoo.zoo_paths(zoo_root, "tiny-sd15").loras["tiny-sd15-lora-peft-r64"]
+    load_lora = {"r64": extract_deltas(sd15.pipe, lora_path)}.__getitem__
+    engine = DenoisingEngine(sd15.pipe, load_controlnet=steppers.__getitem__, load_lora=load_lora, compiled=sd15_backbone)
+    eager = DenoisingEngine(sd15.pipe, load_controlnet=lambda cid: ControlNetStepper(sd15.controlnets[cid]), load_lora=load_lora)
+    frozen = [part.frozen for _, part in sd15_backbone.encoder.parts + sd15_backbone.decoder.parts]
+
+    def request(guidance, controlnets=(), loras=()):
+        return GenerationRequest("a photo of a cat", height=SIZE, width=SIZE, num_inference_steps=5, seed=5,
+                                 scheduler="euler", guidance_scale=guidance, loras=list(loras),
+                                 controlnets=[ControlNetRequest(c, conditioning_image(1), 0.8) for c in controlnets])  # fmt: skip
+
+    base = {}
     for guidance, controlnets in ((7.5, []), (1.0, []), (7.5, ["tiny-sd15-cn-edges"])):
-        request = GenerationRequest("a photo of a cat", height=SIZE, width=SIZE, num_inference_steps=5, seed=5,
-                                    scheduler="euler", guidance_scale=guidance,
-                                    controlnets=[ControlNetRequest(c, conditioning_image(1), 0.8) for c in controlnets])  # fmt: skip
-        ours, reference = engine.generate(request), sd15.engine.generate(request)
+        ours, reference = engine.generate(request(guidance, controlnets)), eager.generate(request(guidance, controlnets))
         assert (ours.latents - reference.latents).abs().max().item() <= ENGINE_TOLERANCE
+        base[guidance, bool(controlnets)] = ours.latents
+    # A LoRA: its weights' frozen constants are re-packed in the lora_unet_patch stage.
+    recomputed = sum(f.recomputed for f in frozen)
+    with_lora = engine.generate(request(7.5, loras=[("r64", 0.8)]))
+    assert sum(f.recomputed for f in frozen) > recomputed and with_lora.lora_applied_at_step == 0
+    # The next request without it restores the base weights (and re-packs them) in the engine.
+    after = engine.generate(request(7.5, ["tiny-sd15-cn-edges"]))
+    assert (after.latents - base[7.5, True]).abs().max().item() <= ENGINE_TOLERANCE
+    reference = eager.generate(request(7.5, loras=[("r64", 0.8)]))  # the same pipe, base weights again
+    eager.lora_patcher.restore()
+    assert (with_lora.latents - reference.latents).abs().max().item() <= ENGINE_TOLERANCE
+    assert (reference.latents - base[7.5, False]).abs().max().item() > 100 * ENGINE_TOLERANCE  # the LoRA mattered
     assert sd15_backbone.calls()[P.UNET_ENCODER].get("eager", 0) == 0
 
 

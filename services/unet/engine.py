@@ -234,6 +234,8 @@ class DenoisingEngine:
         with tracing.stage(tracer, timings, "lora_text_encoder", **{"lora.ids": lora_ids, "lora.already_applied": fetch is None}):
             if fetch is not None or (not request.loras and self.lora_patcher.applied):
                 self.lora_patcher.restore()
+                if self.compiled is not None:
+                    self.compiled.refresh()
             if fetch is not None:
                 for lora_id, deltas in fetch.text_encoder_deltas():
                     self.lora_patcher.add(lora_id, deltas)
@@ -261,10 +263,12 @@ class DenoisingEngine:
                     if should_stop is not None and should_stop():
                         raise Cancelled(f"request cancelled before step {i}")
                     if applied_at is None and (i >= bound or fetch.is_complete()):
-                        with tracing.stage(tracer, timings, "lora_unet_patch", **{"lora.ids": lora_ids, "lora.applied_at_step": i}):
+                        with tracing.stage(tracer, timings, "lora_unet_patch", **{"lora.ids": lora_ids, "lora.applied_at_step": i}) as span:
                             for lora_id, deltas in fetch.unet_deltas():  # waits here at the bound
                                 self.lora_patcher.add(lora_id, deltas)
                             self.lora_patcher.applied = fetch.key
+                            if self.compiled is not None:  # frozen constants of patched weights, re-packed
+                                span.set_attribute("compiled.constants_recomputed", self.compiled.refresh())
                         applied_at = i
                     step_start = dict(step_times)
                     latents = self._step(
