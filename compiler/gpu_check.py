@@ -34,6 +34,7 @@ measured. Stages run in the order above; --stages picks some.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -115,6 +116,9 @@ def main(argv=None) -> int:
                         help="LoRA delta size relative to each weight's standard deviation")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    # A native crash (the AOTInductor stage on CUDA has ended runs without a Python error) then
+    # prints the Python stack it happened under.
+    faulthandler.enable()
 
     from diffusers import UNet2DConditionModel
 
@@ -228,8 +232,12 @@ def main(argv=None) -> int:
                         "compile_activity_during_swaps": {k: after[k] - before[k] for k in before},
                     }  # fmt: skip
                 elif stage == "aoti":
+                    def phase(name):
+                        result["stages"]["aoti"]["phase"] = name
+                        save()
+
                     result["stages"]["aoti"] = aoti_stage(unet, split, x, t, hidden, added, patcher, loras[0], timer, args,
-                                                          tolerance * scale)  # fmt: skip
+                                                          tolerance * scale, phase)  # fmt: skip
                 elif stage == "tensorrt":
                     from compiler import tensorrt
 
@@ -299,12 +307,16 @@ def exported_decoder(unet, encoded, batch: int):
     return module, inputs, export_part(P.UNET_DECODER, module, inputs, (batch,))
 
 
-def aoti_stage(unet, split, x, t, hidden, added, patcher, deltas, timer, args, tolerance: float) -> dict:
-    """Both halves as AOTInductor packages bound to the live weights (compiler.inductor.PackagePart)."""
+def aoti_stage(unet, split, x, t, hidden, added, patcher, deltas, timer, args, tolerance: float, phase) -> dict:
+    """Both halves as AOTInductor packages bound to the live weights (compiler.inductor.PackagePart).
+
+    `phase(name)` records (and saves) where the stage is, so a run that dies in it says where.
+    """
     import tempfile
 
     from compiler.inductor import PackagePart, build_package
 
+    phase("export")
     enc_module, enc_inputs, enc_program = exported_encoder(unet, x, t, hidden, added, args.batch)
     encoded = split.encoder_half(x, t, hidden, *added)
     dec_module, dec_inputs, dec_program = exported_decoder(unet, encoded, args.batch)
@@ -313,9 +325,12 @@ def aoti_stage(unet, split, x, t, hidden, added, patcher, deltas, timer, args, t
         parts = {}
         for name, module, program in (("encoder", enc_module, enc_program), ("decoder", dec_module, dec_program)):
             path = os.path.join(tmp, f"{name}.pt2")
+            phase(f"build {name}")
             build_s[name], _ = build_package(program, path, module=module)  # no options: weights read in place
+            phase(f"load and bind {name}")
             parts[name] = PackagePart(path, module, args.device)
         enc, dec = parts["encoder"], parts["decoder"]
+        phase("run")
 
         def aoti_step():
             out = enc(*enc_inputs)

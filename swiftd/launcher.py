@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swiftd import rpc
+from swiftd.server import PARENT_PID_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,25 +63,6 @@ class ServiceProcess:
 _running: list[ServiceProcess] = []
 
 
-def _libc_prctl():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-# Resolved here, in the parent: the child of a fork in a threaded process must not dlopen or
-# import anything before exec (a lock another thread held at the fork stays held forever).
-_prctl = _libc_prctl() if sys.platform.startswith("linux") else None
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the launcher dies, even by SIGKILL (Linux)."""
-    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _stop_all() -> None:
     while _running:
         _running.pop().stop()
@@ -103,11 +85,14 @@ def start_service(
         cmd += ["--cpu-cores", ",".join(map(str, cpu_cores))]
     if num_threads:
         cmd += ["--num-threads", str(num_threads)]
-    proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # The child asks for SIGTERM when this process dies (swiftd.server.die_with_parent) itself: no
+    # preexec_fn, so Popen can vfork, which skips the pthread_atfork handlers. gRPC's prefork
+    # handler, run by a plain fork() in a process with live channels, waits for gRPC threads that
+    # wait for the GIL the forking thread holds: a full test run hung there now and then.
+    proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()), **(env or {})}
     process = subprocess.Popen(
         cmd, cwd=REPO, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
-        preexec_fn=_die_with_parent if _prctl is not None else None,
     )  # fmt: skip
     service = ServiceProcess(name, process, deadline=time.monotonic() + timeout)
     _running.append(service)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,8 +46,26 @@ def server_config_from_args(args) -> ServerConfig:
     return ServerConfig(args.address, args.max_workers, args.grace_seconds, args.num_threads, cores)
 
 
+# Set by swiftd.launcher: the pid of the process that started this service, which it must not outlive.
+PARENT_PID_ENV = "SWIFTD_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """With PARENT_PID_ENV set: SIGTERM (a graceful stop) when the launcher dies, even by SIGKILL (Linux)."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # it died before we asked: nobody would ever stop us
+        raise SystemExit(f"the launcher (pid {parent}) is gone")
+
+
 def configure_process(config: ServerConfig) -> None:
-    """Pin cores and threads before any model is loaded (oneDNN sizes its pools at first use)."""
+    """Tie the process to its launcher, pin cores and threads before any model is loaded (oneDNN
+    sizes its pools at first use)."""
+    die_with_parent()
     if config.cpu_cores:
         os.sched_setaffinity(0, set(config.cpu_cores))
     if config.num_threads:

@@ -1,0 +1,44 @@
+"""The launcher's children: started without fork handlers, and never outliving the launcher."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+LAUNCHER = """
+import sys, time
+from swiftd.launcher import start_gateway
+gateway = start_gateway(["127.0.0.1:9"], wait=True)  # no torch in it: the quickest service to start
+print(gateway.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone for our purposes
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_a_service_stops_when_its_launcher_is_killed():
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(launcher.stdout.readline())
+        assert _alive(child)
+        launcher.send_signal(signal.SIGKILL)  # no atexit, no cleanup: only PDEATHSIG reaches the child
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the service outlived its launcher"
+    finally:
+        launcher.kill()
