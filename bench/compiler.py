@@ -13,6 +13,13 @@ Figures (group "compiler" in bench/results.jsonl):
   compiler.unet_step_speedup               the best variant whose weights stay patchable (target >= 1.10)
   compiler.lora_max_abs_diff.<variant>     compiled vs eager right after patching the rank-64 LoRA in place
   compiler.lora_recompilations             torch's compile counters over 10 LoRA swaps on the artifacts (0)
+  compiler.request_s.eager / .compiled     one whole request (CFG, 20 steps, VAE decode) to a UNet worker
+                                           without / on the artifacts, both on the device core with one
+                                           thread, requests alternating between them; medians
+  compiler.request_speedup                 request_s.eager / request_s.compiled: what a caller sees
+  compiler.lora_patch_s.eager / .compiled  the worker's `lora_unet_patch` stage in a request that
+                                           patches the rank-64 LoRA in (the compiled worker re-packs
+                                           the patched weights' constants there)
 
 Variants: `aoti` (the artifacts services load, the CPU default: AOTInductor with freezing, the
 constants computed from the live weights and re-packed when a LoRA patch changes them,
@@ -169,6 +176,43 @@ def _time_to_ready(config, extra_args: list[str]) -> float:
     return seconds
 
 
+def _compare_requests(config, artifacts: Path, rounds: int = 5) -> dict:
+    """Whole requests to a worker on `artifacts` and to an eager one, alternating, one core each
+    in turn (both pinned to the device core: only one of them is busy at a time)."""
+    from swiftd import rpc
+    from swiftd.launcher import start_unet
+    from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
+
+    workers = {
+        "compiled": start_unet(config.zoo, config.family, cpu_cores=[config.device_core], num_threads=1,
+                               extra_args=["--compiled-artifacts", str(artifacts)]),
+        "eager": start_unet(config.zoo, config.family, cpu_cores=[config.device_core], num_threads=1),
+    }  # fmt: skip
+    lora = [common_pb2.LoraRef(lora_id=f"{config.family}-lora-peft-r64", scale=0.8)]
+    seconds = {name: [] for name in workers}
+    patch = {name: [] for name in workers}
+    try:
+        stubs = {name: unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(w.address)) for name, w in workers.items()}
+        for i in range(-1, rounds):  # round -1 warms both up (and prepares the LoRA's deltas once)
+            for loras in ([], lora):  # a LoRA request patches it in; the next plain one restores
+                for name, stub in stubs.items():
+                    params = common_pb2.GenerationParams(prompt="a lighthouse at dusk", width=config.size, height=config.size,
+                                                         num_inference_steps=20, guidance_scale=7.5, seed=i + 2,
+                                                         scheduler=common_pb2.SCHEDULER_EULER, model_id=config.family)  # fmt: skip
+                    t0 = time.perf_counter()
+                    response = stub.Denoise(unet_pb2.DenoiseRequest(params=params, loras=loras), timeout=1800)
+                    elapsed = time.perf_counter() - t0
+                    if i >= 0 and not loras:
+                        seconds[name].append(elapsed)
+                    if i >= 0 and loras:
+                        patch[name].append(next(t.seconds for t in response.timings if t.stage == "lora_unet_patch"))
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    return {"request_s": {k: statistics.median(v) for k, v in seconds.items()},
+            "lora_patch_s": {k: statistics.median(v) for k, v in patch.items()}}  # fmt: skip
+
+
 def group_compiler(config, session):
     from bench.scenarios import Figure, GroupResult
 
@@ -199,6 +243,14 @@ def group_compiler(config, session):
                    f"{config.device_core}, 1 thread; torch.compile with freezing compiles in there) ...")  # fmt: skip
         fp32 = _measure_in_child(config, {"aoti": artifacts, "aoti_no_freezing": tmp / "no-freezing"}, jit_freezing=True)
         bf16 = _measure_in_child(config, {"aoti_bf16": tmp / "bf16"}, dtype="bfloat16", swaps=0)
+        config.log("[bench] compiler: whole requests, a worker on the artifacts vs an eager one ...")
+        requests = _compare_requests(config, artifacts)
+    request_speedup = requests["request_s"]["eager"] / requests["request_s"]["compiled"]
+    figures += [
+        *[Figure(f"compiler.request_s.{k}", v, "s", GROUP) for k, v in requests["request_s"].items()],
+        Figure("compiler.request_speedup", request_speedup, "x", GROUP),
+        *[Figure(f"compiler.lora_patch_s.{k}", v, "s", GROUP) for k, v in requests["lora_patch_s"].items()],
+    ]
 
     variants = {**fp32["variants"], **bf16["variants"]}
     eager_fp32 = fp32["variants"]["aoti"]["eager_s"]
@@ -237,6 +289,9 @@ def group_compiler(config, session):
                      f"{'patchable' if patchable else 'baked in (stale after a patch)'}")  # fmt: skip
     lines += [
         f"  bf16 artifacts vs fp32 eager: {bf16_vs_fp32:.2f}x (bf16 numerics)",
+        f"  whole request (CFG, 20 steps, VAE decode) to a UNet worker: eager {requests['request_s']['eager']:.2f} s, "
+        f"on artifacts {requests['request_s']['compiled']:.2f} s -> {request_speedup:.3f}x; lora_unet_patch stage "
+        f"eager {requests['lora_patch_s']['eager']:.3f} s, compiled {requests['lora_patch_s']['compiled']:.3f} s",
         f"  headline compiler.unet_step_speedup = {best}: {variants[best]['speedup']:.3f}x; "
         f"{fp32['swaps']['count']} LoRA swaps on it: {fp32['swaps']['recompilations']} compilations, "
         f"max |compiled - eager| {fp32['swaps']['max_abs_diff']:.1e}",
