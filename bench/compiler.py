@@ -15,7 +15,10 @@ Figures (group "compiler" in bench/results.jsonl):
   compiler.lora_recompilations             torch's compile counters over 10 LoRA swaps on the artifacts (0)
   compiler.request_s.eager / .compiled     one whole request (CFG, 20 steps, VAE decode) to a UNet worker
                                            without / on the artifacts, both on the device core with one
-                                           thread, requests alternating between them; medians
+                                           thread, requests alternating between them; medians. Each
+                                           timed request follows a LoRA request on its worker, so it
+                                           includes restoring the base weights (and, compiled,
+                                           re-packing them): the affinity-miss case
   compiler.request_speedup                 request_s.eager / request_s.compiled: what a caller sees
   compiler.lora_patch_s.eager / .compiled  the worker's `lora_unet_patch` stage in a request that
                                            patches the rank-64 LoRA in (the compiled worker re-packs

@@ -163,8 +163,10 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         raw = json.loads(text)
-        raw["parts"] = [PartEntry(**p) for p in raw.get("parts", [])]
-        return cls(**raw)
+        # Fields added by a later compiler are ignored (format_version marks incompatible changes).
+        part_fields = set(PartEntry.__dataclass_fields__)
+        raw["parts"] = [PartEntry(**{k: v for k, v in p.items() if k in part_fields}) for p in raw.get("parts", [])]
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
     def part(self, name: str, resolution: int, batch: int, fingerprint: str | None = None) -> PartEntry | None:
         for entry in self.parts:

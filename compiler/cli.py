@@ -2,7 +2,7 @@
 
     python -m compiler build   --model-root .zoo --model-id tiny-sd15 --backend inductor \\
                                --resolution 256 --batch 1 2 [--controlnet-id ID ...] --out DIR
-    python -m compiler verify  --artifacts DIR --model-root .zoo --model-id tiny-sd15
+    python -m compiler verify  --artifacts DIR --model-root .zoo --model-id tiny-sd15 [--publish DIR2]
     python -m compiler inspect DIR
 
 build    exports and compiles the UNet encoder half, the UNet decoder half (ControlNet residuals
@@ -12,13 +12,15 @@ build    exports and compiles the UNet encoder half, the UNet decoder half (Cont
          written; weights are not inside the artifacts (they are read from the serving model).
 verify   checks that DIR fits the model and this environment (architecture, dtype, torch/diffusers
          versions, CPU instruction set or GPU), that every file is intact, loads every part and
-         compares it with eager again.
+         compares it with eager again; with --publish, then renames DIR to DIR2 (a release
+         pipeline builds into a staging name and publishes only what verified).
 inspect  prints the manifest.
 
 Exit codes (what a release pipeline can act on):
     0  success
     1  unexpected error (a bug: the message and traceback say where)
-    2  bad command line (also: --out not empty without --force, a resolution not a multiple of 64)
+    2  bad command line (also: --out not empty without --force, a resolution not a multiple of 64,
+       --publish onto an existing directory)
     3  input not found: model folder, ControlNet or artifact directory
     4  backend unavailable here (tensorrt without torch-tensorrt/CUDA): build it where it is
     5  verification failed: a compiled part differs from eager beyond the tolerance
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check artifacts against a model and this environment")
     model_arguments(verify)
     verify.add_argument("--artifacts", type=Path, required=True)
+    verify.add_argument("--publish", type=Path, default=None, metavar="DIR",
+                        help="once verified, rename --artifacts to DIR (same filesystem: atomic), where workers "
+                             "load it from; DIR must not exist: a published directory is never replaced")  # fmt: skip
 
     inspect = sub.add_parser("inspect", help="print an artifact directory's manifest")
     inspect.add_argument("artifacts", type=Path)
@@ -187,7 +192,24 @@ def cmd_verify(args) -> int:
     if failures:
         raise VerificationFailed(f"compiled differs from eager beyond the tolerance: {', '.join(failures)}")
     _say(f"[compiler] {args.artifacts}: {len(manifest.parts)} parts fit {args.model_id} and this environment")
+    if args.publish is not None:
+        _publish(args.artifacts, args.publish)
     return EXIT_OK
+
+
+def _publish(artifacts: Path, target: Path) -> None:
+    """Workers only ever see a verified directory, complete: a rename, not a copy."""
+    import os
+
+    from compiler.artifacts import UsageError
+
+    if target.exists():
+        raise UsageError(f"{target} exists: a published artifact directory is never replaced (publish under a new name)")
+    try:
+        os.rename(artifacts, target)
+    except OSError as exc:
+        raise UsageError(f"cannot publish {artifacts} as {target}: {exc} (both must be on one filesystem)") from None
+    _say(f"[compiler] published {artifacts} as {target}")
 
 
 def cmd_inspect(args) -> int:

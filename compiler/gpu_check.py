@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         eager_out = step(split.encoder_half, split.decoder_half)
         scale = max(1.0, eager_out.float().abs().max().item())
-        for stage in args.stages:
+        for stage in [s for s in STAGES if s in args.stages]:  # in STAGES order, whatever the command line's
             t0 = time.perf_counter()
             result["stages"][stage] = {"started": True}  # stays so if the process dies in the stage
             save()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -211,7 +212,9 @@ class CompiledControlNets:
         self.directory = Path(directory)
         self.manifest = manifest
         self.device = device
-        self.dispatches: dict[int, _Dispatch] = {}  # id(ControlNetModel) -> its compiled parts
+        # The compiled steppers handed out, for call counts and refresh; weak, so that a ControlNet
+        # the registry evicts frees its weights and its loaded package with its stepper.
+        self.steppers: weakref.WeakSet[CompiledControlNetStepper] = weakref.WeakSet()
 
     @classmethod
     def load(cls, directory: Path, *, dtype: torch.dtype, device: str = "cpu") -> CompiledControlNets:
@@ -243,13 +246,17 @@ class CompiledControlNets:
         module = P.graph_module(P.CONTROLNET, None, controlnet)
         for entry in entries:
             dispatch.parts.append((entry, _load_part(self.directory, entry, module, self.manifest.backend, self.device)))
-        self.dispatches[id(controlnet)] = dispatch
-        return CompiledControlNetStepper(controlnet, dispatch)
+        stepper = CompiledControlNetStepper(controlnet, dispatch)
+        self.steppers.add(stepper)
+        return stepper
+
+    def dispatches(self) -> list[_Dispatch]:
+        return [stepper.dispatch for stepper in list(self.steppers)]  # list(): safe while another thread adds
 
     def calls(self) -> dict[str, int]:
-        """Steps that ran compiled / eagerly, over every ControlNet given a stepper."""
+        """Steps that ran compiled / eagerly, over the ControlNets whose steppers are alive."""
         total = Counter()
-        for dispatch in self.dispatches.values():
+        for dispatch in self.dispatches():
             total.update(dispatch.calls)
         return dict(total)
 
@@ -320,7 +327,7 @@ class CompiledBackbone:
         Each part also does this itself before its next call; calling it right after a LoRA patch
         puts the cost where the patch is (the `lora_unet_patch` stage) instead of in the next step.
         """
-        dispatches = [self.encoder, self.decoder, self.vae, *self.controlnets.dispatches.values()]
+        dispatches = [self.encoder, self.decoder, self.vae, *self.controlnets.dispatches()]
         return sum(part.frozen.refresh() for d in dispatches for _, part in d.parts if getattr(part, "frozen", None) is not None)
 
     def controlnet_stepper(self, controlnet) -> ControlNetStepper:
@@ -330,6 +337,6 @@ class CompiledBackbone:
     def calls(self) -> dict[str, dict[str, int]]:
         """Calls per part kind that ran compiled / eagerly (for logs and tests)."""
         result = {d.name: dict(d.calls) for d in (self.encoder, self.decoder, self.vae)}
-        if self.controlnets.dispatches:
+        if self.controlnets.dispatches():
             result[P.CONTROLNET] = self.controlnets.calls()
         return result

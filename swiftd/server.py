@@ -52,7 +52,7 @@ PARENT_PID_ENV = "SWIFTD_PARENT_PID"
 
 def die_with_parent() -> None:
     """With PARENT_PID_ENV set: SIGTERM (a graceful stop) when the launcher dies, even by SIGKILL (Linux)."""
-    parent = os.environ.get(PARENT_PID_ENV)
+    parent = os.environ.pop(PARENT_PID_ENV, None)  # not inherited by processes this one starts
     if not parent or not sys.platform.startswith("linux"):
         return
     import ctypes

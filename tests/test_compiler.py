@@ -220,7 +220,6 @@ def test_compiled_engine_matches_eager_engine(zoo_root, sd15, sd15_backbone, sd1
     load_lora = {"r64": extract_deltas(sd15.pipe, lora_path)}.__getitem__
     engine = DenoisingEngine(sd15.pipe, load_controlnet=steppers.__getitem__, load_lora=load_lora, compiled=sd15_backbone)
     eager = DenoisingEngine(sd15.pipe, load_controlnet=lambda cid: ControlNetStepper(sd15.controlnets[cid]), load_lora=load_lora)
-    frozen = [part.frozen for _, part in sd15_backbone.encoder.parts + sd15_backbone.decoder.parts]
 
     def request(guidance, controlnets=(), loras=()):
         return GenerationRequest("a photo of a cat", height=SIZE, width=SIZE, num_inference_steps=5, seed=5,
@@ -232,10 +231,16 @@ def test_compiled_engine_matches_eager_engine(zoo_root, sd15, sd15_backbone, sd1
         ours, reference = engine.generate(request(guidance, controlnets)), eager.generate(request(guidance, controlnets))
         assert (ours.latents - reference.latents).abs().max().item() <= ENGINE_TOLERANCE
         base[guidance, bool(controlnets)] = ours.latents
-    # A LoRA: its weights' frozen constants are re-packed in the lora_unet_patch stage.
-    recomputed = sum(f.recomputed for f in frozen)
-    with_lora = engine.generate(request(7.5, loras=[("r64", 0.8)]))
-    assert sum(f.recomputed for f in frozen) > recomputed and with_lora.lora_applied_at_step == 0
+    # A LoRA: its weights' frozen constants are re-packed in the lora_unet_patch stage, by the
+    # engine's refresh (the parts would otherwise do it themselves at their next call).
+    refreshed = []
+    refresh = sd15_backbone.refresh
+    sd15_backbone.refresh = lambda: refreshed.append(refresh()) or refreshed[-1]
+    try:
+        with_lora = engine.generate(request(7.5, loras=[("r64", 0.8)]))
+    finally:
+        del sd15_backbone.refresh
+    assert refreshed and refreshed[0] > 0 and with_lora.lora_applied_at_step == 0
     # The next request without it restores the base weights (and re-packs them) in the engine.
     after = engine.generate(request(7.5, ["tiny-sd15-cn-edges"]))
     assert (after.latents - base[7.5, True]).abs().max().item() <= ENGINE_TOLERANCE
@@ -383,6 +388,30 @@ def test_controlnet_service_on_artifacts_compiles_nothing_and_matches_diffusers(
     assert not any(cache.rglob("*")), sorted(str(p) for p in cache.rglob("*"))[:5]
 
 
+def test_an_evicted_compiled_controlnet_frees_its_weights(zoo_root, sd15_controlnet_artifacts):
+    """The registry's budget holds for compiled ControlNets too: unloading one drops its model and
+    its bound package (nothing else keeps them), and loading it again binds afresh."""
+    import gc
+    import weakref
+
+    from compiler.runtime import CompiledControlNets
+    from services.controlnet.engine import ControlNetRegistry
+
+    compiled = CompiledControlNets.load(sd15_controlnet_artifacts, dtype=torch.float32)
+    registry = ControlNetRegistry(zoo_root, budget_bytes=1 << 40, make_stepper=compiled.stepper)
+    stepper = registry.acquire("tiny-sd15-cn-edges")
+    assert stepper.compiled and registry.compiled() == {"tiny-sd15-cn-edges"}
+    model = weakref.ref(stepper.controlnet)
+    registry.release("tiny-sd15-cn-edges")
+    del stepper
+    assert registry.unload("tiny-sd15-cn-edges")
+    gc.collect()
+    assert model() is None, "an unloaded compiled ControlNet is still referenced"
+    assert len(compiled.steppers) == 0
+    registry.load("tiny-sd15-cn-edges")
+    assert registry.compiled() == {"tiny-sd15-cn-edges"} and len(compiled.steppers) == 1
+
+
 @pytest.mark.slow
 def test_controlnet_service_refuses_artifacts_without_controlnets(zoo_root, cold_start):
     worker = start_controlnet(zoo_root, num_threads=1, wait=False, extra_args=["--compiled-artifacts", str(cold_start[0])])
@@ -449,6 +478,18 @@ def test_cli_verify_exit_codes(zoo_root, cold_start, tmp_path, capsys):
     assert code == 7 and "checksum" in err
 
     assert cli("verify", "--artifacts", tmp_path / "nowhere", "--model-root", zoo_root, "--model-id", "tiny-sd15")[0] == 3
+
+    # --publish: only a verified directory gets the name workers load, and never over another.
+    staging, published = tmp_path / "release.staging", tmp_path / "release"
+    shutil.copytree(directory, staging)
+    code, err = cli("verify", "--artifacts", staging, "--model-root", zoo_root, "--model-id", "tiny-sd15", "--publish", published)
+    assert code == 0 and (published / MANIFEST).exists() and not staging.exists(), err
+    shutil.copytree(directory, staging)
+    code, err = cli("verify", "--artifacts", staging, "--model-root", zoo_root, "--model-id", "tiny-sd15", "--publish", published)
+    assert code == 2 and "never replaced" in err and staging.exists()
+    code, err = cli("verify", "--artifacts", corrupt, "--model-root", zoo_root, "--model-id", "tiny-sd15",
+                    "--publish", tmp_path / "bad-release")  # fmt: skip
+    assert code == 7 and not (tmp_path / "bad-release").exists()
     code, err = cli("build", "--model-root", zoo_root, "--model-id", "no-such-model", "--resolution", SIZE, "--out", tmp_path / "x")
     assert code == 3 and "no-such-model" in err
     assert cli("build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--out", tmp_path / "y")[0] == 2  # no --resolution

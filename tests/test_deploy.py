@@ -20,11 +20,11 @@ SERVICE_NAMES = {
 }
 
 
-SERVICE_MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "compile-job.yaml")
+def _docs(manifest: str) -> list[dict]:
+    return list(yaml.safe_load_all((K8S / manifest).read_text()))
 
 
-def test_every_manifest_is_checked():
-    assert sorted(p.name for p in K8S.glob("*.yaml")) == sorted([*SERVICE_MANIFESTS, "compile-job.yaml"])
+SERVICE_MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if any(d["kind"] in ("Deployment", "StatefulSet") for d in _docs(p.name)))
 
 
 @pytest.mark.parametrize("manifest", SERVICE_MANIFESTS)
@@ -59,36 +59,53 @@ def test_gateway_names_the_worker_pods_the_manifests_create():
     assert set(parsed.controlnet) == pods("controlnet.yaml")
 
 
-def test_compile_job_builds_and_verifies_what_the_workers_load():
-    """The release-pipeline Job's build and verify take valid compiler flags, name the same
-    directory, and that directory is what the workers pass to --compiled-artifacts, on the same
-    volume (written by the Job, read-only in the workers)."""
+def test_compile_job_publishes_what_the_workers_load():
+    """The release Job builds into a staging directory, verifies it and publishes it under the
+    release's name; that name is what the workers pass to --compiled-artifacts, on the same volume,
+    built on the workers' GPU type and for their model, dtype and device."""
     from compiler.cli import build_parser
 
-    job = yaml.safe_load((K8S / "compile-job.yaml").read_text())
+    job = _docs("compile-job.yaml")[0]
     pod = job["spec"]["template"]["spec"]
     (build,), (verify,) = pod["initContainers"], pod["containers"]
-    built = build_parser().parse_args(build["args"][3:])
-    verified = build_parser().parse_args(verify["args"][3:])
     assert build["args"][:3] == verify["args"][:3] == ["python", "-m", "compiler"]
+    built, verified = build_parser().parse_args(build["args"][3:]), build_parser().parse_args(verify["args"][3:])
     assert (built.command, verified.command) == ("build", "verify")
-    assert built.out == verified.artifacts
+    assert built.out == verified.artifacts and verified.publish is not None and verified.publish != built.out
+    assert built.out.parent == verified.publish.parent  # one filesystem: publishing is a rename
     assert (built.model_id, built.dtype, built.device) == (verified.model_id, verified.dtype, verified.device)
-    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"  # a failure stops the rollout
+    assert job["metadata"]["name"].endswith(verified.publish.name.rsplit("-", 1)[1])  # one Job per release tag
+    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"  # a failure stops the release
 
     def claim(spec, mount_path):
-        mounts = {m["mountPath"]: m for c in spec.get("initContainers", []) + spec["containers"] for m in c["volumeMounts"]}
-        volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]}
-        return volumes[mounts[mount_path]["name"]], mounts[mount_path].get("readOnly", False)
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            for mount in container["volumeMounts"]:
+                if mount["mountPath"] == mount_path:
+                    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+                    yield volume["persistentVolumeClaim"]["claimName"], mount.get("readOnly", False)
 
     root = str(built.out.parent)
-    assert claim(pod, root) == ("swiftd-artifacts", True)  # the verify container's mount; build's is writable
-    assert not any(m.get("readOnly") for m in build["volumeMounts"] if m["mountPath"] == root)
+    assert set(claim(pod, root)) == {("swiftd-artifacts", False)}
     for manifest, module in (("unet.yaml", "services.unet"), ("controlnet.yaml", "services.controlnet")):
-        sts = next(d for d in yaml.safe_load_all((K8S / manifest).read_text()) if d["kind"] == "StatefulSet")
+        sts = next(d for d in _docs(manifest) if d["kind"] == "StatefulSet")
         spec = sts["spec"]["template"]["spec"]
         args = importlib.import_module(f"{module}.__main__").build_parser().parse_args(spec["containers"][0]["args"][3:])
         directories = args.compiled_artifacts if isinstance(args.compiled_artifacts, list) else [args.compiled_artifacts]
-        assert directories == [built.out], manifest
+        assert directories == [verified.publish], manifest
         assert args.dtype == built.dtype and args.device == built.device
-        assert claim(spec, root) == ("swiftd-artifacts", True)
+        assert set(claim(spec, root)) == {("swiftd-artifacts", True)}
+        assert spec["nodeSelector"] == pod["nodeSelector"], manifest  # kernels are built per GPU type
+
+
+def test_every_volume_claim_is_defined_with_an_access_mode_that_fits():
+    claims = {d["metadata"]["name"]: d["spec"]["accessModes"] for d in _docs("volumes.yaml")}
+    for path in K8S.glob("*.yaml"):
+        for doc in _docs(path.name):
+            spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for volume in spec.get("volumes", []):
+                name = volume["persistentVolumeClaim"]["claimName"]
+                assert name in claims, f"{path.name} mounts {name}, which volumes.yaml does not define"
+                pods = doc["spec"].get("replicas", 1)
+                if name != "swiftd-lora-cache" or pods > 1:  # mounted by pods on many nodes
+                    assert set(claims[name]) & {"ReadOnlyMany", "ReadWriteMany"}, name
+    assert claims["swiftd-artifacts"] == ["ReadWriteMany"]  # written by the Job, read by every worker

@@ -1,4 +1,4 @@
-"""The launcher's children: started without fork handlers, and never outliving the launcher."""
+"""The launcher's children never outlive the launcher (they ask for PDEATHSIG themselves)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_service_stops_when_its_launcher_is_killed():
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = None
     try:
         child = int(launcher.stdout.readline())
         assert _alive(child)
@@ -42,3 +43,5 @@ def test_a_service_stops_when_its_launcher_is_killed():
         assert not _alive(child), "the service outlived its launcher"
     finally:
         launcher.kill()
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -61,11 +61,15 @@ def stepper_factory(args):
     def make_stepper(controlnet) -> ControlNetStepper:
         from compiler.artifacts import module_fingerprint
 
+        # The first directory with an artifact of this architecture serves it (its resolutions).
         fingerprint = module_fingerprint(controlnet)
-        for artifacts in compiled:
-            if fingerprint in artifacts.fingerprints():
-                return artifacts.stepper(controlnet)
-        return compiled[0].stepper(controlnet)  # no artifact of its architecture: eager, logged
+        artifacts = next((a for a in compiled if fingerprint in a.fingerprints()), compiled[0])
+        try:
+            return artifacts.stepper(controlnet)  # no artifact of its architecture: eager, logged
+        except (CompilerError, RuntimeError):
+            # Serving this ControlNet slower beats not serving it (the directory itself was checked at start).
+            log.exception("cannot bind the compiled artifacts of %s to this ControlNet: it runs eagerly", artifacts.directory)
+            return ControlNetStepper(controlnet)
 
     return make_stepper, compiled
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -50,6 +51,7 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
     def __init__(self, registry: ControlNetRegistry, after_first_session: Callable[[], None] | None = None):
         self.registry = registry
         self._after_first_session = after_first_session  # e.g. log that serving compiled nothing
+        self._first_session_lock = threading.Lock()
 
     def StreamResiduals(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -79,9 +81,16 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         finally:
             session.close()
             log.debug("session %s/%s closed", start.request_id, start.controlnet_id)
-            if self._after_first_session is not None:
-                report, self._after_first_session = self._after_first_session, None
+            self._report_first_session()
+
+    def _report_first_session(self) -> None:
+        with self._first_session_lock:
+            report, self._after_first_session = self._after_first_session, None
+        if report is not None:
+            try:
                 report()
+            except Exception:  # a report must never fail the session it follows
+                log.exception("first-session report failed")
 
     def _info(self, controlnet_id: str, loaded: dict[str, int], compiled: set[str]) -> common_pb2.ControlNetInfo:
         return common_pb2.ControlNetInfo(

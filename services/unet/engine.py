@@ -234,7 +234,7 @@ class DenoisingEngine:
         with tracing.stage(tracer, timings, "lora_text_encoder", **{"lora.ids": lora_ids, "lora.already_applied": fetch is None}):
             if fetch is not None or (not request.loras and self.lora_patcher.applied):
                 self.lora_patcher.restore()
-                if self.compiled is not None:
+                if self.compiled is not None and fetch is None:  # else the patch's refresh covers both
                     self.compiled.refresh()
             if fetch is not None:
                 for lora_id, deltas in fetch.text_encoder_deltas():
