@@ -113,15 +113,33 @@ def load_package(path: Path, device: str):
     return AOTICompiledModel(loader)
 
 
+# How a package without frozen constants gets the module's weights:
+#   live  the compiled code reads the parameters' own storage (user-managed constants): no copy,
+#         an in-place patch is seen as it happens;
+#   copy  the package holds a copy, and the parameters patched since the last call (their
+#         version counters moved) are copied in again before the next one: one more copy of
+#         the weights in memory, a memcpy of the patched ones per LoRA switch.
+# "copy" stays off torch's user-managed constant handles, the suspect in the CUDA runs that died
+# (README, GPU); SWIFTD_AOTI_WEIGHTS=copy selects it for every package a process loads.
+WEIGHT_BINDINGS = ("live", "copy")
+
+
 class PackagePart:
     """A loaded AOTInductor package bound to a live module's weights; call it like the graph.
 
     `recipes` (from a frozen build) say how each constant is computed from the parameters:
-    such a package is kept current by compiler.frozen.FrozenBinding.
+    such a package is kept current by compiler.frozen.FrozenBinding. `weights` is the binding of
+    a package without them (WEIGHT_BINDINGS; default from SWIFTD_AOTI_WEIGHTS, else live).
     """
 
-    def __init__(self, path: Path, module: torch.nn.Module, device: str = "cpu", recipes: dict | None = None):
+    def __init__(self, path: Path, module: torch.nn.Module, device: str = "cpu", recipes: dict | None = None,
+                 weights: str | None = None):  # fmt: skip
+        import os
+
         self.name = Path(path).name
+        self.weights = weights or os.environ.get("SWIFTD_AOTI_WEIGHTS", "live")
+        if self.weights not in WEIGHT_BINDINGS:
+            raise UsageError(f"weight binding {self.weights!r}: one of {', '.join(WEIGHT_BINDINGS)} (SWIFTD_AOTI_WEIGHTS)")
         self.runner = load_package(path, device)
         self.recipes = recipes
         self.frozen = None
@@ -156,11 +174,22 @@ class PackagePart:
 
             self.frozen = FrozenBinding(self.runner, self.recipes, self._live, self.name)
             return
+        if self.weights == "copy":
+            self._versions = {name: t._version for name, t in self._live.items()}
+            self.runner.load_constants({n: t.detach() for n, t in self._live.items()}, check_full_update=True,
+                                       user_managed=False)  # fmt: skip
+            return
         # User-managed constants are raw pointers into these storages: the detached views keep
         # them alive even if the module's parameters get new storage (`.to()`), and share them
         # with the parameters otherwise (in-place patches are seen).
         self._bound = {name: t.detach() for name, t in self._live.items()}
         self.runner.load_constants(self._bound, check_full_update=True, user_managed=True)
+
+    def _copy_patched(self) -> None:
+        changed = {n: t.detach() for n, t in self._live.items() if t._version != self._versions[n]}
+        if changed:
+            self.runner.load_constants(changed, check_full_update=False, user_managed=False)
+            self._versions.update({n: self._live[n]._version for n in changed})
 
     def __call__(self, *inputs):
         # A parameter given new storage (module.to(), load_state_dict(assign=True)) is rebound;
@@ -170,6 +199,8 @@ class PackagePart:
             self._bind()
         if self.frozen is not None:
             self.frozen.refresh()  # recomputes constants of parameters patched since the last call
+        elif self.weights == "copy":
+            self._copy_patched()
         # The compiled code assumes the strides it was built with (contiguous) and does not check
         # them: a channels_last input (the ControlNet hint embedding is one) would be misread.
         return self.runner(*pytree.tree_map_only(torch.Tensor, lambda x: x.contiguous(), inputs))

@@ -299,6 +299,31 @@ def test_50_lora_swaps_recompile_nothing_and_match_eager(zoo_root, family, reque
 
 
 @pytest.mark.slow
+def test_copied_weights_binding_follows_lora_swaps(zoo_root, sdxl, sdxl_backbone):
+    """The `copy` weight binding (the package holds its own copy of the weights, re-copied for
+    the parameters a patch changed) computes what eager computes across LoRA swaps, like `live`."""
+    from compiler.inductor import PackagePart
+
+    entry, live = sdxl_backbone.encoder.parts[0]
+    module = P.graph_module(P.UNET_ENCODER, sdxl.pipe)
+    copied = PackagePart(sdxl_backbone.directory / entry.file, module, weights="copy")
+    paths = zoo.zoo_paths(zoo_root, "tiny-sdxl").loras
+    deltas = {lora_id: extract_deltas(sdxl.pipe, path) for lora_id, path in sorted(paths.items())}
+    patcher = LoraPatcher(sdxl.pipe)
+    inputs = step_inputs(sdxl, 2, seed=8)
+    with torch.no_grad():
+        base = module(*inputs)
+        for swap, lora_id in enumerate([*deltas, *deltas]):
+            patcher.apply([(lora_id, 0.9, deltas[lora_id])]) if swap % 3 != 2 else patcher.restore()
+            want = module(*inputs)
+            assert_matches(copied(*inputs), want)
+            assert_matches(live(*inputs), want)
+        patcher.restore()
+        assert_matches(copied(*inputs), base)
+    assert copied.weights == "copy" and live.weights == "live"
+
+
+@pytest.mark.slow
 def test_torch_compile_of_a_half_recompiles_nothing_across_lora_swaps(zoo_root, sd15):
     """The same property for torch.compile (what the GPU path uses with CUDA graphs): parameters
     are graph inputs guarded by identity, not value, so in-place patches never fail a guard."""
