@@ -6,7 +6,7 @@ ZOO    := .zoo
 ONLY   ?=
 REPEATS ?= 1
 
-.PHONY: install test run bench zoo protos clean
+.PHONY: install test lint format run bench zoo protos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,15 @@ protos: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra tests
+
+# The configured formatter and linter (pyproject.toml [tool.ruff]); CI runs this before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 run: zoo
 	$(PY) -m swiftd.launcher demo --zoo $(ZOO) --out out

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from services.unet.engine import DenoisingEngine, GenerationRequest
+from services.unet.pipeline import UNetPipeline
+from swiftd.request import Request
 from services.unet.lora_inbox import LoraInbox
 from swiftd import zoo
 from swiftd.lora import extract_deltas, prepare_deltas
@@ -27,7 +28,7 @@ def images_by_arrival_step(zoo_root, family: str, lora_id: str, size: int, steps
     images = {}
     for k in arrival_steps:
         inbox = LoraInbox(budget_bytes=1 << 40, dtype=torch.float32, base_model_id=family, wait_timeout=600)
-        engine = DenoisingEngine(pipe, lora_inbox=inbox)
+        engine = UNetPipeline(pipe, lora_inbox=inbox)
         inbox.put(lora_id, 1.0, items[: first_unet + 1], last=False)  # text encoder part: before encoding
         if k == 0:
             inbox.put(lora_id, 1.0, items[first_unet + 1 :], last=True)
@@ -36,7 +37,7 @@ def images_by_arrival_step(zoo_root, family: str, lora_id: str, size: int, steps
             if i == k - 1:
                 inbox.put(lora_id, 1.0, items[first_unet + 1 :], last=True)
 
-        request = GenerationRequest(
+        request = Request(
             PROMPT, NEGATIVE_PROMPT, width=size, height=size, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
             seed=SEED, scheduler="euler", loras=[(lora_id, 1.0)], lora_bound_steps=steps,
         )  # fmt: skip

@@ -20,7 +20,7 @@ import sys
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from compiler.gpu_check import Timer
+from bench.gpu_check import Timer
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.lora import LoraPatcher, WeightDelta
 from swiftd.split_unet import SplitUNet

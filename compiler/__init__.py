@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the split backbone (`python -m compiler`; README "Compiler").
+"""Ahead-of-time compilation of the split backbone (`python -m compiler`; docs/compiler.md).
 
 parts.py      the graphs: UNet encoder half, decoder half (ControlNet residuals as inputs),
               ControlNet step, VAE decoder
@@ -8,5 +8,5 @@ frozen.py     frozen (prepacked) packages kept current: patched weights re-packe
 tensorrt.py   refittable torch-tensorrt engines, refitted after a LoRA patch
 artifacts.py  the artifact directory's manifest, fingerprints, compatibility checks, error codes
 build.py      build + verify against eager; runtime.py: serving on artifacts (services/unet)
-cli.py        build / verify / inspect; gpu_check.py: the GPU-only checks in one script
+cli.py        build / verify / inspect (the GPU-only checks are bench/gpu_check.py)
 """

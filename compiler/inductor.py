@@ -120,7 +120,7 @@ def load_package(path: Path, device: str):
 #         version counters moved) are copied in again before the next one: one more copy of
 #         the weights in memory, a memcpy of the patched ones per LoRA switch.
 # "copy" stays off torch's user-managed constant handles, the suspect in the CUDA runs that died
-# (README, GPU); SWIFTD_AOTI_WEIGHTS=copy selects it for every package a process loads.
+# (docs/gpu.md); SWIFTD_AOTI_WEIGHTS=copy selects it for every package a process loads.
 WEIGHT_BINDINGS = ("live", "copy")
 
 

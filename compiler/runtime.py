@@ -153,7 +153,7 @@ class CompiledDecoderHalf:
 
 
 class CompiledSplitUNet:
-    """What DenoisingEngine uses of a SplitUNet: `encoder_half`, `decoder_half`, `config`."""
+    """What a DenoisingRun uses of a SplitUNet: `encoder_half`, `decoder_half`, `config`."""
 
     def __init__(self, split: SplitUNet, encoder: _Dispatch, decoder: _Dispatch):
         self.eager = split

@@ -4,7 +4,7 @@ torch-tensorrt needs CUDA and the TensorRT libraries; it is imported lazily, and
 `unavailable_reason()` says why the backend cannot run here (the CLI exits 4 with it). What every
 machine can check is everything up to the engine build: the exported programs (compiler/export.py)
 take every weight as a parameter input, which is what torch-tensorrt builds refittable engines
-from and refits from (tests/test_compiler.py). `compiler/gpu_check.py` runs the rest on a GPU
+from and refits from (tests/test_compiler.py). `bench/gpu_check.py` runs the rest on a GPU
 machine with TensorRT: build, run, LoRA swap, refit, compare with eager.
 
 Engines are built refittable (`immutable_weights=False`; `make_refittable=True` before

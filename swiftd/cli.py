@@ -16,7 +16,8 @@ from pathlib import Path
 
 import grpc
 
-from swiftd.client import SCHEDULERS, WIRE_DTYPES, Client, ControlNet, Lora, Result, format_timings
+from swiftd.client import Client, Result, format_timings
+from swiftd.request import FAMILIES, WIRE_DTYPES, ControlNet, Lora, scheduler_names
 
 DEFAULT_ADDRESS = "127.0.0.1:50050"
 
@@ -43,7 +44,7 @@ def parse_controlnet(text: str) -> ControlNet:
         raise argparse.ArgumentTypeError(f"--controlnet {text!r}: expected ID=IMAGE[:SCALE[:START[:END]]]") from None
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"--controlnet {text!r}: cannot read {image}: {exc.strerror}") from None
-    return ControlNet(controlnet_id, data, scale=values[0], guidance_start=values[1], guidance_end=values[2])
+    return ControlNet(controlnet_id, data, conditioning_scale=values[0], guidance_start=values[1], guidance_end=values[2])
 
 
 def _progress(step: int, total: int, elapsed: float) -> None:
@@ -53,11 +54,20 @@ def _progress(step: int, total: int, elapsed: float) -> None:
 
 def generate(args) -> int:
     options = dict(
-        negative_prompt=args.negative_prompt, width=args.width, height=args.height, steps=args.steps,
-        guidance_scale=args.guidance, seed=args.seed, scheduler=args.scheduler, model_id=args.model,
-        loras=args.lora, controlnets=args.controlnet, lora_bound_steps=args.lora_bound_steps,
-        request_id=args.request_id, controlnet_wire_dtype=args.controlnet_wire_dtype,
-    )  # fmt: skip
+        negative_prompt=args.negative_prompt,
+        width=args.width,
+        height=args.height,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        model_id=args.model,
+        loras=args.lora,
+        controlnets=args.controlnet,
+        lora_bound_steps=args.lora_bound_steps,
+        request_id=args.request_id,
+        controlnet_wire_dtype=args.controlnet_wire_dtype,
+    )
     result = None
     with Client(args.address, timeout=args.timeout) as client:
         try:
@@ -68,7 +78,7 @@ def generate(args) -> int:
                 elif kind == "progress":
                     _progress(event.progress.step, event.progress.total_steps, event.progress.elapsed_seconds)
                 elif kind == "final":
-                    result = Result.from_proto(event.final)
+                    result = Result.from_pb(event.final)
         except grpc.RpcError as exc:
             print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -76,13 +86,20 @@ def generate(args) -> int:
     result.save(args.output)
     print(f"wrote {args.output} (seed {result.seed}, request {result.request_id}, trace {result.trace_id})")
     plan = result.plan
-    print(f"plan: unet {plan.unet_worker}"
-          + "".join(f"; {a.controlnet_id} on {a.worker}" for a in plan.controlnets)
-          + (f"; LoRAs {list(plan.lora_ids)} " + ("already applied" if plan.lora_set_already_applied
-             else f"pushed {list(plan.pushed_lora_ids)}, in place before step {result.lora_applied_at_step}")
-             if plan.lora_ids else ""))  # fmt: skip
+    print(f"plan: {describe_plan(plan, result.lora_applied_at_step)}")
     print(format_timings(result.timings))
     return 0
+
+
+def describe_plan(plan, lora_applied_at_step: int) -> str:
+    text = f"unet {plan.unet_worker}" + "".join(f"; {a.controlnet_id} on {a.worker}" for a in plan.controlnets)
+    if plan.lora_ids:
+        if plan.lora_set_already_applied:
+            delivery = "already applied"
+        else:
+            delivery = f"pushed {list(plan.pushed_lora_ids)}, in place before step {lora_applied_at_step}"
+        text += f"; LoRAs {list(plan.lora_ids)} {delivery}"
+    return text
 
 
 def list_items(args) -> int:
@@ -116,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--guidance", type=float, default=7.5)
     g.add_argument("--seed", type=int, default=None, help="default: the server picks one and reports it")
-    g.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="euler")
+    g.add_argument("--scheduler", choices=scheduler_names(), default="euler")
     g.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="ID[:SCALE]")
     g.add_argument("--controlnet", type=parse_controlnet, action="append", default=[], metavar="ID=IMAGE[:SCALE[:START[:END]]]")
     g.add_argument("--lora-bound-steps", type=int, default=None, metavar="K", help="BAL bound (default: the server's)")
@@ -128,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"list the {name} the gateway serves")
         p.add_argument("--address", default=DEFAULT_ADDRESS, help="gateway host:port")
         if name == "loras":
-            p.add_argument("--family", default="", choices=["", "sd15", "sdxl"])
+            p.add_argument("--family", default="", choices=["", *FAMILIES])
     return parser
 
 

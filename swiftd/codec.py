@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 
+from swiftd.errors import InvalidArgument
 from swiftd.v1 import common_pb2
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
@@ -32,6 +33,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "dtype_from_proto",
     "dtype_to_proto",
+    "tensor_from_field",
     "tensor_from_proto",
     "tensor_nbytes",
     "tensor_to_proto",
@@ -170,3 +172,16 @@ def _checked_numel(msg: common_pb2.Tensor) -> int:
         if d < 0:
             raise ValueError(f"tensor shape {shape} has a negative dimension at index {i}")
     return math.prod(shape)
+
+
+def tensor_from_field(msg: common_pb2.Tensor, field: str, required: bool = True) -> torch.Tensor | None:
+    """A request's tensor field decoded, or INVALID_ARGUMENT naming `field` (None when unset
+    and not `required`)."""
+    if not msg.ByteSize():
+        if required:
+            raise InvalidArgument(field, "is required")
+        return None
+    try:
+        return tensor_from_proto(msg)
+    except ValueError as exc:
+        raise InvalidArgument(field, str(exc)) from None

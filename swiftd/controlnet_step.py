@@ -14,13 +14,18 @@ from dataclasses import dataclass
 import torch
 from diffusers import ControlNetModel
 
+from swiftd import codec
+from swiftd.errors import InvalidArgument
+from swiftd.request import check_id, or_one
 from swiftd.split_unet import run_down_and_mid_blocks
+from swiftd.v1 import controlnet_pb2
 
 
 @dataclass
 class ControlNetSession:
     """What stays constant for one ControlNet during one request: sent once (SessionStart in
-    protos/swiftd/v1/controlnet.proto), not per step."""
+    protos/swiftd/v1/controlnet.proto), not per step. The UNet worker sends `to_pb()`, the
+    ControlNet worker reads `from_pb()`; an in-process ControlNet uses it as it is."""
 
     controlnet_id: str
     controlnet_cond: torch.Tensor  # preprocessed image, CFG-duplicated exactly as Diffusers does
@@ -29,6 +34,43 @@ class ControlNetSession:
     time_ids: torch.Tensor | None
     conditioning_scale: float
     guess_mode: bool
+
+
+    def to_pb(self, wire_dtype: int = 0, request_id: str = "") -> controlnet_pb2.SessionStart:
+        """`wire_dtype`: DType of the residuals in responses (DTYPE_UNSPECIFIED: the sample's)."""
+
+        def tensor(t):
+            return codec.tensor_to_proto(t) if t is not None else None
+
+        return controlnet_pb2.SessionStart(
+            controlnet_id=self.controlnet_id,
+            controlnet_cond=tensor(self.controlnet_cond),
+            encoder_hidden_states=tensor(self.encoder_hidden_states),
+            text_embeds=tensor(self.text_embeds),
+            time_ids=tensor(self.time_ids),
+            conditioning_scale=self.conditioning_scale,
+            guess_mode=self.guess_mode,
+            wire_dtype=wire_dtype,
+            request_id=request_id,
+        )
+
+    @classmethod
+    def from_pb(cls, start: controlnet_pb2.SessionStart) -> ControlNetSession:
+        """INVALID_ARGUMENT naming the field for a missing or malformed part."""
+        check_id("start.controlnet_id", start.controlnet_id)
+        session = cls(
+            controlnet_id=start.controlnet_id,
+            controlnet_cond=codec.tensor_from_field(start.controlnet_cond, "start.controlnet_cond"),
+            encoder_hidden_states=codec.tensor_from_field(start.encoder_hidden_states, "start.encoder_hidden_states"),
+            text_embeds=codec.tensor_from_field(start.text_embeds, "start.text_embeds", required=False),
+            time_ids=codec.tensor_from_field(start.time_ids, "start.time_ids", required=False),
+            conditioning_scale=or_one(start.conditioning_scale),
+            guess_mode=start.guess_mode,
+        )
+        cond = session.controlnet_cond
+        if cond.dim() != 4 or cond.shape[1] != 3:
+            raise InvalidArgument("start.controlnet_cond", f"expected NCHW with 3 channels, got {tuple(cond.shape)}")
+        return session
 
 
 @dataclass

@@ -67,17 +67,17 @@ class ResourceExhausted(ServingError):
 
 
 def from_rpc_error(exc: grpc.RpcError, where: str) -> ServingError:
-    """A downstream call's failure as our own error, to pass on to our caller.
+    """A downstream call's failure as our own error, to pass on to our caller: the one mapping of
+    every service's outgoing calls. The message starts with `where` the call went.
 
     The downstream verdict on the request (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
-    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) keeps its code and message. A downstream service that
-    cannot be reached, or cancelled the call itself (e.g. while shutting down), is UNAVAILABLE
-    (worth a retry); a downstream bug stays INTERNAL (not worth one), carrying its incident id.
-    Both name `where`.
+    RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) keeps its code. A downstream service that cannot be
+    reached, or cancelled the call itself (e.g. while shutting down), is UNAVAILABLE (worth a
+    retry); a downstream bug stays INTERNAL (not worth one), carrying its incident id.
     """
     code, details = exc.code(), exc.details() or ""
     if code in (None, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
         return Unavailable(f"{where}: {code.name.lower() if code else 'failed'}: {details}")
-    error = ServingError(f"{where}: {details}" if code == grpc.StatusCode.INTERNAL else details)
+    error = ServingError(f"{where}: {details}")
     error.code = code
     return error

@@ -29,26 +29,15 @@ from diffusers import (
 )
 
 from swiftd.errors import InvalidArgument, NotFound
+from swiftd.request import FAMILY_SD15, FAMILY_SDXL, WIRE_DTYPES, check_id
 
 log = logging.getLogger(__name__)
 
-# Serving dtypes by the names the services' --dtype flags take.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Serving dtypes by the names the services' --dtype flags take: the float dtypes of the wire.
+DTYPES = {name: getattr(torch, name) for name in WIRE_DTYPES}
 
-FAMILY_SD15 = "sd15"
-FAMILY_SDXL = "sdxl"
 _PIPELINE_CLASSES = {FAMILY_SD15: StableDiffusionPipeline, FAMILY_SDXL: StableDiffusionXLPipeline}
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def check_id(kind: str, item_id: str) -> str:
-    """Ids are plain names so that no request can point outside the model repository."""
-    if not _ID_PATTERN.match(item_id or "") or ".." in item_id:
-        raise InvalidArgument(kind, f"{item_id!r} is not a valid id (letters, digits, '.', '_', '-')")
-    return item_id
-
-
 def resolve(root: Path, section: str, item_id: str, field: str) -> Path:
     """The folder or single file for `item_id` under `root/section`, or NotFound."""
     check_id(field, item_id)

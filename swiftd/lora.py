@@ -28,6 +28,11 @@ from swiftd.errors import FailedPrecondition
 LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
 
 
+def component_rank(parameter_name: str) -> int:
+    """Position of a "<component>.<parameter>" name's component in LORA_COMPONENTS."""
+    return LORA_COMPONENTS.index(parameter_name.split(".", 1)[0])
+
+
 @dataclass(frozen=True)
 class WeightDelta:
     """delta(W) = (up @ down).view(W.shape), alpha/rank (and a scale, once scaled) folded into `up`.
@@ -194,8 +199,10 @@ def prepare_deltas(deltas: LoraDeltas, scale: float, dtype: torch.dtype) -> Lora
 def deltas_to_chunks(
     lora_id: str, scale: float, deltas: LoraDeltas, request_id: str = "", chunk_bytes: int = 16 << 20
 ):
-    """LoraDeltaChunk messages of at most ~chunk_bytes tensor data each, in the deltas' order
-    (text encoders first, then the UNet in forward order: what the worker needs first comes first)."""
+    """LoraDeltaChunk messages of at most ~chunk_bytes tensor data each: text encoders first, then
+    the UNet, each in forward order (what the worker needs first comes first). The order is the
+    wire contract of protos/swiftd/v1/lora_store.proto: the first UNet delta tells the worker the
+    text-encoder part is complete."""
     from swiftd import codec
     from swiftd.v1 import lora_store_pb2
 
@@ -204,7 +211,8 @@ def deltas_to_chunks(
 
     batch, size = [], 0
     first_unet_sent = False
-    items = list(deltas.items())
+    # A stable sort by component: forward order within each component stays as given.
+    items = sorted(deltas.items(), key=lambda item: component_rank(item[0]))
     for i, (name, delta) in enumerate(items):
         entry = lora_store_pb2.ParameterDelta(parameter_name=name)
         if delta.down is None:

@@ -20,6 +20,7 @@ import grpc
 
 from swiftd import rpc, tracing
 from swiftd.interceptor import ErrorInterceptor
+from swiftd.request import Limits
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,28 @@ def server_config_from_args(args) -> ServerConfig:
 
 # Set by swiftd.launcher: the pid of the process that started this service, which it must not outlive.
 PARENT_PID_ENV = "SWIFTD_PARENT_PID"
+
+
+def add_limit_arguments(parser) -> None:
+    """What a request may ask for (`swiftd.request.Limits`). The gateway enforces them for the
+    public API; a UNet worker enforces its own for requests that reach it directly, so give it
+    limits at least as wide as its gateway's."""
+    defaults = Limits()
+    parser.add_argument("--min-size", type=int, default=defaults.min_size, help="pixels per side")
+    parser.add_argument("--max-size", type=int, default=defaults.max_size, help="pixels per side")
+    parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    parser.add_argument("--max-loras", type=int, default=defaults.max_loras)
+    parser.add_argument("--max-controlnets", type=int, default=defaults.max_controlnets)
+
+
+def limits_from_args(args) -> Limits:
+    return Limits(
+        min_size=args.min_size,
+        max_size=args.max_size,
+        max_steps=args.max_steps,
+        max_loras=args.max_loras,
+        max_controlnets=args.max_controlnets,
+    )
 
 
 def die_with_parent() -> None:

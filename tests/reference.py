@@ -11,7 +11,8 @@ from diffusers import (
     StableDiffusionXLControlNetPipeline,
 )
 
-from services.unet.engine import ControlNetRequest, DenoisingEngine
+from services.unet.pipeline import UNetPipeline
+from swiftd.request import ControlNet
 from swiftd import zoo
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.loading import load_controlnet, load_pipeline
@@ -32,15 +33,15 @@ class Family:
         self.pipe = load_pipeline(paths.model)
         self.controlnets = {cid: load_controlnet(p) for cid, p in paths.controlnets.items()}
         self.ids = list(self.controlnets)
-        self.engine = DenoisingEngine(self.pipe, load_controlnet=lambda cid: ControlNetStepper(self.controlnets[cid]))
+        self.engine = UNetPipeline(self.pipe, load_controlnet=lambda cid: ControlNetStepper(self.controlnets[cid]))
         self.is_sdxl = paths.kind == "sdxl"
 
-    def diffusers_latents(self, scheduler, controlnets: list[ControlNetRequest], guess_mode=False, **kwargs):
+    def diffusers_latents(self, scheduler, controlnets: list[ControlNet], guess_mode=False, **kwargs):
         """The same request through Diffusers' own pipeline, the usual way."""
         kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, output_type="latent", **kwargs)
         return self.diffusers_run(scheduler, controlnets, guess_mode, **kwargs)
 
-    def diffusers_run(self, scheduler, controlnets: list[ControlNetRequest], guess_mode=False, **kwargs):
+    def diffusers_run(self, scheduler, controlnets: list[ControlNet], guess_mode=False, **kwargs):
         if not controlnets:
             pipe = self.pipe.__class__(**self.pipe.components)
         else:
@@ -59,7 +60,7 @@ class Family:
                 guess_mode=guess_mode,
             )
         pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = self.engine._make_scheduler(scheduler)
+        pipe.scheduler = self.engine.make_scheduler(scheduler)
         return pipe(**kwargs).images
 
 

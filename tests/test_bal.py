@@ -9,11 +9,13 @@ import time
 import pytest
 import torch
 
-from services.unet.engine import DenoisingEngine, GenerationRequest
-from services.unet.lora_inbox import LoraInbox, lora_key
+from services.unet.pipeline import UNetPipeline
+from services.unet.lora_inbox import LoraInbox
+from swiftd.request import Lora, Request
 from swiftd import zoo
-from swiftd.errors import Unavailable
-from swiftd.lora import extract_deltas, prepare_deltas
+from swiftd.errors import InvalidArgument, Unavailable
+from swiftd.lora import deltas_to_chunks, extract_deltas, prepare_deltas
+from swiftd.v1 import lora_store_pb2
 from swiftd.loading import load_pipeline
 from tests.test_lora_patch import weights_digest
 
@@ -32,11 +34,11 @@ def setup(zoo_root):
 def engine_with_push_inbox(pipe):
     """An engine whose inbox neither pulls nor prepares: deltas arrive only when the test adds them."""
     inbox = LoraInbox(budget_bytes=1 << 40, dtype=torch.float32, base_model_id="tiny-sd15", wait_timeout=30)
-    return DenoisingEngine(pipe, lora_inbox=inbox), inbox
+    return UNetPipeline(pipe, lora_inbox=inbox), inbox
 
 
-def request(k: int, loras=((LORA, 0.8),)) -> GenerationRequest:
-    return GenerationRequest("a cat", width=64, height=64, num_inference_steps=STEPS, seed=4, scheduler="euler",
+def request(k: int, loras=((LORA, 0.8),)) -> Request:
+    return Request("a cat", width=64, height=64, num_inference_steps=STEPS, seed=4, scheduler="euler",
                              loras=list(loras), lora_bound_steps=k)  # fmt: skip
 
 
@@ -120,9 +122,35 @@ def test_broken_transfer_fails_the_request_and_restores_base_weights(setup):
 
     def on_step(i, total, latents):
         if i == 0:
-            inbox._entry(lora_key(LORA, 0.8), create=False).fail(Unavailable("store went away"))
+            inbox._entry(Lora(LORA, 0.8).key, create=False).fail(Unavailable("store went away"))
 
     with pytest.raises(Unavailable):
         engine.generate(request(k=3), on_step=on_step)
     assert weights_digest(pipe) == pristine
     assert engine.lora_patcher.applied == ()
+
+
+def test_worker_holds_the_lora_chunk_order_contract(setup):
+    """protos/swiftd/v1/lora_store.proto: text-encoder deltas first. Over the real chunk stream,
+    the text-encoder part is complete at the first UNet delta; a text-encoder delta after a UNet
+    delta is refused (INVALID_ARGUMENT) and fails the entry instead of being silently missed."""
+    pipe, deltas = setup
+    _, inbox = engine_with_push_inbox(pipe)
+    chunks = list(deltas_to_chunks(LORA, 0.8, deltas, chunk_bytes=1 << 30))
+    assert len(chunks) >= 2 and not chunks[0].last
+    inbox.receive(chunks[:1])  # the text-encoder part and the first UNet delta
+    entry = inbox._entry(Lora(LORA, 0.8).key, create=False)
+    assert entry.text_encoder_done and not entry.complete
+
+    _, late = engine_with_push_inbox(pipe)
+    out_of_order = [
+        lora_store_pb2.LoraDeltaChunk(lora_id=LORA, scale=0.8, deltas=[c], last=False)
+        for chunk in deltas_to_chunks(LORA, 0.8, deltas, chunk_bytes=1 << 30)
+        for c in chunk.deltas
+    ]
+    out_of_order.sort(key=lambda c: not c.deltas[0].parameter_name.startswith("unet."))  # UNet first
+    assert out_of_order[0].deltas[0].parameter_name.startswith("unet.")
+    with pytest.raises(InvalidArgument, match="text-encoder delta"):
+        late.receive(out_of_order)
+    with pytest.raises(InvalidArgument):
+        late.fetch([(LORA, 0.8)], "r", pushed=[LORA]).text_encoder_deltas()

@@ -30,7 +30,8 @@ from compiler.artifacts import MANIFEST, ArtifactCorrupt, ArtifactMismatch, read
 from compiler.build import build
 from compiler.export import export_part, folded_constants, lifted_weights
 from compiler.runtime import CompiledBackbone, compile_activity
-from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest
+from services.unet.pipeline import UNetPipeline
+from swiftd.request import ControlNet, Request
 from swiftd import codec, rpc, zoo
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.launcher import start_controlnet, start_unet
@@ -142,7 +143,7 @@ def test_tensorrt_build_is_refused_cleanly_without_tensorrt(zoo_root, tmp_path):
     try:
         import torch_tensorrt  # noqa: F401
 
-        pytest.skip("torch_tensorrt is installed here: compiler/gpu_check.py exercises the engine build")
+        pytest.skip("torch_tensorrt is installed here: bench/gpu_check.py exercises the engine build")
     except ImportError:
         pass
     result = run_cli("build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--backend", "tensorrt",
@@ -159,7 +160,7 @@ def test_tensorrt_engine_build_and_refit(sd15):
     reason = tensorrt.unavailable_reason("cuda")
     if reason:
         pytest.skip(reason)
-    result = subprocess.run([sys.executable, "-m", "compiler.gpu_check", "--family", "tiny-sd15", "--size", str(SIZE),
+    result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--family", "tiny-sd15", "--size", str(SIZE),
                              "--stages", "tensorrt", "--out", "/dev/stdout"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0 and '"error"' not in result.stdout, result.stdout + result.stderr
 
@@ -212,19 +213,19 @@ def test_compiled_controlnet_and_vae_match_eager(sd15, sd15_backbone, sd15_contr
 
 @pytest.mark.slow
 def test_compiled_engine_matches_eager_engine(zoo_root, sd15, sd15_backbone, sd15_controlnet_artifacts):
-    """Whole requests (CFG and not, a ControlNet in-process, a LoRA) through DenoisingEngine,
+    """Whole requests (CFG and not, a ControlNet in-process, a LoRA) through UNetPipeline,
     compiled vs eager; the frozen constants of patched weights are re-packed in the patch stage."""
     cn_backbone = CompiledBackbone.load(sd15_controlnet_artifacts, sd15.pipe)
     steppers = {cid: cn_backbone.controlnet_stepper(model) for cid, model in sd15.controlnets.items()}
     lora_path = zoo.zoo_paths(zoo_root, "tiny-sd15").loras["tiny-sd15-lora-peft-r64"]
     load_lora = {"r64": extract_deltas(sd15.pipe, lora_path)}.__getitem__
-    engine = DenoisingEngine(sd15.pipe, load_controlnet=steppers.__getitem__, load_lora=load_lora, compiled=sd15_backbone)
-    eager = DenoisingEngine(sd15.pipe, load_controlnet=lambda cid: ControlNetStepper(sd15.controlnets[cid]), load_lora=load_lora)
+    engine = UNetPipeline(sd15.pipe, load_controlnet=steppers.__getitem__, load_lora=load_lora, backbone=sd15_backbone)
+    eager = UNetPipeline(sd15.pipe, load_controlnet=lambda cid: ControlNetStepper(sd15.controlnets[cid]), load_lora=load_lora)
 
     def request(guidance, controlnets=(), loras=()):
-        return GenerationRequest("a photo of a cat", height=SIZE, width=SIZE, num_inference_steps=5, seed=5,
+        return Request("a photo of a cat", height=SIZE, width=SIZE, num_inference_steps=5, seed=5,
                                  scheduler="euler", guidance_scale=guidance, loras=list(loras),
-                                 controlnets=[ControlNetRequest(c, conditioning_image(1), 0.8) for c in controlnets])  # fmt: skip
+                                 controlnets=[ControlNet(c, conditioning_image(1), 0.8) for c in controlnets])  # fmt: skip
 
     base = {}
     for guidance, controlnets in ((7.5, []), (1.0, []), (7.5, ["tiny-sd15-cn-edges"])):
@@ -396,7 +397,7 @@ def test_controlnet_service_on_artifacts_compiles_nothing_and_matches_diffusers(
         with rpc.create_channel(unet_worker.address) as channel:
             stub = unet_pb2_grpc.UNetWorkerStub(channel)
             for guidance, (scale, start, end) in ((7.5, (0.8, 0.0, 1.0)), (1.0, (1.0, 0.2, 0.8))):  # batch 2 and 1
-                controlnets = [ControlNetRequest("tiny-sd15-cn-edges", conditioning_image(2), scale, start, end)]
+                controlnets = [ControlNet("tiny-sd15-cn-edges", conditioning_image(2), scale, start, end)]
                 response = stub.Denoise(denoise_request("tiny-sd15", controlnets, [cn_worker.address], guidance), timeout=120)
                 reference = sd15.diffusers_latents("euler", controlnets, prompt="an astronaut riding a horse",
                                                    guidance_scale=guidance, generator=torch.Generator().manual_seed(11))  # fmt: skip
@@ -420,7 +421,7 @@ def test_an_evicted_compiled_controlnet_frees_its_weights(zoo_root, sd15_control
     import weakref
 
     from compiler.runtime import CompiledControlNets
-    from services.controlnet.engine import ControlNetRegistry
+    from services.controlnet.registry import ControlNetRegistry
 
     compiled = CompiledControlNets.load(sd15_controlnet_artifacts, dtype=torch.float32)
     registry = ControlNetRegistry(zoo_root, budget_bytes=1 << 40, make_stepper=compiled.stepper)
@@ -446,11 +447,12 @@ def test_controlnet_service_refuses_artifacts_without_controlnets(zoo_root, cold
 
 
 def test_service_without_artifacts_says_it_serves_eagerly(caplog):
-    from services.unet.__main__ import build_parser, load_compiled
+    from services.unet.__main__ import build_parser, load_backbone
+    from services.unet.backbone import EagerBackbone
 
     args = build_parser().parse_args(["--model-root", ".zoo", "--model-id", "tiny-sd15"])
     with caplog.at_level("INFO"):
-        assert load_compiled(args, pipe=None) is None
+        assert isinstance(load_backbone(args, pipe=None), EagerBackbone)
     assert "serving eagerly" in caplog.text
 
 

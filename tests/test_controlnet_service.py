@@ -18,8 +18,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.controlnet.engine import ControlNetRegistry
-from services.unet.engine import ControlNetRequest
+from services.controlnet.registry import ControlNetRegistry
+from swiftd.request import ControlNet
 from bench.quality import psnr
 from swiftd import codec, rpc, zoo
 from swiftd.launcher import start_controlnet, start_unet
@@ -37,7 +37,7 @@ def suite(zoo_root):
         "cn_b": start_controlnet(zoo_root, num_threads=1),
     }
     for family, model in FAMILIES.items():
-        services[family] = start_unet(zoo_root, model, num_threads=1)
+        services[family] = start_unet(zoo_root, model, num_threads=1, extra_args=["--max-steps", "1000"])
     channels = {name: rpc.create_channel(s.address) for name, s in services.items()}
     yield services, channels
     for channel in channels.values():
@@ -87,7 +87,7 @@ CASES = {
 
 def controlnet_requests(fam, specs, guess):
     return [
-        ControlNetRequest(fam.ids[i], conditioning_image(i), scale, start, end, guess_mode=guess)
+        ControlNet(fam.ids[i], conditioning_image(i), scale, start, end, guess_mode=guess)
         for i, (scale, start, end) in enumerate(specs)
     ]
 

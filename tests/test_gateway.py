@@ -40,7 +40,7 @@ def suite(zoo_root, tmp_path_factory):
     zoo_root = make_root(zoo_root, tmp_path_factory.mktemp("root"))  # the zoo plus a LoRA the store refuses
     store = start_lora_store(zoo_root, tmp_path_factory.mktemp("lora-cache"), base_models=[MODEL], cpu_cores=[1], num_threads=1, env=env, wait=False)
     controlnets = [start_controlnet(zoo_root, preload=[EDGES, DEPTH], cpu_cores=[1], num_threads=1, env=env, wait=False) for _ in range(2)]
-    unets = [start_unet(zoo_root, MODEL, cpu_cores=[0], num_threads=1, env=env, wait=False) for _ in range(2)]
+    unets = [start_unet(zoo_root, MODEL, cpu_cores=[0], num_threads=1, env=env, wait=False, extra_args=["--max-steps", str(LONG_STEPS)]) for _ in range(2)]
     for service in (store, *controlnets, *unets):
         service.wait_ready()
     gateway = start_gateway(
@@ -501,7 +501,7 @@ def test_a_callers_trace_continues_into_the_suite(suite):
     tracing.setup_tracing("test-caller", SimpleSpanProcessor(exporter))
     with trace.get_tracer("test").start_as_current_span("user-request") as user_span:
         with Client(suite["gateway"].address) as client:
-            result = client.generate("a lighthouse at dusk", width=64, height=64, steps=2, seed=3, model_id=MODEL)
+            result = client.generate("a lighthouse at dusk", width=64, height=64, num_inference_steps=2, seed=3, model_id=MODEL)
     user_trace = format(user_span.get_span_context().trace_id, "032x")
     assert result.trace_id == user_trace
     client_span = next(s for s in exporter.get_finished_spans() if s.name == "/swiftd.v1.Gateway/Generate")

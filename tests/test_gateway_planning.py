@@ -9,11 +9,12 @@ from collections import Counter
 import pytest
 
 from services.gateway.admission import AdmissionQueue
-from services.gateway.planner import UNetWorkerState, assign_controlnets, choose_unet_worker, lora_key
+from services.gateway.planner import UNetWorkerState, assign_controlnets, choose_unet_worker
+from swiftd.request import LoraSet
 from swiftd.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 
-A = lora_key([("papercut", 0.8)])
-B = lora_key([("watercolor", 1.0), ("papercut", 0.5)])
+A = LoraSet.of([("papercut", 0.8)]).key
+B = LoraSet.of([("watercolor", 1.0), ("papercut", 0.5)]).key
 
 
 def worker(name, load=0, applied=(), cached=()):
@@ -31,7 +32,7 @@ def test_affinity_first_while_it_has_a_free_slot_then_least_loaded():
     assert pick([worker("w0", load=1), worker("w1", load=2, applied=A)]) == (worker("w0", load=1), False)
     assert pick([worker("w0", load=1), worker("w1", load=1, applied=A)]) == (worker("w1", load=1, applied=A), True)
     # Same ids with another scale is another set.
-    other_scale = lora_key([("papercut", 0.7)])
+    other_scale = LoraSet.of([("papercut", 0.7)]).key
     assert pick([worker("w0", load=0), worker("w1", applied=other_scale)], want=A)[0].address == "w0"
 
 

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from services.unet.engine import DenoisingEngine, GenerationRequest
+from services.unet.pipeline import UNetPipeline
+from swiftd.request import Request
 from swiftd import zoo
 from swiftd.errors import InvalidArgument, NotFound
 from swiftd.loading import list_ids, load_pipeline, resolve
@@ -22,9 +23,9 @@ def test_single_file_checkpoint_generates_like_the_folder(zoo_root, tmp_path):
     assert path.is_file()
     single = load_pipeline(path, config=paths.model)
     folder = load_pipeline(paths.model)
-    request = GenerationRequest("a cat", width=64, height=64, num_inference_steps=3, seed=9, scheduler="ddim")
-    a = DenoisingEngine(single).generate(request).latents
-    b = DenoisingEngine(folder).generate(request).latents
+    request = Request("a cat", width=64, height=64, num_inference_steps=3, seed=9, scheduler="ddim")
+    a = UNetPipeline(single).generate(request).latents
+    b = UNetPipeline(folder).generate(request).latents
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
 
 

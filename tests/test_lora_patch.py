@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from services.unet.engine import DenoisingEngine, GenerationRequest
+from services.unet.pipeline import UNetPipeline
+from swiftd.request import Request
 from swiftd import zoo
 from swiftd.errors import FailedPrecondition
 from swiftd.lora import LoraPatcher, extract_deltas
@@ -35,7 +36,7 @@ def family(request, zoo_root):
     paths = zoo.zoo_paths(zoo_root, request.param)
     pipe = load_pipeline(paths.model)
     deltas = {lora_id: extract_deltas(pipe, path) for lora_id, path in paths.loras.items()}
-    engine = DenoisingEngine(pipe, load_lora=deltas.__getitem__)
+    engine = UNetPipeline(pipe, load_lora=deltas.__getitem__)
     return paths, pipe, engine, deltas
 
 
@@ -52,7 +53,7 @@ def test_synchronous_patch_matches_diffusers_fuse(family, case):
     paths, pipe, engine, _ = family
     loras = [(f"{paths.family}-{suffix}", scale) for suffix, scale in CASES[case]]
     pristine = weights_digest(pipe)
-    request = GenerationRequest("a photo of a cat", height=64, width=64, num_inference_steps=4, seed=2, scheduler="euler", loras=loras)
+    request = Request("a photo of a cat", height=64, width=64, num_inference_steps=4, seed=2, scheduler="euler", loras=loras)
     ours = engine.generate(request).latents
     engine.lora_patcher.restore()
     assert weights_digest(pipe) == pristine
@@ -62,7 +63,7 @@ def test_synchronous_patch_matches_diffusers_fuse(family, case):
     )  # fmt: skip
     diff = (ours - reference).abs().max().item()
     assert diff <= TOLERANCE, f"max abs difference {diff:.3g}"
-    plain = engine.generate(GenerationRequest("a photo of a cat", height=64, width=64, num_inference_steps=4, seed=2, scheduler="euler")).latents
+    plain = engine.generate(Request("a photo of a cat", height=64, width=64, num_inference_steps=4, seed=2, scheduler="euler")).latents
     assert (plain - ours).abs().max().item() > 100 * TOLERANCE, "the LoRA must change the output"
 
 

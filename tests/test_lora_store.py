@@ -20,11 +20,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.lora_store.engine import LoraStore
+from services.lora_store.store import LoraStore
 from swiftd import rpc
 from swiftd.errors import InvalidArgument
 from swiftd.launcher import start_service
-from swiftd.lora import delta_from_proto, extract_deltas, prepare_deltas
+from swiftd.lora import deltas_to_chunks, delta_from_proto, extract_deltas, prepare_deltas
 from swiftd.loading import load_pipeline
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.model_roots import BOGUS, make_root
@@ -259,6 +259,27 @@ def test_stream_sdxl_with_both_text_encoders(store, root):
     assert any(n.startswith("text_encoder_2.") for n in got[0][2])
 
 
+@pytest.mark.parametrize("base, lora_id", [("tiny-sd15", "tiny-sd15-lora-kohya-r16-te"), ("tiny-sdxl", "tiny-sdxl-lora-kohya-r16-te")])
+def test_chunks_keep_the_order_contract(store, base, lora_id):
+    """protos/swiftd/v1/lora_store.proto: within a LoRA every text-encoder delta precedes every UNet
+    delta, and the first UNet delta arrives before the last chunk (the worker starts text encoding
+    then), whatever order the prepared deltas were held in."""
+    _, stub, _ = store
+    chunks = stream(stub, [(lora_id, 1.0)], base=base)
+    names = [d.parameter_name for c in chunks for d in c.deltas]
+    components = [n.split(".", 1)[0] for n in names]
+    assert "unet" in components and components[0].startswith("text_encoder")
+    assert components == sorted(components, key=("text_encoder", "text_encoder_2", "unet").index)
+    first_unet_chunk = next(i for i, c in enumerate(chunks) if any(d.parameter_name.startswith("unet.") for d in c.deltas))
+    assert first_unet_chunk < len(chunks) - 1 and chunks[-1].last and not any(c.last for c in chunks[:-1])
+    # The order holds even for deltas held UNet first.
+    held = {d.parameter_name: delta_from_proto(d)[1] for c in chunks for d in c.deltas}
+    unet_first = dict(sorted(held.items(), key=lambda item: not item[0].startswith("unet.")))
+    assert next(iter(unet_first)).startswith("unet.")
+    rechunked = [d.parameter_name for c in deltas_to_chunks(lora_id, 1.0, unet_first) for d in c.deltas]
+    assert rechunked == names
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -419,7 +440,7 @@ def test_host_budget_and_restart_from_disk(root, reference, tmp_path):
     assert events[-1]["precomputes"] == 0 and events[-1]["disk_hits"] == 2
 
 
-def test_engine_tiers_in_process(root, tmp_path):
+def test_store_tiers_in_process(root, tmp_path):
     """Random prefetches never exceed the budget; one computation per entry under concurrency; an
     oversized LoRA is served from disk without being kept; a changed source is recomputed."""
     budget = 2_500_000

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.unet.engine import ControlNetRequest, GenerationRequest
+from swiftd.request import ControlNet, Request
 from swiftd.split_unet import SplitUNet
 from tests.reference import SIZE, STEPS, TOLERANCE, assert_close, conditioning_image
 
@@ -42,14 +42,14 @@ def test_split_unet_forward_equals_unet(family, request):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m", "euler_a"])
 def test_sd15_text_to_image_matches_diffusers(sd15, scheduler):
-    ours = sd15.engine.generate(GenerationRequest("a photo of a cat", height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=7, scheduler=scheduler))
+    ours = sd15.engine.generate(Request("a photo of a cat", height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=7, scheduler=scheduler))
     reference = sd15.diffusers_latents(scheduler, [], prompt="a photo of a cat", guidance_scale=7.5, generator=torch.Generator().manual_seed(7))
     assert_close(ours.latents, reference)
     assert ours.image.size == (SIZE, SIZE)
 
 
 def test_sd15_without_cfg_matches_diffusers(sd15):
-    ours = sd15.engine.generate(GenerationRequest("a red horse", guidance_scale=1.0, height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=3, scheduler="ddim"))
+    ours = sd15.engine.generate(Request("a red horse", guidance_scale=1.0, height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=3, scheduler="ddim"))
     reference = sd15.diffusers_latents("ddim", [], prompt="a red horse", guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
     assert_close(ours.latents, reference)
 
@@ -69,10 +69,10 @@ def test_controlnet_matches_diffusers(family, case, request):
     fam = request.getfixturevalue(family)
     specs, guidance, guess = CONTROLNET_CASES[case]
     controlnets = [
-        ControlNetRequest(fam.ids[i], conditioning_image(i), scale, start, end, guess_mode=guess)
+        ControlNet(fam.ids[i], conditioning_image(i), scale, start, end, guess_mode=guess)
         for i, (scale, start, end) in enumerate(specs)
     ]
-    ours = fam.engine.generate(GenerationRequest(
+    ours = fam.engine.generate(Request(
         "an astronaut riding a horse", guidance_scale=guidance, height=SIZE, width=SIZE,
         num_inference_steps=STEPS, seed=11, scheduler="euler", controlnets=controlnets,
     ))  # fmt: skip
@@ -82,7 +82,7 @@ def test_controlnet_matches_diffusers(family, case, request):
     )  # fmt: skip
     assert_close(ours.latents, reference)
     # The ControlNets must matter, or this test would prove nothing.
-    plain = fam.engine.generate(GenerationRequest(
+    plain = fam.engine.generate(Request(
         "an astronaut riding a horse", guidance_scale=guidance, height=SIZE, width=SIZE,
         num_inference_steps=STEPS, seed=11, scheduler="euler",
     ))  # fmt: skip
@@ -91,7 +91,7 @@ def test_controlnet_matches_diffusers(family, case, request):
 
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpmpp_2m"])
 def test_sdxl_text_to_image_matches_diffusers(sdxl, scheduler):
-    ours = sdxl.engine.generate(GenerationRequest("a cat in space", height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=5, scheduler=scheduler))
+    ours = sdxl.engine.generate(Request("a cat in space", height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=5, scheduler=scheduler))
     reference = sdxl.diffusers_latents(scheduler, [], prompt="a cat in space", guidance_scale=7.5, generator=torch.Generator().manual_seed(5))
     assert_close(ours.latents, reference)
 
@@ -102,9 +102,9 @@ def test_hint_embedding_cached_once_per_request(sd15):
     calls = []
     handle = controlnet.controlnet_cond_embedding.register_forward_hook(lambda *a: calls.append(1))
     try:
-        sd15.engine.generate(GenerationRequest(
+        sd15.engine.generate(Request(
             "a cat", height=SIZE, width=SIZE, num_inference_steps=STEPS, seed=1,
-            controlnets=[ControlNetRequest(sd15.ids[0], conditioning_image(0))],
+            controlnets=[ControlNet(sd15.ids[0], conditioning_image(0))],
         ))  # fmt: skip
     finally:
         handle.remove()

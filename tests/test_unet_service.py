@@ -11,7 +11,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.unet.engine import ControlNetRequest, DenoisingEngine, GenerationRequest
+from services.unet.pipeline import UNetPipeline
+from swiftd.request import ControlNet, Request
 from swiftd import codec, rpc, zoo
 from swiftd.images import edge_image
 from swiftd.controlnet_step import ControlNetStepper
@@ -27,7 +28,7 @@ LORA = "tiny-sd15-lora-kohya-r16-te"
 
 @pytest.fixture(scope="module")
 def worker(zoo_root):
-    service = start_unet(zoo_root, MODEL, num_threads=1)
+    service = start_unet(zoo_root, MODEL, num_threads=1, extra_args=["--max-steps", "1000"])
     channel = rpc.create_channel(service.address)
     yield unet_pb2_grpc.UNetWorkerStub(channel), channel, service
     channel.close()
@@ -64,15 +65,15 @@ def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root)
     # The same request through the engine in this process (proved equal to Diffusers elsewhere).
     paths = zoo.zoo_paths(zoo_root, MODEL)
     pipe = load_pipeline(paths.model)
-    engine = DenoisingEngine(
+    engine = UNetPipeline(
         pipe,
         load_controlnet=lambda cid: ControlNetStepper(load_controlnet(paths.controlnets[cid])),
         load_lora=lambda lid: extract_deltas(pipe, paths.loras[lid]),
     )
     cond = PIL.Image.open(io.BytesIO(edge_image(64))).convert("RGB")
-    expected = engine.generate(GenerationRequest(
+    expected = engine.generate(Request(
         "a photo of a horse", width=64, height=64, num_inference_steps=4, seed=123, scheduler="euler",
-        controlnets=[ControlNetRequest(CN, cond, 0.9, 0.0, 0.8)], loras=[(LORA, 0.7)],
+        controlnets=[ControlNet(CN, cond, 0.9, 0.0, 0.8)], loras=[(LORA, 0.7)],
     ))  # fmt: skip
     latents = codec.tensor_from_proto(response.latents)
     assert torch.allclose(latents, expected.latents, atol=1e-5, rtol=0)
@@ -92,7 +93,7 @@ def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root)
         (request(controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(controlnet_id=CN, image=b"not an image"))]),
          grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].input.image"),
         (request(controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(controlnet_id=CN, image=edge_image(64), guidance_start=0.9, guidance_end=0.5))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].guidance_start"),
+         grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].input.guidance_start"),
     ],
     ids=["width", "model", "scheduler", "lora-missing", "lora-path", "lora-family", "cn-missing", "cn-image", "cn-window"],
 )  # fmt: skip

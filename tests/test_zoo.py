@@ -330,7 +330,7 @@ def _meta_param_counts(family: str) -> dict[str, int]:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         for i, (cls, cfg) in enumerate(zip((CLIPTextModel, CLIPTextModelWithProjection), spec.text_encoders)):
-            models[f"text_encoder{'' if i == 0 else '_2'}"] = cls(zoo._text_config(cfg, zoo.TOKENIZER_PADS[i]))
+            models[f"text_encoder{'' if i == 0 else '_2'}"] = cls(zoo.clip_text_config(cfg, zoo.TOKENIZER_PADS[i]))
     return {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from services.controlnet.engine import ControlNetRegistry
+from services.controlnet.registry import ControlNetRegistry
 from services.controlnet.servicer import ControlNetWorkerServicer
 from swiftd import rpc, tracing
 from swiftd.controlnet_step import ControlNetStepper

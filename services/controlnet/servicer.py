@@ -9,42 +9,15 @@ from collections.abc import Callable
 
 from opentelemetry import trace
 
-from services.controlnet.engine import ControlNetRegistry, ResidualSession
+from services.controlnet.registry import ControlNetRegistry, SessionRunner
 from swiftd import codec
 from swiftd.controlnet_step import ControlNetSession
 from swiftd.errors import InvalidArgument
-from swiftd.loading import check_id
+from swiftd.request import check_id
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("swiftd.controlnet")
-
-
-def _tensor(msg, field: str, required: bool = True):
-    if not msg.ByteSize():
-        if required:
-            raise InvalidArgument(field, "is required")
-        return None
-    try:
-        return codec.tensor_from_proto(msg)
-    except ValueError as exc:
-        raise InvalidArgument(field, str(exc)) from None
-
-
-def constants_from_proto(start: controlnet_pb2.SessionStart) -> ControlNetSession:
-    check_id("start.controlnet_id", start.controlnet_id)
-    constants = ControlNetSession(
-        controlnet_id=start.controlnet_id,
-        controlnet_cond=_tensor(start.controlnet_cond, "start.controlnet_cond"),
-        encoder_hidden_states=_tensor(start.encoder_hidden_states, "start.encoder_hidden_states"),
-        text_embeds=_tensor(start.text_embeds, "start.text_embeds", required=False),
-        time_ids=_tensor(start.time_ids, "start.time_ids", required=False),
-        conditioning_scale=start.conditioning_scale or 1.0,
-        guess_mode=start.guess_mode,
-    )
-    if constants.controlnet_cond.dim() != 4 or constants.controlnet_cond.shape[1] != 3:
-        raise InvalidArgument("start.controlnet_cond", f"expected NCHW with 3 channels, got {tuple(constants.controlnet_cond.shape)}")
-    return constants
 
 
 class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
@@ -60,17 +33,17 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         start = first.start
         wire_dtype = start.wire_dtype or common_pb2.DTYPE_UNSPECIFIED
         with tracer.start_as_current_span("controlnet.session_start", attributes={"controlnet.id": start.controlnet_id}):
-            session = ResidualSession(self.registry, constants_from_proto(start))  # embeds the hint once
+            runner = SessionRunner(self.registry, ControlNetSession.from_pb(start))  # embeds the hint once
         log.debug("session %s/%s opened", start.request_id, start.controlnet_id)
         try:
             for message in request_iterator:
                 if message.WhichOneof("kind") != "step":
                     raise InvalidArgument("step", "only StepInput messages may follow the SessionStart")
                 step = message.step
-                sample = _tensor(step.sample, "step.sample")
+                sample = codec.tensor_from_field(step.sample, "step.sample")
                 t0 = time.perf_counter()
                 with tracer.start_as_current_span("controlnet.step", attributes={"step": step.step_index}):
-                    residuals = session.step(step.timestep, sample)
+                    residuals = runner.step(step.timestep, sample)
                 seconds = time.perf_counter() - t0
                 yield controlnet_pb2.ResidualsResponse(
                     step_index=step.step_index,
@@ -79,7 +52,7 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
                     compute_seconds=seconds,
                 )
         finally:
-            session.close()
+            runner.close()
             log.debug("session %s/%s closed", start.request_id, start.controlnet_id)
             self._report_first_session()
 

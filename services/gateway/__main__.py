@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import argparse
 
-from services.gateway.config import GatewayConfig, Limits
+from services.gateway.config import GatewayConfig
 from services.gateway.servicer import GatewayServicer
 from swiftd import rpc, tracing
-from swiftd.server import add_server_arguments, configure_process, serve, server_config_from_args
+from swiftd.server import (
+    add_limit_arguments,
+    add_server_arguments,
+    configure_process,
+    limits_from_args,
+    serve,
+    server_config_from_args,
+)
 from swiftd.v1 import gateway_pb2_grpc
 
 
@@ -27,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="BAL bound K for requests that give none (default: the UNet workers' own default)")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds, when the client sets no deadline")
     parser.add_argument("--catalog-ttl", type=float, default=10.0, help="seconds between refreshes of the listings")
-    defaults = Limits()
-    parser.add_argument("--min-size", type=int, default=defaults.min_size)
-    parser.add_argument("--max-size", type=int, default=defaults.max_size)
-    parser.add_argument("--max-steps", type=int, default=defaults.max_steps)
-    parser.add_argument("--max-loras", type=int, default=defaults.max_loras)
-    parser.add_argument("--max-controlnets", type=int, default=defaults.max_controlnets)
+    add_limit_arguments(parser)
     add_server_arguments(parser)
     # Every queued or running stream holds a server thread; leave room for listings and probes.
     parser.set_defaults(max_workers=256)
@@ -40,11 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args) -> GatewayConfig:
-    limits = Limits(min_size=args.min_size, max_size=args.max_size, max_steps=args.max_steps,
-                    max_loras=args.max_loras, max_controlnets=args.max_controlnets)  # fmt: skip
     return GatewayConfig(
         unet_workers=args.unet, controlnet_workers=args.controlnet, lora_store=args.lora_store,
-        default_model=args.default_model, limits=limits, per_worker_concurrency=args.per_worker_concurrency,
+        default_model=args.default_model, limits=limits_from_args(args), per_worker_concurrency=args.per_worker_concurrency,
         max_queue=args.max_queue, default_lora_bound_steps=args.lora_bound_steps,
         request_timeout=args.request_timeout, catalog_ttl=args.catalog_ttl,
     )  # fmt: skip

@@ -4,24 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass
-class Limits:
-    """What a request may ask for; anything outside is INVALID_ARGUMENT naming the field."""
-
-    min_size: int = 64  # pixels per side (and a multiple of 8)
-    max_size: int = 2048
-    max_steps: int = 150
-    max_guidance_scale: float = 30.0
-    max_lora_scale: float = 8.0  # |scale|
-    max_conditioning_scale: float = 4.0
-    max_loras: int = 8
-    max_controlnets: int = 4
-    max_image_side: int = 4096  # pixels per side of a conditioning image
-    # A conditioning image is stretched to the output size, so its shape must match the output's:
-    # aspect ratios may differ by this fraction at most.
-    max_aspect_mismatch: float = 0.02
-    max_request_id_length: int = 128
+from swiftd.request import Limits
 
 
 @dataclass

@@ -27,11 +27,11 @@ import grpc
 
 from swiftd import rpc, tracing
 from swiftd.errors import Unavailable
+from swiftd.request import LoraKey, LoraSet, LoraSetKey
 from swiftd.v1 import gateway_pb2, unet_pb2, unet_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-LoraKey = tuple[tuple[str, float], ...]
 DOWN_SECONDS = 5.0
 
 
@@ -39,8 +39,8 @@ DOWN_SECONDS = 5.0
 class UNetWorkerState:
     address: str
     model_ids: list[str]
-    applied: LoraKey  # the LoRA set patched in, (id, scale) in order
-    cached: set[tuple[str, float]]  # LoRA deltas held complete, ready to patch
+    applied: LoraSetKey  # the LoRA set patched in, in order
+    cached: set[LoraKey]  # LoRA deltas held complete, ready to patch
     load: int  # requests running or queued there
     dtype: int = 0
 
@@ -51,11 +51,7 @@ class ControlNetWorkerState:
     loaded: set[str] = field(default_factory=set)
 
 
-def lora_key(pairs) -> LoraKey:
-    return tuple((lora_id, round(scale or 1.0, 6)) for lora_id, scale in pairs)
-
-
-def choose_unet_worker(workers: list[UNetWorkerState], want: LoraKey, slots: int) -> tuple[UNetWorkerState, bool]:
+def choose_unet_worker(workers: list[UNetWorkerState], want: LoraSetKey, slots: int) -> tuple[UNetWorkerState, bool]:
     """The worker for a request with LoRA set `want`, and whether that set is already applied there.
 
     `slots`: requests a worker runs at once; below that it has room.
@@ -122,19 +118,20 @@ class Planner:
         pending = {a: submit(self._status, a, timeout) for a in ask}
         return {a: f.result() for a, f in pending.items()}
 
-    def plan(self, model_id: str, want: LoraKey, controlnet_ids: list[str], controlnet_hosts: dict[str, list[str]],
+    def plan(self, model_id: str, loras: LoraSet, controlnet_ids: list[str], controlnet_hosts: dict[str, list[str]],
              controlnet_loaded: dict[str, set[str]], remaining: float) -> tuple[gateway_pb2.Plan, int]:  # fmt: skip
         """The plan and the chosen UNet worker's weight dtype (LoRA deltas are prepared in it).
 
         Reserves the workers: the caller must `release(plan)` when the request ends.
         """
+        want = loras.key
         statuses = self._statuses(min(self._status_timeout, remaining))
         with self._lock:
             workers = [
                 UNetWorkerState(
                     address=address, model_ids=list(s.model_ids),
-                    applied=lora_key((r.lora_id, r.scale) for r in s.applied_loras),
-                    cached={(r.lora_id, round(r.scale or 1.0, 6)) for r in s.cached_loras},
+                    applied=LoraSet.from_pb(s.applied_loras).key,
+                    cached={lora.key for lora in LoraSet.from_pb(s.cached_loras)},
                     load=max(s.requests_in_flight + s.queue_length, self._outstanding[address]), dtype=s.dtype,
                 )  # fmt: skip
                 for address, s in statuses.items() if s is not None and model_id in s.model_ids
@@ -145,11 +142,11 @@ class Planner:
             controlnet_workers = assign_controlnets(controlnet_ids, controlnet_hosts, controlnet_loaded, self._controlnet_busy)
             self._outstanding[worker.address] += 1
             self._controlnet_busy.update(controlnet_workers)
-        push = [] if already_applied else [lora_id for lora_id, scale in want if (lora_id, scale) not in worker.cached]
+        push = [] if already_applied else [lora.lora_id for lora in loras if lora.key not in worker.cached]
         plan = gateway_pb2.Plan(
             unet_worker=worker.address,
             controlnets=[gateway_pb2.ControlNetAssignment(controlnet_id=c, worker=w) for c, w in zip(controlnet_ids, controlnet_workers)],
-            lora_ids=[lora_id for lora_id, _ in want],
+            lora_ids=loras.ids,
             lora_set_already_applied=already_applied,
             pushed_lora_ids=push,
         )  # fmt: skip

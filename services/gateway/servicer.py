@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 from opentelemetry import trace
@@ -19,9 +20,10 @@ from services.gateway.admission import AdmissionQueue
 from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
 from services.gateway.planner import Planner
-from services.gateway.validation import ValidRequest, validate
+from services.gateway.validation import validate_request
 from swiftd import rpc, tracing
-from swiftd.errors import Cancelled, InvalidArgument, Unavailable, from_rpc_error
+from swiftd.errors import Cancelled, Unavailable, from_rpc_error
+from swiftd.request import Request, check_family
 from swiftd.v1 import (
     common_pb2,
     gateway_pb2,
@@ -55,8 +57,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.channels = rpc.ChannelPool()
-        self.catalog = Catalog(self.channels, config.unet_workers, config.controlnet_workers, config.lora_store,
-                               config.catalog_ttl, config.status_timeout)  # fmt: skip
+        self.catalog = Catalog(
+            self.channels,
+            config.unet_workers,
+            config.controlnet_workers,
+            config.lora_store,
+            config.catalog_ttl,
+            config.status_timeout,
+        )
         self.planner = Planner(self.channels, config.unet_workers, config.per_worker_concurrency, config.status_timeout)
         self._admission: dict[str, AdmissionQueue] = {}  # per model: one model's load never blocks another's
         self._admission_lock = threading.Lock()
@@ -79,18 +87,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def GenerateStream(self, request, context):
         yield from self._generate(request, context, stream=True)
 
-    def _generate(self, request: gateway_pb2.GenerateRequest, context, stream: bool):
+    def _generate(self, pb: gateway_pb2.GenerateRequest, context, stream: bool):
         t_start = time.perf_counter()
         timings: dict[str, float] = {}
         server_span = trace.get_current_span()
         with tracing.stage(tracer, timings, "validate"):
-            valid = validate(request, self.catalog, self.config.limits, self.config.default_model)
+            request, model = validate_request(pb, self.catalog, self.config.limits, self.config.default_model)
             if not stream:
-                valid.request.preview_every_n_steps = 0  # nobody would see them
-        server_span.set_attributes({"request.id": valid.request_id, "request.model_id": valid.model.model_id})
+                request.preview_every_n_steps = 0  # nobody would see them
+        server_span.set_attributes({"request.id": request.request_id, "request.model_id": model.model_id})
         remaining = self._deadline(context)
 
-        admission = self.admission(valid.model)
+        admission = self.admission(model)
         with tracing.stage(tracer, timings, "queue") as span:
             for position in admission.wait_turn(context.is_active, time.monotonic() + remaining()):
                 span.add_event("queued", {"position": position})
@@ -98,41 +106,61 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             with tracing.stage(tracer, timings, "plan") as span:
                 listing = self.catalog.get()
+                controlnet_loaded = {
+                    a: {c for c, info in listing.controlnets.items() if a in info.workers}
+                    for a in self.config.controlnet_workers
+                }
                 plan, worker_dtype = self.planner.plan(
-                    valid.model.model_id, valid.lora_key, [cn.controlnet_id for cn in valid.request.controlnets],
+                    model.model_id,
+                    request.loras,
+                    [cn.controlnet_id for cn in request.controlnets],
                     listing.controlnet_hosts,
-                    {a: {c for c, info in listing.controlnets.items() if a in info.workers} for a in self.config.controlnet_workers},
+                    controlnet_loaded,
                     remaining(),
-                )  # fmt: skip
+                )
                 span.set_attributes(plan_attributes(plan))
             try:
                 server_span.set_attributes(plan_attributes(plan))
-                log.info("request %s -> %s", valid.request_id, plan_attributes(plan))
-                yield gateway_pb2.GenerateStreamResponse(started=gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"]))
-                yield from self._run(valid, plan, worker_dtype, context, remaining, timings, t_start)
+                log.info("request %s -> %s", request.request_id, plan_attributes(plan))
+                started = gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"])
+                yield gateway_pb2.GenerateStreamResponse(started=started)
+                yield from self._run(self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start)
             finally:
                 self.planner.release(plan)
         finally:
             admission.release()
 
-    def _run(self, valid: ValidRequest, plan: gateway_pb2.Plan, worker_dtype: int, context, remaining, timings, t_start):
+    def _planned(self, request: Request, plan: gateway_pb2.Plan) -> Request:
+        """The request as its UNet worker runs it: where each ControlNet runs, where LoRAs come from."""
+        return replace(
+            request,
+            controlnets=[replace(cn, worker_address=a.worker) for cn, a in zip(request.controlnets, plan.controlnets)],
+            # Missing deltas the plan did not push (e.g. evicted since the status poll) are pulled.
+            lora_store_address=self.config.lora_store if request.loras else "",
+            pushed_lora_ids=tuple(plan.pushed_lora_ids),
+            lora_bound_steps=(
+                request.lora_bound_steps if request.lora_bound_steps is not None else self.config.default_lora_bound_steps
+            ),
+        )
+
+    def _run(self, request: Request, plan: gateway_pb2.Plan, worker_dtype: int, context, remaining, timings, t_start):
         push = None
         if plan.pushed_lora_ids:
             # Started before the denoise call: with bounded asynchronous loading the worker starts
             # denoising while the deltas stream in.
-            scales = {lora.lora_id: lora.scale for lora in valid.request.loras}
-            push = lora_store_pb2_grpc.LoraStoreStub(self.channels.get(self.config.lora_store)).PushLoras.future(
-                lora_store_pb2.PushLorasRequest(
-                    loras=[common_pb2.LoraRef(lora_id=i, scale=scales[i]) for i in plan.pushed_lora_ids],
-                    base_model_id=valid.model.model_id, dtype=worker_dtype, unet_worker_address=plan.unet_worker,
-                    request_id=valid.request_id,
-                ),
-                timeout=remaining(),
-            )  # fmt: skip
+            push_request = lora_store_pb2.PushLorasRequest(
+                loras=request.loras.only(plan.pushed_lora_ids).to_pb(),
+                base_model_id=request.model_id,
+                dtype=worker_dtype,
+                unet_worker_address=plan.unet_worker,
+                request_id=request.request_id,
+            )
+            store = lora_store_pb2_grpc.LoraStoreStub(self.channels.get(self.config.lora_store))
+            push = store.PushLoras.future(push_request, timeout=remaining())
         stub = unet_pb2_grpc.UNetWorkerStub(self.channels.get(plan.unet_worker))
-        denoise_request = self._denoise_request(valid, plan)
-        stream = stub.DenoiseStream(denoise_request, timeout=remaining())
+        stream = stub.DenoiseStream(request.to_denoise_pb(), timeout=remaining())
         calls = [stream, *([push] if push is not None else [])]
+
         # The client went away or its deadline passed: stop the downstream work too. (At a normal
         # end the calls are done and cancel() does nothing.)
         def cancel_downstream():
@@ -151,7 +179,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 kind = event.WhichOneof("event")
                 if kind == "progress":
                     p = event.progress
-                    progress = common_pb2.Progress(step=p.step, total_steps=p.total_steps, elapsed_seconds=time.perf_counter() - t_start)
+                    elapsed = time.perf_counter() - t_start
+                    progress = common_pb2.Progress(step=p.step, total_steps=p.total_steps, elapsed_seconds=elapsed)
                     yield gateway_pb2.GenerateStreamResponse(progress=progress)
                 elif kind == "preview":
                     yield gateway_pb2.GenerateStreamResponse(preview=event.preview)
@@ -168,29 +197,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         timings.update((t.stage, t.seconds) for t in result.timings)
         timings["total"] = time.perf_counter() - t_start
-        yield gateway_pb2.GenerateStreamResponse(final=gateway_pb2.GenerateResponse(
-            image_png=result.image_png, seed=result.seed,
+        response = gateway_pb2.GenerateResponse(
+            image_png=result.image_png,
+            seed=result.seed,
             timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in timings.items()],
-            trace_id=tracing.current_trace_id(), request_id=valid.request_id, plan=plan,
+            trace_id=tracing.current_trace_id(),
+            request_id=request.request_id,
+            plan=plan,
             lora_applied_at_step=result.lora_applied_at_step,
-        ))  # fmt: skip
-
-    def _denoise_request(self, valid: ValidRequest, plan: gateway_pb2.Plan) -> unet_pb2.DenoiseRequest:
-        r = valid.request
-        request = unet_pb2.DenoiseRequest(
-            params=r.params, loras=r.loras,
-            controlnets=[unet_pb2.ControlNetAttachment(input=cn, worker_address=a.worker) for cn, a in zip(r.controlnets, plan.controlnets)],
-            controlnet_wire_dtype=r.controlnet_wire_dtype, request_id=valid.request_id,
-            preview_every_n_steps=r.preview_every_n_steps,
-            # Missing deltas the plan did not push (e.g. evicted since the status poll) are pulled.
-            lora_store_address=self.config.lora_store if r.loras else "",
-            pushed_lora_ids=plan.pushed_lora_ids,
-        )  # fmt: skip
-        if r.HasField("lora_bound_steps") and r.lora_bound_steps >= 0:
-            request.lora_bound_steps = r.lora_bound_steps
-        elif self.config.default_lora_bound_steps is not None:
-            request.lora_bound_steps = self.config.default_lora_bound_steps
-        return request
+        )
+        yield gateway_pb2.GenerateStreamResponse(final=response)
 
     def _deadline(self, context):
         """Seconds left for this request: the client's deadline, capped by the request timeout."""
@@ -206,11 +222,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.ListModelsResponse(models=[models[k] for k in sorted(models)])
 
     def ListLoras(self, request, context):
-        if request.family not in ("", "sd15", "sdxl"):
-            raise InvalidArgument("family", f"{request.family!r} is not a family (sd15, sdxl, or empty for all)")
+        family = check_family("family", request.family)
         loras = self.catalog.get().loras
         return gateway_pb2.ListLorasResponse(
-            loras=[loras[k] for k in sorted(loras) if not request.family or loras[k].family == request.family]
+            loras=[loras[k] for k in sorted(loras) if not family or loras[k].family == family]
         )
 
     def ListControlNets(self, request, context):

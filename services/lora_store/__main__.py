@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from services.lora_store.engine import LoraStore
+from services.lora_store.store import LoraStore
 from services.lora_store.servicer import LoraStoreServicer
 from swiftd import rpc, tracing
 from swiftd.loading import DTYPES

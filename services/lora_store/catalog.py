@@ -41,7 +41,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
-from swiftd.loading import FAMILY_SD15, FAMILY_SDXL, check_id
+from swiftd.request import FAMILY_SD15, FAMILY_SDXL, check_id
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""LoraStore servicer: protobuf in and out; the work is in `engine.LoraStore`."""
+"""LoraStore servicer: protobuf in and out; the work is in `store.LoraStore`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import grpc
 from opentelemetry import trace
 
 from services.lora_store.catalog import LoraFileInfo
-from services.lora_store.engine import LoraStore, ServedLora
+from services.lora_store.store import LoraStore, ServedLora
 from swiftd import codec, rpc
-from swiftd.errors import Cancelled, InvalidArgument, ServingError, Unavailable
+from swiftd.errors import Cancelled, InvalidArgument, Unavailable, from_rpc_error
 from swiftd.lora import deltas_to_chunks
+from swiftd.request import LoraSet, check_family
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,15 +40,6 @@ def chunks(served: list[ServedLora], request_id: str, chunk_bytes: int):
         yield from deltas_to_chunks(lora.lora_id, lora.scale, lora.deltas, request_id, chunk_bytes)
 
 
-def _stream_error(exc: grpc.RpcError, address: str) -> ServingError:
-    code, details = exc.code(), exc.details()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"unet_worker_address: worker {address} unreachable or did not answer ({code.name}: {details})")
-    error = ServingError(f"unet worker {address} refused the deltas: {details}")
-    error.code = code  # the worker's verdict (e.g. FAILED_PRECONDITION) passes through
-    return error
-
-
 class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
     def __init__(self, store: LoraStore, chunk_bytes: int = rpc.LORA_CHUNK_BYTES, push_timeout: float = 300.0):
         self.store = store
@@ -60,9 +52,8 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
         return lora_store_pb2.RegisterLoraResponse(lora=lora_info(info), already_registered=already)
 
     def ListLoras(self, request, context):
-        if request.family not in ("", "sd15", "sdxl"):
-            raise InvalidArgument("family", f"{request.family!r} is not a family (sd15, sdxl, or empty for all)")
-        return lora_store_pb2.LoraStoreListLorasResponse(loras=[lora_info(i) for i in self.store.list(request.family)])
+        family = check_family("family", request.family)
+        return lora_store_pb2.LoraStoreListLorasResponse(loras=[lora_info(i) for i in self.store.list(family)])
 
     def RemoveLora(self, request, context):
         return lora_store_pb2.RemoveLoraResponse(removed=self.store.remove(request.lora_id))
@@ -75,7 +66,7 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
     def _served(self, request) -> list[ServedLora]:
         dtype = dtype_from_request(request.dtype)
         with tracer.start_as_current_span("lora_store.prepare") as span:
-            served = self.store.lora_set([(r.lora_id, r.scale) for r in request.loras], request.base_model_id, dtype)
+            served = self.store.lora_set(LoraSet.from_pb(request.loras), request.base_model_id, dtype)
             span.set_attributes({
                 "lora.ids": [s.lora_id for s in served], "lora.tiers": [s.tier for s in served],
                 "lora.bytes": sum(s.nbytes for s in served),
@@ -104,7 +95,7 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
         try:
             ack = call.result()
         except grpc.RpcError as exc:
-            raise _stream_error(exc, address) from None
+            raise from_rpc_error(exc, f"unet worker {address}") from None
         except grpc.FutureCancelledError:
             raise Cancelled("the caller cancelled the push") from None
         missing = [s.lora_id for s in served if s.lora_id not in set(ack.lora_ids)]

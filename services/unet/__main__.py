@@ -6,16 +6,19 @@ import argparse
 import logging
 from pathlib import Path
 
-from services.unet.engine import DenoisingEngine
+from services.unet.backbone import Backbone, EagerBackbone
 from services.unet.lora_inbox import LoraInbox
+from services.unet.pipeline import UNetPipeline
 from services.unet.servicer import UNetWorkerServicer
 from swiftd import rpc, tracing
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.loading import DTYPES, load_controlnet, load_pipeline, resolve
 from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
 from swiftd.server import (
+    add_limit_arguments,
     add_server_arguments,
     configure_process,
+    limits_from_args,
     serve,
     server_config_from_args,
 )
@@ -45,19 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="build --compiled-artifacts at start when the directory has none (compiles for minutes)")
     parser.add_argument("--compile-resolution", type=int, nargs="+", default=None,
                         help="resolutions --compile-missing builds (default: the model's native size)")
+    add_limit_arguments(parser)
     add_server_arguments(parser)
     return parser
 
 
-def load_compiled(args, pipe):
-    """The compiled backbone from --compiled-artifacts (built first with --compile-missing), or None.
+def load_backbone(args, pipe) -> Backbone:
+    """The compiled backbone from --compiled-artifacts (built first with --compile-missing), or
+    the eager one.
 
     Artifacts that do not fit this model, dtype, torch/diffusers version or machine stop the
     worker with the compiler's exit code and the reason, rather than serving something else.
     """
     if args.compiled_artifacts is None:
         log.info("serving eagerly: no --compiled-artifacts given")
-        return None
+        return EagerBackbone(pipe)
     from compiler.artifacts import MANIFEST, CompilerError
     from compiler.build import build
     from compiler.runtime import CompiledBackbone, compile_activity
@@ -66,8 +71,15 @@ def load_compiled(args, pipe):
         if args.compile_missing and not (args.compiled_artifacts / MANIFEST).exists():
             resolutions = args.compile_resolution or [pipe.unet.config.sample_size * pipe.vae_scale_factor]
             log.info("compiling the backbone into %s for %s px (--compile-missing) ...", args.compiled_artifacts, resolutions)
-            build(pipe, args.compiled_artifacts, model_id=args.model_id, resolutions=resolutions, batch_sizes=(1, 2),
-                  device=args.device, force=True)  # fmt: skip
+            build(
+                pipe,
+                args.compiled_artifacts,
+                model_id=args.model_id,
+                resolutions=resolutions,
+                batch_sizes=(1, 2),
+                device=args.device,
+                force=True,
+            )
         compiled = CompiledBackbone.load(args.compiled_artifacts, pipe, device=args.device)
     except CompilerError as exc:
         log.error("cannot serve on %s: %s", args.compiled_artifacts, exc)
@@ -85,7 +97,7 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype]
     model_path = resolve(args.model_root, "models", args.model_id, "model_id")
     pipe = load_pipeline(model_path, dtype=dtype, device=args.device, config=args.config)
-    compiled = load_compiled(args, pipe)
+    backbone = load_backbone(args, pipe)
     controlnets: dict[str, ControlNetStepper] = {}
 
     def load_local_controlnet(controlnet_id: str) -> ControlNetStepper:
@@ -93,7 +105,7 @@ def main(argv=None) -> None:
         if controlnet_id not in controlnets:
             path = resolve(args.model_root, "controlnets", controlnet_id, "controlnet_id")
             model = load_controlnet(path, dtype=dtype, device=args.device)
-            controlnets[controlnet_id] = compiled.controlnet_stepper(model) if compiled is not None else ControlNetStepper(model)
+            controlnets[controlnet_id] = backbone.controlnet_stepper(model)
         return controlnets[controlnet_id]
 
     def prepare_local_lora(lora_id: str, scale: float) -> LoraDeltas:
@@ -103,15 +115,27 @@ def main(argv=None) -> None:
         return prepare_deltas(extract_deltas(pipe, path), scale, dtype)
 
     inbox = LoraInbox(
-        budget_bytes=args.lora_cache_mib << 20, dtype=dtype, base_model_id=args.model_id,
+        budget_bytes=args.lora_cache_mib << 20,
+        dtype=dtype,
+        base_model_id=args.model_id,
         prepare_local=None if args.lora_store else prepare_local_lora,
-        default_store=args.lora_store, wait_timeout=args.lora_wait_timeout,
-    )  # fmt: skip
-    engine = DenoisingEngine(pipe, load_controlnet=load_local_controlnet, lora_inbox=inbox, compiled=compiled)
-    servicer = UNetWorkerServicer(
-        engine, args.model_id, model_path, controlnet_step_timeout=args.controlnet_step_timeout,
+        default_store=args.lora_store,
+        wait_timeout=args.lora_wait_timeout,
+    )
+    pipeline = UNetPipeline(
+        pipe,
+        backbone,
+        load_controlnet=load_local_controlnet,
+        lora_inbox=inbox,
         default_lora_bound_steps=args.lora_bound_steps,
-    )  # fmt: skip
+    )
+    servicer = UNetWorkerServicer(
+        pipeline,
+        args.model_id,
+        model_path,
+        controlnet_step_timeout=args.controlnet_step_timeout,
+        limits=limits_from_args(args),
+    )
     serve(rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server))
 
 

@@ -7,8 +7,9 @@ inbox, keyed by (lora_id, scale) since the store folds the scale in. A request g
 `LoraFetch` over its entries and denoises while they fill; the engine applies text-encoder deltas
 before text encoding and UNet deltas at a step boundary (bounded asynchronous loading).
 
-Chunks come in forward order: text-encoder deltas first, then the UNet's. So a LoRA's
-text-encoder part is complete as soon as its first UNet delta (or its last chunk) arrives.
+Chunks come in forward order, text-encoder deltas first, then the UNet's (the wire contract in
+protos/swiftd/v1/lora_store.proto): a LoRA's text-encoder part is complete as soon as its first
+UNet delta (or its last chunk) arrives, and a text-encoder delta after that is refused.
 """
 
 from __future__ import annotations
@@ -23,18 +24,14 @@ import grpc
 import torch
 
 from swiftd import codec, rpc, tracing
-from swiftd.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ServingError, Unavailable
+from swiftd.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServingError, Unavailable, from_rpc_error
 from swiftd.lora import LoraDeltas, delta_from_proto
+from swiftd.request import Lora, LoraKey, LoraSet, LoraSetKey
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-LoraKey = tuple[str, float]  # (lora_id, scale)
 UNET_PREFIX = "unet."
-
-
-def lora_key(lora_id: str, scale: float) -> LoraKey:
-    return (lora_id, round(float(scale), 6))  # scales travel as float32: compare at that precision
 
 
 class InboxEntry:
@@ -54,6 +51,12 @@ class InboxEntry:
             if self.complete:  # the same (lora_id, scale) pushed again: same deltas, nothing to do
                 return
             for name, delta in deltas:
+                if self.text_encoder_done and not name.startswith(UNET_PREFIX):
+                    # The wire contract (lora_store.proto): text encoding may already have used
+                    # this LoRA's text-encoder part; a late delta would be silently missed.
+                    raise InvalidArgument(
+                        "deltas", f"lora {self.key[0]!r}: text-encoder delta {name!r} after its UNet deltas"
+                    )
                 if name in self.deltas:
                     self.nbytes -= self.deltas[name].nbytes
                 self.deltas[name] = delta
@@ -100,7 +103,7 @@ class LoraFetch:
         self.should_stop = should_stop
 
     @property
-    def key(self) -> tuple[LoraKey, ...]:
+    def key(self) -> LoraSetKey:
         return tuple(e.key for e in self.entries)
 
     def is_complete(self) -> bool:
@@ -155,7 +158,7 @@ class LoraInbox:
 
     def put(self, lora_id: str, scale: float, deltas: Iterable[tuple[str, object]], last: bool) -> None:
         """Accept ready deltas (scale folded in) from elsewhere in this process, in forward order."""
-        self._entry(lora_key(lora_id, scale)).add(deltas, last)
+        self._entry(Lora(lora_id, scale).key).add(deltas, last)
         if last:
             self._evict()
 
@@ -165,7 +168,7 @@ class LoraInbox:
         current: InboxEntry | None = None
         try:
             for chunk in chunks:
-                key = lora_key(chunk.lora_id, chunk.scale or 1.0)
+                key = Lora(chunk.lora_id, chunk.scale).key
                 if current is None or current.key != key:
                     current = self._entry(key)
                     current.pinned_until = time.monotonic() + self.wait_timeout
@@ -188,19 +191,19 @@ class LoraInbox:
             self._evict()
         return completed, parameters, nbytes
 
-    def _pull(self, store: str, keys: list[LoraKey], request_id: str) -> None:
-        """Background: stream the deltas of `keys` from a LoRA store into the inbox."""
+    def _pull(self, store: str, loras: LoraSet, request_id: str) -> None:
+        """Background: stream the deltas of `loras` from a LoRA store into the inbox."""
         channel = self._channels.get(store)
         request = lora_store_pb2.StreamDeltasRequest(
-            loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in keys],
+            loras=loras.to_pb(),
             base_model_id=self.base_model_id, dtype=codec.dtype_to_proto(self.dtype), request_id=request_id,
         )  # fmt: skip
         try:
             self.receive(lora_store_pb2_grpc.LoraStoreStub(channel).StreamDeltas(request, timeout=self.wait_timeout))
         except grpc.RpcError as exc:
-            error = _store_error(store, exc)
-            for key in keys:
-                entry = self._entry(key, create=False)
+            error = from_rpc_error(exc, f"lora store {store}")
+            for lora in loras:
+                entry = self._entry(lora.key, create=False)
                 if entry is not None:
                     entry.fail(error)
         except Exception:  # noqa: BLE001 - already recorded on the entry by receive()
@@ -208,31 +211,31 @@ class LoraInbox:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def fetch(self, loras: list[tuple[str, float]], request_id: str, store: str = "",
+    def fetch(self, loras: LoraSet, request_id: str, store: str = "",
               should_stop: Callable[[], bool] | None = None, pushed: Iterable[str] = ()) -> LoraFetch:  # fmt: skip
         """Entries for a request's LoRAs; missing ones are pulled or prepared (not waited for).
 
         LoRA ids in `pushed` are on their way from the store (the gateway started the push): the
         request waits for those, bounded by wait_timeout, and does not fetch them a second time.
         """
-        keys = [lora_key(i, s) for i, s in loras]
+        loras = LoraSet.of(loras)
         store = store or self.default_store
         pushed = set(pushed)
-        missing = [k for k in keys if k[0] not in pushed and self._entry(k, create=False) is None]
-        entries = [self._entry(k) for k in keys]
+        missing = LoraSet(tuple(lora for lora in loras if lora.lora_id not in pushed and self._entry(lora.key, create=False) is None))
+        entries = [self._entry(lora.key) for lora in loras]
         for entry in entries:
             entry.pinned_until = 0.0  # fetched: evictable once this request is done with it
         if missing:
             if store:
                 tracing.in_current_context(self._pull, store, missing, request_id).start()
             elif self.prepare_local is not None:
-                for key in missing:  # synchronous: raises NotFound/FailedPrecondition before anything changed
+                for lora in missing:  # synchronous: raises NotFound/FailedPrecondition before anything changed
                     try:
-                        deltas = self.prepare_local(*key)
+                        deltas = self.prepare_local(lora.lora_id, lora.scale)
                     except ServingError as exc:
-                        self._entry(key).fail(exc)
+                        self._entry(lora.key).fail(exc)
                         raise
-                    self._entry(key).add(deltas.items(), last=True)
+                    self._entry(lora.key).add(deltas.items(), last=True)
                 self._evict()
             # else: nowhere to get them from but a push (ReceiveLoraDeltas); wait, bounded by wait_timeout
         return LoraFetch(entries, self.wait_timeout, should_stop)
@@ -261,18 +264,3 @@ def _cast(delta, dtype: torch.dtype):
     if delta.up.dtype == dtype and (delta.down is None or delta.down.dtype == dtype):
         return delta
     return type(delta)(delta.up.to(dtype), None if delta.down is None else delta.down.to(dtype))
-
-
-def _store_error(store: str, exc: grpc.RpcError) -> ServingError:
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.NOT_FOUND:
-        error = NotFound("loras.lora_id", details)
-        error.message = f"loras: {details}"
-        return error
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return FailedPrecondition(f"loras: {details}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument("loras", details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"lora store {store}: {details}")
-    return Unavailable(f"lora store {store}: {code.name.lower()}: {details}")

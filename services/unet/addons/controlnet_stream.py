@@ -1,4 +1,4 @@
-"""The UNet worker's side of ControlNet-as-a-service: one bidi stream per ControlNet of a request.
+"""A ControlNet worker as a residual source: one bidi stream per ControlNet of a request.
 
 `RemoteResidualSource.start_step` only queues the step's input for gRPC's sender, so the UNet's
 encoder half runs while the ControlNet worker computes; a reader thread receives and decodes the
@@ -18,22 +18,11 @@ import torch
 
 from swiftd import codec
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession
-from swiftd.errors import DeadlineExceeded, InvalidArgument, NotFound, ServingError, Unavailable
-from swiftd.v1 import controlnet_pb2, controlnet_pb2_grpc
+from swiftd.errors import DeadlineExceeded, Unavailable, from_rpc_error
+from swiftd.request import WIRE_DTYPES
+from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
 _END = object()
-
-
-def _error_from_rpc(address: str, controlnet_id: str, exc: grpc.RpcError) -> ServingError:
-    code, details = exc.code(), exc.details()
-    where = f"controlnet {controlnet_id!r} on {address}"
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"{where}: deadline exceeded")
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound("controlnet_id", controlnet_id)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidArgument(f"controlnets[{controlnet_id}]", details or "rejected by the ControlNet worker")
-    return Unavailable(f"{where}: {code.name.lower()}: {details}")
 
 
 class RemoteResidualSource:
@@ -42,7 +31,7 @@ class RemoteResidualSource:
         channel: grpc.Channel,
         address: str,
         session: ControlNetSession,
-        wire_dtype: int,
+        wire_dtype: str,
         request_id: str,
         timeout: float | None,
         step_timeout: float,
@@ -58,20 +47,7 @@ class RemoteResidualSource:
         self._sent_at: dict[int, float] = {}
         self.stats = {"compute": 0.0, "transport": 0.0, "steps": 0}
 
-        def tensor(t):
-            return codec.tensor_to_proto(t) if t is not None else None
-
-        start = controlnet_pb2.SessionStart(
-            controlnet_id=session.controlnet_id,
-            controlnet_cond=tensor(session.controlnet_cond),
-            encoder_hidden_states=tensor(session.encoder_hidden_states),
-            text_embeds=tensor(session.text_embeds),
-            time_ids=tensor(session.time_ids),
-            conditioning_scale=session.conditioning_scale,
-            guess_mode=session.guess_mode,
-            wire_dtype=wire_dtype,
-            request_id=request_id,
-        )
+        start = session.to_pb(WIRE_DTYPES.get(wire_dtype, common_pb2.DTYPE_UNSPECIFIED), request_id)
         self._requests.put(controlnet_pb2.ResidualsRequest(start=start))
         stub = controlnet_pb2_grpc.ControlNetWorkerStub(channel)
         self._call = stub.StreamResiduals(iter(self._requests.get, _END), timeout=timeout)
@@ -88,7 +64,7 @@ class RemoteResidualSource:
                 self._responses.put((response.step_index, response.compute_seconds, time.perf_counter(), residuals))
             self._responses.put(Unavailable(f"controlnet {self.controlnet_id!r} on {self.address}: stream ended early"))
         except grpc.RpcError as exc:
-            self._responses.put(_error_from_rpc(self.address, self.controlnet_id, exc))
+            self._responses.put(from_rpc_error(exc, f"controlnet {self.controlnet_id!r} on {self.address}"))
         except Exception as exc:  # noqa: BLE001 - surfaced on the request's thread
             self._responses.put(exc)
 

@@ -1,7 +1,7 @@
 """GPU check of the compiler: what the CPU tests cannot show, in one run.
 
-    python -m compiler.gpu_check --out result.json                  (a CUDA machine: full-size SD1.5)
-    python -m compiler.gpu_check --device cpu --family tiny-sd15 --size 64 --dtype float32 --out x.json
+    python -m bench.gpu_check --out result.json                     (a CUDA machine: full-size SD1.5)
+    python -m bench.gpu_check --device cpu --family tiny-sd15 --size 64 --dtype float32 --out x.json
                                                                      (the same code on the tiny model)
 
 On a random-weight UNet built from the zoo's config (full-size SD1.5 by default: fp16, 512²,
@@ -102,7 +102,7 @@ def lora_deltas(unet, rank: int, seed: int, strength: float = 0.1):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compiler.gpu_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--family", default="sd15", help="swiftd.zoo family whose UNet config to build")
     parser.add_argument("--size", type=int, default=512)

@@ -1,4 +1,4 @@
-"""LoRA store engine: catalog, base models, precompute once, cache tiers, scaled delta sets.
+"""LoRA store: catalog, base models, precompute once, cache tiers, scaled delta sets.
 
 An entry is the prepared deltas of one (lora_id, base_model_id, dtype) at scale 1.0:
 `prepare_deltas(extract_deltas(base_pipeline, file), 1.0, dtype)` — keys mapped to the base
@@ -31,7 +31,8 @@ from services.lora_store.catalog import LoraCatalog, LoraFileInfo, component_of
 from services.lora_store.tiers import CacheKey, DiskTier, HostTier, PreparedLora
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
 from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
-from swiftd.loading import check_id, load_pipeline, pipeline_family, resolve
+from swiftd.loading import load_pipeline, pipeline_family, resolve
+from swiftd.request import LoraSet, check_id
 
 log = logging.getLogger(__name__)
 
@@ -298,24 +299,21 @@ class LoraStore:
         hot = tier == "host"
         return hot, 0.0 if hot else seconds, prepared.nbytes
 
-    def lora_set(self, loras: list[tuple[str, float]], base_model_id: str,
-                 dtype: torch.dtype | None = None) -> list[ServedLora]:  # fmt: skip
-        """Every LoRA of a request, prepared and scaled, before anything is sent (all or nothing).
-
-        `loras`: (lora_id, scale) with scale 0 meaning 1.0.
-        """
+    def lora_set(self, loras: LoraSet, base_model_id: str, dtype: torch.dtype | None = None) -> list[ServedLora]:
+        """Every LoRA of a request, prepared and scaled, before anything is sent (all or nothing)."""
         if not loras:
             raise InvalidArgument("loras", "at least one LoRA is required")
         check_id("base_model_id", base_model_id)
         dtype = self.resolve_dtype(dtype)
-        for i, (lora_id, scale) in enumerate(loras):
-            check_id(f"loras[{i}].lora_id", lora_id)
-            if not math.isfinite(scale):
-                raise InvalidArgument(f"loras[{i}].scale", f"{scale} is not finite")
+        loras = LoraSet.of(loras)
+        for i, lora in enumerate(loras):
+            check_id(f"loras[{i}].lora_id", lora.lora_id)
+            if not math.isfinite(lora.scale):
+                raise InvalidArgument(f"loras[{i}].scale", f"{lora.scale} is not finite")
         served = []
-        for i, (lora_id, scale) in enumerate(loras):
+        for i, lora in enumerate(loras):
+            lora_id, scale = lora.lora_id, lora.scale
             prepared, tier, _ = self.entry(lora_id, base_model_id, dtype, field=f"loras[{i}].lora_id")
-            scale = scale or 1.0
             deltas = prepared.deltas if scale == 1.0 else prepare_deltas(prepared.deltas, scale, dtype)
             served.append(ServedLora(lora_id, scale, deltas, tier))
         return served

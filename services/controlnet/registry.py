@@ -1,4 +1,4 @@
-"""ControlNet worker engine: models under a memory budget, and per-request residual sessions.
+"""ControlNet registry: models under a memory budget, and per-request residual sessions.
 
 A session is one ControlNet of one request. It receives what is constant for the request once
 (conditioning image, prompt embeddings, SDXL added conditioning, scale, guess mode), embeds the
@@ -144,37 +144,37 @@ class ControlNetRegistry:
             log.info("evicted ControlNet %s (budget %.1f MB)", cid, self.budget_bytes / 1e6)
 
 
-class ResidualSession:
+class SessionRunner:
     """One ControlNet of one request: the hint embedded once, then one call per step."""
 
-    def __init__(self, registry: ControlNetRegistry, constants: ControlNetSession):
+    def __init__(self, registry: ControlNetRegistry, session: ControlNetSession):
         self._registry = registry
-        self.constants = constants
-        self.stepper = registry.acquire(constants.controlnet_id)
+        self.session = session
+        self.stepper = registry.acquire(session.controlnet_id)
         try:
             model = self.stepper.controlnet
             needs_added = model.config.addition_embed_type == "text_time"
-            if needs_added and (constants.text_embeds is None or constants.time_ids is None):
-                raise InvalidArgument("start.text_embeds", f"controlnet {constants.controlnet_id!r} (SDXL) needs text_embeds and time_ids")
+            if needs_added and (session.text_embeds is None or session.time_ids is None):
+                raise InvalidArgument("start.text_embeds", f"controlnet {session.controlnet_id!r} (SDXL) needs text_embeds and time_ids")
             expected = model.config.cross_attention_dim
-            if constants.encoder_hidden_states.shape[-1] != expected:
+            if session.encoder_hidden_states.shape[-1] != expected:
                 raise InvalidArgument(
                     "start.encoder_hidden_states",
-                    f"last dimension {constants.encoder_hidden_states.shape[-1]} does not match "
-                    f"controlnet {constants.controlnet_id!r} cross_attention_dim {expected}",
+                    f"last dimension {session.encoder_hidden_states.shape[-1]} does not match "
+                    f"controlnet {session.controlnet_id!r} cross_attention_dim {expected}",
                 )
             self._cast = lambda t: None if t is None else t.to(device=model.device, dtype=model.dtype)
-            self.cond_embedding = self.stepper.embed_condition(self._cast(constants.controlnet_cond))
-            self._hidden = self._cast(constants.encoder_hidden_states)
-            self._text_embeds = self._cast(constants.text_embeds)
-            self._time_ids = self._cast(constants.time_ids)
+            self.cond_embedding = self.stepper.embed_condition(self._cast(session.controlnet_cond))
+            self._hidden = self._cast(session.encoder_hidden_states)
+            self._text_embeds = self._cast(session.text_embeds)
+            self._time_ids = self._cast(session.time_ids)
         except BaseException:
             self.close()
             raise
         self._closed = False
 
     def step(self, timestep: float, sample: torch.Tensor) -> ControlNetResiduals:
-        c = self.constants
+        c = self.session
         sample = self._cast(sample)
         if sample.shape[0] != self._hidden.shape[0]:
             raise InvalidArgument("step.sample", f"batch {sample.shape[0]} != encoder_hidden_states batch {self._hidden.shape[0]}")
@@ -187,4 +187,4 @@ class ResidualSession:
     def close(self) -> None:
         if not getattr(self, "_closed", False):
             self._closed = True
-            self._registry.release(self.constants.controlnet_id)
+            self._registry.release(self.session.controlnet_id)

@@ -1,6 +1,6 @@
 """Store throughput: precompute, disk-tier load, and delta streaming over loopback gRPC (MB/s).
 
-    python -m services.lora_store.measure --zoo .zoo [--model bench-sd15] [--lora bench-sd15-lora-peft-r64]
+    python -m bench.lora_push --zoo .zoo [--model bench-sd15] [--lora bench-sd15-lora-peft-r64]
 
 MB are 10^6 bytes of prepared delta tensors (fp32 unless --dtype). Precompute = parse the file,
 map it onto the base model, validate, fold, cast (`extract_deltas` + `prepare_deltas`), base
@@ -26,9 +26,8 @@ from swiftd.lora import delta_from_proto
 from swiftd.loading import DTYPES, load_pipeline, resolve
 
 
-
 def measure_precompute(zoo: Path, model: str, lora: str, dtype: torch.dtype, repeats: int) -> dict:
-    from services.lora_store.engine import LoraStore
+    from services.lora_store.store import LoraStore
 
     pipe = load_pipeline(resolve(zoo, "models", model, "base_model_id"))
     precompute, disk, nbytes = [], [], 0
@@ -115,7 +114,7 @@ def measure_streaming(zoo: Path, model: str, lora: str, dtype: torch.dtype, repe
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m services.lora_store.measure", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.lora_push", description=__doc__)
     parser.add_argument("--zoo", type=Path, default=Path(".zoo"))
     parser.add_argument("--model", default="bench-sd15")
     parser.add_argument("--lora", default="bench-sd15-lora-peft-r64")

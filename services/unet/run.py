@@ -1,0 +1,174 @@
+"""One request's denoising: its state on one object, its steps as methods.
+
+`UNetPipeline.generate` makes a `DenoisingRun` for a request and calls `run()`. The run owns
+what changes during the request (latents, scheduler, prompt embeddings, the UNet's added
+conditioning in one mapping as Diffusers passes `added_cond_kwargs`, timings) and calls the
+request's add-ons (`services/unet/addons/`) at fixed points. Each step runs the UNet's encoder
+half while the add-ons' residuals are computed elsewhere, then the decoder half with them added.
+With every ControlNet in-process the loop reproduces `StableDiffusion(XL)(ControlNet)Pipeline`
+for the same seed; tests hold it to 1e-4 in fp32.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import PIL.Image
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from opentelemetry import trace
+
+from services.unet.addons import AddOn
+from swiftd import tracing
+from swiftd.errors import Cancelled
+from swiftd.request import Request
+
+if TYPE_CHECKING:
+    from services.unet.pipeline import UNetPipeline
+
+tracer = trace.get_tracer("swiftd.unet")
+
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (step_index, total_steps, latents)
+
+
+@dataclass
+class GenerationResult:
+    latents: torch.Tensor  # final latents, before VAE decode
+    image: PIL.Image.Image
+    seed: int
+    timings: dict[str, float]  # stage -> seconds, in pipeline order
+    lora_applied_at_step: int = -1  # step before which the LoRA set was in place; -1: no LoRA
+
+
+class DenoisingRun:
+    def __init__(
+        self,
+        pipeline: UNetPipeline,
+        request: Request,
+        addons: list[AddOn],
+        on_step: StepCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ):
+        """`request` is resolved (every default filled in). `on_step(i, total, latents)` runs
+        after each step; `should_stop()` is polled at each step boundary."""
+        self.pipeline = pipeline
+        self.request = request
+        self.addons = addons
+        self.on_step = on_step
+        self.should_stop = should_stop
+        self.do_cfg = request.do_classifier_free_guidance
+        self.generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        self.timings: dict[str, float] = {}
+        self.step_times = {"encoder_half": 0.0, "controlnet_wait": 0.0, "decoder_half": 0.0, "scheduler": 0.0}
+        # Filled in as the run goes.
+        self.prompt_embeds: torch.Tensor | None = None  # CFG batch: negative first
+        self.added_cond_kwargs: dict[str, torch.Tensor] = {}  # SDXL: text_embeds, time_ids
+        self.scheduler = None
+        self.timesteps: torch.Tensor | None = None
+        self.latents: torch.Tensor | None = None
+        self.timestep: torch.Tensor | None = None  # of the current step
+        self.latent_model_input: torch.Tensor | None = None  # of the current step
+        self.lora_applied_at_step = -1  # set by the LoRA add-on: the step before which the set was in place
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def stage(self, name: str, **attributes):
+        """A timed, traced stage of this run."""
+        return tracing.stage(tracer, self.timings, name, **attributes)
+
+    def _stopped(self) -> bool:
+        return self.should_stop is not None and self.should_stop()
+
+    def run(self) -> GenerationResult:
+        # A caller that left while the request waited for the pipeline: touch nothing (the LoRA
+        # set applied stays, for the requests that want it).
+        if self._stopped():
+            raise Cancelled("request cancelled before it started")
+        # Resolve every id before changing any state, so a bad request changes nothing.
+        with self.stage("resolve"):
+            for addon in self.addons:
+                addon.prepare(self)
+        try:
+            latents = self._denoise()
+        except BaseException:
+            for addon in self.addons:
+                addon.fail(self)
+            raise
+        with self.stage("vae_decode"):
+            image = self.pipeline.decode(latents)
+        return GenerationResult(latents, image, self.request.seed, self.timings, self.lora_applied_at_step)
+
+    def _denoise(self) -> torch.Tensor:
+        for addon in self.addons:
+            addon.before_text_encoding(self)
+        with self.stage("text_encode"):
+            self.prompt_embeds, self.added_cond_kwargs = self.pipeline.encode_prompt(self.request, self.do_cfg)
+        self._prepare_latents()
+        for addon in self.addons:
+            addon.before_denoising(self)
+        with self.stage("denoise", steps=self.num_steps) as denoise_span:
+            for i, t in enumerate(self.timesteps):
+                if self._stopped():
+                    raise Cancelled(f"request cancelled before step {i}")
+                step_start = dict(self.step_times)
+                self.step(i, t)
+                # One event per step (a span each would multiply the trace by the step count).
+                times = {f"{k}_seconds": v - step_start[k] for k, v in self.step_times.items()}
+                denoise_span.add_event("step", {"step": i, **times})
+                if self.on_step is not None:
+                    self.on_step(i, self.num_steps, self.latents)
+        self.timings.update({f"denoise.{k}": v for k, v in self.step_times.items()})
+        for addon in self.addons:
+            addon.finish(self)
+        return self.latents
+
+    def _prepare_latents(self) -> None:
+        request, unet = self.request, self.pipeline.pipe.unet
+        self.scheduler = self.pipeline.make_scheduler(request.scheduler)
+        self.scheduler.set_timesteps(request.num_inference_steps, device=self.pipeline.device)
+        self.timesteps = self.scheduler.timesteps
+        scale = self.pipeline.pipe.vae_scale_factor
+        shape = (1, unet.config.in_channels, request.height // scale, request.width // scale)
+        noise = randn_tensor(shape, generator=self.generator, device=self.pipeline.device, dtype=self.prompt_embeds.dtype)
+        self.latents = noise * self.scheduler.init_noise_sigma
+        self.step_kwargs = self.pipeline.extra_step_kwargs(self.scheduler, self.generator)
+
+    def step(self, i: int, t: torch.Tensor) -> None:
+        """One denoising step: latents at t -> latents at the next timestep."""
+        split_unet = self.pipeline.split_unet
+        latent_model_input = torch.cat([self.latents] * 2) if self.do_cfg else self.latents
+        self.timestep = t
+        self.latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+        for addon in self.addons:
+            addon.before_step(self, i)
+
+        t0 = time.perf_counter()
+        encoded = split_unet.encoder_half(self.latent_model_input, t, self.prompt_embeds, **self.added_cond_kwargs)
+        t1 = time.perf_counter()
+        down, mid = None, None
+        for addon in self.addons:
+            residuals = addon.decoder_residuals(self, i)
+            if residuals is None:
+                continue
+            if down is None:
+                down, mid = residuals.down_block_res_samples, residuals.mid_block_res_sample
+            else:
+                down = tuple(d + r for d, r in zip(down, residuals.down_block_res_samples))
+                mid = mid + residuals.mid_block_res_sample
+        t2 = time.perf_counter()
+        noise_pred = split_unet.decoder_half(encoded, down, mid)
+        t3 = time.perf_counter()
+        if self.do_cfg:
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + self.request.guidance_scale * (noise_pred_text - noise_pred_uncond)
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        t4 = time.perf_counter()
+        self.step_times["encoder_half"] += t1 - t0
+        self.step_times["controlnet_wait"] += t2 - t1
+        self.step_times["decoder_half"] += t3 - t2
+        self.step_times["scheduler"] += t4 - t3
