@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from services.unet.pipeline import UNetPipeline
-from swiftd.request import Request
-from services.unet.lora_inbox import LoraInbox
-from swiftd import zoo
-from swiftd.lora import extract_deltas, prepare_deltas
-from swiftd.loading import load_pipeline
-
 from bench.scenarios import GUIDANCE_SCALE, NEGATIVE_PROMPT, PROMPT, SEED
+from services.unet.lora_inbox import LoraInbox
+from services.unet.pipeline import UNetPipeline
+from swiftd import zoo
+from swiftd.loading import load_pipeline
+from swiftd.lora import extract_deltas, prepare_deltas
+from swiftd.request import Request
 
 
-def images_by_arrival_step(zoo_root, family: str, lora_id: str, size: int, steps: int, arrival_steps: list[int]) -> dict:
+def images_by_arrival_step(
+    zoo_root, family: str, lora_id: str, size: int, steps: int, arrival_steps: list[int]
+) -> dict:
     """{K: PIL image} for the LoRA's UNet deltas arriving just before step K (0 = synchronous)."""
     torch.set_num_threads(1)
     pipe = load_pipeline(zoo.zoo_paths(zoo_root, family).model)
@@ -38,9 +39,17 @@ def images_by_arrival_step(zoo_root, family: str, lora_id: str, size: int, steps
                 inbox.put(lora_id, 1.0, items[first_unet + 1 :], last=True)
 
         request = Request(
-            PROMPT, NEGATIVE_PROMPT, width=size, height=size, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
-            seed=SEED, scheduler="euler", loras=[(lora_id, 1.0)], lora_bound_steps=steps,
-        )  # fmt: skip
+            PROMPT,
+            NEGATIVE_PROMPT,
+            width=size,
+            height=size,
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE_SCALE,
+            seed=SEED,
+            scheduler="euler",
+            loras=[(lora_id, 1.0)],
+            lora_bound_steps=steps,
+        )
         result = engine.generate(request, on_step=on_step)
         engine.lora_patcher.restore()
         assert result.lora_applied_at_step == k, (k, result.lora_applied_at_step)

@@ -43,17 +43,29 @@ class BaselineProcess:
     """Handle on the pinned Diffusers process, started lazily by the groups that need it."""
 
     def __init__(self, zoo: Path, family: str, core: int, timeout: float = 900.0):
-        cmd = [sys.executable, "-m", "bench.baseline_process", "--zoo", str(zoo), "--family", family, "--core", str(core)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.baseline_process",
+            "--zoo",
+            str(zoo),
+            "--family",
+            family,
+            "--core",
+            str(core),
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         repo = Path(__file__).resolve().parent.parent
         self.timeout = timeout
-        self.process = subprocess.Popen(cmd, cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(
+            cmd, cwd=repo, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self.ready = self._read_reply()  # {"load_s": ...} once the models are loaded
 
     def _read_reply(self) -> dict:
         for line in self.process.stdout:
             if line.startswith(REPLY_PREFIX):
-                reply = json.loads(line[len(REPLY_PREFIX):])
+                reply = json.loads(line[len(REPLY_PREFIX) :])
                 if "error" in reply:
                     raise RuntimeError(f"Diffusers baseline process failed:\n{reply['error']}")
                 return reply
@@ -150,14 +162,21 @@ class Baseline:
         t_fused = time.perf_counter()
         try:
             kwargs = dict(
-                prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, height=size, width=size, num_inference_steps=steps,
-                guidance_scale=GUIDANCE_SCALE, generator=torch.Generator().manual_seed(SEED),
-            )  # fmt: skip
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE_PROMPT,
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                guidance_scale=GUIDANCE_SCALE,
+                generator=torch.Generator().manual_seed(SEED),
+            )
             if scenario.controlnets:
                 images = [PIL.Image.open(io.BytesIO(c.image_png)).convert("RGB") for c in scenario.controlnets]
                 scales = [c.scale for c in scenario.controlnets]
                 multi = len(images) > 1
-                kwargs.update(image=images if multi else images[0], controlnet_conditioning_scale=scales if multi else scales[0])
+                kwargs.update(
+                    image=images if multi else images[0], controlnet_conditioning_scale=scales if multi else scales[0]
+                )
             image = pipe(**kwargs).images[0]
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")

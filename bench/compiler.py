@@ -123,10 +123,14 @@ def measure(args) -> dict:
             patcher.restore()
             step(split)
             result["variants"][label] = {
-                "first_call_s": first_s, "eager_s": statistics.median(eager_s), "compiled_s": statistics.median(compiled_s),
-                "speedup": statistics.median(ratios), "max_abs_diff": (out.float() - reference.float()).abs().max().item(),
-                "lora_max_abs_diff": lora_diff, "lora_refresh_s": refresh_s,
-            }  # fmt: skip
+                "first_call_s": first_s,
+                "eager_s": statistics.median(eager_s),
+                "compiled_s": statistics.median(compiled_s),
+                "speedup": statistics.median(ratios),
+                "max_abs_diff": (out.float() - reference.float()).abs().max().item(),
+                "lora_max_abs_diff": lora_diff,
+                "lora_refresh_s": refresh_s,
+            }
         if args.swaps and args.artifacts:
             label = args.artifacts[0].split("=", 1)[0]
             before = compile_activity()
@@ -136,17 +140,46 @@ def measure(args) -> dict:
                 worst = max(worst, (step(variants[label]).float() - step(eager).float()).abs().max().item())
             patcher.restore()
             after = compile_activity()
-            result["swaps"] = {"variant": label, "count": args.swaps, "max_abs_diff": worst,
-                               "recompilations": sum(after[k] - before[k] for k in before)}  # fmt: skip
+            result["swaps"] = {
+                "variant": label,
+                "count": args.swaps,
+                "max_abs_diff": worst,
+                "recompilations": sum(after[k] - before[k] for k in before),
+            }
     return result
 
 
-def _measure_in_child(config, artifacts: dict[str, Path], dtype: str = "float32", jit_freezing: bool = False,
-                      rounds: int = 8, swaps: int = 10) -> dict:  # fmt: skip
-    cmd = [sys.executable, "-m", "bench.compiler", "measure", "--zoo", str(config.zoo), "--family", config.family,
-           "--size", str(config.size), "--core", str(config.device_core), "--dtype", dtype, "--rounds", str(rounds),
-           "--swaps", str(swaps), *(["--jit-freezing"] if jit_freezing else []),
-           "--artifacts", *[f"{k}={v}" for k, v in artifacts.items()]]  # fmt: skip
+def _measure_in_child(
+    config,
+    artifacts: dict[str, Path],
+    dtype: str = "float32",
+    jit_freezing: bool = False,
+    rounds: int = 8,
+    swaps: int = 10,
+) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.compiler",
+        "measure",
+        "--zoo",
+        str(config.zoo),
+        "--family",
+        config.family,
+        "--size",
+        str(config.size),
+        "--core",
+        str(config.device_core),
+        "--dtype",
+        dtype,
+        "--rounds",
+        str(rounds),
+        "--swaps",
+        str(swaps),
+        *(["--jit-freezing"] if jit_freezing else []),
+        "--artifacts",
+        *[f"{k}={v}" for k, v in artifacts.items()],
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench.compiler measure failed:\n{done.stderr[-3000:]}")
@@ -155,9 +188,29 @@ def _measure_in_child(config, artifacts: dict[str, Path], dtype: str = "float32"
 
 def _build(config, out: Path, dtype: str, options: dict) -> float:  # options over the defaults
     """Compile the UNet halves with the CLI (both cores: nothing is being timed meanwhile)."""
-    cmd = [sys.executable, "-m", "compiler", "build", "--model-root", str(config.zoo), "--model-id", config.family,
-           "--resolution", str(config.size), "--batch", "1", "2", "--parts", "unet_encoder", "unet_decoder",
-           "--dtype", dtype, "--out", str(out), *[a for k, v in options.items() for a in ("--option", f"{k}={json.dumps(v)}")]]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "compiler",
+        "build",
+        "--model-root",
+        str(config.zoo),
+        "--model-id",
+        config.family,
+        "--resolution",
+        str(config.size),
+        "--batch",
+        "1",
+        "2",
+        "--parts",
+        "unet_encoder",
+        "unet_decoder",
+        "--dtype",
+        dtype,
+        "--out",
+        str(out),
+        *[a for k, v in options.items() for a in ("--option", f"{k}={json.dumps(v)}")],
+    ]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
@@ -169,8 +222,9 @@ def _time_to_ready(config, extra_args: list[str]) -> float:
     from swiftd.launcher import start_unet
 
     t0 = time.monotonic()
-    worker = start_unet(config.zoo, config.family, cpu_cores=[config.device_core], num_threads=1, timeout=3600,
-                        extra_args=extra_args)  # fmt: skip
+    worker = start_unet(
+        config.zoo, config.family, cpu_cores=[config.device_core], num_threads=1, timeout=3600, extra_args=extra_args
+    )
     seconds = time.monotonic() - t0
     log = worker.log_tail(200)
     worker.stop()
@@ -187,10 +241,15 @@ def _compare_requests(config, artifacts: Path, rounds: int = 5) -> dict:
     from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
 
     workers = {
-        "compiled": start_unet(config.zoo, config.family, cpu_cores=[config.device_core], num_threads=1,
-                               extra_args=["--compiled-artifacts", str(artifacts)]),
+        "compiled": start_unet(
+            config.zoo,
+            config.family,
+            cpu_cores=[config.device_core],
+            num_threads=1,
+            extra_args=["--compiled-artifacts", str(artifacts)],
+        ),
         "eager": start_unet(config.zoo, config.family, cpu_cores=[config.device_core], num_threads=1),
-    }  # fmt: skip
+    }
     lora = [common_pb2.LoraRef(lora_id=f"{config.family}-lora-peft-r64", scale=0.8)]
     seconds = {name: [] for name in workers}
     patch = {name: [] for name in workers}
@@ -199,9 +258,16 @@ def _compare_requests(config, artifacts: Path, rounds: int = 5) -> dict:
         for i in range(-1, rounds):  # round -1 warms both up (and prepares the LoRA's deltas once)
             for loras in ([], lora):  # a LoRA request patches it in; the next plain one restores
                 for name, stub in stubs.items():
-                    params = common_pb2.GenerationParams(prompt="a lighthouse at dusk", width=config.size, height=config.size,
-                                                         num_inference_steps=20, guidance_scale=7.5, seed=i + 2,
-                                                         scheduler=common_pb2.SCHEDULER_EULER, model_id=config.family)  # fmt: skip
+                    params = common_pb2.GenerationParams(
+                        prompt="a lighthouse at dusk",
+                        width=config.size,
+                        height=config.size,
+                        num_inference_steps=20,
+                        guidance_scale=7.5,
+                        seed=i + 2,
+                        scheduler=common_pb2.SCHEDULER_EULER,
+                        model_id=config.family,
+                    )
                     t0 = time.perf_counter()
                     response = stub.Denoise(unet_pb2.DenoiseRequest(params=params, loras=loras), timeout=1800)
                     elapsed = time.perf_counter() - t0
@@ -212,8 +278,10 @@ def _compare_requests(config, artifacts: Path, rounds: int = 5) -> dict:
     finally:
         for worker in workers.values():
             worker.stop()
-    return {"request_s": {k: statistics.median(v) for k, v in seconds.items()},
-            "lora_patch_s": {k: statistics.median(v) for k, v in patch.items()}}  # fmt: skip
+    return {
+        "request_s": {k: statistics.median(v) for k, v in seconds.items()},
+        "lora_patch_s": {k: statistics.median(v) for k, v in patch.items()},
+    }
 
 
 def group_compiler(config, session):
@@ -225,8 +293,10 @@ def group_compiler(config, session):
         tmp = Path(tmp)
         artifacts = tmp / "aoti"
         config.log("[bench] compiler: UNet worker compiling its artifacts at start (one core; minutes) ...")
-        cold = _time_to_ready(config, ["--compiled-artifacts", str(artifacts), "--compile-missing",
-                                       "--compile-resolution", str(config.size)])  # fmt: skip
+        cold = _time_to_ready(
+            config,
+            ["--compiled-artifacts", str(artifacts), "--compile-missing", "--compile-resolution", str(config.size)],
+        )
         config.log(f"[bench]   ready after {cold:.1f} s; now on those artifacts, and without ...")
         warm = _time_to_ready(config, ["--compiled-artifacts", str(artifacts)])
         eager_ready = _time_to_ready(config, [])
@@ -242,9 +312,13 @@ def group_compiler(config, session):
             "aoti_no_freezing": _build(config, tmp / "no-freezing", "float32", {"freezing": False}),
             "aoti_bf16": _build(config, tmp / "bf16", "bfloat16", {}),
         }
-        config.log("[bench] compiler: timing eager vs compiled UNet steps (core "
-                   f"{config.device_core}, 1 thread; torch.compile with freezing compiles in there) ...")  # fmt: skip
-        fp32 = _measure_in_child(config, {"aoti": artifacts, "aoti_no_freezing": tmp / "no-freezing"}, jit_freezing=True)
+        config.log(
+            "[bench] compiler: timing eager vs compiled UNet steps (core "
+            f"{config.device_core}, 1 thread; torch.compile with freezing compiles in there) ..."
+        )
+        fp32 = _measure_in_child(
+            config, {"aoti": artifacts, "aoti_no_freezing": tmp / "no-freezing"}, jit_freezing=True
+        )
         bf16 = _measure_in_child(config, {"aoti_bf16": tmp / "bf16"}, dtype="bfloat16", swaps=0)
         config.log("[bench] compiler: whole requests, a worker on the artifacts vs an eager one ...")
         requests = _compare_requests(config, artifacts)
@@ -287,9 +361,11 @@ def group_compiler(config, session):
         f"  {'variant':<20}{'eager s':>9}{'compiled s':>12}{'speedup':>9}{'|diff|':>10}{'after LoRA':>12}{'refresh s':>11}  weights",
     ]
     for label, v, patchable in rows:
-        lines.append(f"  {label:<20}{v['eager_s']:>9.4f}{v['compiled_s']:>12.4f}{v['speedup']:>8.3f}x{v['max_abs_diff']:>10.1e}"
-                     f"{v['lora_max_abs_diff']:>12.1e}{v['lora_refresh_s']:>11.3f}  "
-                     f"{'patchable' if patchable else 'baked in (stale after a patch)'}")  # fmt: skip
+        lines.append(
+            f"  {label:<20}{v['eager_s']:>9.4f}{v['compiled_s']:>12.4f}{v['speedup']:>8.3f}x{v['max_abs_diff']:>10.1e}"
+            f"{v['lora_max_abs_diff']:>12.1e}{v['lora_refresh_s']:>11.3f}  "
+            f"{'patchable' if patchable else 'baked in (stale after a patch)'}"
+        )
     lines += [
         f"  bf16 artifacts vs fp32 eager: {bf16_vs_fp32:.2f}x (bf16 numerics)",
         f"  whole request (CFG, 20 steps, VAE decode) to a UNet worker: eager {requests['request_s']['eager']:.2f} s, "

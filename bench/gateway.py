@@ -24,9 +24,11 @@ def group_gateway(config: BenchConfig, session) -> GroupResult:
     group = "gateway"
     ours = session.ours()
     gateway = start_gateway(
-        [ours.service.address], [s.address for s in ours.controlnet_services], ours.store.address,
+        [ours.service.address],
+        [s.address for s in ours.controlnet_services],
+        ours.store.address,
         cpu_cores=[config.controlnet_core],
-    )  # fmt: skip
+    )
     channel = rpc.create_channel(gateway.address)
     stub = gateway_pb2_grpc.GatewayStub(channel)
     cn1_lora1 = next(s for s in baseline_scenarios(config.family, SIZE) if s.name == "cn1_lora1")
@@ -40,16 +42,30 @@ def group_gateway(config: BenchConfig, session) -> GroupResult:
     try:
         for name, (loras, controlnets) in cases.items():
             params = common_pb2.GenerationParams(
-                prompt="a lighthouse", width=SIZE, height=SIZE, num_inference_steps=1, guidance_scale=1.0, seed=1,
-                scheduler=common_pb2.SCHEDULER_EULER, model_id=config.family,
-            )  # fmt: skip
+                prompt="a lighthouse",
+                width=SIZE,
+                height=SIZE,
+                num_inference_steps=1,
+                guidance_scale=1.0,
+                seed=1,
+                scheduler=common_pb2.SCHEDULER_EULER,
+                model_id=config.family,
+            )
             lora_refs = [common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras]
-            inputs = [common_pb2.ControlNetInput(controlnet_id=cn.controlnet_id, image=cn.image_png, conditioning_scale=cn.scale)
-                      for cn, _ in controlnets]  # fmt: skip
+            inputs = [
+                common_pb2.ControlNetInput(
+                    controlnet_id=cn.controlnet_id, image=cn.image_png, conditioning_scale=cn.scale
+                )
+                for cn, _ in controlnets
+            ]
             direct = unet_pb2.DenoiseRequest(
-                params=params, loras=lora_refs, lora_store_address=ours.store.address,
-                controlnets=[unet_pb2.ControlNetAttachment(input=i, worker_address=a) for i, (_, a) in zip(inputs, controlnets)],
-            )  # fmt: skip
+                params=params,
+                loras=lora_refs,
+                lora_store_address=ours.store.address,
+                controlnets=[
+                    unet_pb2.ControlNetAttachment(input=i, worker_address=a) for i, (_, a) in zip(inputs, controlnets)
+                ],
+            )
             through = gateway_pb2.GenerateRequest(params=params, loras=lora_refs, controlnets=inputs)
             times: dict[str, list[float]] = {"direct": [], "gateway": []}
             stages: dict[str, list[float]] = {"validate": [], "queue": [], "plan": []}
@@ -80,9 +96,11 @@ def group_gateway(config: BenchConfig, session) -> GroupResult:
     finally:
         channel.close()
         gateway.stop()
-    table = "\n".join([
-        f"gateway: {config.family}, {SIZE}x{SIZE}, 1 step, no CFG; direct to the UNet worker vs through the gateway "
-        f"(on core {config.controlnet_core}), alternating; median of {PAIRS} pairs", *rows,
-    ])  # fmt: skip
+    table = "\n".join(
+        [
+            f"gateway: {config.family}, {SIZE}x{SIZE}, 1 step, no CFG; direct to the UNet worker vs through the gateway "
+            f"(on core {config.controlnet_core}), alternating; median of {PAIRS} pairs",
+            *rows,
+        ]
+    )
     return GroupResult(figures, table)
-

@@ -50,9 +50,12 @@ STAGES = ("eager", "compiled", "lora", "aoti", "tensorrt", "autotune")
 # UNet its coordinate-descent pass over every generated kernel and its benchmarking of fusions ran
 # past a call's time limit (H100, first run). GEMM autotuning and CUDA graphs stay.
 AUTOTUNE_OPTIONS = {
-    "max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": False,
-    "benchmark_epilogue_fusion": False, "max_autotune_conv_backends": "ATEN",
-}  # fmt: skip
+    "max_autotune": True,
+    "triton.cudagraphs": True,
+    "coordinate_descent_tuning": False,
+    "benchmark_epilogue_fusion": False,
+    "max_autotune_conv_backends": "ATEN",
+}
 
 
 class Timer:
@@ -93,7 +96,11 @@ def lora_deltas(unet, rank: int, seed: int, strength: float = 0.1):
     gen = torch.Generator(device=unet.device).manual_seed(seed)
     deltas = {}
     for name, p in unet.named_parameters():
-        if p.dim() == 2 and name.endswith("weight") and any(k in name for k in ("to_q", "to_k", "to_v", "to_out.0", "ff.net")):
+        if (
+            p.dim() == 2
+            and name.endswith("weight")
+            and any(k in name for k in ("to_q", "to_k", "to_v", "to_out.0", "ff.net"))
+        ):
             scale = strength * p.float().std().item() / rank**0.5
             up = torch.randn(p.shape[0], rank, generator=gen, device=p.device, dtype=p.dtype) * scale
             down = torch.randn(rank, p.shape[1], generator=gen, device=p.device, dtype=p.dtype)
@@ -102,8 +109,9 @@ def lora_deltas(unet, rank: int, seed: int, strength: float = 0.1):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--family", default="sd15", help="swiftd.zoo family whose UNet config to build")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=2)
@@ -113,8 +121,9 @@ def main(argv=None) -> int:
     parser.add_argument("--swaps", type=int, default=10, help="LoRA swaps in the lora stage")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--mode", default="reduce-overhead", help="torch.compile mode of the compiled stage")
-    parser.add_argument("--lora-strength", type=float, default=0.5,
-                        help="LoRA delta size relative to each weight's standard deviation")
+    parser.add_argument(
+        "--lora-strength", type=float, default=0.5, help="LoRA delta size relative to each weight's standard deviation"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     # A native crash (the AOTInductor stage on CUDA has ended runs without a Python error) then
@@ -133,10 +142,17 @@ def main(argv=None) -> int:
         print("no CUDA device", file=sys.stderr)
         return 2
     result: dict = {
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "family": args.family, "size": args.size, "batch": args.batch, "dtype": args.dtype,
-        "mode": args.mode, "stages": {},
-    }  # fmt: skip
+        "device": torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "family": args.family,
+        "size": args.size,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "mode": args.mode,
+        "stages": {},
+    }
 
     def save():
         with open(args.out, "w") as f:
@@ -155,8 +171,10 @@ def main(argv=None) -> int:
     added: tuple = ()
     if unet.config.addition_embed_type == "text_time":
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        added = (torch.randn(args.batch, pooled, generator=gen, device=device, dtype=dtype),
-                 torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * args.batch, device=device, dtype=dtype))  # fmt: skip
+        added = (
+            torch.randn(args.batch, pooled, generator=gen, device=device, dtype=dtype),
+            torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]] * args.batch, device=device, dtype=dtype),
+        )
     timer = Timer(device)
     result["unet_params_m"] = round(sum(p.numel() for p in unet.parameters()) / 1e6, 1)
 
@@ -184,7 +202,9 @@ def main(argv=None) -> int:
             save()
             try:
                 if stage == "eager":
-                    result["stages"]["eager"] = {"step_ms": timer.ms(lambda: step(split.encoder_half, split.decoder_half), args.iters)}
+                    result["stages"]["eager"] = {
+                        "step_ms": timer.ms(lambda: step(split.encoder_half, split.decoder_half), args.iters)
+                    }
                 elif stage == "compiled":
                     before = compile_activity()
                     enc = torch.compile(split.encoder_half, mode=args.mode)
@@ -194,13 +214,17 @@ def main(argv=None) -> int:
                     out = step(enc, dec).clone()  # CUDA graphs record on the second call; replays reuse outputs
                     compile_s = time.perf_counter() - t_compile
                     compiled_halves = (enc, dec)
-                    step_ms = timer.ms(lambda: step(enc, dec), args.iters)
+                    step_ms = timer.ms(lambda enc=enc, dec=dec: step(enc, dec), args.iters)
                     eager_ms = timer.ms(lambda: step(split.encoder_half, split.decoder_half), args.iters)
                     result["stages"]["compiled"] = {
-                        "compile_s": round(compile_s, 1), "step_ms": step_ms, "eager_step_ms": eager_ms,
-                        "speedup": eager_ms / step_ms, "max_abs_diff": max_diff(out, eager_out), "eager_scale": scale,
+                        "compile_s": round(compile_s, 1),
+                        "step_ms": step_ms,
+                        "eager_step_ms": eager_ms,
+                        "speedup": eager_ms / step_ms,
+                        "max_abs_diff": max_diff(out, eager_out),
+                        "eager_scale": scale,
                         "compile_activity": {k: compile_activity()[k] - before[k] for k in before},
-                    }  # fmt: skip
+                    }
                 elif stage == "lora":
                     if compiled_halves is None:
                         raise RuntimeError("needs the compiled stage")
@@ -226,19 +250,25 @@ def main(argv=None) -> int:
                     patcher.restore()
                     after = compile_activity()
                     result["stages"]["lora"] = {
-                        "swaps": args.swaps, "max_abs_diff_each": swaps, "max_abs_diff": worst,
-                        "within_tolerance": worst <= tolerance * scale, "tolerance": tolerance * scale,
-                        "lora_changes_output": changed, "lora_moved_output_by": lora_moved,
+                        "swaps": args.swaps,
+                        "max_abs_diff_each": swaps,
+                        "max_abs_diff": worst,
+                        "within_tolerance": worst <= tolerance * scale,
+                        "tolerance": tolerance * scale,
+                        "lora_changes_output": changed,
+                        "lora_moved_output_by": lora_moved,
                         "swap_ms_median": sorted(swap_ms)[len(swap_ms) // 2],
                         "compile_activity_during_swaps": {k: after[k] - before[k] for k in before},
-                    }  # fmt: skip
+                    }
                 elif stage == "aoti":
+
                     def phase(name):
                         result["stages"]["aoti"]["phase"] = name
                         save()
 
-                    result["stages"]["aoti"] = aoti_stage(unet, split, x, t, hidden, added, patcher, loras[0], timer, args,
-                                                          tolerance * scale, phase)  # fmt: skip
+                    result["stages"]["aoti"] = aoti_stage(
+                        unet, split, x, t, hidden, added, patcher, loras[0], timer, args, tolerance * scale, phase
+                    )
                 elif stage == "tensorrt":
                     from compiler import tensorrt
 
@@ -246,7 +276,9 @@ def main(argv=None) -> int:
                     if reason:
                         result["stages"]["tensorrt"] = {"skipped": reason}
                     else:
-                        result["stages"]["tensorrt"] = tensorrt_stage(unet, x, t, hidden, added, patcher, loras[0], timer, args)
+                        result["stages"]["tensorrt"] = tensorrt_stage(
+                            unet, x, t, hidden, added, patcher, loras[0], timer, args
+                        )
                 elif stage == "autotune":
                     before = compile_activity()
                     torch._dynamo.reset()  # a graph of its own, not the compiled stage's
@@ -256,23 +288,33 @@ def main(argv=None) -> int:
                     step(enc, dec)
                     out = step(enc, dec).clone()
                     compile_s = time.perf_counter() - t_compile
-                    step_ms = timer.ms(lambda: step(enc, dec), args.iters)
+                    step_ms = timer.ms(lambda enc=enc, dec=dec: step(enc, dec), args.iters)
                     eager_ms = timer.ms(lambda: step(split.encoder_half, split.decoder_half), args.iters)
                     compiled_counts = compile_activity()
                     lora_diffs = []
                     for i in range(3):
                         patcher.apply([(f"lora{i % 2}", 1.0, loras[i % 2])]) if i < 2 else patcher.restore()
-                        lora_diffs.append(max_diff(step(enc, dec).clone(), step(split.encoder_half, split.decoder_half)))
+                        lora_diffs.append(
+                            max_diff(step(enc, dec).clone(), step(split.encoder_half, split.decoder_half))
+                        )
                     patcher.restore()
                     after = compile_activity()
                     result["stages"]["autotune"] = {
-                        "options": AUTOTUNE_OPTIONS, "compile_s": round(compile_s, 1), "step_ms": step_ms,
-                        "eager_step_ms": eager_ms, "speedup": eager_ms / step_ms, "max_abs_diff": max_diff(out, eager_out),
-                        "lora_max_abs_diff_each": lora_diffs, "tolerance": tolerance * scale,
+                        "options": AUTOTUNE_OPTIONS,
+                        "compile_s": round(compile_s, 1),
+                        "step_ms": step_ms,
+                        "eager_step_ms": eager_ms,
+                        "speedup": eager_ms / step_ms,
+                        "max_abs_diff": max_diff(out, eager_out),
+                        "lora_max_abs_diff_each": lora_diffs,
+                        "tolerance": tolerance * scale,
                         "compile_activity_during_swaps": {k: after[k] - compiled_counts[k] for k in before},
-                    }  # fmt: skip
+                    }
             except Exception as exc:  # noqa: BLE001 - record and go on to the next stage
-                result["stages"][stage] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+                result["stages"][stage] = {
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc()[-2000:],
+                }
             result["stages"].setdefault(stage, {})["wall_s"] = round(time.perf_counter() - t0, 1)
             print(json.dumps({stage: result["stages"][stage]})[:600], flush=True)
             save()
@@ -303,8 +345,14 @@ def exported_decoder(unet, encoded, batch: int):
 
     module = P.graph_module(P.UNET_DECODER, _Pipe(unet))
     skips = tuple(encoded.down_block_res_samples)
-    inputs = (encoded.sample, encoded.emb, encoded.encoder_hidden_states, skips, tuple(torch.zeros_like(s) for s in skips),
-              torch.zeros_like(encoded.sample))  # fmt: skip
+    inputs = (
+        encoded.sample,
+        encoded.emb,
+        encoded.encoder_hidden_states,
+        skips,
+        tuple(torch.zeros_like(s) for s in skips),
+        torch.zeros_like(encoded.sample),
+    )
     return module, inputs, export_part(P.UNET_DECODER, module, inputs, (batch,))
 
 
@@ -339,7 +387,7 @@ def aoti_stage(unet, split, x, t, hidden, added, patcher, deltas, timer, args, t
             enc = PackagePart(paths["encoder"], enc_module, args.device, weights=weights)
             dec = PackagePart(paths["decoder"], dec_module, args.device, weights=weights)
 
-            def aoti_step():
+            def aoti_step(enc=enc, dec=dec):
                 out = enc(*enc_inputs)
                 return dec(out[0], out[1], out[2], tuple(out[3:]), dec_inputs[4], dec_inputs[5])
 
@@ -355,10 +403,15 @@ def aoti_stage(unet, split, x, t, hidden, added, patcher, deltas, timer, args, t
             patcher.restore()
             restored_diff = max_diff(aoti_step(), base)
             result["bindings"][weights] = {
-                "step_ms": aoti_ms, "eager_step_ms": eager_ms, "speedup": eager_ms / aoti_ms, "max_abs_diff": diff,
-                "max_abs_diff_after_lora": patched_diff, "lora_moved_output_by": moved,
-                "max_abs_diff_after_restore": restored_diff, "lora_seen": patched_diff <= tolerance < moved,
-            }  # fmt: skip
+                "step_ms": aoti_ms,
+                "eager_step_ms": eager_ms,
+                "speedup": eager_ms / aoti_ms,
+                "max_abs_diff": diff,
+                "max_abs_diff_after_lora": patched_diff,
+                "lora_moved_output_by": moved,
+                "max_abs_diff_after_restore": restored_diff,
+                "lora_seen": patched_diff <= tolerance < moved,
+            }
             del enc, dec
     return result
 
@@ -385,10 +438,15 @@ def tensorrt_stage(unet, x, t, hidden, added, patcher, deltas, timer, args) -> d
         patcher.restore()
         restored_diff = max_diff(part(*inputs), ref)
     return {
-        "versions": versions(), "build_s": round(build_s, 1), "step_ms": trt_ms, "max_abs_diff": diff,
-        "refit_s": round(refit_s, 2), "refits": part.refits, "max_abs_diff_after_lora": patched_diff,
+        "versions": versions(),
+        "build_s": round(build_s, 1),
+        "step_ms": trt_ms,
+        "max_abs_diff": diff,
+        "refit_s": round(refit_s, 2),
+        "refits": part.refits,
+        "max_abs_diff_after_lora": patched_diff,
         "max_abs_diff_after_restore": restored_diff,
-    }  # fmt: skip
+    }
 
 
 if __name__ == "__main__":

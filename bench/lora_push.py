@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from swiftd import rpc
-from swiftd.lora import delta_from_proto
 from swiftd.loading import DTYPES, load_pipeline, resolve
+from swiftd.lora import delta_from_proto
 
 
 def measure_precompute(zoo: Path, model: str, lora: str, dtype: torch.dtype, repeats: int) -> dict:
@@ -56,10 +56,22 @@ def measure_streaming(zoo: Path, model: str, lora: str, dtype: torch.dtype, repe
     from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
 
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-    service = start_service("lora_store", "services.lora_store", [
-        "--model-root", str(zoo), "--base-model", model, "--prefetch", lora, "--default-dtype", dtype_name,
-        "--chunk-mib", str(chunk_mib),
-    ])  # fmt: skip
+    service = start_service(
+        "lora_store",
+        "services.lora_store",
+        [
+            "--model-root",
+            str(zoo),
+            "--base-model",
+            model,
+            "--prefetch",
+            lora,
+            "--default-dtype",
+            dtype_name,
+            "--chunk-mib",
+            str(chunk_mib),
+        ],
+    )
 
     class Receiver(unet_pb2_grpc.UNetWorkerServicer):
         def ReceiveLoraDeltas(self, request_iterator, context):
@@ -94,9 +106,15 @@ def measure_streaming(zoo: Path, model: str, lora: str, dtype: torch.dtype, repe
             chunks = len(messages)
         push = []
         for _ in range(repeats):
-            response = stub.PushLoras(lora_store_pb2.PushLorasRequest(
-                loras=[common_pb2.LoraRef(lora_id=lora)], base_model_id=model, dtype=codec.dtype_to_proto(dtype),
-                unet_worker_address=f"127.0.0.1:{port}"), timeout=300)  # fmt: skip
+            response = stub.PushLoras(
+                lora_store_pb2.PushLorasRequest(
+                    loras=[common_pb2.LoraRef(lora_id=lora)],
+                    base_model_id=model,
+                    dtype=codec.dtype_to_proto(dtype),
+                    unet_worker_address=f"127.0.0.1:{port}",
+                ),
+                timeout=300,
+            )
             assert lora in response.cache_hits
             push.append(response.seconds)
     finally:

@@ -38,10 +38,19 @@ class OursWorker:
         # its precompute is measured cold).
         self._cache_dir = tempfile.TemporaryDirectory(prefix="swiftd-bench-lora-cache-")
         self.store: ServiceProcess = start_lora_store(
-            config.zoo, self._cache_dir.name, base_models=[config.family], cpu_cores=[config.controlnet_core], num_threads=1
+            config.zoo,
+            self._cache_dir.name,
+            base_models=[config.family],
+            cpu_cores=[config.controlnet_core],
+            num_threads=1,
         )
         self.service: ServiceProcess = start_unet(
-            config.zoo, config.family, lora_store=self.store.address, cpu_cores=[config.device_core], num_threads=1, wait=False
+            config.zoo,
+            config.family,
+            lora_store=self.store.address,
+            cpu_cores=[config.device_core],
+            num_threads=1,
+            wait=False,
         )
         for service in [*self.controlnet_services, self.service]:
             service.wait_ready()
@@ -60,23 +69,37 @@ class OursWorker:
 
     def prefetch(self, lora_id: str) -> lora_store_pb2.PrefetchLoraResponse:
         """Into the store's host tier (what a deployment does ahead of requests)."""
-        response = self.store_stub.PrefetchLora(lora_store_pb2.PrefetchLoraRequest(
-            lora_id=lora_id, base_model_id=self.config.family, dtype=common_pb2.DTYPE_FLOAT32), timeout=600)  # fmt: skip
+        response = self.store_stub.PrefetchLora(
+            lora_store_pb2.PrefetchLoraRequest(
+                lora_id=lora_id, base_model_id=self.config.family, dtype=common_pb2.DTYPE_FLOAT32
+            ),
+            timeout=600,
+        )
         self._prefetched.setdefault(lora_id, response)
         return response
 
-    def request(self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32, lora_bound_steps: int = 0) -> unet_pb2.DenoiseRequest:
+    def request(
+        self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32, lora_bound_steps: int = 0
+    ) -> unet_pb2.DenoiseRequest:
         c = self.config
         return unet_pb2.DenoiseRequest(
             params=common_pb2.GenerationParams(
-                prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, width=c.size, height=c.size,
-                num_inference_steps=c.steps, guidance_scale=GUIDANCE_SCALE, seed=SEED,
-                scheduler=common_pb2.SCHEDULER_EULER, model_id=c.family,
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE_PROMPT,
+                width=c.size,
+                height=c.size,
+                num_inference_steps=c.steps,
+                guidance_scale=GUIDANCE_SCALE,
+                seed=SEED,
+                scheduler=common_pb2.SCHEDULER_EULER,
+                model_id=c.family,
             ),
             controlnets=[
                 unet_pb2.ControlNetAttachment(
                     input=common_pb2.ControlNetInput(
-                        controlnet_id=cn.controlnet_id, image=cn.image_png, conditioning_scale=cn.scale,
+                        controlnet_id=cn.controlnet_id,
+                        image=cn.image_png,
+                        conditioning_scale=cn.scale,
                     ),
                     worker_address=worker.address,
                 )
@@ -86,18 +109,27 @@ class OursWorker:
             loras=[common_pb2.LoraRef(lora_id=lora_id, scale=scale) for lora_id, scale in scenario.loras],
             lora_bound_steps=lora_bound_steps,
             request_id=f"bench-{scenario.name}",
-        )  # fmt: skip
+        )
 
     def reset_loras(self) -> None:
         """An untimed no-LoRA request: the worker restores the pristine weights."""
         size = min(RESET_SIZE, self.config.size)
-        self.stub.Denoise(unet_pb2.DenoiseRequest(
-            params=common_pb2.GenerationParams(
-                prompt="", width=size, height=size, num_inference_steps=1, guidance_scale=1.0, seed=0,
-                scheduler=common_pb2.SCHEDULER_EULER, model_id=self.config.family,
+        self.stub.Denoise(
+            unet_pb2.DenoiseRequest(
+                params=common_pb2.GenerationParams(
+                    prompt="",
+                    width=size,
+                    height=size,
+                    num_inference_steps=1,
+                    guidance_scale=1.0,
+                    seed=0,
+                    scheduler=common_pb2.SCHEDULER_EULER,
+                    model_id=self.config.family,
+                ),
+                request_id="bench-reset",
             ),
-            request_id="bench-reset",
-        ), timeout=600)  # fmt: skip
+            timeout=600,
+        )
 
     def timed(self, request: unet_pb2.DenoiseRequest) -> tuple[float, unet_pb2.DenoiseResponse]:
         t0 = time.perf_counter()
@@ -110,7 +142,9 @@ class OursWorker:
             self.prefetch(lora_id)
         self.stub.Denoise(self.request(scenario), timeout=600)
 
-    def run_once(self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32, lora_bound_steps: int = 0) -> dict:
+    def run_once(
+        self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32, lora_bound_steps: int = 0
+    ) -> dict:
         """One timed request; a LoRA one is cold (the worker starts from the pristine weights)."""
         if scenario.loras:
             self.reset_loras()
@@ -120,9 +154,11 @@ class OursWorker:
         top_level = sum(v for k, v in stages.items() if "." not in k)
         stages["outside_engine"] = max(latency - top_level, 0.0)
         return {
-            "latency_s": latency, "stages": stages, "image_png": response.image_png,
+            "latency_s": latency,
+            "stages": stages,
+            "image_png": response.image_png,
             "lora_applied_at_step": response.lora_applied_at_step,
-        }  # fmt: skip
+        }
 
     def stream_deltas(self, lora_id: str, scale: float) -> tuple[float, int]:
         """(seconds, bytes) to stream one LoRA's deltas from the store's host tier to here."""
@@ -130,12 +166,18 @@ class OursWorker:
 
         t0 = time.perf_counter()
         nbytes = 0
-        for chunk in self.store_stub.StreamDeltas(lora_store_pb2.StreamDeltasRequest(
-            loras=[common_pb2.LoraRef(lora_id=lora_id, scale=scale)], base_model_id=self.config.family,
-            dtype=common_pb2.DTYPE_FLOAT32,
-        ), timeout=600):  # fmt: skip
+        for chunk in self.store_stub.StreamDeltas(
+            lora_store_pb2.StreamDeltasRequest(
+                loras=[common_pb2.LoraRef(lora_id=lora_id, scale=scale)],
+                base_model_id=self.config.family,
+                dtype=common_pb2.DTYPE_FLOAT32,
+            ),
+            timeout=600,
+        ):
             for delta in chunk.deltas:
-                tensors = [delta.full] if delta.WhichOneof("form") == "full" else [delta.factored.up, delta.factored.down]
+                tensors = (
+                    [delta.full] if delta.WhichOneof("form") == "full" else [delta.factored.up, delta.factored.down]
+                )
                 nbytes += sum(codec.tensor_nbytes(t) for t in tensors)
         return time.perf_counter() - t0, nbytes
 

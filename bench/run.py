@@ -36,23 +36,23 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.bal import images_by_arrival_step
-from bench.compiler import group_compiler
 from bench.baseline_process import BaselineProcess
+from bench.compiler import group_compiler
 from bench.gateway import group_gateway
-from bench.quality import psnr, ssim
-from swiftd.v1 import common_pb2
 from bench.ours import OursWorker
+from bench.quality import psnr, ssim
 from bench.scenarios import (
     DEFAULT_RESULTS,
     BenchConfig,
-    Scenario,
     Figure,
     GroupResult,
+    Scenario,
     baseline_scenarios,
     image_max_abs_diff,
     median,
     rank64_lora_id,
 )
+from swiftd.v1 import common_pb2
 
 
 class Session:
@@ -127,7 +127,9 @@ def group_baseline(config: BenchConfig, session: Session) -> GroupResult:
                 result.figures.append(Figure(f"{side}.stage_s.{scenario.name}.{stage}", value, "s", group))
         diff = image_max_abs_diff(base64.b64decode(theirs_runs[-1]["image_png"]), ours_runs[-1]["image_png"])
         rows.append((scenario.name, d, o, d / o, diff))
-        config.log(f"[bench] {scenario.name}: Diffusers {d:.2f} s, ours {o:.2f} s, speedup {d / o:.2f}x, max |dpx| {diff}")
+        config.log(
+            f"[bench] {scenario.name}: Diffusers {d:.2f} s, ours {o:.2f} s, speedup {d / o:.2f}x, max |dpx| {diff}"
+        )
 
     lines = [
         f"baseline: {config.family}, {config.size}x{config.size}, {config.steps} steps, CFG 7.5, Euler, "
@@ -151,26 +153,31 @@ def group_lora(config: BenchConfig, session: Session) -> GroupResult:
     swap_d = median([a + b for a, b in zip(r["diffusers_load_fuse_s"], r["diffusers_unfuse_unload_s"])])
     swap_o = median([a + b for a, b in zip(r["ours_apply_s"], r["ours_restore_s"])])
     extra, extra_table = lora_service_figures(config, session, group)
-    result = GroupResult(figures=extra + [
-        Figure("diffusers.lora_load_fuse_s", load_fuse, "s", group),
-        Figure("diffusers.lora_unfuse_unload_s", unfuse_unload, "s", group),
-        Figure("ours.lora_apply_s", apply_, "s", group),
-        Figure("ours.lora_restore_s", restore, "s", group),
-        Figure("ours.lora_prepare_s", r["ours_prepare_s"], "s", group),
-        Figure("lora.swap_s.diffusers", swap_d, "s", group),
-        Figure("lora.swap_s.ours", swap_o, "s", group),
-        Figure("lora.swap_speedup", swap_d / swap_o, "x", group),
-    ])  # fmt: skip
-    result.table = "\n".join([
-        f"lora: {lora_id} ({r['num_params']} layers, {r['num_weights'] / 1e6:.1f} M weights), scale 1.0, "
-        f"core {config.device_core} x 1 thread, median of {repeats}",
-        f"  {'':<34}{'diffusers s':>12}{'ours s':>10}",
-        f"  {'load+fuse / apply (patch in)':<34}{load_fuse:>12.4f}{apply_:>10.4f}",
-        f"  {'unfuse+unload / restore':<34}{unfuse_unload:>12.4f}{restore:>10.4f}",
-        f"  {'swap (in + out)':<34}{swap_d:>12.4f}{swap_o:>10.4f}   speedup {swap_d / swap_o:.1f}x",
-        f"  ours' one-time preparation (extract_deltas, cached): {r['ours_prepare_s']:.3f} s",
-        *extra_table,
-    ])  # fmt: skip
+    result = GroupResult(
+        figures=extra
+        + [
+            Figure("diffusers.lora_load_fuse_s", load_fuse, "s", group),
+            Figure("diffusers.lora_unfuse_unload_s", unfuse_unload, "s", group),
+            Figure("ours.lora_apply_s", apply_, "s", group),
+            Figure("ours.lora_restore_s", restore, "s", group),
+            Figure("ours.lora_prepare_s", r["ours_prepare_s"], "s", group),
+            Figure("lora.swap_s.diffusers", swap_d, "s", group),
+            Figure("lora.swap_s.ours", swap_o, "s", group),
+            Figure("lora.swap_speedup", swap_d / swap_o, "x", group),
+        ]
+    )
+    result.table = "\n".join(
+        [
+            f"lora: {lora_id} ({r['num_params']} layers, {r['num_weights'] / 1e6:.1f} M weights), scale 1.0, "
+            f"core {config.device_core} x 1 thread, median of {repeats}",
+            f"  {'':<34}{'diffusers s':>12}{'ours s':>10}",
+            f"  {'load+fuse / apply (patch in)':<34}{load_fuse:>12.4f}{apply_:>10.4f}",
+            f"  {'unfuse+unload / restore':<34}{unfuse_unload:>12.4f}{restore:>10.4f}",
+            f"  {'swap (in + out)':<34}{swap_d:>12.4f}{swap_o:>10.4f}   speedup {swap_d / swap_o:.1f}x",
+            f"  ours' one-time preparation (extract_deltas, cached): {r['ours_prepare_s']:.3f} s",
+            *extra_table,
+        ]
+    )
     return result
 
 
@@ -194,8 +201,12 @@ def lora_service_figures(config: BenchConfig, session: Session, group: str) -> t
     base_runs, k0_runs, k2_runs = [], [], []
     for i in range(config.repeats):
         base_runs.append(ours.run_once(plain)["latency_s"])
-        k0_runs.append(ours.run_once(Scenario("lora", loras=((lora_id, 1.0 - 0.001 * (2 * i + 1)),)), lora_bound_steps=0))
-        k2_runs.append(ours.run_once(Scenario("lora", loras=((lora_id, 1.0 - 0.001 * (2 * i + 2)),)), lora_bound_steps=2))
+        k0_runs.append(
+            ours.run_once(Scenario("lora", loras=((lora_id, 1.0 - 0.001 * (2 * i + 1)),)), lora_bound_steps=0)
+        )
+        k2_runs.append(
+            ours.run_once(Scenario("lora", loras=((lora_id, 1.0 - 0.001 * (2 * i + 2)),)), lora_bound_steps=2)
+        )
     base_s = median(base_runs)
     k0_s, k2_s = median([r["latency_s"] for r in k0_runs]), median([r["latency_s"] for r in k2_runs])
 
@@ -220,11 +231,19 @@ def lora_service_figures(config: BenchConfig, session: Session, group: str) -> t
     rows = []
     for k in bal_steps:
         p, q = psnr(images[0], images[k]), ssim(images[0], images[k])
-        figures += [Figure(f"lora.bal_psnr_db.k{k}", finite(p), "dB", group), Figure(f"lora.bal_ssim.k{k}", q, "x", group)]
+        figures += [
+            Figure(f"lora.bal_psnr_db.k{k}", finite(p), "dB", group),
+            Figure(f"lora.bal_ssim.k{k}", q, "x", group),
+        ]
         rows.append(f"    K={k:<3} (deltas land before step {k})   PSNR {p:6.2f} dB   SSIM {q:.4f}")
     p, q = psnr(k0["image_png"], arrival["image_png"]), ssim(k0["image_png"], arrival["image_png"])
-    figures += [Figure("lora.bal_psnr_db.on_arrival", finite(p), "dB", group), Figure("lora.bal_ssim.on_arrival", q, "x", group)]
-    rows.append(f"    on arrival (applied before step {arrival['lora_applied_at_step']})   PSNR {p:6.2f} dB   SSIM {q:.4f}  (scale 0.778 vs 0.777)")
+    figures += [
+        Figure("lora.bal_psnr_db.on_arrival", finite(p), "dB", group),
+        Figure("lora.bal_ssim.on_arrival", q, "x", group),
+    ]
+    rows.append(
+        f"    on arrival (applied before step {arrival['lora_applied_at_step']})   PSNR {p:6.2f} dB   SSIM {q:.4f}  (scale 0.778 vs 0.777)"
+    )
     table = [
         f"  LoRA store: prepare {prepare_mb_s:.0f} MB/s ({prefetch.size_bytes / 1e6:.1f} MB in {prefetch.prepare_seconds:.2f} s), "
         f"stream {stream_mb_s:.0f} MB/s over loopback gRPC",
@@ -250,7 +269,9 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
     for i in range(config.repeats):
         config.log(f"[bench] controlnet: timed requests {i + 1}/{config.repeats} ...")
         for side, scenario in (("base", base), ("cn1", cn1)):
-            runs[f"d_{side}"].append(baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps))
+            runs[f"d_{side}"].append(
+                baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps)
+            )
             runs[f"o_{side}"].append(ours.run_once(scenario))
     fp16 = ours.run_once(cn1, wire_dtype=common_pb2.DTYPE_FLOAT16)
 
@@ -262,44 +283,62 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
 
     encoder, decoder = per_step("denoise.encoder_half"), per_step("denoise.decoder_half")
     wait = per_step("denoise.controlnet_wait")
-    transport = median([sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".transport"))
-                        for r in runs["o_cn1"]]) / steps  # fmt: skip
-    compute = median([sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".compute"))
-                      for r in runs["o_cn1"]]) / steps  # fmt: skip
+    transport = (
+        median(
+            [
+                sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".transport"))
+                for r in runs["o_cn1"]
+            ]
+        )
+        / steps
+    )
+    compute = (
+        median(
+            [
+                sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".compute"))
+                for r in runs["o_cn1"]
+            ]
+        )
+        / steps
+    )
     reference_png = base64.b64decode(runs["d_cn1"][-1]["image_png"])
     psnr_fp32 = psnr(runs["o_cn1"][-1]["image_png"], reference_png)
     psnr_fp16 = psnr(fp16["image_png"], reference_png)
     finite = lambda x: min(x, 999.0)  # noqa: E731 - identical images give inf; JSON wants a number
     overhead_ours = latency["o_cn1"] / latency["o_base"]
     overhead_diffusers = latency["d_cn1"] / latency["d_base"]
-    result = GroupResult(figures=[
-        Figure("controlnet.addon_overhead", overhead_ours, "x", group),
-        Figure("controlnet.addon_overhead.diffusers", overhead_diffusers, "x", group),
-        Figure("controlnet.transport_fraction", transport / (encoder + decoder), "x", group),
-        Figure("controlnet.step_s.encoder_half", encoder, "s", group),
-        Figure("controlnet.step_s.decoder_half", decoder, "s", group),
-        Figure("controlnet.step_s.controlnet", compute, "s", group),
-        Figure("controlnet.step_s.wait", wait, "s", group),
-        Figure("controlnet.step_s.transport", transport, "s", group),
-        Figure("controlnet.latency_s.ours.base", latency["o_base"], "s", group),
-        Figure("controlnet.latency_s.ours.cn1", latency["o_cn1"], "s", group),
-        Figure("controlnet.latency_s.diffusers.base", latency["d_base"], "s", group),
-        Figure("controlnet.latency_s.diffusers.cn1", latency["d_cn1"], "s", group),
-        Figure("controlnet.speedup.cn1", latency["d_cn1"] / latency["o_cn1"], "x", group),
-        Figure("controlnet.fp32_wire_psnr_db", finite(psnr_fp32), "dB", group),
-        Figure("controlnet.fp16_wire_psnr_db", finite(psnr_fp16), "dB", group),
-    ])  # fmt: skip
-    result.table = "\n".join([
-        f"controlnet: {config.family}, {config.size}x{config.size}, {steps} steps; UNet worker on core "
-        f"{config.device_core}, ControlNet worker on core {config.controlnet_core}, 1 thread each; "
-        f"Diffusers on core {config.device_core}; median of {config.repeats}",
-        f"  add-on overhead (cn1 / base)   ours {overhead_ours:.3f}x   diffusers {overhead_diffusers:.3f}x",
-        f"  latency cn1                     ours {latency['o_cn1']:.3f} s   diffusers {latency['d_cn1']:.3f} s   "
-        f"speedup {latency['d_cn1'] / latency['o_cn1']:.2f}x",
-        f"  per step: encoder half {encoder:.3f} s, decoder half {decoder:.3f} s, ControlNet {compute:.3f} s, "
-        f"wait {wait:.3f} s, transport {transport:.3f} s ({transport / (encoder + decoder):.1%} of a UNet step)",
-        f"  image PSNR against Diffusers: fp32 wire {psnr_fp32:.1f} dB, fp16 wire {psnr_fp16:.1f} dB",
-    ])  # fmt: skip
+    result = GroupResult(
+        figures=[
+            Figure("controlnet.addon_overhead", overhead_ours, "x", group),
+            Figure("controlnet.addon_overhead.diffusers", overhead_diffusers, "x", group),
+            Figure("controlnet.transport_fraction", transport / (encoder + decoder), "x", group),
+            Figure("controlnet.step_s.encoder_half", encoder, "s", group),
+            Figure("controlnet.step_s.decoder_half", decoder, "s", group),
+            Figure("controlnet.step_s.controlnet", compute, "s", group),
+            Figure("controlnet.step_s.wait", wait, "s", group),
+            Figure("controlnet.step_s.transport", transport, "s", group),
+            Figure("controlnet.latency_s.ours.base", latency["o_base"], "s", group),
+            Figure("controlnet.latency_s.ours.cn1", latency["o_cn1"], "s", group),
+            Figure("controlnet.latency_s.diffusers.base", latency["d_base"], "s", group),
+            Figure("controlnet.latency_s.diffusers.cn1", latency["d_cn1"], "s", group),
+            Figure("controlnet.speedup.cn1", latency["d_cn1"] / latency["o_cn1"], "x", group),
+            Figure("controlnet.fp32_wire_psnr_db", finite(psnr_fp32), "dB", group),
+            Figure("controlnet.fp16_wire_psnr_db", finite(psnr_fp16), "dB", group),
+        ]
+    )
+    result.table = "\n".join(
+        [
+            f"controlnet: {config.family}, {config.size}x{config.size}, {steps} steps; UNet worker on core "
+            f"{config.device_core}, ControlNet worker on core {config.controlnet_core}, 1 thread each; "
+            f"Diffusers on core {config.device_core}; median of {config.repeats}",
+            f"  add-on overhead (cn1 / base)   ours {overhead_ours:.3f}x   diffusers {overhead_diffusers:.3f}x",
+            f"  latency cn1                     ours {latency['o_cn1']:.3f} s   diffusers {latency['d_cn1']:.3f} s   "
+            f"speedup {latency['d_cn1'] / latency['o_cn1']:.2f}x",
+            f"  per step: encoder half {encoder:.3f} s, decoder half {decoder:.3f} s, ControlNet {compute:.3f} s, "
+            f"wait {wait:.3f} s, transport {transport:.3f} s ({transport / (encoder + decoder):.1%} of a UNet step)",
+            f"  image PSNR against Diffusers: fp32 wire {psnr_fp32:.1f} dB, fp16 wire {psnr_fp16:.1f} dB",
+        ]
+    )
     return result
 
 
@@ -368,9 +407,13 @@ def _pin_off_device(device_core: int) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--zoo", type=Path, default=Path(".zoo"), help="model zoo root (python -m swiftd.zoo build)")
-    parser.add_argument("--only", action="append", default=[], help=f"group(s) to run, comma-separated or repeated: {', '.join(GROUPS)}")
+    parser.add_argument(
+        "--only", action="append", default=[], help=f"group(s) to run, comma-separated or repeated: {', '.join(GROUPS)}"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed requests per scenario and side (median reported)")
     parser.add_argument("--family", default="bench-sd15", help="zoo family to benchmark")
     parser.add_argument("--size", type=int, default=256)
@@ -390,9 +433,16 @@ def main(argv=None) -> int:
     if not args.no_pin:
         _pin_off_device(args.device_core)
     config = BenchConfig(
-        zoo=args.zoo, family=args.family, size=args.size, steps=args.steps, repeats=args.repeats,
-        device_core=args.device_core, controlnet_core=args.controlnet_core, out=args.out, verbose=not args.quiet,
-    )  # fmt: skip
+        zoo=args.zoo,
+        family=args.family,
+        size=args.size,
+        steps=args.steps,
+        repeats=args.repeats,
+        device_core=args.device_core,
+        controlnet_core=args.controlnet_core,
+        out=args.out,
+        verbose=not args.quiet,
+    )
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]
     run(config, groups)

@@ -71,7 +71,9 @@ class Scenario:
     def from_json(cls, obj: dict) -> Scenario:
         return cls(
             name=obj["name"],
-            controlnets=tuple(ControlNetSpec(c["id"], base64.b64decode(c["image"]), c["scale"]) for c in obj["controlnets"]),
+            controlnets=tuple(
+                ControlNetSpec(c["id"], base64.b64decode(c["image"]), c["scale"]) for c in obj["controlnets"]
+            ),
             loras=tuple((lora_id, float(scale)) for lora_id, scale in obj["loras"]),
         )
 
@@ -117,7 +119,12 @@ class Figure:
     group: str
 
     def as_dict(self) -> dict:
-        return {"figure": self.figure, "value": float(f"{float(self.value):.6g}"), "unit": self.unit, "group": self.group}
+        return {
+            "figure": self.figure,
+            "value": float(f"{float(self.value):.6g}"),
+            "unit": self.unit,
+            "group": self.group,
+        }
 
 
 @dataclass

@@ -75,7 +75,9 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over a Diffusers model's config and its parameter/buffer names and shapes."""
     config = {k: v for k, v in dict(getattr(module, "config", {})).items() if k not in _CONFIG_KEYS_IGNORED}
     tensors = [(name, list(t.shape)) for name, t in (*module.named_parameters(), *module.named_buffers())]
-    payload = json.dumps({"class": type(module).__name__, "config": config, "tensors": tensors}, sort_keys=True, default=str)
+    payload = json.dumps(
+        {"class": type(module).__name__, "config": config, "tensors": tensors}, sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -170,7 +172,11 @@ class Manifest:
 
     def part(self, name: str, resolution: int, batch: int, fingerprint: str | None = None) -> PartEntry | None:
         for entry in self.parts:
-            if entry.name == name and entry.serves(resolution, batch) and (fingerprint is None or entry.fingerprint == fingerprint):
+            if (
+                entry.name == name
+                and entry.serves(resolution, batch)
+                and (fingerprint is None or entry.fingerprint == fingerprint)
+            ):
                 return entry
         return None
 
@@ -193,7 +199,9 @@ def read_manifest(directory: Path) -> Manifest:
     except (ValueError, TypeError, KeyError) as exc:
         raise ArtifactCorrupt(f"{path} is not a valid manifest: {exc}") from None
     if manifest.format_version != FORMAT_VERSION:
-        raise ArtifactMismatch(f"{path}: manifest format {manifest.format_version}, this compiler reads {FORMAT_VERSION}")
+        raise ArtifactMismatch(
+            f"{path}: manifest format {manifest.format_version}, this compiler reads {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -231,4 +239,6 @@ def check_compatible(manifest: Manifest, *, model_fingerprint: str | None, dtype
         if platform_here.get(name) != built:
             problems.append(f"platform {name}: built for {built}, this process has {platform_here.get(name, 'none')}")
     if problems:
-        raise ArtifactMismatch("compiled artifacts do not fit: " + "; ".join(problems) + " (rebuild with python -m compiler build)")
+        raise ArtifactMismatch(
+            "compiled artifacts do not fit: " + "; ".join(problems) + " (rebuild with python -m compiler build)"
+        )

@@ -19,8 +19,8 @@ from compiler.artifacts import (
     BackendUnavailable,
     InputNotFound,
     Manifest,
-    UsageError,
     PartEntry,
+    UsageError,
     VerificationFailed,
     file_sha256,
     library_versions,
@@ -128,11 +128,18 @@ def build(
     dtype = dtype_name(pipe.unet.dtype)
     tol = DEFAULT_TOLERANCE.get(dtype, 1e-2) if tolerance is None else tolerance
     manifest = Manifest(
-        backend=backend, model_id=model_id, model_fingerprint=pipeline_fingerprint(pipe), dtype=dtype,
-        libraries=library_versions(backend), platform=platform_key(device),
-        resolutions=sorted(set(resolutions)), batch_sizes=sorted(set(batch_sizes)), options=dict(options or {}),
-        tolerance=tol, vae_scale_factor=pipe.vae_scale_factor,
-    )  # fmt: skip
+        backend=backend,
+        model_id=model_id,
+        model_fingerprint=pipeline_fingerprint(pipe),
+        dtype=dtype,
+        libraries=library_versions(backend),
+        platform=platform_key(device),
+        resolutions=sorted(set(resolutions)),
+        batch_sizes=sorted(set(batch_sizes)),
+        options=dict(options or {}),
+        tolerance=tol,
+        vae_scale_factor=pipe.vae_scale_factor,
+    )
 
     # One ControlNet per architecture: weights are inputs, so one artifact serves them all.
     controlnet_by_fingerprint: dict[str, tuple[str, torch.nn.Module]] = {}
@@ -147,14 +154,18 @@ def build(
             else [(None, "", None)]
         )
         for fingerprint, source_id, controlnet in sources:
-            entry = _build_part(pipe, out, spec, backend, controlnet, source_id, fingerprint, options, tol, device, progress)
+            entry = _build_part(
+                pipe, out, spec, backend, controlnet, source_id, fingerprint, options, tol, device, progress
+            )
             manifest.parts.append(entry)
     write_manifest(out, manifest)
     progress(f"[compiler] {len(manifest.parts)} parts in {time.perf_counter() - t_build:.0f} s -> {out}")
     return manifest
 
 
-def _build_part(pipe, out, spec, backend, controlnet, source_id, fingerprint, options, tol, device, progress) -> PartEntry:
+def _build_part(
+    pipe, out, spec, backend, controlnet, source_id, fingerprint, options, tol, device, progress
+) -> PartEntry:
     module = P.graph_module(spec.name, pipe, controlnet)
     if fingerprint is None:
         fingerprint = module_fingerprint(pipe.vae if spec.name == P.VAE_DECODER else pipe.unet)
@@ -176,7 +187,9 @@ def _build_part(pipe, out, spec, backend, controlnet, source_id, fingerprint, op
 
         filename = f"{spec.key}{suffix}.trt.ep"
         recipes = None
-        seconds = tensorrt.build_engine(program, inputs, out / filename, options, (min(spec.batch_sizes), max(spec.batch_sizes)))
+        seconds = tensorrt.build_engine(
+            program, inputs, out / filename, options, (min(spec.batch_sizes), max(spec.batch_sizes))
+        )
         compiled = tensorrt.EnginePart(out / filename, module)
 
     worst = 0.0
@@ -192,7 +205,15 @@ def _build_part(pipe, out, spec, backend, controlnet, source_id, fingerprint, op
                 )
     progress(f"[compiler]   {seconds:.0f} s, max |compiled - eager| / scale = {worst:.2e}")
     return PartEntry(
-        name=spec.name, resolution=spec.resolution, batch_min=min(spec.batch_sizes), batch_max=max(spec.batch_sizes),
-        file=filename, sha256=file_sha256(out / filename), fingerprint=fingerprint, compile_seconds=round(seconds, 2),
-        max_diff=float(f"{worst:.3g}"), source_id=source_id, recipes=recipes,
-    )  # fmt: skip
+        name=spec.name,
+        resolution=spec.resolution,
+        batch_min=min(spec.batch_sizes),
+        batch_max=max(spec.batch_sizes),
+        file=filename,
+        sha256=file_sha256(out / filename),
+        fingerprint=fingerprint,
+        compile_seconds=round(seconds, 2),
+        max_diff=float(f"{worst:.3g}"),
+        source_id=source_id,
+        recipes=recipes,
+    )

@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     from compiler.parts import ALL_PARTS
     from swiftd.loading import DTYPES
 
-    parser = argparse.ArgumentParser(prog="python -m compiler", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m compiler", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def model_arguments(p):
@@ -74,26 +75,48 @@ def build_parser() -> argparse.ArgumentParser:
     model_arguments(build)
     build.add_argument("--backend", choices=BACKENDS, default="inductor")
     build.add_argument("--resolution", type=int, nargs="+", required=True, help="image sides in pixels (square)")
-    build.add_argument("--batch", type=int, nargs="+", default=[1, 2], help="batch sizes to serve: 1 without CFG, 2 with")
-    build.add_argument("--parts", nargs="+", choices=ALL_PARTS, default=None,
-                       help="parts to compile (default: the UNet halves and the VAE decoder, plus the ControlNet "
-                            "when --controlnet-id is given)")  # fmt: skip
+    build.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 2], help="batch sizes to serve: 1 without CFG, 2 with"
+    )
+    build.add_argument(
+        "--parts",
+        nargs="+",
+        choices=ALL_PARTS,
+        default=None,
+        help="parts to compile (default: the UNet halves and the VAE decoder, plus the ControlNet "
+        "when --controlnet-id is given)",
+    )
     build.add_argument("--controlnet-id", nargs="*", default=[], help="ControlNets whose architectures to compile")
     build.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     build.add_argument("--force", action="store_true", help="replace the artifacts already in --out")
-    build.add_argument("--option", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
-                       help="backend option: an Inductor config (default on CPU: freezing=true; freezing=false "
-                            "reads weights in place instead of re-packing patched ones) or a torch-tensorrt "
-                            "compile setting")  # fmt: skip
-    build.add_argument("--tolerance", type=float, default=None,
-                       help="max |compiled - eager| / max(1, max|eager|) accepted (default by dtype: fp32 1e-4, fp16 2e-2)")  # fmt: skip
+    build.add_argument(
+        "--option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend option: an Inductor config (default on CPU: freezing=true; freezing=false "
+        "reads weights in place instead of re-packing patched ones) or a torch-tensorrt "
+        "compile setting",
+    )
+    build.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max |compiled - eager| / max(1, max|eager|) accepted (default by dtype: fp32 1e-4, fp16 2e-2)",
+    )
 
     verify = sub.add_parser("verify", help="check artifacts against a model and this environment")
     model_arguments(verify)
     verify.add_argument("--artifacts", type=Path, required=True)
-    verify.add_argument("--publish", type=Path, default=None, metavar="DIR",
-                        help="once verified, rename --artifacts to DIR (same filesystem: atomic), where workers "
-                             "load it from; DIR must not exist: a published directory is never replaced")  # fmt: skip
+    verify.add_argument(
+        "--publish",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="once verified, rename --artifacts to DIR (same filesystem: atomic), where workers "
+        "load it from; DIR must not exist: a published directory is never replaced",
+    )
 
     inspect = sub.add_parser("inspect", help="print an artifact directory's manifest")
     inspect.add_argument("artifacts", type=Path)
@@ -141,7 +164,9 @@ def cmd_build(args) -> int:
     from compiler import parts as P
     from compiler.build import build
 
-    parts = args.parts or [P.UNET_ENCODER, P.UNET_DECODER, P.VAE_DECODER] + ([P.CONTROLNET] if args.controlnet_id else [])
+    parts = args.parts or [P.UNET_ENCODER, P.UNET_DECODER, P.VAE_DECODER] + (
+        [P.CONTROLNET] if args.controlnet_id else []
+    )
     if args.backend == "tensorrt":  # fail fast, before loading models
         from compiler import tensorrt
         from compiler.artifacts import BackendUnavailable
@@ -152,10 +177,20 @@ def cmd_build(args) -> int:
     pipe = _load_pipe(args)
     controlnets = _load_controlnets(args, args.controlnet_id) if P.CONTROLNET in parts else {}
     manifest = build(
-        pipe, args.out, model_id=args.model_id, backend=args.backend, resolutions=args.resolution,
-        batch_sizes=args.batch, parts=parts, controlnets=controlnets, device=args.device,
-        options=_options(args), tolerance=args.tolerance, force=args.force, progress=_say,
-    )  # fmt: skip
+        pipe,
+        args.out,
+        model_id=args.model_id,
+        backend=args.backend,
+        resolutions=args.resolution,
+        batch_sizes=args.batch,
+        parts=parts,
+        controlnets=controlnets,
+        device=args.device,
+        options=_options(args),
+        tolerance=args.tolerance,
+        force=args.force,
+        progress=_say,
+    )
     _say(f"[compiler] wrote {args.out}/manifest.json: {len(manifest.parts)} parts, backend {manifest.backend}")
     return EXIT_OK
 
@@ -185,8 +220,10 @@ def cmd_verify(args) -> int:
                 inputs = P.example_inputs(entry.name, pipe, entry.resolution, batch, controlnet, seed=100 + batch)
                 diff, scale = max_abs_diff(compiled(*inputs), module(*inputs))
                 ok = diff <= manifest.tolerance * scale
-                _say(f"[compiler] {entry.file} batch {batch}: max |compiled - eager| {diff:.3g} "
-                     f"(tolerance {manifest.tolerance:g} x {scale:.3g}) {'ok' if ok else 'FAILED'}")  # fmt: skip
+                _say(
+                    f"[compiler] {entry.file} batch {batch}: max |compiled - eager| {diff:.3g} "
+                    f"(tolerance {manifest.tolerance:g} x {scale:.3g}) {'ok' if ok else 'FAILED'}"
+                )
                 if not ok:
                     failures.append(f"{entry.file} at batch {batch}")
     if failures:
@@ -204,7 +241,9 @@ def _publish(artifacts: Path, target: Path) -> None:
     from compiler.artifacts import UsageError
 
     if target.exists():
-        raise UsageError(f"{target} exists: a published artifact directory is never replaced (publish under a new name)")
+        raise UsageError(
+            f"{target} exists: a published artifact directory is never replaced (publish under a new name)"
+        )
     try:
         os.rename(artifacts, target)
     except OSError as exc:

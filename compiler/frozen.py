@@ -85,8 +85,11 @@ def _describe(gm, node, leaves: dict) -> dict:
             return {"list": [arg(x) for x in a]}
         return {"value": _plain(a)}
 
-    return {"op": _op_name(node.target), "args": [arg(a) for a in node.args],
-            "kwargs": {k: arg(v) for k, v in node.kwargs.items()}}  # fmt: skip
+    return {
+        "op": _op_name(node.target),
+        "args": [arg(a) for a in node.args],
+        "kwargs": {k: arg(v) for k, v in node.kwargs.items()},
+    }
 
 
 @contextlib.contextmanager
@@ -140,8 +143,11 @@ def resolve_leaves(records: dict, leaf_values: dict, module: torch.nn.Module) ->
             return rename(records[name])
         if value is not None and value.numel() <= 4096 and not value.is_mkldnn:
             # A small constant of the graph itself (a scalar Inductor made a tensor): no weight.
-            return {"tensor": value.detach().cpu().tolist(), "dtype": str(value.dtype).removeprefix("torch."),
-                    "shape": list(value.shape)}  # fmt: skip
+            return {
+                "tensor": value.detach().cpu().tolist(),
+                "dtype": str(value.dtype).removeprefix("torch."),
+                "shape": list(value.shape),
+            }
         raise ValueError(f"frozen constant {name!r} comes from no parameter of the module")
 
     def rename(recipe):
@@ -151,8 +157,11 @@ def resolve_leaves(records: dict, leaf_values: dict, module: torch.nn.Module) ->
             return {"list": [rename(r) for r in recipe["list"]]}
         if "value" in recipe or "tensor" in recipe:
             return recipe
-        return {"op": recipe["op"], "args": [rename(a) for a in recipe["args"]],
-                "kwargs": {k: rename(v) for k, v in recipe["kwargs"].items()}}  # fmt: skip
+        return {
+            "op": recipe["op"],
+            "args": [rename(a) for a in recipe["args"]],
+            "kwargs": {k: rename(v) for k, v in recipe["kwargs"].items()},
+        }
 
     return {name: rename(recipe) for name, recipe in records.items()}
 
@@ -205,7 +214,10 @@ def evaluate(recipe, tensors: dict[str, torch.Tensor]):
     if "tensor" in recipe:
         return torch.tensor(recipe["tensor"], dtype=getattr(torch, recipe["dtype"])).reshape(recipe["shape"])
     op = _resolve_op(recipe["op"])
-    return op(*[evaluate(a, tensors) for a in recipe["args"]], **{k: evaluate(v, tensors) for k, v in recipe["kwargs"].items()})
+    return op(
+        *[evaluate(a, tensors) for a in recipe["args"]],
+        **{k: evaluate(v, tensors) for k, v in recipe["kwargs"].items()},
+    )
 
 
 class FrozenBinding:

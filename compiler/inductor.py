@@ -44,8 +44,9 @@ def default_options(device: str) -> dict:
     return {"freezing": True} if torch.device(device).type == "cpu" else {}
 
 
-def build_package(program: ExportedProgram, path: Path, options: dict | None = None,
-                  module: torch.nn.Module | None = None) -> tuple[float, dict | None]:  # fmt: skip
+def build_package(
+    program: ExportedProgram, path: Path, options: dict | None = None, module: torch.nn.Module | None = None
+) -> tuple[float, dict | None]:
     """Compile `program` into an AOTInductor package at `path`.
 
     Returns (seconds, recipes): with the option `freezing`, the recipes that recompute every
@@ -66,8 +67,10 @@ def _build_package(program, path, configs, frozen, module):
         baked = [n for n in load_package(path, device).get_constant_fqns() if n not in module_tensors(module)]
         if baked:
             # E.g. max_autotune's CPU GEMM templates pack weights into constants of their own.
-            raise UsageError(f"{Path(path).name}: options {sorted(configs)} made Inductor bake {len(baked)} weights into "
-                             f"constants ({baked[0]!r}, ...) that a LoRA patch would not reach; drop the option")  # fmt: skip
+            raise UsageError(
+                f"{Path(path).name}: options {sorted(configs)} made Inductor bake {len(baked)} weights into "
+                f"constants ({baked[0]!r}, ...) that a LoRA patch would not reach; drop the option"
+            )
         return seconds, None
     from compiler import frozen as F
 
@@ -132,14 +135,22 @@ class PackagePart:
     a package without them (WEIGHT_BINDINGS; default from SWIFTD_AOTI_WEIGHTS, else live).
     """
 
-    def __init__(self, path: Path, module: torch.nn.Module, device: str = "cpu", recipes: dict | None = None,
-                 weights: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        path: Path,
+        module: torch.nn.Module,
+        device: str = "cpu",
+        recipes: dict | None = None,
+        weights: str | None = None,
+    ):
         import os
 
         self.name = Path(path).name
         self.weights = weights or os.environ.get("SWIFTD_AOTI_WEIGHTS", "live")
         if self.weights not in WEIGHT_BINDINGS:
-            raise UsageError(f"weight binding {self.weights!r}: one of {', '.join(WEIGHT_BINDINGS)} (SWIFTD_AOTI_WEIGHTS)")
+            raise UsageError(
+                f"weight binding {self.weights!r}: one of {', '.join(WEIGHT_BINDINGS)} (SWIFTD_AOTI_WEIGHTS)"
+            )
         self.runner = load_package(path, device)
         self.recipes = recipes
         self.frozen = None
@@ -164,10 +175,14 @@ class PackagePart:
     def _bind(self) -> None:
         for name, t in self._live.items():
             if t.dtype != self._dtypes[name] or tuple(t.shape) != self._shapes[name]:
-                raise ArtifactMismatch(f"{self.name}: weight {name!r} changed dtype or shape since the artifact was bound")
+                raise ArtifactMismatch(
+                    f"{self.name}: weight {name!r} changed dtype or shape since the artifact was bound"
+                )
             if not t.is_contiguous():
                 # The compiled code indexes weights with the strides it was built for.
-                raise ArtifactMismatch(f"{self.name}: weight {name!r} is not contiguous; artifacts expect contiguous weights")
+                raise ArtifactMismatch(
+                    f"{self.name}: weight {name!r} is not contiguous; artifacts expect contiguous weights"
+                )
         self._pointers = [t.data_ptr() for t in self._live.values()]
         if self.recipes is not None:
             from compiler.frozen import FrozenBinding
@@ -176,8 +191,9 @@ class PackagePart:
             return
         if self.weights == "copy":
             self._versions = {name: t._version for name, t in self._live.items()}
-            self.runner.load_constants({n: t.detach() for n, t in self._live.items()}, check_full_update=True,
-                                       user_managed=False)  # fmt: skip
+            self.runner.load_constants(
+                {n: t.detach() for n, t in self._live.items()}, check_full_update=True, user_managed=False
+            )
             return
         # User-managed constants are raw pointers into these storages: the detached views keep
         # them alive even if the module's parameters get new storage (`.to()`), and share them

@@ -66,8 +66,15 @@ class UNetDecoderGraph(nn.Module):
         super().__init__()
         self.decoder_half = SplitUNet(unet).decoder_half
 
-    def forward(self, sample, emb, encoder_hidden_states, down_block_res_samples, down_block_additional_residuals,
-                mid_block_additional_residual):  # fmt: skip
+    def forward(
+        self,
+        sample,
+        emb,
+        encoder_hidden_states,
+        down_block_res_samples,
+        down_block_additional_residuals,
+        mid_block_additional_residual,
+    ):
         encoded = EncoderHalfOutput(sample, emb, encoder_hidden_states, tuple(down_block_res_samples))
         return self.decoder_half(encoded, tuple(down_block_additional_residuals), mid_block_additional_residual)
 
@@ -84,7 +91,9 @@ class ControlNetGraph(nn.Module):
 
     def forward(self, sample, timestep, encoder_hidden_states, cond_embedding, text_embeds=None, time_ids=None):
         # Scale 1.0 and no guess mode: the step's own scaling multiplies by 1.0 (exact).
-        residuals = self.stepper.step(sample, timestep, encoder_hidden_states, cond_embedding, 1.0, False, text_embeds, time_ids)
+        residuals = self.stepper.step(
+            sample, timestep, encoder_hidden_states, cond_embedding, 1.0, False, text_embeds, time_ids
+        )
         return (*residuals.down_block_res_samples, residuals.mid_block_res_sample)
 
 
@@ -137,8 +146,9 @@ def text_conditioning_shapes(pipe) -> tuple[int, int, int | None]:
 
 
 @torch.no_grad()
-def example_inputs(part: str, pipe, resolution: int, batch: int, controlnet: ControlNetModel | None = None,
-                   seed: int = 0) -> tuple:  # fmt: skip
+def example_inputs(
+    part: str, pipe, resolution: int, batch: int, controlnet: ControlNetModel | None = None, seed: int = 0
+) -> tuple:
     """Deterministic inputs of the right shapes and dtypes for `part` (for export and verification).
 
     The decoder's inputs come from running the eager encoder half, so they have realistic values.
@@ -157,7 +167,9 @@ def example_inputs(part: str, pipe, resolution: int, batch: int, controlnet: Con
     hidden = randn(batch, seq, width)
     added = ()
     if pooled is not None:
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype, device=device)
+        time_ids = torch.tensor(
+            [[resolution, resolution, 0, 0, resolution, resolution]] * batch, dtype=dtype, device=device
+        )
         added = (randn(batch, pooled), time_ids)
     if part == UNET_ENCODER:
         return (sample, timestep, hidden, *added)

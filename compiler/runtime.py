@@ -54,10 +54,13 @@ def compile_activity() -> dict[str, int]:
     return {
         "dynamo_frames": int(counters["stats"]["unique_graphs"]),
         "dynamo_recompiles": int(sum(counters["recompiles"].values())),
-        "inductor": int(counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
-                        + counters["inductor"]["fxgraph_cache_bypass"]),
+        "inductor": int(
+            counters["inductor"]["fxgraph_cache_miss"]
+            + counters["inductor"]["fxgraph_cache_hit"]
+            + counters["inductor"]["fxgraph_cache_bypass"]
+        ),
         "aot_autograd": int(counters["aot_autograd"]["total"]),
-    }  # fmt: skip
+    }
 
 
 def _load_part(directory: Path, entry: PartEntry, module: torch.nn.Module, backend: str, device: str):
@@ -93,7 +96,9 @@ class _Dispatch:
         key = (latent_hw, batch, dtype)
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("no compiled %s for batch %d, latent %s, %s: running it eagerly", self.name, batch, latent_hw, dtype)
+            log.warning(
+                "no compiled %s for batch %d, latent %s, %s: running it eagerly", self.name, batch, latent_hw, dtype
+            )
         return None
 
 
@@ -132,13 +137,21 @@ class CompiledDecoderHalf:
     def _zero_residuals(self, encoded: EncoderHalfOutput):
         key = tuple((tuple(r.shape), r.dtype) for r in encoded.down_block_res_samples) + (tuple(encoded.sample.shape),)
         if key not in self._zeros:
-            self._zeros = {key: (tuple(torch.zeros_like(r) for r in encoded.down_block_res_samples),
-                                 torch.zeros_like(encoded.sample))}  # fmt: skip
+            self._zeros = {
+                key: (
+                    tuple(torch.zeros_like(r) for r in encoded.down_block_res_samples),
+                    torch.zeros_like(encoded.sample),
+                )
+            }
         return self._zeros[key]
 
-    def __call__(self, encoded: EncoderHalfOutput, down_block_additional_residuals=None, mid_block_additional_residual=None):
+    def __call__(
+        self, encoded: EncoderHalfOutput, down_block_additional_residuals=None, mid_block_additional_residual=None
+    ):
         sample = encoded.sample
-        compiled = self.dispatch.find(tuple(encoded.down_block_res_samples[0].shape[-2:]), sample.shape[0], sample.dtype)
+        compiled = self.dispatch.find(
+            tuple(encoded.down_block_res_samples[0].shape[-2:]), sample.shape[0], sample.dtype
+        )
         if compiled is None:
             return self.eager(encoded, down_block_additional_residuals, mid_block_additional_residual)
         if down_block_additional_residuals is None and mid_block_additional_residual is None:
@@ -148,8 +161,12 @@ class CompiledDecoderHalf:
             down = tuple(down_block_additional_residuals) if down_block_additional_residuals is not None else zeros_down
             mid = mid_block_additional_residual if mid_block_additional_residual is not None else zeros_mid
             if len(down) != len(encoded.down_block_res_samples):
-                raise ValueError(f"expected {len(encoded.down_block_res_samples)} down-block residuals, got {len(down)}")
-        return compiled(sample, encoded.emb, encoded.encoder_hidden_states, tuple(encoded.down_block_res_samples), down, mid)
+                raise ValueError(
+                    f"expected {len(encoded.down_block_res_samples)} down-block residuals, got {len(down)}"
+                )
+        return compiled(
+            sample, encoded.emb, encoded.encoder_hidden_states, tuple(encoded.down_block_res_samples), down, mid
+        )
 
 
 class CompiledSplitUNet:
@@ -165,8 +182,16 @@ class CompiledSplitUNet:
     def config(self):
         return self.unet.config
 
-    def __call__(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
-                 down_block_additional_residuals=None, mid_block_additional_residual=None):  # fmt: skip
+    def __call__(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        text_embeds=None,
+        time_ids=None,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+    ):
         encoded = self.encoder_half(sample, timestep, encoder_hidden_states, text_embeds, time_ids)
         return self.decoder_half(encoded, down_block_additional_residuals, mid_block_additional_residual)
 
@@ -185,16 +210,33 @@ class CompiledControlNetStepper(ControlNetStepper):
         self.dispatch = dispatch
 
     @torch.no_grad()
-    def step(self, sample, timestep, encoder_hidden_states, cond_embedding, conditioning_scale, guess_mode=False,
-             text_embeds=None, time_ids=None) -> ControlNetResiduals:  # fmt: skip
+    def step(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        cond_embedding,
+        conditioning_scale,
+        guess_mode=False,
+        text_embeds=None,
+        time_ids=None,
+    ) -> ControlNetResiduals:
         cn = self.controlnet
         compiled = None
         if not cn.config.global_pool_conditions:
             compiled = self.dispatch.find(tuple(sample.shape[-2:]), sample.shape[0], sample.dtype)
         t = _as_float_timestep(timestep, sample.device) if compiled is not None else None
         if t is None:
-            return super().step(sample, timestep, encoder_hidden_states, cond_embedding, conditioning_scale,
-                                guess_mode, text_embeds, time_ids)  # fmt: skip
+            return super().step(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                cond_embedding,
+                conditioning_scale,
+                guess_mode,
+                text_embeds,
+                time_ids,
+            )
         added = () if text_embeds is None else (text_embeds, time_ids)
         out = compiled(sample, t, encoder_hidden_states, cond_embedding, *added)
         down, mid = weight_residuals(list(out[:-1]), out[-1], conditioning_scale, guess_mode)
@@ -245,7 +287,9 @@ class CompiledControlNets:
         dispatch = _Dispatch(P.CONTROLNET, self.manifest.vae_scale_factor, controlnet.dtype)
         module = P.graph_module(P.CONTROLNET, None, controlnet)
         for entry in entries:
-            dispatch.parts.append((entry, _load_part(self.directory, entry, module, self.manifest.backend, self.device)))
+            dispatch.parts.append(
+                (entry, _load_part(self.directory, entry, module, self.manifest.backend, self.device))
+            )
         stepper = CompiledControlNetStepper(controlnet, dispatch)
         self.steppers.add(stepper)
         return stepper
@@ -283,8 +327,9 @@ class CompiledBackbone:
         """Load every UNet and VAE part of `directory` for `pipe`; ControlNets load on first use."""
         t0 = time.perf_counter()
         manifest = read_manifest(directory)
-        check_compatible(manifest, model_fingerprint=pipeline_fingerprint(pipe), dtype=dtype_name(pipe.unet.dtype),
-                         device=device)  # fmt: skip
+        check_compatible(
+            manifest, model_fingerprint=pipeline_fingerprint(pipe), dtype=dtype_name(pipe.unet.dtype), device=device
+        )
         check_files(directory, manifest)
         backbone = cls(directory, manifest, pipe, device)
         modules = {
@@ -301,8 +346,10 @@ class CompiledBackbone:
 
     def describe(self) -> str:
         names = sorted({f"{e.name}@{e.resolution}" for e in self.manifest.parts})
-        return (f"{self.manifest.backend} artifacts from {self.directory} ({', '.join(names)}; "
-                f"batch {self.manifest.batch_sizes}) loaded in {self.load_seconds:.2f} s")  # fmt: skip
+        return (
+            f"{self.manifest.backend} artifacts from {self.directory} ({', '.join(names)}; "
+            f"batch {self.manifest.batch_sizes}) loaded in {self.load_seconds:.2f} s"
+        )
 
     def split_unet(self) -> CompiledSplitUNet:
         return CompiledSplitUNet(SplitUNet(self.pipe.unet), self.encoder, self.decoder)
@@ -328,7 +375,12 @@ class CompiledBackbone:
         puts the cost where the patch is (the `lora_unet_patch` stage) instead of in the next step.
         """
         dispatches = [self.encoder, self.decoder, self.vae, *self.controlnets.dispatches()]
-        return sum(part.frozen.refresh() for d in dispatches for _, part in d.parts if getattr(part, "frozen", None) is not None)
+        return sum(
+            part.frozen.refresh()
+            for d in dispatches
+            for _, part in d.parts
+            if getattr(part, "frozen", None) is not None
+        )
 
     def controlnet_stepper(self, controlnet) -> ControlNetStepper:
         """A stepper for an in-process `controlnet`: compiled when an artifact of its architecture exists."""

@@ -83,13 +83,20 @@ def trt_inputs(inputs: tuple, batch_min: int, batch_max: int):
         if x.dim() == 0 or batch_min == batch_max:
             return trt.Input(shape=list(x.shape), dtype=x.dtype)
         rest = list(x.shape[1:])
-        return trt.Input(min_shape=[batch_min, *rest], opt_shape=[batch_max, *rest], max_shape=[batch_max, *rest], dtype=x.dtype)
+        return trt.Input(
+            min_shape=[batch_min, *rest], opt_shape=[batch_max, *rest], max_shape=[batch_max, *rest], dtype=x.dtype
+        )
 
     return tuple(spec(x) for x in inputs)
 
 
-def build_engine(program: ExportedProgram, inputs: tuple, path: Path, options: dict | None = None,
-                 batch_range: tuple[int, int] | None = None) -> float:  # fmt: skip
+def build_engine(
+    program: ExportedProgram,
+    inputs: tuple,
+    path: Path,
+    options: dict | None = None,
+    batch_range: tuple[int, int] | None = None,
+) -> float:
     """Compile `program` into a refittable TensorRT module saved at `path`; returns the seconds."""
     trt = _import()
     batch_min, batch_max = batch_range or (inputs[0].shape[0], inputs[0].shape[0])
@@ -131,8 +138,11 @@ class EnginePart:
             # parameters, so later refits see every in-place change without exporting again.
             self._program = torch.export.export(self.module, inputs)
         self.engine = self._trt.dynamo.refit_module_weights(
-            compiled_module=self.engine, new_weight_module=self._program, arg_inputs=inputs, in_place=True,
-        )  # fmt: skip
+            compiled_module=self.engine,
+            new_weight_module=self._program,
+            arg_inputs=inputs,
+            in_place=True,
+        )
         self._versions = self._weight_versions()
         self.refits += 1
         return time.perf_counter() - t0

@@ -38,13 +38,15 @@ def parse_controlnet(text: str) -> ControlNet:
     try:
         if not sep or not image:
             raise ValueError
-        values = [float(v) for v in numbers] + [1.0, 0.0, 1.0][len(numbers):]
+        values = [float(v) for v in numbers] + [1.0, 0.0, 1.0][len(numbers) :]
         data = Path(image).read_bytes()
     except ValueError:
         raise argparse.ArgumentTypeError(f"--controlnet {text!r}: expected ID=IMAGE[:SCALE[:START[:END]]]") from None
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"--controlnet {text!r}: cannot read {image}: {exc.strerror}") from None
-    return ControlNet(controlnet_id, data, conditioning_scale=values[0], guidance_start=values[1], guidance_end=values[2])
+    return ControlNet(
+        controlnet_id, data, conditioning_scale=values[0], guidance_start=values[1], guidance_end=values[2]
+    )
 
 
 def _progress(step: int, total: int, elapsed: float) -> None:
@@ -113,7 +115,9 @@ def list_items(args) -> int:
                     print(f"{lora.lora_id}\t{lora.family}\trank {lora.rank}\t{lora.format}\t{lora.size_bytes} bytes")
             else:
                 for cn in client.list_controlnets():
-                    print(f"{cn.controlnet_id}\t{cn.family}\t{'loaded on ' + ','.join(cn.workers) if cn.loaded else 'not loaded'}")
+                    print(
+                        f"{cn.controlnet_id}\t{cn.family}\t{'loaded on ' + ','.join(cn.workers) if cn.loaded else 'not loaded'}"
+                    )
         except grpc.RpcError as exc:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -121,7 +125,9 @@ def list_items(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swiftd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="swiftd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one image through the gateway")
     g.add_argument("--address", default=DEFAULT_ADDRESS, help="gateway host:port")
@@ -135,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="default: the server picks one and reports it")
     g.add_argument("--scheduler", choices=scheduler_names(), default="euler")
     g.add_argument("--lora", type=parse_lora, action="append", default=[], metavar="ID[:SCALE]")
-    g.add_argument("--controlnet", type=parse_controlnet, action="append", default=[], metavar="ID=IMAGE[:SCALE[:START[:END]]]")
+    g.add_argument(
+        "--controlnet", type=parse_controlnet, action="append", default=[], metavar="ID=IMAGE[:SCALE[:START[:END]]]"
+    )
     g.add_argument("--lora-bound-steps", type=int, default=None, metavar="K", help="BAL bound (default: the server's)")
     g.add_argument("--controlnet-wire-dtype", choices=sorted(WIRE_DTYPES), default="")
     g.add_argument("--request-id", default="")

@@ -35,6 +35,7 @@ from swiftd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 __all__ = ["Client", "ControlNet", "Lora", "Request", "Result", "as_request", "format_timings"]
 
+
 @dataclass
 class Result:
     image_png: bytes
@@ -46,7 +47,7 @@ class Result:
     lora_applied_at_step: int = -1
 
     @classmethod
-    def from_pb(cls, response: gateway_pb2.GenerateResponse) -> "Result":
+    def from_pb(cls, response: gateway_pb2.GenerateResponse) -> Result:
         return cls(
             image_png=response.image_png,
             seed=response.seed,
@@ -80,7 +81,7 @@ class Client:
         self._channel = rpc.create_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -90,9 +90,7 @@ def tensor_nbytes(msg: common_pb2.Tensor) -> int:
     return _checked_numel(msg) * dtype.itemsize
 
 
-def tensor_to_proto(
-    t: torch.Tensor, wire_dtype: torch.dtype | int | None = None
-) -> common_pb2.Tensor:
+def tensor_to_proto(t: torch.Tensor, wire_dtype: torch.dtype | int | None = None) -> common_pb2.Tensor:
     """Encode a tensor as a ``swiftd.v1.Tensor``.
 
     ``wire_dtype``: dtype of the bytes on the wire (a torch dtype or a ``swiftd.v1.DType`` value);

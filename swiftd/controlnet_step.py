@@ -35,7 +35,6 @@ class ControlNetSession:
     conditioning_scale: float
     guess_mode: bool
 
-
     def to_pb(self, wire_dtype: int = 0, request_id: str = "") -> controlnet_pb2.SessionStart:
         """`wire_dtype`: DType of the residuals in responses (DTYPE_UNSPECIFIED: the sample's)."""
 

@@ -38,7 +38,7 @@ class ServiceProcess:
     bound: threading.Event = field(default_factory=threading.Event)
     deadline: float = 0.0
 
-    def wait_ready(self) -> "ServiceProcess":
+    def wait_ready(self) -> ServiceProcess:
         """Block until the service listens and reports SERVING."""
         self.bound.wait(max(0.0, self.deadline - time.monotonic()))
         if not self.address:
@@ -72,10 +72,16 @@ atexit.register(_stop_all)
 
 
 def start_service(
-    name: str, module: str, args: list[str], cpu_cores: list[int] | None = None,
-    num_threads: int | None = None, timeout: float = 300.0, env: dict | None = None, wait: bool = True,
+    name: str,
+    module: str,
+    args: list[str],
+    cpu_cores: list[int] | None = None,
+    num_threads: int | None = None,
+    timeout: float = 300.0,
+    env: dict | None = None,
+    wait: bool = True,
     address: str = "127.0.0.1:0",
-) -> ServiceProcess:  # fmt: skip
+) -> ServiceProcess:
     """Start `python -m module args...`; with `wait`, block until it is SERVING.
 
     Call from the main thread: a child is tied to the thread that spawned it (PDEATHSIG).
@@ -91,9 +97,14 @@ def start_service(
     # wait for the GIL the forking thread holds: a full test run hung there now and then.
     proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid()), **(env or {})}
     process = subprocess.Popen(
-        cmd, cwd=REPO, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=REPO,
+        env=proc_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,  # Ctrl-C reaches the launcher only; it stops children in order
-    )  # fmt: skip
+    )
     service = ServiceProcess(name, process, deadline=time.monotonic() + timeout)
     _running.append(service)
 
@@ -126,7 +137,9 @@ def wait_serving(address: str, timeout: float) -> None:
             time.sleep(0.1)
 
 
-def start_unet(model_root: Path, model_id: str, lora_store: str = "", extra_args: list[str] = (), **kwargs) -> ServiceProcess:
+def start_unet(
+    model_root: Path, model_id: str, lora_store: str = "", extra_args: list[str] = (), **kwargs
+) -> ServiceProcess:
     args = ["--model-root", str(model_root), "--model-id", model_id, *extra_args]
     if lora_store:
         args += ["--lora-store", lora_store]
@@ -140,8 +153,9 @@ def start_controlnet(model_root: Path, preload: list[str] = (), extra_args: list
     return start_service("controlnet", "services.controlnet", args, **kwargs)
 
 
-def start_gateway(unet: list[str], controlnet: list[str] = (), lora_store: str = "", extra_args: list[str] = (),
-                  **kwargs) -> ServiceProcess:  # fmt: skip
+def start_gateway(
+    unet: list[str], controlnet: list[str] = (), lora_store: str = "", extra_args: list[str] = (), **kwargs
+) -> ServiceProcess:
     """The gateway in front of the given workers (no torch in it: give it no num_threads)."""
     args = ["--unet", *unet, *extra_args]
     if controlnet:
@@ -151,7 +165,9 @@ def start_gateway(unet: list[str], controlnet: list[str] = (), lora_store: str =
     return start_service("gateway", "services.gateway", args, **kwargs)
 
 
-def start_lora_store(model_root: Path, cache_dir: Path, base_models: list[str] = (), prefetch: list[str] = (), **kwargs) -> ServiceProcess:
+def start_lora_store(
+    model_root: Path, cache_dir: Path, base_models: list[str] = (), prefetch: list[str] = (), **kwargs
+) -> ServiceProcess:
     args = ["--model-root", str(model_root), "--cache-dir", str(cache_dir)]
     if base_models:
         args += ["--base-model", *base_models]
@@ -182,13 +198,24 @@ def start_suite(args, gateway_address: str = "127.0.0.1:0") -> dict[str, Service
     # Started side by side (most of a start is importing torch and diffusers), then awaited.
     side_core = [1 % os.cpu_count()]
     # The store prepares the LoRA before serving (as a deployment prefetches its popular LoRAs).
-    store = start_lora_store(args.zoo, args.zoo / ".lora-cache", base_models=[args.model_id], prefetch=[args.lora_id],
-                             cpu_cores=side_core, num_threads=1, wait=False)  # fmt: skip
-    controlnet = start_controlnet(args.zoo, preload=[args.controlnet_id], cpu_cores=side_core, num_threads=1, wait=False)
+    store = start_lora_store(
+        args.zoo,
+        args.zoo / ".lora-cache",
+        base_models=[args.model_id],
+        prefetch=[args.lora_id],
+        cpu_cores=side_core,
+        num_threads=1,
+        wait=False,
+    )
+    controlnet = start_controlnet(
+        args.zoo, preload=[args.controlnet_id], cpu_cores=side_core, num_threads=1, wait=False
+    )
     unet = start_unet(args.zoo, args.model_id, cpu_cores=[0], num_threads=1, wait=False)
     for service in (store, controlnet, unet):
         service.wait_ready()
-    gateway = start_gateway([unet.address], [controlnet.address], store.address, cpu_cores=side_core, address=gateway_address)
+    gateway = start_gateway(
+        [unet.address], [controlnet.address], store.address, cpu_cores=side_core, address=gateway_address
+    )
     suite = {"lora_store": store, "controlnet": controlnet, "unet": unet, "gateway": gateway}
     for name, service in suite.items():
         print(f"  {name:<11} {service.address}")
@@ -208,11 +235,32 @@ def demo(args) -> int:
         edges = args.out / "edges.png"
         edges.write_bytes(edge_image(args.size))
         command = [
-            "generate", "--address", gateway.address, "--model", args.model_id, "--prompt",
-            "a photo of an astronaut riding a horse", "--negative-prompt", "blurry", "--width", str(args.size),
-            "--height", str(args.size), "--steps", str(args.steps), "--seed", "42", "--lora", f"{args.lora_id}:0.8",
-            "--controlnet", f"{args.controlnet_id}={edges}:1.0", "--request-id", "make-run", "-o", str(args.out / "demo.png"),
-        ]  # fmt: skip
+            "generate",
+            "--address",
+            gateway.address,
+            "--model",
+            args.model_id,
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--negative-prompt",
+            "blurry",
+            "--width",
+            str(args.size),
+            "--height",
+            str(args.size),
+            "--steps",
+            str(args.steps),
+            "--seed",
+            "42",
+            "--lora",
+            f"{args.lora_id}:0.8",
+            "--controlnet",
+            f"{args.controlnet_id}={edges}:1.0",
+            "--request-id",
+            "make-run",
+            "-o",
+            str(args.out / "demo.png"),
+        ]
         shown = [f"'{c}'" if " " in c else c for c in command]
         print("\nthe request, through the gateway with the swiftd CLI:\n  swiftd " + " ".join(shown) + "\n", flush=True)
         return cli.main(command)
@@ -225,8 +273,11 @@ def up(args) -> int:
     _stop_on_signals()
     try:
         gateway = start_suite(args, gateway_address=args.gateway_address)["gateway"]
-        print(f"\ngateway on {gateway.address}; try:\n  swiftd generate --address {gateway.address} --prompt 'a cat' "
-              f"--lora {args.lora_id}:0.8 -o out.png\nCtrl-C stops the suite.", flush=True)  # fmt: skip
+        print(
+            f"\ngateway on {gateway.address}; try:\n  swiftd generate --address {gateway.address} --prompt 'a cat' "
+            f"--lora {args.lora_id}:0.8 -o out.png\nCtrl-C stops the suite.",
+            flush=True,
+        )
         while all(s.process.poll() is None for s in _running):
             time.sleep(0.5)
         print("a service exited; stopping the others", flush=True)

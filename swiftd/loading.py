@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -38,6 +37,8 @@ DTYPES = {name: getattr(torch, name) for name in WIRE_DTYPES}
 
 _PIPELINE_CLASSES = {FAMILY_SD15: StableDiffusionPipeline, FAMILY_SDXL: StableDiffusionXLPipeline}
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
 def resolve(root: Path, section: str, item_id: str, field: str) -> Path:
     """The folder or single file for `item_id` under `root/section`, or NotFound."""
     check_id(field, item_id)

@@ -196,9 +196,7 @@ def prepare_deltas(deltas: LoraDeltas, scale: float, dtype: torch.dtype) -> Lora
     return ready
 
 
-def deltas_to_chunks(
-    lora_id: str, scale: float, deltas: LoraDeltas, request_id: str = "", chunk_bytes: int = 16 << 20
-):
+def deltas_to_chunks(lora_id: str, scale: float, deltas: LoraDeltas, request_id: str = "", chunk_bytes: int = 16 << 20):
     """LoraDeltaChunk messages of at most ~chunk_bytes tensor data each: text encoders first, then
     the UNet, each in forward order (what the worker needs first comes first). The order is the
     wire contract of protos/swiftd/v1/lora_store.proto: the first UNet delta tells the worker the
@@ -207,7 +205,9 @@ def deltas_to_chunks(
     from swiftd.v1 import lora_store_pb2
 
     def message(batch, last):
-        return lora_store_pb2.LoraDeltaChunk(request_id=request_id, lora_id=lora_id, scale=scale, deltas=batch, last=last)
+        return lora_store_pb2.LoraDeltaChunk(
+            request_id=request_id, lora_id=lora_id, scale=scale, deltas=batch, last=last
+        )
 
     batch, size = [], 0
     first_unet_sent = False

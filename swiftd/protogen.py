@@ -28,9 +28,9 @@ def expected_outputs(proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 
 def _protoc(args: list[str]) -> None:
-    from grpc_tools import protoc  # imported lazily: only generation needs grpcio-tools
-
     import importlib.resources
+
+    from grpc_tools import protoc  # imported lazily: only generation needs grpcio-tools
 
     well_known = str(importlib.resources.files("grpc_tools") / "_proto")
     rc = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", *args])
@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO_ROOT), help="output root (default: the repository)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    stale = {p.relative_to(out) for p in (out / PACKAGE_DIR).glob("*_pb2*.py*")} if (out / PACKAGE_DIR).is_dir() else set()
+    stale = (
+        {p.relative_to(out) for p in (out / PACKAGE_DIR).glob("*_pb2*.py*")} if (out / PACKAGE_DIR).is_dir() else set()
+    )
     produced = generate(out)
     # Remove modules of .proto files that no longer exist.
     for rel in sorted(stale - set(produced)):

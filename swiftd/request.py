@@ -221,8 +221,15 @@ class ControlNet:
 
     @classmethod
     def from_pb(cls, pb: common_pb2.ControlNetInput, worker_address: str = "") -> ControlNet:
-        return cls(pb.controlnet_id, pb.image, pb.conditioning_scale, pb.guidance_start, pb.guidance_end,
-                   pb.guess_mode, worker_address)  # fmt: skip
+        return cls(
+            pb.controlnet_id,
+            pb.image,
+            pb.conditioning_scale,
+            pb.guidance_start,
+            pb.guidance_end,
+            pb.guess_mode,
+            worker_address,
+        )
 
     def to_pb(self) -> common_pb2.ControlNetInput:
         image = self.image
@@ -305,8 +312,11 @@ class Request:
         p = pb.params
         if isinstance(pb, unet_pb2.DenoiseRequest):
             controlnets = [ControlNet.from_pb(a.input, a.worker_address) for a in pb.controlnets]
-            routing = dict(lora_store_address=pb.lora_store_address, pushed_lora_ids=tuple(pb.pushed_lora_ids),
-                           return_latents=pb.return_latents)  # fmt: skip
+            routing = dict(
+                lora_store_address=pb.lora_store_address,
+                pushed_lora_ids=tuple(pb.pushed_lora_ids),
+                return_latents=pb.return_latents,
+            )
         else:
             controlnets = [ControlNet.from_pb(cn) for cn in pb.controlnets]
             routing = {}
@@ -424,7 +434,9 @@ def validate(request: Request, limits: Limits, controlnet_field: str = "controln
     for name in ("width", "height"):
         value = getattr(request, name)
         if value % 8 or not limits.min_size <= value <= limits.max_size:
-            raise InvalidArgument(f"params.{name}", f"{value} must be a multiple of 8 in [{limits.min_size}, {limits.max_size}]")
+            raise InvalidArgument(
+                f"params.{name}", f"{value} must be a multiple of 8 in [{limits.min_size}, {limits.max_size}]"
+            )
     steps = request.num_inference_steps
     if not 0 <= steps <= limits.max_steps:
         raise InvalidArgument("params.num_inference_steps", f"{steps} must be in [1, {limits.max_steps}] (0 = default)")
@@ -451,15 +463,21 @@ def _validate_loras(loras: LoraSet, limits: Limits) -> None:
             raise InvalidArgument(f"{where}.lora_id", "is required")
         check_id(f"{where}.lora_id", lora.lora_id)
         if lora.lora_id in seen:
-            raise InvalidArgument(f"{where}.lora_id", f"{lora.lora_id!r} is listed twice (give one entry with the summed scale)")
+            raise InvalidArgument(
+                f"{where}.lora_id", f"{lora.lora_id!r} is listed twice (give one entry with the summed scale)"
+            )
         seen.add(lora.lora_id)
         if not (math.isfinite(lora.scale) and abs(lora.scale) <= limits.max_lora_scale):
-            raise InvalidArgument(f"{where}.scale", f"{lora.scale} must be in [-{limits.max_lora_scale}, {limits.max_lora_scale}]")
+            raise InvalidArgument(
+                f"{where}.scale", f"{lora.scale} must be in [-{limits.max_lora_scale}, {limits.max_lora_scale}]"
+            )
 
 
 def _validate_controlnets(request: Request, limits: Limits, controlnet_field: str) -> None:
     if len(request.controlnets) > limits.max_controlnets:
-        raise InvalidArgument("controlnets", f"{len(request.controlnets)} ControlNets; at most {limits.max_controlnets}")
+        raise InvalidArgument(
+            "controlnets", f"{len(request.controlnets)} ControlNets; at most {limits.max_controlnets}"
+        )
     for i, cn in enumerate(request.controlnets):
         where = controlnet_field.format(i=i)
         if not cn.controlnet_id:
@@ -467,7 +485,9 @@ def _validate_controlnets(request: Request, limits: Limits, controlnet_field: st
         check_id(f"{where}.controlnet_id", cn.controlnet_id)
         scale = cn.conditioning_scale
         if not (math.isfinite(scale) and 0 <= scale <= limits.max_conditioning_scale):
-            raise InvalidArgument(f"{where}.conditioning_scale", f"{scale} must be in [0, {limits.max_conditioning_scale}]")
+            raise InvalidArgument(
+                f"{where}.conditioning_scale", f"{scale} must be in [0, {limits.max_conditioning_scale}]"
+            )
         if not (0.0 <= cn.guidance_start < cn.guidance_end <= 1.0):
             raise InvalidArgument(
                 f"{where}.guidance_start",

@@ -6,8 +6,8 @@ Every service builds its server with ``create_server`` and every client its chan
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 import threading
+from collections.abc import Iterable, Sequence
 from concurrent import futures
 
 import grpc
@@ -108,9 +108,7 @@ class ChannelPool:
             self._channels.clear()
 
 
-def add_health_and_reflection(
-    server: grpc.Server, service_names: Iterable[str]
-) -> health.HealthServicer:
+def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]) -> health.HealthServicer:
     """Register grpc.health.v1 (SERVING for ``service_names`` and "") and server reflection.
 
     Returns the health servicer, so the service can flip statuses (e.g. NOT_SERVING on drain).
@@ -120,9 +118,7 @@ def add_health_and_reflection(
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     for name in ["", *names]:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return servicer
 
 

@@ -98,7 +98,9 @@ def configure_process(config: ServerConfig) -> None:
     # Residual messages are tens of MB; keep their buffers on the heap instead of re-faulting
     # fresh mmap()s per message (3-4x faster codec; see rpc.tune_allocator_for_large_messages).
     rpc.tune_allocator_for_large_messages()
-    logging.basicConfig(level=os.environ.get("SWIFTD_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("SWIFTD_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 def serve(
@@ -108,9 +110,7 @@ def serve(
     on_bound: Callable[[int], None] | None = None,
 ) -> None:
     """Start the server, report the bound port, block until SIGTERM/SIGINT, then drain."""
-    server = rpc.create_server(
-        config.max_workers, interceptors=[*tracing.server_interceptors(), ErrorInterceptor()]
-    )
+    server = rpc.create_server(config.max_workers, interceptors=[*tracing.server_interceptors(), ErrorInterceptor()])
     register(server)
     health = rpc.add_health_and_reflection(server, [service_full_name])
     port = server.add_insecure_port(config.address)  # raises if the address cannot be bound

@@ -40,7 +40,9 @@ def run_down_and_mid_blocks(
     down_block_res_samples: tuple[torch.Tensor, ...] = (sample,)
     for down_block in model.down_blocks:
         if getattr(down_block, "has_cross_attention", False):
-            sample, res_samples = down_block(hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            sample, res_samples = down_block(
+                hidden_states=sample, temb=emb, encoder_hidden_states=encoder_hidden_states
+            )
         else:
             sample, res_samples = down_block(hidden_states=sample, temb=emb)
         down_block_res_samples += res_samples

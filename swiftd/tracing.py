@@ -48,7 +48,10 @@ def setup_tracing(service_name: str, extra_processor: SpanProcessor | None = Non
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-            log.info("exporting traces over OTLP to %s", os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the default endpoint"))
+            log.info(
+                "exporting traces over OTLP to %s",
+                os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the default endpoint"),
+            )
         if extra_processor is not None:
             provider.add_span_processor(extra_processor)
         trace.set_tracer_provider(provider)
@@ -92,7 +95,9 @@ def stage(tracer: trace.Tracer, timings: dict[str, float] | None, name: str, **a
 def in_current_context(target: Callable, *args) -> threading.Thread:
     """A thread that runs `target(*args)` under the caller's trace context (threads start empty)."""
     context = contextvars.copy_context()
-    return threading.Thread(target=context.run, args=(target, *args), daemon=True, name=getattr(target, "__name__", None))
+    return threading.Thread(
+        target=context.run, args=(target, *args), daemon=True, name=getattr(target, "__name__", None)
+    )
 
 
 def submitter(pool) -> Callable:
@@ -106,7 +111,9 @@ def submitter(pool) -> Callable:
 
 
 class _CallDetails(
-    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
     grpc.ClientCallDetails,
 ):
     pass
@@ -132,14 +139,16 @@ class ClientTracingInterceptor(
     def _intercept(self, continuation, details, request):
         service, _, method = details.method.lstrip("/").rpartition("/")
         span = self._tracer.start_span(
-            details.method, kind=SpanKind.CLIENT,
+            details.method,
+            kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
-        )  # fmt: skip
+        )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         metadata = [*(details.metadata or []), *carrier.items()]
-        details = _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                               details.wait_for_ready, details.compression)  # fmt: skip
+        details = _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
         try:
             call = continuation(details, request)
         except BaseException:

@@ -47,7 +47,7 @@ class InMemoryCollector(trace_service_pb2_grpc.TraceServiceServicer):
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port("127.0.0.1:0")
 
-    def start(self) -> "InMemoryCollector":
+    def start(self) -> InMemoryCollector:
         self._server.start()
         return self
 
@@ -69,11 +69,18 @@ class InMemoryCollector(trace_service_pb2_grpc.TraceServiceServicer):
             service = _attributes(resource_spans.resource.attributes).get("service.name", "")
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    collected.append(CollectedSpan(
-                        service=service, name=span.name, trace_id=span.trace_id.hex(), span_id=span.span_id.hex(),
-                        parent_id=span.parent_span_id.hex(), kind=span.kind, attributes=_attributes(span.attributes),
-                        events=[(e.name, _attributes(e.attributes)) for e in span.events],
-                    ))  # fmt: skip
+                    collected.append(
+                        CollectedSpan(
+                            service=service,
+                            name=span.name,
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_id=span.parent_span_id.hex(),
+                            kind=span.kind,
+                            attributes=_attributes(span.attributes),
+                            events=[(e.name, _attributes(e.attributes)) for e in span.events],
+                        )
+                    )
         with self._lock:
             self.spans.extend(collected)
         return trace_service_pb2.ExportTraceServiceResponse()

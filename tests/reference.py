@@ -12,10 +12,10 @@ from diffusers import (
 )
 
 from services.unet.pipeline import UNetPipeline
-from swiftd.request import ControlNet
 from swiftd import zoo
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.loading import load_controlnet, load_pipeline
+from swiftd.request import ControlNet
 
 TOLERANCE = 1e-4  # max abs difference of fp32 latents against Diffusers
 SIZE = 64
@@ -69,8 +69,6 @@ def assert_close(ours, reference, tolerance=TOLERANCE):
     assert torch.isfinite(ours).all()
     diff = (ours - reference).abs().max().item()
     assert diff <= tolerance, f"max abs difference {diff:.3g} > {tolerance}"
-
-
 
 
 def diffusers_fused_latents(pipe, lora_paths: dict, loras, **kwargs):

@@ -9,14 +9,14 @@ import time
 import pytest
 import torch
 
-from services.unet.pipeline import UNetPipeline
 from services.unet.lora_inbox import LoraInbox
-from swiftd.request import Lora, Request
+from services.unet.pipeline import UNetPipeline
 from swiftd import zoo
 from swiftd.errors import InvalidArgument, Unavailable
-from swiftd.lora import deltas_to_chunks, extract_deltas, prepare_deltas
-from swiftd.v1 import lora_store_pb2
 from swiftd.loading import load_pipeline
+from swiftd.lora import deltas_to_chunks, extract_deltas, prepare_deltas
+from swiftd.request import Lora, Request
+from swiftd.v1 import lora_store_pb2
 from tests.test_lora_patch import weights_digest
 
 LORA = "tiny-sd15-lora-kohya-r16-te"  # text encoder + UNet layers
@@ -38,8 +38,16 @@ def engine_with_push_inbox(pipe):
 
 
 def request(k: int, loras=((LORA, 0.8),)) -> Request:
-    return Request("a cat", width=64, height=64, num_inference_steps=STEPS, seed=4, scheduler="euler",
-                             loras=list(loras), lora_bound_steps=k)  # fmt: skip
+    return Request(
+        "a cat",
+        width=64,
+        height=64,
+        num_inference_steps=STEPS,
+        seed=4,
+        scheduler="euler",
+        loras=list(loras),
+        lora_bound_steps=k,
+    )
 
 
 def deliver(inbox, deltas, parts=("te", "unet")):
@@ -109,7 +117,7 @@ def test_text_encoder_part_does_not_wait_for_the_unet_part(setup):
     _, inbox = engine_with_push_inbox(pipe)
     deliver(inbox, deltas, parts=("te",))
     fetch = inbox.fetch([(LORA, 0.8)], "r")
-    (lora_id, te), = fetch.text_encoder_deltas()  # returns at once
+    ((lora_id, te),) = fetch.text_encoder_deltas()  # returns at once
     assert te and all(n.startswith("text_encoder") for n in te)  # only the text-encoder part
     assert not fetch.is_complete()
 

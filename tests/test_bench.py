@@ -15,23 +15,39 @@ STABLE = {
     "baseline": [
         *(f"{side}.latency_s.{s}" for side in ("diffusers", "ours") for s in SCENARIOS),
         *(f"speedup.{s}" for s in SCENARIOS),
-        *(f"ours.stage_s.{s}.{stage}" for s in SCENARIOS for stage in ("text_encode", "denoise", "denoise.encoder_half", "denoise.decoder_half", "vae_decode")),
+        *(
+            f"ours.stage_s.{s}.{stage}"
+            for s in SCENARIOS
+            for stage in ("text_encode", "denoise", "denoise.encoder_half", "denoise.decoder_half", "vae_decode")
+        ),
         *(f"ours.stage_s.{s}.lora_unet_patch" for s in ("cn1_lora1", "cn2_lora2")),
         *(f"ours.stage_s.{s}.denoise.controlnet_wait" for s in ("cn1", "cn1_lora1", "cn2_lora2")),
     ],
     "lora": [
-        "diffusers.lora_load_fuse_s", "diffusers.lora_unfuse_unload_s", "ours.lora_apply_s", "ours.lora_restore_s",
-        "lora.swap_s.diffusers", "lora.swap_s.ours", "lora.swap_speedup",
-        "lora.store.prepare_mb_s", "lora.store.stream_mb_s", "lora.critical_path_fraction",
-        "lora.critical_path_fraction.k2", "lora.bal_applied_step.on_arrival",
+        "diffusers.lora_load_fuse_s",
+        "diffusers.lora_unfuse_unload_s",
+        "ours.lora_apply_s",
+        "ours.lora_restore_s",
+        "lora.swap_s.diffusers",
+        "lora.swap_s.ours",
+        "lora.swap_speedup",
+        "lora.store.prepare_mb_s",
+        "lora.store.stream_mb_s",
+        "lora.critical_path_fraction",
+        "lora.critical_path_fraction.k2",
+        "lora.bal_applied_step.on_arrival",
         *(f"lora.bal_{m}.{k}" for m in ("psnr_db", "ssim") for k in ("k2", "k5", "k10", "on_arrival")),
     ],
     "controlnet": [
-        "controlnet.addon_overhead", "controlnet.addon_overhead.diffusers", "controlnet.transport_fraction",
+        "controlnet.addon_overhead",
+        "controlnet.addon_overhead.diffusers",
+        "controlnet.transport_fraction",
         *(f"controlnet.step_s.{part}" for part in ("encoder_half", "decoder_half", "controlnet", "wait", "transport")),
-        "controlnet.speedup.cn1", "controlnet.fp32_wire_psnr_db", "controlnet.fp16_wire_psnr_db",
+        "controlnet.speedup.cn1",
+        "controlnet.fp32_wire_psnr_db",
+        "controlnet.fp16_wire_psnr_db",
     ],
-}  # fmt: skip
+}
 
 
 # Figures that may be zero or negative (a step index; a ratio minus 1 that noise can push below 0).
@@ -55,7 +71,20 @@ def test_bench_harness_writes_stable_figures(zoo_root, tmp_path, capsys):
     stale = {"figure": "ours.latency_s.gone", "value": 9.0, "unit": "s", "group": "baseline"}
     out.write_text(json.dumps(other) + "\n" + json.dumps(stale) + "\n")
 
-    argv = ["--zoo", str(zoo_root), "--family", "tiny-sd15", "--size", "64", "--steps", "11", "--out", str(out), "--no-pin", "--quiet"]
+    argv = [
+        "--zoo",
+        str(zoo_root),
+        "--family",
+        "tiny-sd15",
+        "--size",
+        "64",
+        "--steps",
+        "11",
+        "--out",
+        str(out),
+        "--no-pin",
+        "--quiet",
+    ]
     assert bench_run.main(argv + ["--only", "baseline,lora,controlnet"]) == 0
 
     lines = [json.loads(line) for line in out.read_text().splitlines()]

@@ -40,9 +40,7 @@ def _special_values(dtype: torch.dtype) -> torch.Tensor:
     """Random values plus NaNs with payloads, +-inf, +-0, subnormals and extremes."""
     g = torch.Generator().manual_seed(0)
     rnd = (torch.randn(1000, generator=g) * 100).to(dtype)
-    specials = torch.tensor(
-        [math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0], dtype=dtype
-    )
+    specials = torch.tensor([math.nan, -math.nan, math.inf, -math.inf, 0.0, -0.0, 1.0, -1.0], dtype=dtype)
     info = torch.finfo(dtype)
     extremes = torch.tensor([info.max, info.min, info.tiny, info.smallest_normal], dtype=dtype)
     bits = _BITS[dtype]
@@ -193,16 +191,18 @@ def test_unsupported_inputs_rejected():
     [
         (common_pb2.Tensor(shape=[2], data=b"\0" * 8), "DTYPE_UNSPECIFIED"),
         (common_pb2.Tensor(dtype=42, shape=[2], data=b"\0" * 8), "unknown enum value 42"),
-        (common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[2, 3], data=b"\0" * 20),
-         r"20 bytes, expected 24 \(shape \[2, 3\] x 4 bytes per DTYPE_FLOAT32"),
-        (common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT16, shape=[4], data=b"\0" * 10),
-         "10 bytes, expected 8"),
+        (
+            common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[2, 3], data=b"\0" * 20),
+            r"20 bytes, expected 24 \(shape \[2, 3\] x 4 bytes per DTYPE_FLOAT32",
+        ),
+        (common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT16, shape=[4], data=b"\0" * 10), "10 bytes, expected 8"),
         (common_pb2.Tensor(dtype=common_pb2.DTYPE_INT64, shape=[], data=b""), "0 bytes, expected 8"),
         (common_pb2.Tensor(dtype=common_pb2.DTYPE_UINT8, shape=[0], data=b"x"), "1 bytes, expected 0"),
-        (common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[-1, 4], data=b"\0" * 16),
-         "negative dimension at index 0"),
-        (common_pb2.Tensor(dtype=common_pb2.DTYPE_BFLOAT16, shape=[1 << 40], data=b"\0" * 2),
-         "expected 2199023255552"),
+        (
+            common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[-1, 4], data=b"\0" * 16),
+            "negative dimension at index 0",
+        ),
+        (common_pb2.Tensor(dtype=common_pb2.DTYPE_BFLOAT16, shape=[1 << 40], data=b"\0" * 2), "expected 2199023255552"),
     ],
 )
 def test_malformed_messages_raise_value_error(msg, match):

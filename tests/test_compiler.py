@@ -31,11 +31,11 @@ from compiler.build import build
 from compiler.export import export_part, folded_constants, lifted_weights
 from compiler.runtime import CompiledBackbone, compile_activity
 from services.unet.pipeline import UNetPipeline
-from swiftd.request import ControlNet, Request
 from swiftd import codec, rpc, zoo
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.launcher import start_controlnet, start_unet
 from swiftd.lora import LoraPatcher, extract_deltas
+from swiftd.request import ControlNet, Request
 from swiftd.split_unet import SplitUNet
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.reference import conditioning_image
@@ -57,8 +57,9 @@ def assert_matches(compiled, eager, tolerance=TOLERANCE):
 
 
 def run_cli(*args, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "compiler", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "compiler", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,13 @@ def cold_start(zoo_root, tmp_path_factory):
     """A UNet worker that compiles its artifacts at start: (artifact dir, seconds to SERVING, log)."""
     directory = tmp_path_factory.mktemp("artifacts") / "tiny-sd15"
     t0 = time.monotonic()
-    worker = start_unet(zoo_root, "tiny-sd15", num_threads=1, timeout=900, extra_args=[
-        "--compiled-artifacts", str(directory), "--compile-missing", "--compile-resolution", str(SIZE)])  # fmt: skip
+    worker = start_unet(
+        zoo_root,
+        "tiny-sd15",
+        num_threads=1,
+        timeout=900,
+        extra_args=["--compiled-artifacts", str(directory), "--compile-missing", "--compile-resolution", str(SIZE)],
+    )
     seconds = time.monotonic() - t0
     log = worker.log_tail(400)
     worker.stop()
@@ -83,8 +89,24 @@ def sd15_backbone(sd15, cold_start):
 def sd15_controlnet_artifacts(zoo_root, tmp_path_factory):
     """The tiny SD1.5 ControlNet architecture, built by the CLI as a release pipeline would."""
     out = tmp_path_factory.mktemp("cn-artifacts") / "tiny-sd15-cn"
-    result = run_cli("build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--resolution", SIZE, "--batch", 1, 2,
-                     "--parts", "controlnet", "--controlnet-id", "tiny-sd15-cn-edges", "--out", out)  # fmt: skip
+    result = run_cli(
+        "build",
+        "--model-root",
+        zoo_root,
+        "--model-id",
+        "tiny-sd15",
+        "--resolution",
+        SIZE,
+        "--batch",
+        1,
+        2,
+        "--parts",
+        "controlnet",
+        "--controlnet-id",
+        "tiny-sd15-cn-edges",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -93,8 +115,15 @@ def sd15_controlnet_artifacts(zoo_root, tmp_path_factory):
 def sdxl_backbone(sdxl, tmp_path_factory):
     """Built without freezing: the compiled code reads the parameters in place."""
     out = tmp_path_factory.mktemp("sdxl-artifacts") / "tiny-sdxl"
-    build(sdxl.pipe, out, model_id="tiny-sdxl", resolutions=[SIZE], batch_sizes=[1, 2], parts=[P.UNET_ENCODER, P.UNET_DECODER],
-          options={"freezing": False})  # fmt: skip
+    build(
+        sdxl.pipe,
+        out,
+        model_id="tiny-sdxl",
+        resolutions=[SIZE],
+        batch_sizes=[1, 2],
+        parts=[P.UNET_ENCODER, P.UNET_DECODER],
+        options={"freezing": False},
+    )
     return CompiledBackbone.load(out, sdxl.pipe)
 
 
@@ -146,8 +175,22 @@ def test_tensorrt_build_is_refused_cleanly_without_tensorrt(zoo_root, tmp_path):
         pytest.skip("torch_tensorrt is installed here: bench/gpu_check.py exercises the engine build")
     except ImportError:
         pass
-    result = run_cli("build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--backend", "tensorrt",
-                     "--device", "cuda", "--resolution", SIZE, "--out", tmp_path / "trt", timeout=120)  # fmt: skip
+    result = run_cli(
+        "build",
+        "--model-root",
+        zoo_root,
+        "--model-id",
+        "tiny-sd15",
+        "--backend",
+        "tensorrt",
+        "--device",
+        "cuda",
+        "--resolution",
+        SIZE,
+        "--out",
+        tmp_path / "trt",
+        timeout=120,
+    )
     assert result.returncode == 4, result.stderr[-2000:]
     assert "torch_tensorrt cannot be imported" in result.stderr and "pip install" in result.stderr
     assert not (tmp_path / "trt").exists()
@@ -160,8 +203,24 @@ def test_tensorrt_engine_build_and_refit(sd15):
     reason = tensorrt.unavailable_reason("cuda")
     if reason:
         pytest.skip(reason)
-    result = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--family", "tiny-sd15", "--size", str(SIZE),
-                             "--stages", "tensorrt", "--out", "/dev/stdout"], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu_check",
+            "--family",
+            "tiny-sd15",
+            "--size",
+            str(SIZE),
+            "--stages",
+            "tensorrt",
+            "--out",
+            "/dev/stdout",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and '"error"' not in result.stdout, result.stdout + result.stderr
 
 
@@ -180,11 +239,18 @@ def test_compiled_halves_match_eager_with_and_without_controlnet_residuals(famil
             encoded, eager_encoded = compiled.encoder_half(*inputs), eager.encoder_half(*inputs)
             assert_matches(
                 (encoded.sample, encoded.emb, encoded.encoder_hidden_states, encoded.down_block_res_samples),
-                (eager_encoded.sample, eager_encoded.emb, eager_encoded.encoder_hidden_states, eager_encoded.down_block_res_samples),
-            )  # fmt: skip
+                (
+                    eager_encoded.sample,
+                    eager_encoded.emb,
+                    eager_encoded.encoder_hidden_states,
+                    eager_encoded.down_block_res_samples,
+                ),
+            )
             assert_matches(compiled.decoder_half(eager_encoded), eager.decoder_half(eager_encoded))
             down, mid = residuals_like(eager_encoded, seed=10 + batch)
-            assert_matches(compiled.decoder_half(eager_encoded, down, mid), eager.decoder_half(eager_encoded, down, mid))
+            assert_matches(
+                compiled.decoder_half(eager_encoded, down, mid), eager.decoder_half(eager_encoded, down, mid)
+            )
             # DDIM hands out int64 timesteps, Euler float32: both reach the compiled graph as float32.
             int_inputs = (inputs[0], torch.tensor(481), *inputs[2:])
             assert_matches(compiled.encoder_half(*int_inputs).sample, eager.encoder_half(*int_inputs).sample)
@@ -199,15 +265,21 @@ def test_compiled_controlnet_and_vae_match_eager(sd15, sd15_backbone, sd15_contr
     eager = ControlNetStepper(controlnet)
     with torch.no_grad():
         for batch, scale, guess in ((2, 1.0, False), (2, 0.6, True), (1, 0.8, False)):
-            sample, timestep, hidden, hint = P.example_inputs(P.CONTROLNET, sd15.pipe, SIZE, batch, controlnet, seed=batch)
+            sample, timestep, hidden, hint = P.example_inputs(
+                P.CONTROLNET, sd15.pipe, SIZE, batch, controlnet, seed=batch
+            )
             hint = hint.to(memory_format=torch.channels_last)  # as the hint encoder returns it for images
             got = stepper.step(sample, timestep, hidden, hint, scale, guess)
             want = eager.step(sample, timestep, hidden, hint, scale, guess)
-            assert_matches((got.down_block_res_samples, got.mid_block_res_sample),
-                           (want.down_block_res_samples, want.mid_block_res_sample))  # fmt: skip
+            assert_matches(
+                (got.down_block_res_samples, got.mid_block_res_sample),
+                (want.down_block_res_samples, want.mid_block_res_sample),
+            )
         assert stepper.dispatch.calls == {"compiled": 3}
         latents = P.example_inputs(P.VAE_DECODER, sd15.pipe, SIZE, 1)[0]
-        assert_matches(sd15_backbone.vae_decode(sd15.pipe.vae, latents), sd15.pipe.vae.decode(latents, return_dict=False)[0])
+        assert_matches(
+            sd15_backbone.vae_decode(sd15.pipe.vae, latents), sd15.pipe.vae.decode(latents, return_dict=False)[0]
+        )
     assert sd15_backbone.calls()[P.VAE_DECODER] == {"compiled": 1}
 
 
@@ -220,16 +292,29 @@ def test_compiled_engine_matches_eager_engine(zoo_root, sd15, sd15_backbone, sd1
     lora_path = zoo.zoo_paths(zoo_root, "tiny-sd15").loras["tiny-sd15-lora-peft-r64"]
     load_lora = {"r64": extract_deltas(sd15.pipe, lora_path)}.__getitem__
     engine = UNetPipeline(sd15.pipe, load_controlnet=steppers.__getitem__, load_lora=load_lora, backbone=sd15_backbone)
-    eager = UNetPipeline(sd15.pipe, load_controlnet=lambda cid: ControlNetStepper(sd15.controlnets[cid]), load_lora=load_lora)
+    eager = UNetPipeline(
+        sd15.pipe, load_controlnet=lambda cid: ControlNetStepper(sd15.controlnets[cid]), load_lora=load_lora
+    )
 
     def request(guidance, controlnets=(), loras=()):
-        return Request("a photo of a cat", height=SIZE, width=SIZE, num_inference_steps=5, seed=5,
-                                 scheduler="euler", guidance_scale=guidance, loras=list(loras),
-                                 controlnets=[ControlNet(c, conditioning_image(1), 0.8) for c in controlnets])  # fmt: skip
+        return Request(
+            "a photo of a cat",
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=5,
+            seed=5,
+            scheduler="euler",
+            guidance_scale=guidance,
+            loras=list(loras),
+            controlnets=[ControlNet(c, conditioning_image(1), 0.8) for c in controlnets],
+        )
 
     base = {}
     for guidance, controlnets in ((7.5, []), (1.0, []), (7.5, ["tiny-sd15-cn-edges"])):
-        ours, reference = engine.generate(request(guidance, controlnets)), eager.generate(request(guidance, controlnets))
+        ours, reference = (
+            engine.generate(request(guidance, controlnets)),
+            eager.generate(request(guidance, controlnets)),
+        )
         assert (ours.latents - reference.latents).abs().max().item() <= ENGINE_TOLERANCE
         base[guidance, bool(controlnets)] = ours.latents
     # A LoRA: its weights' frozen constants are re-packed in the lora_unet_patch stage, by the
@@ -356,15 +441,28 @@ def test_service_on_artifacts_compiles_nothing_and_starts_5x_sooner(zoo_root, co
     cache = tmp_path / "inductor-cache"  # anything Inductor or Dynamo compiled would land here
     cache.mkdir()
     t0 = time.monotonic()
-    worker = start_unet(zoo_root, "tiny-sd15", num_threads=1, timeout=300, extra_args=["--compiled-artifacts", str(directory)],
-                        env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})  # fmt: skip
+    worker = start_unet(
+        zoo_root,
+        "tiny-sd15",
+        num_threads=1,
+        timeout=300,
+        extra_args=["--compiled-artifacts", str(directory)],
+        env={"TORCHINDUCTOR_CACHE_DIR": str(cache)},
+    )
     warm_seconds = time.monotonic() - t0
     try:
         with rpc.create_channel(worker.address) as channel:
             stub = unet_pb2_grpc.UNetWorkerStub(channel)
             for guidance in (7.5, 1.0):  # batch 2 and batch 1
-                params = common_pb2.GenerationParams(prompt="a cat", width=SIZE, height=SIZE, num_inference_steps=3,
-                                                     guidance_scale=guidance, seed=1, model_id="tiny-sd15")  # fmt: skip
+                params = common_pb2.GenerationParams(
+                    prompt="a cat",
+                    width=SIZE,
+                    height=SIZE,
+                    num_inference_steps=3,
+                    guidance_scale=guidance,
+                    seed=1,
+                    model_id="tiny-sd15",
+                )
                 response = stub.Denoise(unet_pb2.DenoiseRequest(params=params), timeout=120)
                 assert response.image_png
         log = worker.log_tail(400)
@@ -377,30 +475,44 @@ def test_service_on_artifacts_compiles_nothing_and_starts_5x_sooner(zoo_root, co
 
 
 @pytest.mark.slow
-def test_controlnet_service_on_artifacts_compiles_nothing_and_matches_diffusers(zoo_root, sd15, sd15_controlnet_artifacts,
-                                                                                 tmp_path):  # fmt: skip
+def test_controlnet_service_on_artifacts_compiles_nothing_and_matches_diffusers(
+    zoo_root, sd15, sd15_controlnet_artifacts, tmp_path
+):
     """A ControlNet worker started on the CLI's artifacts: its steps run compiled, it compiles
     nothing, and requests streaming residuals from it match Diffusers' ControlNet pipeline."""
     from tests.test_controlnet_service import denoise_request
 
     cache = tmp_path / "inductor-cache"
     cache.mkdir()
-    cn_worker = start_controlnet(zoo_root, preload=["tiny-sd15-cn-edges"], num_threads=1, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)},
-                                 extra_args=["--compiled-artifacts", str(sd15_controlnet_artifacts)])  # fmt: skip
+    cn_worker = start_controlnet(
+        zoo_root,
+        preload=["tiny-sd15-cn-edges"],
+        num_threads=1,
+        env={"TORCHINDUCTOR_CACHE_DIR": str(cache)},
+        extra_args=["--compiled-artifacts", str(sd15_controlnet_artifacts)],
+    )
     unet_worker = start_unet(zoo_root, "tiny-sd15", num_threads=1)
     try:
         with rpc.create_channel(cn_worker.address) as channel:
             listing = controlnet_pb2_grpc.ControlNetWorkerStub(channel).ListControlNets(
-                controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10)  # fmt: skip
+                controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10
+            )
         # Loaded and of the compiled architecture: compiled; the others are not loaded.
         assert {c.controlnet_id for c in listing.controlnets if c.compiled} == {"tiny-sd15-cn-edges"}
         with rpc.create_channel(unet_worker.address) as channel:
             stub = unet_pb2_grpc.UNetWorkerStub(channel)
             for guidance, (scale, start, end) in ((7.5, (0.8, 0.0, 1.0)), (1.0, (1.0, 0.2, 0.8))):  # batch 2 and 1
                 controlnets = [ControlNet("tiny-sd15-cn-edges", conditioning_image(2), scale, start, end)]
-                response = stub.Denoise(denoise_request("tiny-sd15", controlnets, [cn_worker.address], guidance), timeout=120)
-                reference = sd15.diffusers_latents("euler", controlnets, prompt="an astronaut riding a horse",
-                                                   guidance_scale=guidance, generator=torch.Generator().manual_seed(11))  # fmt: skip
+                response = stub.Denoise(
+                    denoise_request("tiny-sd15", controlnets, [cn_worker.address], guidance), timeout=120
+                )
+                reference = sd15.diffusers_latents(
+                    "euler",
+                    controlnets,
+                    prompt="an astronaut riding a horse",
+                    guidance_scale=guidance,
+                    generator=torch.Generator().manual_seed(11),
+                )
                 ours = codec.tensor_from_proto(response.latents)
                 assert (ours - reference).abs().max().item() <= ENGINE_TOLERANCE
         log = cn_worker.log_tail(400)
@@ -408,8 +520,10 @@ def test_controlnet_service_on_artifacts_compiles_nothing_and_matches_diffusers(
         unet_worker.stop()
         cn_worker.stop()
     assert "loaded ControlNet tiny-sd15-cn-edges" in log and "compiled) in" in log, log
-    assert "first session done: steps {'compiled': 5}; compilation in this process: {'dynamo_frames': 0, " \
-           "'dynamo_recompiles': 0, 'inductor': 0, 'aot_autograd': 0}" in log, log  # fmt: skip
+    assert (
+        "first session done: steps {'compiled': 5}; compilation in this process: {'dynamo_frames': 0, "
+        "'dynamo_recompiles': 0, 'inductor': 0, 'aot_autograd': 0}" in log
+    ), log
     assert "running it eagerly" not in log
     assert not any(cache.rglob("*")), sorted(str(p) for p in cache.rglob("*"))[:5]
 
@@ -440,7 +554,9 @@ def test_an_evicted_compiled_controlnet_frees_its_weights(zoo_root, sd15_control
 
 @pytest.mark.slow
 def test_controlnet_service_refuses_artifacts_without_controlnets(zoo_root, cold_start):
-    worker = start_controlnet(zoo_root, num_threads=1, wait=False, extra_args=["--compiled-artifacts", str(cold_start[0])])
+    worker = start_controlnet(
+        zoo_root, num_threads=1, wait=False, extra_args=["--compiled-artifacts", str(cold_start[0])]
+    )
     assert worker.process.wait(timeout=300) == 6
     time.sleep(0.5)  # the log pump drains the last lines
     assert "has no ControlNet part" in worker.log_tail(), worker.log_tail()
@@ -467,7 +583,9 @@ def test_artifacts_for_another_model_are_refused(sdxl, cold_start):
 
 @pytest.mark.slow
 def test_service_refuses_artifacts_for_another_model(zoo_root, cold_start):
-    worker = start_unet(zoo_root, "tiny-sdxl", num_threads=1, wait=False, extra_args=["--compiled-artifacts", str(cold_start[0])])
+    worker = start_unet(
+        zoo_root, "tiny-sdxl", num_threads=1, wait=False, extra_args=["--compiled-artifacts", str(cold_start[0])]
+    )
     assert worker.process.wait(timeout=300) == 6
     time.sleep(0.5)  # the log pump drains the last lines
     assert "compiled artifacts do not fit: model: built for 'tiny-sd15'" in worker.log_tail(), worker.log_tail()
@@ -504,28 +622,59 @@ def test_cli_verify_exit_codes(zoo_root, cold_start, tmp_path, capsys):
     code, err = cli("verify", "--artifacts", corrupt, "--model-root", zoo_root, "--model-id", "tiny-sd15")
     assert code == 7 and "checksum" in err
 
-    assert cli("verify", "--artifacts", tmp_path / "nowhere", "--model-root", zoo_root, "--model-id", "tiny-sd15")[0] == 3
+    assert (
+        cli("verify", "--artifacts", tmp_path / "nowhere", "--model-root", zoo_root, "--model-id", "tiny-sd15")[0] == 3
+    )
 
     # --publish: only a verified directory gets the name workers load, and never over another.
     staging, published = tmp_path / "release.staging", tmp_path / "release"
     shutil.copytree(directory, staging)
-    code, err = cli("verify", "--artifacts", staging, "--model-root", zoo_root, "--model-id", "tiny-sd15", "--publish", published)
+    code, err = cli(
+        "verify", "--artifacts", staging, "--model-root", zoo_root, "--model-id", "tiny-sd15", "--publish", published
+    )
     assert code == 0 and (published / MANIFEST).exists() and not staging.exists(), err
     shutil.copytree(directory, staging)
-    code, err = cli("verify", "--artifacts", staging, "--model-root", zoo_root, "--model-id", "tiny-sd15", "--publish", published)
+    code, err = cli(
+        "verify", "--artifacts", staging, "--model-root", zoo_root, "--model-id", "tiny-sd15", "--publish", published
+    )
     assert code == 2 and "never replaced" in err and staging.exists()
-    code, err = cli("verify", "--artifacts", corrupt, "--model-root", zoo_root, "--model-id", "tiny-sd15",
-                    "--publish", tmp_path / "bad-release")  # fmt: skip
+    code, err = cli(
+        "verify",
+        "--artifacts",
+        corrupt,
+        "--model-root",
+        zoo_root,
+        "--model-id",
+        "tiny-sd15",
+        "--publish",
+        tmp_path / "bad-release",
+    )
     assert code == 7 and not (tmp_path / "bad-release").exists()
-    code, err = cli("build", "--model-root", zoo_root, "--model-id", "no-such-model", "--resolution", SIZE, "--out", tmp_path / "x")
+    code, err = cli(
+        "build", "--model-root", zoo_root, "--model-id", "no-such-model", "--resolution", SIZE, "--out", tmp_path / "x"
+    )
     assert code == 3 and "no-such-model" in err
-    assert cli("build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--out", tmp_path / "y")[0] == 2  # no --resolution
-    code, err = cli("build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--resolution", SIZE, "--out", directory)
+    assert (
+        cli("build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--out", tmp_path / "y")[0] == 2
+    )  # no --resolution
+    code, err = cli(
+        "build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--resolution", SIZE, "--out", directory
+    )
     assert code == 2 and "--force" in err  # never overwrites artifacts silently
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("keep me")
-    code, err = cli("build", "--model-root", zoo_root, "--model-id", "tiny-sd15", "--resolution", SIZE,
-                    "--out", tmp_path / "home", "--force")  # fmt: skip
+    code, err = cli(
+        "build",
+        "--model-root",
+        zoo_root,
+        "--model-id",
+        "tiny-sd15",
+        "--resolution",
+        SIZE,
+        "--out",
+        tmp_path / "home",
+        "--force",
+    )
     assert code == 2 and "not artifacts" in err and (tmp_path / "home" / "notes.txt").exists()
 
     code = main(["inspect", str(directory)])
@@ -539,9 +688,18 @@ def test_cli_verify_exit_codes(zoo_root, cold_start, tmp_path, capsys):
 def test_manifest_checks_name_every_difference(tmp_path):
     from compiler.artifacts import Manifest, check_compatible, library_versions, platform_key, write_manifest
 
-    manifest = Manifest(backend="inductor", model_id="m", model_fingerprint="abc", dtype="float16",
-                        libraries={**library_versions("inductor"), "diffusers": "0.1"}, platform=platform_key("cpu"),
-                        resolutions=[64], batch_sizes=[1], options={}, tolerance=1e-4)  # fmt: skip
+    manifest = Manifest(
+        backend="inductor",
+        model_id="m",
+        model_fingerprint="abc",
+        dtype="float16",
+        libraries={**library_versions("inductor"), "diffusers": "0.1"},
+        platform=platform_key("cpu"),
+        resolutions=[64],
+        batch_sizes=[1],
+        options={},
+        tolerance=1e-4,
+    )
     write_manifest(tmp_path, manifest)
     with pytest.raises(ArtifactMismatch) as error:
         check_compatible(read_manifest(tmp_path), model_fingerprint="def", dtype="float32", device="cpu")

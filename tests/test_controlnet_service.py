@@ -18,11 +18,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.controlnet.registry import ControlNetRegistry
-from swiftd.request import ControlNet
 from bench.quality import psnr
+from services.controlnet.registry import ControlNetRegistry
 from swiftd import codec, rpc, zoo
 from swiftd.launcher import start_controlnet, start_unet
+from swiftd.request import ControlNet
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.reference import SIZE, STEPS, Family, assert_close, conditioning_image
 
@@ -60,21 +60,33 @@ def png(image: PIL.Image.Image) -> bytes:
 def denoise_request(model_id, controlnets, addresses, guidance, wire=common_pb2.DTYPE_FLOAT32, steps=STEPS):
     return unet_pb2.DenoiseRequest(
         params=common_pb2.GenerationParams(
-            prompt="an astronaut riding a horse", width=SIZE, height=SIZE, num_inference_steps=steps,
-            guidance_scale=guidance, seed=11, scheduler=common_pb2.SCHEDULER_EULER, model_id=model_id,
+            prompt="an astronaut riding a horse",
+            width=SIZE,
+            height=SIZE,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=11,
+            scheduler=common_pb2.SCHEDULER_EULER,
+            model_id=model_id,
         ),
         controlnets=[
             unet_pb2.ControlNetAttachment(
                 input=common_pb2.ControlNetInput(
-                    controlnet_id=cn.controlnet_id, image=png(cn.image), conditioning_scale=cn.conditioning_scale,
-                    guidance_start=cn.guidance_start, guidance_end=cn.guidance_end, guess_mode=cn.guess_mode,
+                    controlnet_id=cn.controlnet_id,
+                    image=png(cn.image),
+                    conditioning_scale=cn.conditioning_scale,
+                    guidance_start=cn.guidance_start,
+                    guidance_end=cn.guidance_end,
+                    guess_mode=cn.guess_mode,
                 ),
                 worker_address=address,
             )
             for cn, address in zip(controlnets, addresses)
         ],
-        controlnet_wire_dtype=wire, return_latents=True, request_id="cn-test",
-    )  # fmt: skip
+        controlnet_wire_dtype=wire,
+        return_latents=True,
+        request_id="cn-test",
+    )
 
 
 CASES = {
@@ -104,9 +116,13 @@ def test_residuals_over_grpc_match_diffusers(suite, families, family, case):
     response = stub.Denoise(denoise_request(FAMILIES[family], controlnets, addresses, guidance), timeout=120)
     ours = codec.tensor_from_proto(response.latents)
     reference = fam.diffusers_latents(
-        "euler", controlnets, guess_mode=guess, prompt="an astronaut riding a horse",
-        guidance_scale=guidance, generator=torch.Generator().manual_seed(11),
-    )  # fmt: skip
+        "euler",
+        controlnets,
+        guess_mode=guess,
+        prompt="an astronaut riding a horse",
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(11),
+    )
     assert_close(ours, reference)
     stages = {t.stage for t in response.timings}
     assert any(s.startswith("controlnet.") and s.endswith(".transport") for s in stages)
@@ -119,12 +135,21 @@ def test_fp16_wire_stays_close(suite, families):
     controlnets = controlnet_requests(fam, CASES["two"][0], False)
     addresses = [services["cn_a"].address, services["cn_b"].address]
     stub = unet_pb2_grpc.UNetWorkerStub(channels["sd15"])
-    response = stub.Denoise(denoise_request("tiny-sd15", controlnets, addresses, 7.5, wire=common_pb2.DTYPE_FLOAT16), timeout=120)
+    response = stub.Denoise(
+        denoise_request("tiny-sd15", controlnets, addresses, 7.5, wire=common_pb2.DTYPE_FLOAT16), timeout=120
+    )
     ours = np.asarray(PIL.Image.open(io.BytesIO(response.image_png)).convert("RGB"))
     reference = fam.diffusers_run(
-        "euler", controlnets, prompt="an astronaut riding a horse", height=SIZE, width=SIZE,
-        num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(11), output_type="np",
-    )[0]  # fmt: skip
+        "euler",
+        controlnets,
+        prompt="an astronaut riding a horse",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(11),
+        output_type="np",
+    )[0]
     assert psnr(ours, (reference * 255).round().astype(np.uint8)) > 35.0
 
 
@@ -179,7 +204,10 @@ def assert_worker_healthy(channel, services, fam):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     stub = unet_pb2_grpc.UNetWorkerStub(channel)
     deadline = time.monotonic() + 15
-    while stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=5).requests_in_flight and time.monotonic() < deadline:
+    while (
+        stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=5).requests_in_flight
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
     controlnets = controlnet_requests(fam, CASES["one"][0], False)
     response = stub.Denoise(denoise_request("tiny-sd15", controlnets, [services["cn_a"].address], 7.5), timeout=60)
@@ -193,10 +221,13 @@ def test_controlnet_worker_errors(suite):
     with pytest.raises(grpc.RpcError) as info:
         list(stub.StreamResiduals(iter([step]), timeout=10))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "SessionStart" in info.value.details()
-    start = controlnet_pb2.ResidualsRequest(start=controlnet_pb2.SessionStart(
-        controlnet_id="no-such-cn", controlnet_cond=codec.tensor_to_proto(torch.zeros(1, 3, 64, 64)),
-        encoder_hidden_states=codec.tensor_to_proto(torch.zeros(1, 77, 32)),
-    ))  # fmt: skip
+    start = controlnet_pb2.ResidualsRequest(
+        start=controlnet_pb2.SessionStart(
+            controlnet_id="no-such-cn",
+            controlnet_cond=codec.tensor_to_proto(torch.zeros(1, 3, 64, 64)),
+            encoder_hidden_states=codec.tensor_to_proto(torch.zeros(1, 77, 32)),
+        )
+    )
     with pytest.raises(grpc.RpcError) as info:
         list(stub.StreamResiduals(iter([start]), timeout=10))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-cn" in info.value.details()
@@ -204,10 +235,17 @@ def test_controlnet_worker_errors(suite):
     load = stub.LoadControlNet(controlnet_pb2.LoadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=30)
     again = stub.LoadControlNet(controlnet_pb2.LoadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=30)
     assert again.already_loaded and load.controlnet.loaded
-    listed = {c.controlnet_id: c for c in stub.ListControlNets(controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10).controlnets}
+    listed = {
+        c.controlnet_id: c
+        for c in stub.ListControlNets(controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10).controlnets
+    }
     assert listed["tiny-sd15-cn-depth"].loaded and listed["tiny-sd15-cn-depth"].size_bytes > 0
-    assert stub.UnloadControlNet(controlnet_pb2.UnloadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=10).was_loaded
-    assert not stub.UnloadControlNet(controlnet_pb2.UnloadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=10).was_loaded
+    assert stub.UnloadControlNet(
+        controlnet_pb2.UnloadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=10
+    ).was_loaded
+    assert not stub.UnloadControlNet(
+        controlnet_pb2.UnloadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=10
+    ).was_loaded
 
 
 def test_registry_evicts_least_recently_used_beyond_budget(zoo_root):

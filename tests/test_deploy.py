@@ -24,7 +24,9 @@ def _docs(manifest: str) -> list[dict]:
     return list(yaml.safe_load_all((K8S / manifest).read_text()))
 
 
-SERVICE_MANIFESTS = sorted(p.name for p in K8S.glob("*.yaml") if any(d["kind"] in ("Deployment", "StatefulSet") for d in _docs(p.name)))
+SERVICE_MANIFESTS = sorted(
+    p.name for p in K8S.glob("*.yaml") if any(d["kind"] in ("Deployment", "StatefulSet") for d in _docs(p.name))
+)
 
 
 @pytest.mark.parametrize("manifest", SERVICE_MANIFESTS)
@@ -33,7 +35,9 @@ def test_manifest_starts_a_real_service_with_valid_flags(manifest):
     deployment = next(d for d in docs if d["kind"] in ("Deployment", "StatefulSet"))
     if deployment["kind"] == "StatefulSet":  # stable pod names need the governing headless Service
         service = next(d for d in docs if d["kind"] == "Service")
-        assert deployment["spec"]["serviceName"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+        assert (
+            deployment["spec"]["serviceName"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+        )
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     python, dash_m, module, *args = container["args"]
     assert (python, dash_m) == ("python", "-m")
@@ -49,7 +53,10 @@ def test_gateway_names_the_worker_pods_the_manifests_create():
     def pods(manifest):
         docs = list(yaml.safe_load_all((K8S / manifest).read_text()))
         sts = next(d for d in docs if d["kind"] == "StatefulSet")
-        name, port = sts["metadata"]["name"], sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        name, port = (
+            sts["metadata"]["name"],
+            sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
+        )
         return {f"{name}-{i}.{sts['spec']['serviceName']}:{port}" for i in range(sts["spec"]["replicas"])}
 
     docs = list(yaml.safe_load_all((K8S / "gateway.yaml").read_text()))
@@ -89,8 +96,12 @@ def test_compile_job_publishes_what_the_workers_load():
     for manifest, module in (("unet.yaml", "services.unet"), ("controlnet.yaml", "services.controlnet")):
         sts = next(d for d in _docs(manifest) if d["kind"] == "StatefulSet")
         spec = sts["spec"]["template"]["spec"]
-        args = importlib.import_module(f"{module}.__main__").build_parser().parse_args(spec["containers"][0]["args"][3:])
-        directories = args.compiled_artifacts if isinstance(args.compiled_artifacts, list) else [args.compiled_artifacts]
+        args = (
+            importlib.import_module(f"{module}.__main__").build_parser().parse_args(spec["containers"][0]["args"][3:])
+        )
+        directories = (
+            args.compiled_artifacts if isinstance(args.compiled_artifacts, list) else [args.compiled_artifacts]
+        )
         assert directories == [verified.publish], manifest
         assert args.dtype == built.dtype and args.device == built.device
         assert set(claim(spec, root)) == {("swiftd-artifacts", True)}

@@ -38,22 +38,60 @@ def suite(zoo_root, tmp_path_factory):
     collector = InMemoryCollector().start()
     env = collector.env
     zoo_root = make_root(zoo_root, tmp_path_factory.mktemp("root"))  # the zoo plus a LoRA the store refuses
-    store = start_lora_store(zoo_root, tmp_path_factory.mktemp("lora-cache"), base_models=[MODEL], cpu_cores=[1], num_threads=1, env=env, wait=False)
-    controlnets = [start_controlnet(zoo_root, preload=[EDGES, DEPTH], cpu_cores=[1], num_threads=1, env=env, wait=False) for _ in range(2)]
-    unets = [start_unet(zoo_root, MODEL, cpu_cores=[0], num_threads=1, env=env, wait=False, extra_args=["--max-steps", str(LONG_STEPS)]) for _ in range(2)]
+    store = start_lora_store(
+        zoo_root,
+        tmp_path_factory.mktemp("lora-cache"),
+        base_models=[MODEL],
+        cpu_cores=[1],
+        num_threads=1,
+        env=env,
+        wait=False,
+    )
+    controlnets = [
+        start_controlnet(zoo_root, preload=[EDGES, DEPTH], cpu_cores=[1], num_threads=1, env=env, wait=False)
+        for _ in range(2)
+    ]
+    unets = [
+        start_unet(
+            zoo_root,
+            MODEL,
+            cpu_cores=[0],
+            num_threads=1,
+            env=env,
+            wait=False,
+            extra_args=["--max-steps", str(LONG_STEPS)],
+        )
+        for _ in range(2)
+    ]
     for service in (store, *controlnets, *unets):
         service.wait_ready()
     gateway = start_gateway(
-        [u.address for u in unets], [c.address for c in controlnets], store.address,
-        extra_args=["--max-steps", str(LONG_STEPS), "--max-size", "512", "--max-loras", "2", "--max-controlnets", "2",
-                    "--max-queue", "1"],
+        [u.address for u in unets],
+        [c.address for c in controlnets],
+        store.address,
+        extra_args=[
+            "--max-steps",
+            str(LONG_STEPS),
+            "--max-size",
+            "512",
+            "--max-loras",
+            "2",
+            "--max-controlnets",
+            "2",
+            "--max-queue",
+            "1",
+        ],
         env=env,
-    )  # fmt: skip
+    )
     channel = rpc.create_channel(gateway.address)
     yield {
-        "gateway": gateway, "stub": gateway_pb2_grpc.GatewayStub(channel), "unets": unets, "controlnets": controlnets,
-        "store": store, "collector": collector,
-    }  # fmt: skip
+        "gateway": gateway,
+        "stub": gateway_pb2_grpc.GatewayStub(channel),
+        "unets": unets,
+        "controlnets": controlnets,
+        "store": store,
+        "collector": collector,
+    }
     channel.close()
     for service in (gateway, *unets, *controlnets, store):
         service.stop()
@@ -63,13 +101,23 @@ def suite(zoo_root, tmp_path_factory):
 def generate_request(loras=(), controlnets=(), steps=STEPS, seed=11, **extra) -> gateway_pb2.GenerateRequest:
     return gateway_pb2.GenerateRequest(
         params=common_pb2.GenerationParams(
-            prompt="a lighthouse at dusk", negative_prompt="blurry", width=64, height=64, num_inference_steps=steps,
-            guidance_scale=7.5, seed=seed, scheduler=common_pb2.SCHEDULER_EULER, model_id=MODEL,
+            prompt="a lighthouse at dusk",
+            negative_prompt="blurry",
+            width=64,
+            height=64,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            seed=seed,
+            scheduler=common_pb2.SCHEDULER_EULER,
+            model_id=MODEL,
         ),
         loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras],
-        controlnets=[common_pb2.ControlNetInput(controlnet_id=c, image=edge_image(64), conditioning_scale=s) for c, s in controlnets],
+        controlnets=[
+            common_pb2.ControlNetInput(controlnet_id=c, image=edge_image(64), conditioning_scale=s)
+            for c, s in controlnets
+        ],
         **extra,
-    )  # fmt: skip
+    )
 
 
 def unet_stub(address: str) -> unet_pb2_grpc.UNetWorkerStub:
@@ -111,9 +159,13 @@ CASES = {
 def direct_request(request: gateway_pb2.GenerateRequest, plan: gateway_pb2.Plan, store: str) -> unet_pb2.DenoiseRequest:
     """The same request, sent by hand to the planned workers (no gateway)."""
     return unet_pb2.DenoiseRequest(
-        params=request.params, loras=request.loras, lora_store_address=store,
-        controlnets=[unet_pb2.ControlNetAttachment(input=cn, worker_address=a.worker)
-                     for cn, a in zip(request.controlnets, plan.controlnets)],  # fmt: skip
+        params=request.params,
+        loras=request.loras,
+        lora_store_address=store,
+        controlnets=[
+            unet_pb2.ControlNetAttachment(input=cn, worker_address=a.worker)
+            for cn, a in zip(request.controlnets, plan.controlnets)
+        ],
     )
 
 
@@ -197,7 +249,9 @@ def test_cancelled_stream_frees_its_worker(suite):
     assert freed_after < 0.2 * step_seconds * (LONG_STEPS - 3)
     unet = next(u for u in suite["unets"] if u.address == plan.unet_worker)
     deadline = time.monotonic() + 5  # the worker logs just after it frees itself
-    while not (cancelled := [line for line in unet.log_lines[logged_before[unet.address]:] if "cancelled before step" in line]):
+    while not (
+        cancelled := [line for line in unet.log_lines[logged_before[unet.address] :] if "cancelled before step" in line]
+    ):
         assert time.monotonic() < deadline, unet.log_tail()
         time.sleep(0.05)
     assert int(cancelled[-1].rsplit("before step", 1)[1].split()[0]) < LONG_STEPS // 2
@@ -265,7 +319,9 @@ def test_client_deadline_propagates_to_the_worker(suite):
     assert time.monotonic() - t0 < 15
     # It did run on a worker, which stopped its loop at the deadline.
     deadline = time.monotonic() + 5
-    while not any("cancelled before step" in line for u in suite["unets"] for line in u.log_lines[logged_before[u.address]:]):
+    while not any(
+        "cancelled before step" in line for u in suite["unets"] for line in u.log_lines[logged_before[u.address] :]
+    ):
         assert time.monotonic() < deadline, "no worker stopped a loop at the deadline"
         time.sleep(0.05)
 
@@ -275,7 +331,9 @@ def test_a_lora_the_store_refuses_fails_the_request_and_frees_the_worker(suite):
     # worker must not sit waiting for deltas that never come.
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
-        suite["stub"].Generate(generate_request(loras=[(BOGUS, 1.0)], lora_bound_steps=2, steps=LONG_STEPS), timeout=120)
+        suite["stub"].Generate(
+            generate_request(loras=[(BOGUS, 1.0)], lora_bound_steps=2, steps=LONG_STEPS), timeout=120
+        )
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "lora_unet_nonexistent_layer" in error.value.details()
     for unet in suite["unets"]:
@@ -328,30 +386,70 @@ INVALID = {
     "width not multiple of 8": (_with(params__width=60), grpc.StatusCode.INVALID_ARGUMENT, "params.width"),
     "height too large": (_with(params__height=1024), grpc.StatusCode.INVALID_ARGUMENT, "params.height"),
     "width too small": (_with(params__width=32), grpc.StatusCode.INVALID_ARGUMENT, "params.width"),
-    "steps too many": (_with(params__num_inference_steps=LONG_STEPS + 1), grpc.StatusCode.INVALID_ARGUMENT, "params.num_inference_steps"),
-    "steps negative": (_with(params__num_inference_steps=-1), grpc.StatusCode.INVALID_ARGUMENT, "params.num_inference_steps"),
-    "guidance negative": (_with(params__guidance_scale=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "params.guidance_scale"),
-    "guidance nan": (_with(params__guidance_scale=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "params.guidance_scale"),
+    "steps too many": (
+        _with(params__num_inference_steps=LONG_STEPS + 1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.num_inference_steps",
+    ),
+    "steps negative": (
+        _with(params__num_inference_steps=-1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.num_inference_steps",
+    ),
+    "guidance negative": (
+        _with(params__guidance_scale=-1.0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.guidance_scale",
+    ),
+    "guidance nan": (
+        _with(params__guidance_scale=float("nan")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "params.guidance_scale",
+    ),
     "scheduler unknown": (_with(params__scheduler=99), grpc.StatusCode.INVALID_ARGUMENT, "params.scheduler"),
     "model unknown": (_with(params__model_id="no-such-model"), grpc.StatusCode.NOT_FOUND, "params.model_id"),
     "lora unknown": (_loras(("no-such-lora", 1.0)), grpc.StatusCode.NOT_FOUND, "loras[0].lora_id"),
-    "lora other family": (_loras(("tiny-sdxl-lora-peft-r4", 1.0)), grpc.StatusCode.INVALID_ARGUMENT, "loras[0].lora_id"),
+    "lora other family": (
+        _loras(("tiny-sdxl-lora-peft-r4", 1.0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "loras[0].lora_id",
+    ),
     "lora scale": (_loras((PEFT, 100.0)), grpc.StatusCode.INVALID_ARGUMENT, "loras[0].scale"),
     "lora twice": (_loras((PEFT, 1.0), (PEFT, 0.5)), grpc.StatusCode.INVALID_ARGUMENT, "loras[1].lora_id"),
     "too many loras": (_loras((PEFT, 1.0), (CONV, 1.0), (R64, 1.0)), grpc.StatusCode.INVALID_ARGUMENT, "loras"),
     "too many controlnets": (lambda r: _cn()(_cn()(_cn()(r))), grpc.StatusCode.INVALID_ARGUMENT, "controlnets"),
     "controlnet unknown": (_cn(controlnet_id="no-such-cn"), grpc.StatusCode.NOT_FOUND, "controlnets[0].controlnet_id"),
-    "controlnet other family": (_cn(controlnet_id="tiny-sdxl-cn-edges"), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].controlnet_id"),
-    "controlnet scale": (_cn(conditioning_scale=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].conditioning_scale"),
-    "controlnet window": (_cn(guidance_start=0.8, guidance_end=0.5), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].guidance_start"),
+    "controlnet other family": (
+        _cn(controlnet_id="tiny-sdxl-cn-edges"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "controlnets[0].controlnet_id",
+    ),
+    "controlnet scale": (
+        _cn(conditioning_scale=-1.0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "controlnets[0].conditioning_scale",
+    ),
+    "controlnet window": (
+        _cn(guidance_start=0.8, guidance_end=0.5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "controlnets[0].guidance_start",
+    ),
     "image empty": (_cn(image=b""), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
     "image undecodable": (_cn(image=b"definitely not a png"), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
     "image truncated": (_cn(image=edge_image(64)[:200]), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
-    "image not png or jpeg": (_cn(image=_image((64, 64), "GIF")), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
+    "image not png or jpeg": (
+        _cn(image=_image((64, 64), "GIF")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "controlnets[0].image",
+    ),
     "image too large": (_cn(image=_image((4104, 8))), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
     "image wrong shape": (_cn(image=_image((64, 128))), grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].image"),
     "request id": (_with(request_id="not an id!"), grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
-    "wire dtype": (_with(controlnet_wire_dtype=common_pb2.DTYPE_INT64), grpc.StatusCode.INVALID_ARGUMENT, "controlnet_wire_dtype"),
+    "wire dtype": (
+        _with(controlnet_wire_dtype=common_pb2.DTYPE_INT64),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "controlnet_wire_dtype",
+    ),
     "preview": (_with(preview_every_n_steps=-1), grpc.StatusCode.INVALID_ARGUMENT, "preview_every_n_steps"),
 }
 
@@ -372,23 +470,35 @@ def test_invalid_requests_are_refused_naming_the_field(suite):
             with pytest.raises(grpc.RpcError) as error:
                 call(mutate(generate_request()), timeout=30)
             assert error.value.code() == code, (name, error.value.details())
-            assert error.value.details().startswith(field + ":") or field in error.value.details(), (name, error.value.details())
+            assert error.value.details().startswith(field + ":") or field in error.value.details(), (
+                name,
+                error.value.details(),
+            )
     assert _worker_states(suite) == before  # nothing reached a worker
     for service in (suite["gateway"], *suite["unets"], *suite["controlnets"], suite["store"]):
         health = health_pb2_grpc.HealthStub(rpc.create_channel(service.address))
-        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     assert stub.Generate(generate_request(), timeout=60).image_png  # and the suite still serves
 
 
 def test_listings(suite):
     stub = suite["stub"]
     models = stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=10).models
-    assert [m.model_id for m in models] == [MODEL] and sorted(models[0].workers) == sorted(u.address for u in suite["unets"])
+    assert [m.model_id for m in models] == [MODEL] and sorted(models[0].workers) == sorted(
+        u.address for u in suite["unets"]
+    )
     assert (models[0].family, models[0].default_width) == ("sd15", 64)
     loras = stub.ListLoras(gateway_pb2.ListLorasRequest(family="sd15"), timeout=10).loras
     assert PEFT in [lora.lora_id for lora in loras] and {lora.family for lora in loras} == {"sd15"}
-    controlnets = {c.controlnet_id: c for c in stub.ListControlNets(gateway_pb2.ListControlNetsRequest(), timeout=10).controlnets}
-    assert controlnets[EDGES].loaded and sorted(controlnets[EDGES].workers) == sorted(c.address for c in suite["controlnets"])
+    controlnets = {
+        c.controlnet_id: c for c in stub.ListControlNets(gateway_pb2.ListControlNetsRequest(), timeout=10).controlnets
+    }
+    assert controlnets[EDGES].loaded and sorted(controlnets[EDGES].workers) == sorted(
+        c.address for c in suite["controlnets"]
+    )
     assert controlnets["tiny-sdxl-cn-edges"].family == "sdxl" and not controlnets["tiny-sdxl-cn-edges"].loaded
     with pytest.raises(grpc.RpcError) as error:
         stub.ListLoras(gateway_pb2.ListLorasRequest(family="sd3"), timeout=10)
@@ -406,10 +516,31 @@ def test_cli_generates_through_the_gateway(suite, tmp_path, capsys):
     edges.write_bytes(edge_image(64))
     out = tmp_path / "out.png"
     address = suite["gateway"].address
-    rc = main([
-        "generate", "--address", address, "--model", MODEL, "--prompt", "a cat", "--width", "64", "--height", "64",
-        "--steps", "2", "--seed", "5", "--lora", f"{PEFT}:0.5", "--controlnet", f"{EDGES}={edges}:0.8", "-o", str(out),
-    ])  # fmt: skip
+    rc = main(
+        [
+            "generate",
+            "--address",
+            address,
+            "--model",
+            MODEL,
+            "--prompt",
+            "a cat",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--seed",
+            "5",
+            "--lora",
+            f"{PEFT}:0.5",
+            "--controlnet",
+            f"{EDGES}={edges}:0.8",
+            "-o",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0 and PIL.Image.open(out).size == (64, 64)
     assert "seed 5" in printed and "plan: unet" in printed and "denoise" in printed
@@ -428,19 +559,34 @@ def test_one_trace_spans_all_four_services(suite):
     assert list(response.plan.pushed_lora_ids) == [KOHYA_TE]
 
     expected = {
-        ("gateway", "/swiftd.v1.Gateway/Generate"), ("gateway", "validate"), ("gateway", "queue"), ("gateway", "plan"),
-        ("gateway", "/swiftd.v1.LoraStore/PushLoras"), ("gateway", "/swiftd.v1.UNetWorker/DenoiseStream"),
-        ("lora_store", "/swiftd.v1.LoraStore/PushLoras"), ("lora_store", "lora_store.prepare"),
-        ("unet", "/swiftd.v1.UNetWorker/ReceiveLoraDeltas"), ("unet", "/swiftd.v1.UNetWorker/DenoiseStream"),
-        ("unet", "text_encode"), ("unet", "lora_text_encoder"), ("unet", "controlnet_setup"), ("unet", "denoise"),
-        ("unet", "lora_unet_patch"), ("unet", "vae_decode"), ("unet", "/swiftd.v1.ControlNetWorker/StreamResiduals"),
-        ("controlnet", "/swiftd.v1.ControlNetWorker/StreamResiduals"), ("controlnet", "controlnet.session_start"),
-    }  # fmt: skip
+        ("gateway", "/swiftd.v1.Gateway/Generate"),
+        ("gateway", "validate"),
+        ("gateway", "queue"),
+        ("gateway", "plan"),
+        ("gateway", "/swiftd.v1.LoraStore/PushLoras"),
+        ("gateway", "/swiftd.v1.UNetWorker/DenoiseStream"),
+        ("lora_store", "/swiftd.v1.LoraStore/PushLoras"),
+        ("lora_store", "lora_store.prepare"),
+        ("unet", "/swiftd.v1.UNetWorker/ReceiveLoraDeltas"),
+        ("unet", "/swiftd.v1.UNetWorker/DenoiseStream"),
+        ("unet", "text_encode"),
+        ("unet", "lora_text_encoder"),
+        ("unet", "controlnet_setup"),
+        ("unet", "denoise"),
+        ("unet", "lora_unet_patch"),
+        ("unet", "vae_decode"),
+        ("unet", "/swiftd.v1.ControlNetWorker/StreamResiduals"),
+        ("controlnet", "/swiftd.v1.ControlNetWorker/StreamResiduals"),
+        ("controlnet", "controlnet.session_start"),
+    }
 
     def complete(spans):  # every process has exported its part
         ids = {s.span_id for s in spans}
-        return expected <= {(s.service, s.name) for s in spans} and all(not s.parent_id or s.parent_id in ids for s in spans) \
-            and sum(s.name == "controlnet.step" for s in spans) == STEPS  # fmt: skip
+        return (
+            expected <= {(s.service, s.name) for s in spans}
+            and all(not s.parent_id or s.parent_id in ids for s in spans)
+            and sum(s.name == "controlnet.step" for s in spans) == STEPS
+        )
 
     spans = suite["collector"].wait_for(response.trace_id, complete)
     by_id = {s.span_id: s for s in spans}
@@ -501,14 +647,18 @@ def test_a_callers_trace_continues_into_the_suite(suite):
     tracing.setup_tracing("test-caller", SimpleSpanProcessor(exporter))
     with trace.get_tracer("test").start_as_current_span("user-request") as user_span:
         with Client(suite["gateway"].address) as client:
-            result = client.generate("a lighthouse at dusk", width=64, height=64, num_inference_steps=2, seed=3, model_id=MODEL)
+            result = client.generate(
+                "a lighthouse at dusk", width=64, height=64, num_inference_steps=2, seed=3, model_id=MODEL
+            )
     user_trace = format(user_span.get_span_context().trace_id, "032x")
     assert result.trace_id == user_trace
     client_span = next(s for s in exporter.get_finished_spans() if s.name == "/swiftd.v1.Gateway/Generate")
     assert client_span.parent.span_id == user_span.get_span_context().span_id
 
     spans = suite["collector"].wait_for(
-        user_trace, lambda spans: {("gateway", "/swiftd.v1.Gateway/Generate"), ("unet", "vae_decode")} <= {(s.service, s.name) for s in spans}
+        user_trace,
+        lambda spans: {("gateway", "/swiftd.v1.Gateway/Generate"), ("unet", "vae_decode")}
+        <= {(s.service, s.name) for s in spans},
     )
     gateway_server = next(s for s in spans if s.service == "gateway" and s.name == "/swiftd.v1.Gateway/Generate")
     assert gateway_server.parent_id == format(client_span.context.span_id, "016x")

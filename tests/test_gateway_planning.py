@@ -10,8 +10,8 @@ import pytest
 
 from services.gateway.admission import AdmissionQueue
 from services.gateway.planner import UNetWorkerState, assign_controlnets, choose_unet_worker
-from swiftd.request import LoraSet
 from swiftd.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from swiftd.request import LoraSet
 
 A = LoraSet.of([("papercut", 0.8)]).key
 B = LoraSet.of([("watercolor", 1.0), ("papercut", 0.5)]).key
@@ -43,7 +43,9 @@ def test_ties_prefer_held_deltas_then_a_worker_without_another_set():
     # Then a pristine worker over one whose set other requests may want again.
     assert choose_unet_worker([worker("w0", applied=A), worker("w1")], B, 1)[0].address == "w1"
     # Requests without LoRAs: least loaded, then first listed.
-    assert choose_unet_worker([worker("w0", load=2), worker("w1", load=1), worker("w2", load=1)], (), 1)[0].address == "w1"
+    assert (
+        choose_unet_worker([worker("w0", load=2), worker("w1", load=1), worker("w2", load=1)], (), 1)[0].address == "w1"
+    )
 
 
 def test_controlnets_spread_one_per_worker_preferring_loaded():
@@ -52,7 +54,10 @@ def test_controlnets_spread_one_per_worker_preferring_loaded():
     assert assign_controlnets(["edges", "depth"], hosts, loaded, Counter()) == ["c0", "c1"]
     assert assign_controlnets(["depth", "edges"], hosts, loaded, Counter()) == ["c1", "c0"]
     # More ControlNets than workers: they share, still balanced.
-    assert Counter(assign_controlnets(["edges", "depth", "edges", "depth"], hosts, loaded, Counter())) == {"c0": 2, "c1": 2}
+    assert Counter(assign_controlnets(["edges", "depth", "edges", "depth"], hosts, loaded, Counter())) == {
+        "c0": 2,
+        "c1": 2,
+    }
     # Load from other requests breaks ties among equals.
     assert assign_controlnets(["edges"], {"edges": ["c0", "c1"]}, {}, Counter({"c0": 3})) == ["c1"]
     with pytest.raises(Unavailable, match="canny"):

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from services.unet.pipeline import UNetPipeline
-from swiftd.request import Request
 from swiftd import zoo
 from swiftd.errors import InvalidArgument, NotFound
 from swiftd.loading import list_ids, load_pipeline, resolve
+from swiftd.request import Request
 
 
 def test_single_file_checkpoint_generates_like_the_folder(zoo_root, tmp_path):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from services.unet.pipeline import UNetPipeline
-from swiftd.request import Request
 from swiftd import zoo
 from swiftd.errors import FailedPrecondition
-from swiftd.lora import LoraPatcher, extract_deltas
 from swiftd.loading import load_pipeline
+from swiftd.lora import LoraPatcher, extract_deltas
+from swiftd.request import Request
 from tests.reference import diffusers_fused_latents
 
 TOLERANCE = 1e-4
@@ -53,17 +53,29 @@ def test_synchronous_patch_matches_diffusers_fuse(family, case):
     paths, pipe, engine, _ = family
     loras = [(f"{paths.family}-{suffix}", scale) for suffix, scale in CASES[case]]
     pristine = weights_digest(pipe)
-    request = Request("a photo of a cat", height=64, width=64, num_inference_steps=4, seed=2, scheduler="euler", loras=loras)
+    request = Request(
+        "a photo of a cat", height=64, width=64, num_inference_steps=4, seed=2, scheduler="euler", loras=loras
+    )
     ours = engine.generate(request).latents
     engine.lora_patcher.restore()
     assert weights_digest(pipe) == pristine
     reference = diffusers_fused_latents(
-        pipe, paths.loras, loras, prompt="a photo of a cat", height=64, width=64, num_inference_steps=4,
-        guidance_scale=7.5, generator=torch.Generator().manual_seed(2), output_type="latent",
-    )  # fmt: skip
+        pipe,
+        paths.loras,
+        loras,
+        prompt="a photo of a cat",
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(2),
+        output_type="latent",
+    )
     diff = (ours - reference).abs().max().item()
     assert diff <= TOLERANCE, f"max abs difference {diff:.3g}"
-    plain = engine.generate(Request("a photo of a cat", height=64, width=64, num_inference_steps=4, seed=2, scheduler="euler")).latents
+    plain = engine.generate(
+        Request("a photo of a cat", height=64, width=64, num_inference_steps=4, seed=2, scheduler="euler")
+    ).latents
     assert (plain - ours).abs().max().item() > 100 * TOLERANCE, "the LoRA must change the output"
 
 

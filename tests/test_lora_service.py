@@ -26,8 +26,12 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def suite(zoo_root, tmp_path_factory):
-    store = start_lora_store(zoo_root, tmp_path_factory.mktemp("lora-cache"), base_models=list(FAMILIES.values()), num_threads=1)
-    workers = {f: start_unet(zoo_root, m, lora_store=store.address, num_threads=1, wait=False) for f, m in FAMILIES.items()}
+    store = start_lora_store(
+        zoo_root, tmp_path_factory.mktemp("lora-cache"), base_models=list(FAMILIES.values()), num_threads=1
+    )
+    workers = {
+        f: start_unet(zoo_root, m, lora_store=store.address, num_threads=1, wait=False) for f, m in FAMILIES.items()
+    }
     for worker in workers.values():
         worker.wait_ready()
     channels = {f: rpc.create_channel(w.address) for f, w in workers.items()}
@@ -46,18 +50,37 @@ def references(zoo_root):
 
 def denoise(channel, model_id, loras=(), k=0, **extra) -> unet_pb2.DenoiseResponse:
     request = unet_pb2.DenoiseRequest(
-        params=common_pb2.GenerationParams(prompt="a photo of a cat", width=64, height=64, num_inference_steps=4,
-                                           guidance_scale=7.5, seed=2, scheduler=common_pb2.SCHEDULER_EULER, model_id=model_id),
-        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras], lora_bound_steps=k, return_latents=True, **extra,
-    )  # fmt: skip
+        params=common_pb2.GenerationParams(
+            prompt="a photo of a cat",
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            guidance_scale=7.5,
+            seed=2,
+            scheduler=common_pb2.SCHEDULER_EULER,
+            model_id=model_id,
+        ),
+        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras],
+        lora_bound_steps=k,
+        return_latents=True,
+        **extra,
+    )
     return unet_pb2_grpc.UNetWorkerStub(channel).Denoise(request, timeout=120)
 
 
 def diffusers_fused(pipe, zoo_root, family, loras):
     return diffusers_fused_latents(
-        pipe, zoo.zoo_paths(zoo_root, FAMILIES[family]).loras, loras, prompt="a photo of a cat", height=64, width=64,
-        num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(2), output_type="latent",
-    )  # fmt: skip
+        pipe,
+        zoo.zoo_paths(zoo_root, FAMILIES[family]).loras,
+        loras,
+        prompt="a photo of a cat",
+        height=64,
+        width=64,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(2),
+        output_type="latent",
+    )
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -76,7 +99,10 @@ def test_k0_through_the_store_matches_diffusers_fuse(suite, references, zoo_root
 def test_removal_restores_base_weights_exactly(suite):
     _, _, channels, _ = suite
     plain = codec.tensor_from_proto(denoise(channels["sd15"], "tiny-sd15").latents)
-    for loras in ([("tiny-sd15-lora-peft-r4", 1.0)], [("tiny-sd15-lora-kohya-r8-conv", 0.3), ("tiny-sd15-lora-peft-r64", -0.5)]):
+    for loras in (
+        [("tiny-sd15-lora-peft-r4", 1.0)],
+        [("tiny-sd15-lora-kohya-r8-conv", 0.3), ("tiny-sd15-lora-peft-r64", -0.5)],
+    ):
         with_lora = codec.tensor_from_proto(denoise(channels["sd15"], "tiny-sd15", loras).latents)
         assert not torch.equal(with_lora, plain)
         again = codec.tensor_from_proto(denoise(channels["sd15"], "tiny-sd15").latents)
@@ -90,17 +116,25 @@ def test_affinity_second_request_patches_nothing(suite):
     second = denoise(channels["sd15"], "tiny-sd15", loras)
     stages = {t.stage for t in second.timings}
     assert "lora_unet_patch" not in stages and second.lora_applied_at_step == 0
-    status = unet_pb2_grpc.UNetWorkerStub(channels["sd15"]).GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=10)
+    status = unet_pb2_grpc.UNetWorkerStub(channels["sd15"]).GetWorkerStatus(
+        unet_pb2.GetWorkerStatusRequest(), timeout=10
+    )
     assert [(x.lora_id, round(x.scale, 6)) for x in status.applied_loras] == [("tiny-sd15-lora-peft-r4", 0.9)]
 
 
 def test_pushed_deltas_are_used(suite, references, zoo_root):
     _, workers, channels, store_channel = suite
     loras = [("tiny-sd15-lora-kohya-r16-te", 0.61)]
-    pushed = lora_store_pb2_grpc.LoraStoreStub(store_channel).PushLoras(lora_store_pb2.PushLorasRequest(
-        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras], base_model_id="tiny-sd15",
-        dtype=common_pb2.DTYPE_FLOAT32, unet_worker_address=workers["sd15"].address, request_id="push-1",
-    ), timeout=60)  # fmt: skip
+    pushed = lora_store_pb2_grpc.LoraStoreStub(store_channel).PushLoras(
+        lora_store_pb2.PushLorasRequest(
+            loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras],
+            base_model_id="tiny-sd15",
+            dtype=common_pb2.DTYPE_FLOAT32,
+            unet_worker_address=workers["sd15"].address,
+            request_id="push-1",
+        ),
+        timeout=60,
+    )
     assert pushed.parameters_sent > 0
     response = denoise(channels["sd15"], "tiny-sd15", loras)
     reference = diffusers_fused(references["sd15"], zoo_root, "sd15", loras)

@@ -24,15 +24,24 @@ from services.lora_store.store import LoraStore
 from swiftd import rpc
 from swiftd.errors import InvalidArgument
 from swiftd.launcher import start_service
-from swiftd.lora import deltas_to_chunks, delta_from_proto, extract_deltas, prepare_deltas
 from swiftd.loading import load_pipeline
+from swiftd.lora import delta_from_proto, deltas_to_chunks, extract_deltas, prepare_deltas
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.model_roots import BOGUS, make_root
 
 BASE = "tiny-sd15"
-SD15_LORAS = ["tiny-sd15-lora-peft-r4", "tiny-sd15-lora-peft-r64", "tiny-sd15-lora-kohya-r16-te", "tiny-sd15-lora-kohya-r8-conv"]
-SCALES = {"tiny-sd15-lora-peft-r4": 1.0, "tiny-sd15-lora-peft-r64": 0.5, "tiny-sd15-lora-kohya-r16-te": 0.7,
-          "tiny-sd15-lora-kohya-r8-conv": 0.0}  # fmt: skip  # 0 = unset = 1.0
+SD15_LORAS = [
+    "tiny-sd15-lora-peft-r4",
+    "tiny-sd15-lora-peft-r64",
+    "tiny-sd15-lora-kohya-r16-te",
+    "tiny-sd15-lora-kohya-r8-conv",
+]
+SCALES = {
+    "tiny-sd15-lora-peft-r4": 1.0,
+    "tiny-sd15-lora-peft-r64": 0.5,
+    "tiny-sd15-lora-kohya-r16-te": 0.7,
+    "tiny-sd15-lora-kohya-r8-conv": 0.0,
+}  # 0 = unset = 1.0
 CHUNK_BYTES = 32 << 10
 F32 = common_pb2.DTYPE_FLOAT32
 
@@ -48,10 +57,21 @@ def root(zoo_root, tmp_path_factory):
 @pytest.fixture(scope="module")
 def store(root, tmp_path_factory):
     cache = tmp_path_factory.mktemp("lora_cache")
-    service = start_service("lora_store", "services.lora_store", [
-        "--model-root", str(root), "--cache-dir", str(cache), "--host-budget-mib", "64",
-        "--chunk-mib", str(CHUNK_BYTES / rpc.MiB),
-    ], num_threads=1)  # fmt: skip
+    service = start_service(
+        "lora_store",
+        "services.lora_store",
+        [
+            "--model-root",
+            str(root),
+            "--cache-dir",
+            str(cache),
+            "--host-budget-mib",
+            "64",
+            "--chunk-mib",
+            str(CHUNK_BYTES / rpc.MiB),
+        ],
+        num_threads=1,
+    )
     channel = rpc.create_channel(service.address)
     yield service, lora_store_pb2_grpc.LoraStoreStub(channel), cache
     channel.close()
@@ -78,9 +98,11 @@ def expected_deltas(extracted, scale, dtype=torch.float32):
 
 def stream(stub, loras, base=BASE, dtype=F32, request_id="t"):
     request = lora_store_pb2.StreamDeltasRequest(
-        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras], base_model_id=base, dtype=dtype,
+        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras],
+        base_model_id=base,
+        dtype=dtype,
         request_id=request_id,
-    )  # fmt: skip
+    )
     return list(stub.StreamDeltas(request, timeout=60))
 
 
@@ -134,9 +156,11 @@ def rpc_error(call, request):
     return info.value
 
 
-_CACHE_LINE = re.compile(r"cache (host|disk|precompute) lora=(\S+) base=(\S+) dtype=(\S+) bytes=(\d+) .*"
-                         r"host_bytes=(\d+) host_budget=(\d+) host_entries=(\d+) precomputes=(\d+) "
-                         r"disk_hits=(\d+) host_hits=(\d+)")  # fmt: skip
+_CACHE_LINE = re.compile(
+    r"cache (host|disk|precompute) lora=(\S+) base=(\S+) dtype=(\S+) bytes=(\d+) .*"
+    r"host_bytes=(\d+) host_budget=(\d+) host_entries=(\d+) precomputes=(\d+) "
+    r"disk_hits=(\d+) host_hits=(\d+)"
+)
 
 
 def cache_events(service, count, timeout=10.0):
@@ -147,8 +171,19 @@ def cache_events(service, count, timeout=10.0):
         for line in list(service.log_lines):
             m = _CACHE_LINE.search(line)
             if m:
-                keys = ["tier", "lora", "base", "dtype", "bytes", "host_bytes", "host_budget", "host_entries",
-                        "precomputes", "disk_hits", "host_hits"]  # fmt: skip
+                keys = [
+                    "tier",
+                    "lora",
+                    "base",
+                    "dtype",
+                    "bytes",
+                    "host_bytes",
+                    "host_budget",
+                    "host_entries",
+                    "precomputes",
+                    "disk_hits",
+                    "host_hits",
+                ]
                 events.append({k: (int(v) if v.isdigit() else v) for k, v in zip(keys, m.groups())})
         if len(events) >= count or time.monotonic() > deadline:
             assert len(events) >= count, f"expected {count} cache lines:\n{service.log_tail()}"
@@ -186,8 +221,13 @@ def test_register_stream_and_remove_a_file_added_while_running(store, root, refe
     shutil.copy(root / "loras" / "tiny-sd15-lora-peft-r4.safetensors", late)
     listed = lambda: [i.lora_id for i in stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10).loras]  # noqa: E731
     assert "late-lora" not in listed()
-    assert rpc_error(stub.StreamDeltas, lora_store_pb2.StreamDeltasRequest(
-        loras=[common_pb2.LoraRef(lora_id="late-lora")], base_model_id=BASE)).code() == grpc.StatusCode.NOT_FOUND  # fmt: skip
+    assert (
+        rpc_error(
+            stub.StreamDeltas,
+            lora_store_pb2.StreamDeltasRequest(loras=[common_pb2.LoraRef(lora_id="late-lora")], base_model_id=BASE),
+        ).code()
+        == grpc.StatusCode.NOT_FOUND
+    )
 
     first = stub.RegisterLora(lora_store_pb2.RegisterLoraRequest(lora_id="late-lora"), timeout=10)
     assert not first.already_registered and first.lora.format == "peft" and first.lora.family == "sd15"
@@ -205,8 +245,10 @@ def test_register_stream_and_remove_a_file_added_while_running(store, root, refe
     assert "late-lora" not in listed()
     assert late.is_file(), "the source file must stay"
     assert not list(cache.glob("*/*/late-lora.safetensors")), "disk-tier entry left behind"
-    error = rpc_error(stub.StreamDeltas, lora_store_pb2.StreamDeltasRequest(
-        loras=[common_pb2.LoraRef(lora_id="late-lora")], base_model_id=BASE))  # fmt: skip
+    error = rpc_error(
+        stub.StreamDeltas,
+        lora_store_pb2.StreamDeltasRequest(loras=[common_pb2.LoraRef(lora_id="late-lora")], base_model_id=BASE),
+    )
     assert error.code() == grpc.StatusCode.NOT_FOUND and "late-lora" in error.details()
 
 
@@ -239,7 +281,11 @@ def test_stream_matches_local_preparation(store, reference, lora_id):
 def test_stream_of_a_lora_set_keeps_order_and_dtype(store, reference):
     _, stub, _ = store
     _, extracted = reference
-    loras = [("tiny-sd15-lora-kohya-r16-te", 0.8), ("tiny-sd15-lora-peft-r64", 1.0), ("tiny-sd15-lora-kohya-r8-conv", -0.5)]
+    loras = [
+        ("tiny-sd15-lora-kohya-r16-te", 0.8),
+        ("tiny-sd15-lora-peft-r64", 1.0),
+        ("tiny-sd15-lora-kohya-r8-conv", -0.5),
+    ]
     got = decode(stream(stub, loras, dtype=common_pb2.DTYPE_FLOAT16))
     assert [(i, s) for i, s, _ in got] == [(i, pytest.approx(s)) for i, s in loras]
     for (lora_id, scale), (_, _, deltas) in zip(loras, got):
@@ -259,7 +305,9 @@ def test_stream_sdxl_with_both_text_encoders(store, root):
     assert any(n.startswith("text_encoder_2.") for n in got[0][2])
 
 
-@pytest.mark.parametrize("base, lora_id", [("tiny-sd15", "tiny-sd15-lora-kohya-r16-te"), ("tiny-sdxl", "tiny-sdxl-lora-kohya-r16-te")])
+@pytest.mark.parametrize(
+    "base, lora_id", [("tiny-sd15", "tiny-sd15-lora-kohya-r16-te"), ("tiny-sdxl", "tiny-sdxl-lora-kohya-r16-te")]
+)
 def test_chunks_keep_the_order_contract(store, base, lora_id):
     """protos/swiftd/v1/lora_store.proto: within a LoRA every text-encoder delta precedes every UNet
     delta, and the first UNet delta arrives before the last chunk (the worker starts text encoding
@@ -270,7 +318,9 @@ def test_chunks_keep_the_order_contract(store, base, lora_id):
     components = [n.split(".", 1)[0] for n in names]
     assert "unet" in components and components[0].startswith("text_encoder")
     assert components == sorted(components, key=("text_encoder", "text_encoder_2", "unet").index)
-    first_unet_chunk = next(i for i, c in enumerate(chunks) if any(d.parameter_name.startswith("unet.") for d in c.deltas))
+    first_unet_chunk = next(
+        i for i, c in enumerate(chunks) if any(d.parameter_name.startswith("unet.") for d in c.deltas)
+    )
     assert first_unet_chunk < len(chunks) - 1 and chunks[-1].last and not any(c.last for c in chunks[:-1])
     # The order holds even for deltas held UNet first.
     held = {d.parameter_name: delta_from_proto(d)[1] for c in chunks for d in c.deltas}
@@ -290,10 +340,15 @@ def test_bad_requests_change_nothing(store, root):
         error = rpc_error(stub.RegisterLora, lora_store_pb2.RegisterLoraRequest(lora_id=bad))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, error.details())
         assert "lora_id" in error.details()
-        error = rpc_error(stub.StreamDeltas, lora_store_pb2.StreamDeltasRequest(
-            loras=[common_pb2.LoraRef(lora_id=bad)], base_model_id=BASE))  # fmt: skip
+        error = rpc_error(
+            stub.StreamDeltas,
+            lora_store_pb2.StreamDeltasRequest(loras=[common_pb2.LoraRef(lora_id=bad)], base_model_id=BASE),
+        )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (bad, error.details())
-    assert rpc_error(stub.RemoveLora, lora_store_pb2.RemoveLoraRequest(lora_id="a/../b")).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        rpc_error(stub.RemoveLora, lora_store_pb2.RemoveLoraRequest(lora_id="a/../b")).code()
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
     error = rpc_error(stub.RegisterLora, lora_store_pb2.RegisterLoraRequest(lora_id="no-such-lora"))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "no-such-lora" in error.details()
@@ -304,24 +359,40 @@ def test_bad_requests_change_nothing(store, root):
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "junk" in error.details()
     finally:
         junk.unlink()
-    request = lambda **kw: lora_store_pb2.StreamDeltasRequest(**{  # noqa: E731
-        "loras": [common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")], "base_model_id": BASE, **kw})
+
+    def request(**fields):
+        defaults = {"loras": [common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")], "base_model_id": BASE}
+        return lora_store_pb2.StreamDeltasRequest(**{**defaults, **fields})
+
     cases = {
-        "unknown lora": (request(loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4"),
-                                        common_pb2.LoraRef(lora_id="no-such-lora")]),
-                         grpc.StatusCode.NOT_FOUND, "no-such-lora"),
+        "unknown lora": (
+            request(
+                loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4"), common_pb2.LoraRef(lora_id="no-such-lora")]
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "no-such-lora",
+        ),
         "unknown base": (request(base_model_id="no-such-model"), grpc.StatusCode.NOT_FOUND, "no-such-model"),
         "no base": (request(base_model_id=""), grpc.StatusCode.INVALID_ARGUMENT, "base_model_id"),
         "no loras": (request(loras=[]), grpc.StatusCode.INVALID_ARGUMENT, "loras"),
         "int dtype": (request(dtype=common_pb2.DTYPE_INT64), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
         "unknown dtype": (request(dtype=42), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
-        "nan scale": (request(loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4", scale=float("nan"))]),
-                      grpc.StatusCode.INVALID_ARGUMENT, "scale"),
-        "sdxl lora on sd15": (request(loras=[common_pb2.LoraRef(lora_id="tiny-sdxl-lora-peft-r4")]),
-                              grpc.StatusCode.FAILED_PRECONDITION, "tiny-sdxl-lora-peft-r4"),
-        "unknown target key": (request(loras=[common_pb2.LoraRef(lora_id=BOGUS)]),
-                               grpc.StatusCode.FAILED_PRECONDITION, "lora_unet_nonexistent_layer"),
-    }  # fmt: skip
+        "nan scale": (
+            request(loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4", scale=float("nan"))]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "scale",
+        ),
+        "sdxl lora on sd15": (
+            request(loras=[common_pb2.LoraRef(lora_id="tiny-sdxl-lora-peft-r4")]),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "tiny-sdxl-lora-peft-r4",
+        ),
+        "unknown target key": (
+            request(loras=[common_pb2.LoraRef(lora_id=BOGUS)]),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "lora_unet_nonexistent_layer",
+        ),
+    }
     for name, (req, code, needle) in cases.items():
         error = rpc_error(stub.StreamDeltas, req)
         assert error.code() == code, (name, error.code(), error.details())
@@ -349,10 +420,15 @@ class Receiver(unet_pb2_grpc.UNetWorkerServicer):
         chunks = list(request_iterator)
         self.streams.append(chunks)
         return unet_pb2.ReceiveLoraDeltasResponse(
-            lora_ids=[c.lora_id for c in chunks if c.last], parameters_received=sum(len(c.deltas) for c in chunks),
-            bytes_received=sum(len(t.data) for c in chunks for d in c.deltas
-                               for t in ([d.full] if d.HasField("full") else [d.factored.up, d.factored.down])),
-        )  # fmt: skip
+            lora_ids=[c.lora_id for c in chunks if c.last],
+            parameters_received=sum(len(c.deltas) for c in chunks),
+            bytes_received=sum(
+                len(t.data)
+                for c in chunks
+                for d in c.deltas
+                for t in ([d.full] if d.HasField("full") else [d.factored.up, d.factored.down])
+            ),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -372,9 +448,16 @@ def test_push_to_a_worker(store, reference, receiver):
     servicer, address = receiver
     loras = [("tiny-sd15-lora-kohya-r8-conv", 1.0), ("tiny-sd15-lora-peft-r4", 0.25)]
     stub.PrefetchLora(lora_store_pb2.PrefetchLoraRequest(lora_id=loras[0][0], base_model_id=BASE), timeout=60)
-    response = stub.PushLoras(lora_store_pb2.PushLorasRequest(
-        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras], base_model_id=BASE, dtype=F32,
-        unet_worker_address=address, request_id="push-1"), timeout=60)  # fmt: skip
+    response = stub.PushLoras(
+        lora_store_pb2.PushLorasRequest(
+            loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras],
+            base_model_id=BASE,
+            dtype=F32,
+            unet_worker_address=address,
+            request_id="push-1",
+        ),
+        timeout=60,
+    )
     got = decode(servicer.streams[-1])
     assert [(i, s) for i, s, _ in got] == loras
     for (lora_id, scale), (_, _, deltas) in zip(loras, got):
@@ -390,12 +473,23 @@ def test_push_to_an_unreachable_worker(store):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"  # closed again: nothing listens there
-    error = rpc_error(stub.PushLoras, lora_store_pb2.PushLorasRequest(
-        loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")], base_model_id=BASE,
-        unet_worker_address=address))  # fmt: skip
+    error = rpc_error(
+        stub.PushLoras,
+        lora_store_pb2.PushLorasRequest(
+            loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")],
+            base_model_id=BASE,
+            unet_worker_address=address,
+        ),
+    )
     assert error.code() == grpc.StatusCode.UNAVAILABLE and address in error.details()
-    error = rpc_error(stub.PushLoras, lora_store_pb2.PushLorasRequest(
-        loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")], base_model_id=BASE, unet_worker_address="nowhere"))  # fmt: skip
+    error = rpc_error(
+        stub.PushLoras,
+        lora_store_pb2.PushLorasRequest(
+            loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")],
+            base_model_id=BASE,
+            unet_worker_address="nowhere",
+        ),
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "unet_worker_address" in error.details()
     assert_healthy(service, stub)
 
@@ -408,7 +502,8 @@ def test_host_budget_and_restart_from_disk(root, reference, tmp_path):
     budget_mib = 2.5
     args = ["--model-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--host-budget-mib", str(budget_mib)]
     prefetch = lambda stub, lora_id: stub.PrefetchLora(  # noqa: E731
-        lora_store_pb2.PrefetchLoraRequest(lora_id=lora_id, base_model_id=BASE), timeout=60)
+        lora_store_pb2.PrefetchLoraRequest(lora_id=lora_id, base_model_id=BASE), timeout=60
+    )
     big, small = "tiny-sd15-lora-peft-r64", "tiny-sd15-lora-kohya-r16-te"
 
     service = start_service("lora_store", "services.lora_store", args, num_threads=1)

@@ -274,9 +274,7 @@ def test_large_residual_messages_round_trip_bit_exact(channel):
 def test_fp16_wire_dtype_over_the_stream(channel):
     stub = controlnet_pb2_grpc.ControlNetWorkerStub(channel)
     sample = torch.randn(2, 4, 64, 64)
-    responses = list(
-        stub.StreamResiduals(iter([_session(common_pb2.DTYPE_FLOAT16), _step(0, sample)]), timeout=60)
-    )
+    responses = list(stub.StreamResiduals(iter([_session(common_pb2.DTYPE_FLOAT16), _step(0, sample)]), timeout=60))
     (resp,) = responses
     mid = resp.mid_block_res_sample
     assert mid.dtype == common_pb2.DTYPE_FLOAT16 and len(mid.data) == sample.numel() * 2
@@ -321,7 +319,9 @@ def test_health_check_serving(channel, server):
 
 def test_reflection_lists_services(channel):
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    (resp,) = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    (resp,) = list(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    )
     names = {s.name for s in resp.list_services_response.service}
     assert {rpc.CONTROLNET_SERVICE, "grpc.health.v1.Health"} <= names
 

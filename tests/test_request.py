@@ -101,7 +101,12 @@ def test_unset_fields_stay_unset_and_resolve_to_the_defaults():
     assert request.seed is None and request.lora_bound_steps is None and request.scheduler == ""
     assert not request.to_pb().params.HasField("seed") and not request.to_pb().HasField("lora_bound_steps")
     resolved = request.resolved(native_size=512, default_lora_bound_steps=2)
-    assert (resolved.width, resolved.height, resolved.num_inference_steps, resolved.guidance_scale) == (512, 512, 20, 7.5)
+    assert (resolved.width, resolved.height, resolved.num_inference_steps, resolved.guidance_scale) == (
+        512,
+        512,
+        20,
+        7.5,
+    )
     assert resolved.lora_bound_steps == 2 and isinstance(resolved.seed, int)
     assert resolved.resolved(native_size=64) == resolved  # idempotent: the seed is drawn once
 

@@ -12,13 +12,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.unet.pipeline import UNetPipeline
-from swiftd.request import ControlNet, Request
 from swiftd import codec, rpc, zoo
-from swiftd.images import edge_image
 from swiftd.controlnet_step import ControlNetStepper
+from swiftd.images import edge_image
 from swiftd.launcher import start_unet
 from swiftd.loading import load_controlnet, load_pipeline
 from swiftd.lora import extract_deltas
+from swiftd.request import ControlNet, Request
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
 
 MODEL = "tiny-sd15"
@@ -37,19 +37,34 @@ def worker(zoo_root):
 
 
 def request(steps=4, size=64, **overrides) -> unet_pb2.DenoiseRequest:
-    params = dict(prompt="a photo of a horse", width=size, height=size, num_inference_steps=steps,
-                  guidance_scale=7.5, seed=123, scheduler=common_pb2.SCHEDULER_EULER, model_id=MODEL)  # fmt: skip
+    params = dict(
+        prompt="a photo of a horse",
+        width=size,
+        height=size,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        seed=123,
+        scheduler=common_pb2.SCHEDULER_EULER,
+        model_id=MODEL,
+    )
     params.update(overrides.pop("params", {}))
     return unet_pb2.DenoiseRequest(params=common_pb2.GenerationParams(**params), **overrides)
 
 
 def with_addons(**kwargs) -> unet_pb2.DenoiseRequest:
     return request(
-        controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(
-            controlnet_id=CN, image=edge_image(64), conditioning_scale=0.9, guidance_end=0.8))],
+        controlnets=[
+            unet_pb2.ControlNetAttachment(
+                input=common_pb2.ControlNetInput(
+                    controlnet_id=CN, image=edge_image(64), conditioning_scale=0.9, guidance_end=0.8
+                )
+            )
+        ],
         loras=[common_pb2.LoraRef(lora_id=LORA, scale=0.7)],
-        return_latents=True, request_id="r-1", **kwargs,
-    )  # fmt: skip
+        return_latents=True,
+        request_id="r-1",
+        **kwargs,
+    )
 
 
 def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root):
@@ -71,10 +86,18 @@ def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root)
         load_lora=lambda lid: extract_deltas(pipe, paths.loras[lid]),
     )
     cond = PIL.Image.open(io.BytesIO(edge_image(64))).convert("RGB")
-    expected = engine.generate(Request(
-        "a photo of a horse", width=64, height=64, num_inference_steps=4, seed=123, scheduler="euler",
-        controlnets=[ControlNet(CN, cond, 0.9, 0.0, 0.8)], loras=[(LORA, 0.7)],
-    ))  # fmt: skip
+    expected = engine.generate(
+        Request(
+            "a photo of a horse",
+            width=64,
+            height=64,
+            num_inference_steps=4,
+            seed=123,
+            scheduler="euler",
+            controlnets=[ControlNet(CN, cond, 0.9, 0.0, 0.8)],
+            loras=[(LORA, 0.7)],
+        )
+    )
     latents = codec.tensor_from_proto(response.latents)
     assert torch.allclose(latents, expected.latents, atol=1e-5, rtol=0)
 
@@ -86,17 +109,64 @@ def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root)
         (request(params={"model_id": "nope"}), grpc.StatusCode.NOT_FOUND, "params.model_id"),
         (request(params={"scheduler": 99}), grpc.StatusCode.INVALID_ARGUMENT, "params.scheduler"),
         (request(loras=[common_pb2.LoraRef(lora_id="missing-lora")]), grpc.StatusCode.NOT_FOUND, "lora_id"),
-        (request(loras=[common_pb2.LoraRef(lora_id="../../etc/passwd")]), grpc.StatusCode.INVALID_ARGUMENT, "loras[0].lora_id"),
-        (request(loras=[common_pb2.LoraRef(lora_id="tiny-sdxl-lora-peft-r4")]), grpc.StatusCode.FAILED_PRECONDITION, "tiny-sdxl-lora-peft-r4"),
-        (request(controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(controlnet_id="missing-cn", image=edge_image(64)))]),
-         grpc.StatusCode.NOT_FOUND, "controlnet_id"),
-        (request(controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(controlnet_id=CN, image=b"not an image"))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].input.image"),
-        (request(controlnets=[unet_pb2.ControlNetAttachment(input=common_pb2.ControlNetInput(controlnet_id=CN, image=edge_image(64), guidance_start=0.9, guidance_end=0.5))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "controlnets[0].input.guidance_start"),
+        (
+            request(loras=[common_pb2.LoraRef(lora_id="../../etc/passwd")]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "loras[0].lora_id",
+        ),
+        (
+            request(loras=[common_pb2.LoraRef(lora_id="tiny-sdxl-lora-peft-r4")]),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "tiny-sdxl-lora-peft-r4",
+        ),
+        (
+            request(
+                controlnets=[
+                    unet_pb2.ControlNetAttachment(
+                        input=common_pb2.ControlNetInput(controlnet_id="missing-cn", image=edge_image(64))
+                    )
+                ]
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "controlnet_id",
+        ),
+        (
+            request(
+                controlnets=[
+                    unet_pb2.ControlNetAttachment(
+                        input=common_pb2.ControlNetInput(controlnet_id=CN, image=b"not an image")
+                    )
+                ]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "controlnets[0].input.image",
+        ),
+        (
+            request(
+                controlnets=[
+                    unet_pb2.ControlNetAttachment(
+                        input=common_pb2.ControlNetInput(
+                            controlnet_id=CN, image=edge_image(64), guidance_start=0.9, guidance_end=0.5
+                        )
+                    )
+                ]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "controlnets[0].input.guidance_start",
+        ),
     ],
-    ids=["width", "model", "scheduler", "lora-missing", "lora-path", "lora-family", "cn-missing", "cn-image", "cn-window"],
-)  # fmt: skip
+    ids=[
+        "width",
+        "model",
+        "scheduler",
+        "lora-missing",
+        "lora-path",
+        "lora-family",
+        "cn-missing",
+        "cn-image",
+        "cn-window",
+    ],
+)
 def test_bad_requests_get_clear_status_and_change_nothing(worker, bad, code, field):
     stub, channel, service = worker
     # Put a LoRA set in place first: a bad request must not change it.

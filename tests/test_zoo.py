@@ -177,7 +177,9 @@ def test_controlnets_load_and_have_nonzero_distinct_residuals(zoo_dir, family):
             assert len(down) == len(pipe.unet.down_blocks) * (pipe.unet.config.layers_per_block + 1)
             assert all(r.abs().mean() > 1e-3 for r in [*down, mid])
             assert all(torch.isfinite(r).all() for r in [*down, mid])
-            out = pipe.unet(sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra).sample
+            out = pipe.unet(
+                sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid, **extra
+            ).sample
             change = ((out - base).std() / base.std()).item()
             assert 0.02 < change < 2.0, change  # meaningful, but does not swamp the UNet
             residuals.append(mid)
@@ -219,7 +221,9 @@ def test_lora_loads_fuses_and_changes_the_right_weights(zoo_dir, family, kind):
     assert len(attn) == n_targets  # every targeted UNet layer moved (no zero up matrices)
     assert all(k.endswith(".weight") for k in unet_changed)
     if kind.endswith("-conv"):
-        assert len(convs) == 2 * sum(len(b.resnets) for b in [*pipe.unet.down_blocks, pipe.unet.mid_block, *pipe.unet.up_blocks])
+        assert len(convs) == 2 * sum(
+            len(b.resnets) for b in [*pipe.unet.down_blocks, pipe.unet.mid_block, *pipe.unet.up_blocks]
+        )
     else:
         assert not convs
     for encoder, keys in changed.items():
@@ -245,19 +249,31 @@ def test_fused_deltas_match_the_files(zoo_dir, family):
     pipe, before, _ = _fused(zoo_dir, family, f"{family}-lora-kohya-r8-conv")
     sd = load_file(zoo.zoo_paths(zoo_dir, family).loras[f"{family}-lora-kohya-r8-conv"])
     rank = zoo.LORA_KINDS["kohya-r8-conv"][1]
-    modules = ["up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k", "up_blocks.1.resnets.2.conv2", "mid_block.resnets.1.conv1"]
+    modules = [
+        "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k",
+        "up_blocks.1.resnets.2.conv2",
+        "mid_block.resnets.1.conv1",
+    ]
     for module in modules:
         name = zoo.kohya_unet_name(module, spec)
         alpha = sd[f"{name}.alpha"].item()
         assert alpha != rank
         after = pipe.unet.get_submodule(module).weight.detach()
-        check(before["unet"][f"{module}.weight"], after, sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"], alpha / rank)
+        check(
+            before["unet"][f"{module}.weight"],
+            after,
+            sd[f"{name}.lora_down.weight"],
+            sd[f"{name}.lora_up.weight"],
+            alpha / rank,
+        )
 
     # kohya with text encoder(s): one UNet layer and one layer per text encoder.
     pipe, before, _ = _fused(zoo_dir, family, f"{family}-lora-kohya-r16-te")
     sd = load_file(zoo.zoo_paths(zoo_dir, family).loras[f"{family}-lora-kohya-r16-te"])
     rank = zoo.LORA_KINDS["kohya-r16-te"][1]
-    targets = [("unet", "down_blocks.1.attentions.0.proj_in", zoo.kohya_unet_name("down_blocks.1.attentions.0.proj_in", spec))]
+    targets = [
+        ("unet", "down_blocks.1.attentions.0.proj_in", zoo.kohya_unet_name("down_blocks.1.attentions.0.proj_in", spec))
+    ]
     for i, encoder in enumerate(["text_encoder", "text_encoder_2"][: len(spec.text_encoders)]):
         # transformers 5's CLIPTextModel has no `text_model.` level; kohya names always do.
         module = next(n for n, _ in zoo.te_lora_targets(getattr(pipe, encoder)) if n.endswith("layers.1.mlp.fc1"))
@@ -267,28 +283,49 @@ def test_fused_deltas_match_the_files(zoo_dir, family):
     for component, module, name in targets:
         after = getattr(pipe, component).get_submodule(module).weight.detach()
         alpha = sd[f"{name}.alpha"].item()
-        check(before[component][f"{module}.weight"], after, sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"], alpha / rank)
+        check(
+            before[component][f"{module}.weight"],
+            after,
+            sd[f"{name}.lora_down.weight"],
+            sd[f"{name}.lora_up.weight"],
+            alpha / rank,
+        )
 
     # PEFT: no alpha stored, so scale 1.
     pipe, before, _ = _fused(zoo_dir, family, f"{family}-lora-peft-r4")
     sd = load_file(zoo.zoo_paths(zoo_dir, family).loras[f"{family}-lora-peft-r4"])
     module = "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
     after = pipe.unet.get_submodule(module).weight.detach()
-    check(before["unet"][f"{module}.weight"], after, sd[f"unet.{module}.lora_A.weight"], sd[f"unet.{module}.lora_B.weight"], 1.0)
+    check(
+        before["unet"][f"{module}.weight"],
+        after,
+        sd[f"unet.{module}.lora_A.weight"],
+        sd[f"unet.{module}.lora_B.weight"],
+        1.0,
+    )
 
 
 # --- reproducibility and idempotence --------------------------------------------------------------
 
 
 def _tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_build_is_byte_identical_across_processes(zoo_dir, tmp_path):
     # A separate process (its own hash seed, fresh RNG state) must produce the very same bytes.
     other = tmp_path / "zoo-b"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    subprocess.run([sys.executable, "-m", "swiftd.zoo", "build", "--out", str(other), "--only", *TINY], check=True, cwd=REPO, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "swiftd.zoo", "build", "--out", str(other), "--only", *TINY],
+        check=True,
+        cwd=REPO,
+        env=env,
+    )
     a, b = _tree_hashes(zoo_dir), _tree_hashes(other)
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
@@ -341,7 +378,13 @@ def _meta_param_counts(family: str) -> dict[str, int]:
         ("sd15", {"unet": 859_520_964, "controlnet": 361_279_120, "vae": 83_653_863, "text_encoder": 123_060_480}),
         (
             "sdxl",
-            {"unet": 2_567_463_684, "controlnet": 1_251_014_160, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+            {
+                "unet": 2_567_463_684,
+                "controlnet": 1_251_014_160,
+                "vae": 83_653_863,
+                "text_encoder": 123_060_480,
+                "text_encoder_2": 694_659_840,
+            },
         ),
     ],
 )
@@ -364,7 +407,13 @@ def test_kohya_names_map_back_through_diffusers(family):
     sd = {}
     for module in targets:
         name = zoo.kohya_unet_name(module, spec)
-        sd.update({f"{name}.lora_down.weight": torch.zeros(1), f"{name}.lora_up.weight": torch.zeros(1), f"{name}.alpha": torch.tensor(1.0)})
+        sd.update(
+            {
+                f"{name}.lora_down.weight": torch.zeros(1),
+                f"{name}.lora_up.weight": torch.zeros(1),
+                f"{name}.alpha": torch.tensor(1.0),
+            }
+        )
     pipe_cls = getattr(diffusers, zoo.zoo_paths(".", family).pipeline_class)
     converted, _ = pipe_cls.lora_state_dict(sd, unet_config=unet.config)
     peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})

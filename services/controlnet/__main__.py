@@ -29,9 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--budget-mib", type=int, default=8192, help="memory budget for resident ControlNets")
     parser.add_argument("--preload", nargs="*", default=[], metavar="ID", help="ControlNets to load before serving")
-    parser.add_argument("--compiled-artifacts", type=Path, nargs="+", default=[], metavar="DIR",
-                        help="artifact directories from `python -m compiler build --controlnet-id ...` (one per base "
-                             "model family served): ControlNets of a compiled architecture run compiled, others eagerly")  # fmt: skip
+    parser.add_argument(
+        "--compiled-artifacts",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="artifact directories from `python -m compiler build --controlnet-id ...` (one per base "
+        "model family served): ControlNets of a compiled architecture run compiled, others eagerly",
+    )
     add_server_arguments(parser)
     return parser
 
@@ -68,7 +74,9 @@ def stepper_factory(args):
             return artifacts.stepper(controlnet)  # no artifact of its architecture: eager, logged
         except (CompilerError, RuntimeError):
             # Serving this ControlNet slower beats not serving it (the directory itself was checked at start).
-            log.exception("cannot bind the compiled artifacts of %s to this ControlNet: it runs eagerly", artifacts.directory)
+            log.exception(
+                "cannot bind the compiled artifacts of %s to this ControlNet: it runs eagerly", artifacts.directory
+            )
             return ControlNetStepper(controlnet)
 
     return make_stepper, compiled
@@ -81,8 +89,9 @@ def main(argv=None) -> None:
     tracing.setup_tracing("controlnet")
 
     make_stepper, compiled = stepper_factory(args)
-    registry = ControlNetRegistry(args.model_root, args.budget_mib << 20, DTYPES[args.dtype], args.device,
-                                  make_stepper=make_stepper)  # fmt: skip
+    registry = ControlNetRegistry(
+        args.model_root, args.budget_mib << 20, DTYPES[args.dtype], args.device, make_stepper=make_stepper
+    )
     for controlnet_id in args.preload:
         registry.load(controlnet_id)
     report = None
@@ -91,15 +100,22 @@ def main(argv=None) -> None:
 
         from compiler.runtime import compile_activity
 
-        log.info("ready: compiled %s; compilation so far in this process: %s", sorted(registry.compiled()), compile_activity())
+        log.info(
+            "ready: compiled %s; compilation so far in this process: %s",
+            sorted(registry.compiled()),
+            compile_activity(),
+        )
 
         def report():
             steps = sum((Counter(artifacts.calls()) for artifacts in compiled), Counter())
             log.info("first session done: steps %s; compilation in this process: %s", dict(steps), compile_activity())
 
     servicer = ControlNetWorkerServicer(registry, after_first_session=report)
-    serve(rpc.CONTROLNET_SERVICE, server_config,
-          lambda server: controlnet_pb2_grpc.add_ControlNetWorkerServicer_to_server(servicer, server))  # fmt: skip
+    serve(
+        rpc.CONTROLNET_SERVICE,
+        server_config,
+        lambda server: controlnet_pb2_grpc.add_ControlNetWorkerServicer_to_server(servicer, server),
+    )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,15 @@ class ControlNetRegistry:
     a compiled stepper bound to the model's weights (services/controlnet/__main__.py).
     """
 
-    def __init__(self, model_root: Path, budget_bytes: int, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 loader: Callable[[Path, torch.dtype, str], ControlNetModel] = load_controlnet,
-                 make_stepper: Callable[[ControlNetModel], ControlNetStepper] = ControlNetStepper):  # fmt: skip
+    def __init__(
+        self,
+        model_root: Path,
+        budget_bytes: int,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        loader: Callable[[Path, torch.dtype, str], ControlNetModel] = load_controlnet,
+        make_stepper: Callable[[ControlNetModel], ControlNetStepper] = ControlNetStepper,
+    ):
         self.model_root = Path(model_root)
         self.budget_bytes = budget_bytes
         self.dtype = dtype
@@ -99,8 +105,13 @@ class ControlNetRegistry:
             with self._lock:
                 self._entries[controlnet_id] = entry
                 self._evict_locked(keep=controlnet_id)
-            log.info("loaded ControlNet %s (%.1f MB, %s) in %.2f s", controlnet_id, entry.nbytes / 1e6,
-                     "compiled" if entry.stepper.compiled else "eager", seconds)  # fmt: skip
+            log.info(
+                "loaded ControlNet %s (%.1f MB, %s) in %.2f s",
+                controlnet_id,
+                entry.nbytes / 1e6,
+                "compiled" if entry.stepper.compiled else "eager",
+                seconds,
+            )
             return False, seconds
 
     def unload(self, controlnet_id: str) -> bool:
@@ -155,7 +166,9 @@ class SessionRunner:
             model = self.stepper.controlnet
             needs_added = model.config.addition_embed_type == "text_time"
             if needs_added and (session.text_embeds is None or session.time_ids is None):
-                raise InvalidArgument("start.text_embeds", f"controlnet {session.controlnet_id!r} (SDXL) needs text_embeds and time_ids")
+                raise InvalidArgument(
+                    "start.text_embeds", f"controlnet {session.controlnet_id!r} (SDXL) needs text_embeds and time_ids"
+                )
             expected = model.config.cross_attention_dim
             if session.encoder_hidden_states.shape[-1] != expected:
                 raise InvalidArgument(
@@ -177,12 +190,20 @@ class SessionRunner:
         c = self.session
         sample = self._cast(sample)
         if sample.shape[0] != self._hidden.shape[0]:
-            raise InvalidArgument("step.sample", f"batch {sample.shape[0]} != encoder_hidden_states batch {self._hidden.shape[0]}")
+            raise InvalidArgument(
+                "step.sample", f"batch {sample.shape[0]} != encoder_hidden_states batch {self._hidden.shape[0]}"
+            )
         t = torch.tensor(timestep, dtype=torch.float32, device=sample.device)
         return self.stepper.step(
-            sample, t, self._hidden, self.cond_embedding, c.conditioning_scale, c.guess_mode,
-            self._text_embeds, self._time_ids,
-        )  # fmt: skip
+            sample,
+            t,
+            self._hidden,
+            self.cond_embedding,
+            c.conditioning_scale,
+            c.guess_mode,
+            self._text_embeds,
+            self._time_ids,
+        )
 
     def close(self) -> None:
         if not getattr(self, "_closed", False):

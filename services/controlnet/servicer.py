@@ -32,7 +32,9 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
             raise InvalidArgument("start", "the first message of a residual stream must be a SessionStart")
         start = first.start
         wire_dtype = start.wire_dtype or common_pb2.DTYPE_UNSPECIFIED
-        with tracer.start_as_current_span("controlnet.session_start", attributes={"controlnet.id": start.controlnet_id}):
+        with tracer.start_as_current_span(
+            "controlnet.session_start", attributes={"controlnet.id": start.controlnet_id}
+        ):
             runner = SessionRunner(self.registry, ControlNetSession.from_pb(start))  # embeds the hint once
         log.debug("session %s/%s opened", start.request_id, start.controlnet_id)
         try:
@@ -47,7 +49,9 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
                 seconds = time.perf_counter() - t0
                 yield controlnet_pb2.ResidualsResponse(
                     step_index=step.step_index,
-                    down_block_res_samples=[codec.tensor_to_proto(r, wire_dtype) for r in residuals.down_block_res_samples],
+                    down_block_res_samples=[
+                        codec.tensor_to_proto(r, wire_dtype) for r in residuals.down_block_res_samples
+                    ],
                     mid_block_res_sample=codec.tensor_to_proto(residuals.mid_block_res_sample, wire_dtype),
                     compute_seconds=seconds,
                 )
@@ -67,22 +71,28 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
 
     def _info(self, controlnet_id: str, loaded: dict[str, int], compiled: set[str]) -> common_pb2.ControlNetInfo:
         return common_pb2.ControlNetInfo(
-            controlnet_id=controlnet_id, family=self.registry.family(controlnet_id),
-            size_bytes=loaded.get(controlnet_id, 0), loaded=controlnet_id in loaded, compiled=controlnet_id in compiled,
-        )  # fmt: skip
+            controlnet_id=controlnet_id,
+            family=self.registry.family(controlnet_id),
+            size_bytes=loaded.get(controlnet_id, 0),
+            loaded=controlnet_id in loaded,
+            compiled=controlnet_id in compiled,
+        )
 
     def ListControlNets(self, request, context):
         loaded, compiled = self.registry.loaded(), self.registry.compiled()
         ids = sorted(set(self.registry.available()) | set(loaded))
-        return controlnet_pb2.ControlNetWorkerListControlNetsResponse(controlnets=[self._info(i, loaded, compiled) for i in ids])
+        return controlnet_pb2.ControlNetWorkerListControlNetsResponse(
+            controlnets=[self._info(i, loaded, compiled) for i in ids]
+        )
 
     def LoadControlNet(self, request, context):
         check_id("controlnet_id", request.controlnet_id)
         already, seconds = self.registry.load(request.controlnet_id)
         return controlnet_pb2.LoadControlNetResponse(
             controlnet=self._info(request.controlnet_id, self.registry.loaded(), self.registry.compiled()),
-            already_loaded=already, load_seconds=seconds,
-        )  # fmt: skip
+            already_loaded=already,
+            load_seconds=seconds,
+        )
 
     def UnloadControlNet(self, request, context):
         check_id("controlnet_id", request.controlnet_id)

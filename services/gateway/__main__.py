@@ -27,12 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unet", nargs="+", required=True, metavar="HOST:PORT", help="UNet workers")
     parser.add_argument("--controlnet", nargs="*", default=[], metavar="HOST:PORT", help="ControlNet workers")
     parser.add_argument("--lora-store", default="", metavar="HOST:PORT", help="LoRA store (empty: LoRAs are refused)")
-    parser.add_argument("--default-model", default="", help="model for requests that name none (empty: the first listed)")
-    parser.add_argument("--per-worker-concurrency", type=int, default=1, help="requests admitted per UNet worker of a model")
+    parser.add_argument(
+        "--default-model", default="", help="model for requests that name none (empty: the first listed)"
+    )
+    parser.add_argument(
+        "--per-worker-concurrency", type=int, default=1, help="requests admitted per UNet worker of a model"
+    )
     parser.add_argument("--max-queue", type=int, default=64, help="requests per model that may wait for admission")
-    parser.add_argument("--lora-bound-steps", type=int, default=None,
-                        help="BAL bound K for requests that give none (default: the UNet workers' own default)")
-    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds, when the client sets no deadline")
+    parser.add_argument(
+        "--lora-bound-steps",
+        type=int,
+        default=None,
+        help="BAL bound K for requests that give none (default: the UNet workers' own default)",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds, when the client sets no deadline"
+    )
     parser.add_argument("--catalog-ttl", type=float, default=10.0, help="seconds between refreshes of the listings")
     add_limit_arguments(parser)
     add_server_arguments(parser)
@@ -43,11 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args) -> GatewayConfig:
     return GatewayConfig(
-        unet_workers=args.unet, controlnet_workers=args.controlnet, lora_store=args.lora_store,
-        default_model=args.default_model, limits=limits_from_args(args), per_worker_concurrency=args.per_worker_concurrency,
-        max_queue=args.max_queue, default_lora_bound_steps=args.lora_bound_steps,
-        request_timeout=args.request_timeout, catalog_ttl=args.catalog_ttl,
-    )  # fmt: skip
+        unet_workers=args.unet,
+        controlnet_workers=args.controlnet,
+        lora_store=args.lora_store,
+        default_model=args.default_model,
+        limits=limits_from_args(args),
+        per_worker_concurrency=args.per_worker_concurrency,
+        max_queue=args.max_queue,
+        default_lora_bound_steps=args.lora_bound_steps,
+        request_timeout=args.request_timeout,
+        catalog_ttl=args.catalog_ttl,
+    )
 
 
 def main(argv=None) -> None:
@@ -56,7 +72,11 @@ def main(argv=None) -> None:
     configure_process(server_config)
     tracing.setup_tracing("gateway")
     servicer = GatewayServicer(config_from_args(args))
-    serve(rpc.GATEWAY_SERVICE, server_config, lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server))
+    serve(
+        rpc.GATEWAY_SERVICE,
+        server_config,
+        lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
+    )
 
 
 if __name__ == "__main__":

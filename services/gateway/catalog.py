@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 import grpc
 
 from swiftd import rpc, tracing
-from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
+from swiftd.v1 import (
+    common_pb2,
+    controlnet_pb2,
+    controlnet_pb2_grpc,
+    lora_store_pb2,
+    lora_store_pb2_grpc,
+    unet_pb2,
+    unet_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 MIN_FORCED_REFRESH_INTERVAL = 1.0  # seconds: unknown ids cannot make the gateway hammer the workers
@@ -38,8 +46,15 @@ class Listing:
 
 
 class Catalog:
-    def __init__(self, channels: rpc.ChannelPool, unet_workers: list[str], controlnet_workers: list[str],
-                 lora_store: str, ttl: float, call_timeout: float):  # fmt: skip
+    def __init__(
+        self,
+        channels: rpc.ChannelPool,
+        unet_workers: list[str],
+        controlnet_workers: list[str],
+        lora_store: str,
+        ttl: float,
+        call_timeout: float,
+    ):
         self._channels = channels
         self._unet_workers = unet_workers
         self._controlnet_workers = controlnet_workers
@@ -68,14 +83,30 @@ class Catalog:
     def _fetch(self) -> Listing:
         listing = Listing(fetched_at=time.monotonic())
         submit = tracing.submitter(self._pool)  # the calls belong to the trace of the request that refreshes
-        unet = {a: submit(self._call, unet_pb2_grpc.UNetWorkerStub, "ListModels", a,
-                                     unet_pb2.UNetWorkerListModelsRequest()) for a in self._unet_workers}  # fmt: skip
-        cn = {a: submit(self._call, controlnet_pb2_grpc.ControlNetWorkerStub, "ListControlNets", a,
-                                   controlnet_pb2.ControlNetWorkerListControlNetsRequest()) for a in self._controlnet_workers}  # fmt: skip
+        unet = {
+            a: submit(self._call, unet_pb2_grpc.UNetWorkerStub, "ListModels", a, unet_pb2.UNetWorkerListModelsRequest())
+            for a in self._unet_workers
+        }
+        cn = {
+            a: submit(
+                self._call,
+                controlnet_pb2_grpc.ControlNetWorkerStub,
+                "ListControlNets",
+                a,
+                controlnet_pb2.ControlNetWorkerListControlNetsRequest(),
+            )
+            for a in self._controlnet_workers
+        }
         store = (
-            submit(self._call, lora_store_pb2_grpc.LoraStoreStub, "ListLoras", self.lora_store,
-                              lora_store_pb2.LoraStoreListLorasRequest())  # fmt: skip
-            if self.lora_store else None
+            submit(
+                self._call,
+                lora_store_pb2_grpc.LoraStoreStub,
+                "ListLoras",
+                self.lora_store,
+                lora_store_pb2.LoraStoreListLorasRequest(),
+            )
+            if self.lora_store
+            else None
         )
         for address, future in unet.items():
             if (response := future.result()) is None:
@@ -115,5 +146,7 @@ class Catalog:
         try:
             return getattr(stub_class(self._channels.get(address)), method)(request, timeout=self._timeout)
         except grpc.RpcError as exc:
-            log.warning("%s on %s failed: %s %s (left out of the catalog)", method, address, exc.code().name, exc.details())
+            log.warning(
+                "%s on %s failed: %s %s (left out of the catalog)", method, address, exc.code().name, exc.details()
+            )
             return None

@@ -68,8 +68,9 @@ def choose_unet_worker(workers: list[UNetWorkerState], want: LoraSetKey, slots: 
     return best, bool(want) and best.applied == want
 
 
-def assign_controlnets(controlnet_ids: list[str], hosts: dict[str, list[str]], loaded: dict[str, set[str]],
-                       busy: Counter) -> list[str]:  # fmt: skip
+def assign_controlnets(
+    controlnet_ids: list[str], hosts: dict[str, list[str]], loaded: dict[str, set[str]], busy: Counter
+) -> list[str]:
     """One worker address per ControlNet of a request, spread across workers."""
     used: Counter = Counter()
     chosen = []
@@ -87,7 +88,9 @@ def assign_controlnets(controlnet_ids: list[str], hosts: dict[str, list[str]], l
 class Planner:
     """Polls the UNet workers' status at plan time and records what this gateway has sent where."""
 
-    def __init__(self, channels: rpc.ChannelPool, unet_workers: list[str], slots_per_worker: int, status_timeout: float):
+    def __init__(
+        self, channels: rpc.ChannelPool, unet_workers: list[str], slots_per_worker: int, status_timeout: float
+    ):
         self._channels = channels
         self._unet_workers = unet_workers
         self._slots = slots_per_worker
@@ -105,7 +108,9 @@ class Planner:
             self._down_until.pop(address, None)
             return status
         except grpc.RpcError as exc:
-            log.warning("UNet worker %s skipped for %.0f s: status %s %s", address, DOWN_SECONDS, exc.code().name, exc.details())
+            log.warning(
+                "UNet worker %s skipped for %.0f s: status %s %s", address, DOWN_SECONDS, exc.code().name, exc.details()
+            )
             self._down_until[address] = time.monotonic() + DOWN_SECONDS
             return None
 
@@ -118,8 +123,15 @@ class Planner:
         pending = {a: submit(self._status, a, timeout) for a in ask}
         return {a: f.result() for a, f in pending.items()}
 
-    def plan(self, model_id: str, loras: LoraSet, controlnet_ids: list[str], controlnet_hosts: dict[str, list[str]],
-             controlnet_loaded: dict[str, set[str]], remaining: float) -> tuple[gateway_pb2.Plan, int]:  # fmt: skip
+    def plan(
+        self,
+        model_id: str,
+        loras: LoraSet,
+        controlnet_ids: list[str],
+        controlnet_hosts: dict[str, list[str]],
+        controlnet_loaded: dict[str, set[str]],
+        remaining: float,
+    ) -> tuple[gateway_pb2.Plan, int]:
         """The plan and the chosen UNet worker's weight dtype (LoRA deltas are prepared in it).
 
         Reserves the workers: the caller must `release(plan)` when the request ends.
@@ -129,27 +141,35 @@ class Planner:
         with self._lock:
             workers = [
                 UNetWorkerState(
-                    address=address, model_ids=list(s.model_ids),
+                    address=address,
+                    model_ids=list(s.model_ids),
                     applied=LoraSet.from_pb(s.applied_loras).key,
                     cached={lora.key for lora in LoraSet.from_pb(s.cached_loras)},
-                    load=max(s.requests_in_flight + s.queue_length, self._outstanding[address]), dtype=s.dtype,
-                )  # fmt: skip
-                for address, s in statuses.items() if s is not None and model_id in s.model_ids
+                    load=max(s.requests_in_flight + s.queue_length, self._outstanding[address]),
+                    dtype=s.dtype,
+                )
+                for address, s in statuses.items()
+                if s is not None and model_id in s.model_ids
             ]
             if not workers:
                 raise Unavailable(f"no reachable UNet worker serves model {model_id!r}")
             worker, already_applied = choose_unet_worker(workers, want, self._slots)
-            controlnet_workers = assign_controlnets(controlnet_ids, controlnet_hosts, controlnet_loaded, self._controlnet_busy)
+            controlnet_workers = assign_controlnets(
+                controlnet_ids, controlnet_hosts, controlnet_loaded, self._controlnet_busy
+            )
             self._outstanding[worker.address] += 1
             self._controlnet_busy.update(controlnet_workers)
         push = [] if already_applied else [lora.lora_id for lora in loras if lora.key not in worker.cached]
         plan = gateway_pb2.Plan(
             unet_worker=worker.address,
-            controlnets=[gateway_pb2.ControlNetAssignment(controlnet_id=c, worker=w) for c, w in zip(controlnet_ids, controlnet_workers)],
+            controlnets=[
+                gateway_pb2.ControlNetAssignment(controlnet_id=c, worker=w)
+                for c, w in zip(controlnet_ids, controlnet_workers)
+            ],
             lora_ids=loras.ids,
             lora_set_already_applied=already_applied,
             pushed_lora_ids=push,
-        )  # fmt: skip
+        )
         return plan, worker.dtype
 
     def release(self, plan: gateway_pb2.Plan) -> None:

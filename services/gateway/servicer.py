@@ -30,7 +30,6 @@ from swiftd.v1 import (
     gateway_pb2_grpc,
     lora_store_pb2,
     lora_store_pb2_grpc,
-    unet_pb2,
     unet_pb2_grpc,
 )
 
@@ -124,7 +123,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 log.info("request %s -> %s", request.request_id, plan_attributes(plan))
                 started = gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"])
                 yield gateway_pb2.GenerateStreamResponse(started=started)
-                yield from self._run(self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start)
+                yield from self._run(
+                    self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start
+                )
             finally:
                 self.planner.release(plan)
         finally:
@@ -139,7 +140,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             lora_store_address=self.config.lora_store if request.loras else "",
             pushed_lora_ids=tuple(plan.pushed_lora_ids),
             lora_bound_steps=(
-                request.lora_bound_steps if request.lora_bound_steps is not None else self.config.default_lora_bound_steps
+                request.lora_bound_steps
+                if request.lora_bound_steps is not None
+                else self.config.default_lora_bound_steps
             ),
         )
 

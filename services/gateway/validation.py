@@ -59,4 +59,6 @@ def _model(request: Request, listing: Listing, catalog: Catalog, default_model: 
 
 def _check_family(field: str, kind: str, item_id: str, family: str, model: common_pb2.ModelInfo) -> None:
     if family and model.family and family != model.family:
-        raise InvalidArgument(field, f"{kind} {item_id!r} is for {family}; params.model_id {model.model_id!r} is {model.family}")
+        raise InvalidArgument(
+            field, f"{kind} {item_id!r} is for {family}; params.model_id {model.model_id!r} is {model.family}"
+        )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from services.lora_store.store import LoraStore
 from services.lora_store.servicer import LoraStoreServicer
+from services.lora_store.store import LoraStore
 from swiftd import rpc, tracing
 from swiftd.loading import DTYPES
 from swiftd.server import (
@@ -27,16 +27,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.lora_store", description=__doc__)
     parser.add_argument("--model-root", type=Path, required=True, help="model repository with loras/ and models/")
     parser.add_argument("--cache-dir", type=Path, default=None, help="disk tier of prepared deltas (default: none)")
-    parser.add_argument("--host-budget-mib", type=float, default=4096.0,
-                        help="byte budget of the host-memory tier of prepared deltas, MiB (fractions allowed)")
-    parser.add_argument("--chunk-mib", type=float, default=rpc.LORA_CHUNK_BYTES / rpc.MiB,
-                        help="target tensor bytes per LoraDeltaChunk, MiB (fractions allowed, e.g. 0.25 = 256 KiB)")
-    parser.add_argument("--default-dtype", choices=sorted(DTYPES), default="float32",
-                        help="serving dtype for requests that leave dtype unspecified")
+    parser.add_argument(
+        "--host-budget-mib",
+        type=float,
+        default=4096.0,
+        help="byte budget of the host-memory tier of prepared deltas, MiB (fractions allowed)",
+    )
+    parser.add_argument(
+        "--chunk-mib",
+        type=float,
+        default=rpc.LORA_CHUNK_BYTES / rpc.MiB,
+        help="target tensor bytes per LoraDeltaChunk, MiB (fractions allowed, e.g. 0.25 = 256 KiB)",
+    )
+    parser.add_argument(
+        "--default-dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="serving dtype for requests that leave dtype unspecified",
+    )
     parser.add_argument("--push-timeout", type=float, default=300.0, help="deadline of one PushLoras stream, seconds")
     parser.add_argument("--base-model", nargs="*", default=[], metavar="ID", help="base models to load before serving")
-    parser.add_argument("--prefetch", nargs="*", default=[], metavar="LORA_ID",
-                        help="LoRAs to prepare for every --base-model (default dtype) before serving")
+    parser.add_argument(
+        "--prefetch",
+        nargs="*",
+        default=[],
+        metavar="LORA_ID",
+        help="LoRAs to prepare for every --base-model (default dtype) before serving",
+    )
     add_server_arguments(parser)
     return parser
 
@@ -54,8 +71,11 @@ def main(argv=None) -> None:
         for lora_id in args.prefetch:
             store.prefetch(lora_id, model_id)
     servicer = LoraStoreServicer(store, chunk_bytes=chunk_bytes, push_timeout=args.push_timeout)
-    serve(rpc.LORA_STORE_SERVICE, server_config,
-          lambda server: lora_store_pb2_grpc.add_LoraStoreServicer_to_server(servicer, server))  # fmt: skip
+    serve(
+        rpc.LORA_STORE_SERVICE,
+        server_config,
+        lambda server: lora_store_pb2_grpc.add_LoraStoreServicer_to_server(servicer, server),
+    )
 
 
 if __name__ == "__main__":

@@ -88,9 +88,15 @@ def module_of(key: str) -> tuple[str, str | None, str | None]:
 
 def component_of(module: str) -> tuple[str | None, str]:
     """(pipeline component or None when the key does not say, the rest with '_' separators)."""
-    for prefix, component in (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
-                              ("lora_te_", "text_encoder"), ("unet.", "unet"), ("text_encoder_2.", "text_encoder_2"),
-                              ("text_encoder.", "text_encoder")):  # fmt: skip
+    for prefix, component in (
+        ("lora_unet_", "unet"),
+        ("lora_te1_", "text_encoder"),
+        ("lora_te2_", "text_encoder_2"),
+        ("lora_te_", "text_encoder"),
+        ("unet.", "unet"),
+        ("text_encoder_2.", "text_encoder_2"),
+        ("text_encoder.", "text_encoder"),
+    ):
         if module.startswith(prefix):
             return component, module[len(prefix) :].replace(".", "_")
     rest = module.removeprefix("base_model.model.")
@@ -152,8 +158,11 @@ def infer_family(shapes: dict[str, list[int]], bases: list[BaseSignature]) -> st
     if context_dim in _FAMILY_OF_CONTEXT_DIM:
         return _FAMILY_OF_CONTEXT_DIM[context_dim]
     if context_dim is not None:
-        families = {b.family for b in bases if b.cross_attention_dim == context_dim
-                    and (linear is None or b.linear_projection == linear)}  # fmt: skip
+        families = {
+            b.family
+            for b in bases
+            if b.cross_attention_dim == context_dim and (linear is None or b.linear_projection == linear)
+        }
         if len(families) == 1:
             return families.pop()
     return ""
@@ -183,9 +192,16 @@ def read_lora_file(lora_id: str, path: Path, bases: list[BaseSignature]) -> Lora
     if not modules or not formats:
         raise FailedPrecondition(f"lora {lora_id!r}: no LoRA weights in the file")
     return LoraFileInfo(
-        lora_id=lora_id, path=path, family=infer_family(shapes, bases), rank=rank, num_targets=len(modules),
-        size_bytes=st.st_size, format=next(iter(formats)), modules=tuple(modules), stat=(st.st_size, st.st_mtime_ns),
-    )  # fmt: skip
+        lora_id=lora_id,
+        path=path,
+        family=infer_family(shapes, bases),
+        rank=rank,
+        num_targets=len(modules),
+        size_bytes=st.st_size,
+        format=next(iter(formats)),
+        modules=tuple(modules),
+        stat=(st.st_size, st.st_mtime_ns),
+    )
 
 
 class LoraCatalog:
@@ -235,8 +251,15 @@ class LoraCatalog:
         with self._lock:
             already = lora_id in self._entries
             self._entries[lora_id] = info
-        log.info("registered lora %s: %s, %s, rank %d, %d targets, %.1f MB", lora_id, info.family or "family unknown",
-                 info.format, info.rank, info.num_targets, info.size_bytes / 1e6)  # fmt: skip
+        log.info(
+            "registered lora %s: %s, %s, rank %d, %d targets, %.1f MB",
+            lora_id,
+            info.family or "family unknown",
+            info.format,
+            info.rank,
+            info.num_targets,
+            info.size_bytes / 1e6,
+        )
         return info, already
 
     def get(self, lora_id: str, field: str = "lora_id") -> LoraFileInfo:

@@ -22,9 +22,13 @@ tracer = trace.get_tracer("swiftd.lora_store")
 
 def lora_info(info: LoraFileInfo) -> common_pb2.LoraInfo:
     return common_pb2.LoraInfo(
-        lora_id=info.lora_id, family=info.family, rank=info.rank, num_targets=info.num_targets,
-        size_bytes=info.size_bytes, format=info.format,
-    )  # fmt: skip
+        lora_id=info.lora_id,
+        family=info.family,
+        rank=info.rank,
+        num_targets=info.num_targets,
+        size_bytes=info.size_bytes,
+        format=info.format,
+    )
 
 
 def dtype_from_request(value: int):
@@ -67,10 +71,13 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
         dtype = dtype_from_request(request.dtype)
         with tracer.start_as_current_span("lora_store.prepare") as span:
             served = self.store.lora_set(LoraSet.from_pb(request.loras), request.base_model_id, dtype)
-            span.set_attributes({
-                "lora.ids": [s.lora_id for s in served], "lora.tiers": [s.tier for s in served],
-                "lora.bytes": sum(s.nbytes for s in served),
-            })  # fmt: skip
+            span.set_attributes(
+                {
+                    "lora.ids": [s.lora_id for s in served],
+                    "lora.tiers": [s.tier for s in served],
+                    "lora.bytes": sum(s.nbytes for s in served),
+                }
+            )
         return served
 
     def StreamDeltas(self, request, context):
@@ -104,10 +111,18 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
         seconds = time.perf_counter() - t0
         parameters = sum(len(s.deltas) for s in served)
         nbytes = sum(s.nbytes for s in served)
-        log.info("pushed %d lora(s), %d parameters, %.1f MB to %s in %.3f s (request %s)", len(served), parameters,
-                 nbytes / 1e6, address, seconds, request.request_id)  # fmt: skip
+        log.info(
+            "pushed %d lora(s), %d parameters, %.1f MB to %s in %.3f s (request %s)",
+            len(served),
+            parameters,
+            nbytes / 1e6,
+            address,
+            seconds,
+            request.request_id,
+        )
         return lora_store_pb2.PushLorasResponse(
-            parameters_sent=parameters, bytes_sent=nbytes, seconds=seconds,
+            parameters_sent=parameters,
+            bytes_sent=nbytes,
+            seconds=seconds,
             cache_hits=[s.lora_id for s in served if s.tier == "host"],
-        )  # fmt: skip
-
+        )

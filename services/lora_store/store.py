@@ -30,8 +30,8 @@ from diffusers import DiffusionPipeline
 from services.lora_store.catalog import LoraCatalog, LoraFileInfo, component_of
 from services.lora_store.tiers import CacheKey, DiskTier, HostTier, PreparedLora
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
-from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
 from swiftd.loading import load_pipeline, pipeline_family, resolve
+from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
 from swiftd.request import LoraSet, check_id
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,14 @@ def check_shapes(lora_id: str, pipe: DiffusionPipeline, deltas: LoraDeltas) -> N
 
 
 class LoraStore:
-    def __init__(self, model_root: Path, cache_dir: Path | None, host_budget_bytes: int,
-                 default_dtype: torch.dtype = torch.float32, pipeline_loader=load_pipeline):  # fmt: skip
+    def __init__(
+        self,
+        model_root: Path,
+        cache_dir: Path | None,
+        host_budget_bytes: int,
+        default_dtype: torch.dtype = torch.float32,
+        pipeline_loader=load_pipeline,
+    ):
         self.model_root = Path(model_root)
         self.catalog = LoraCatalog(self.model_root)
         self.bases = BaseModels(self.model_root, pipeline_loader)
@@ -217,8 +223,13 @@ class LoraStore:
     def stats(self) -> dict[str, int]:
         with self._lock:
             counts = dict(self._counts)
-        return {**counts, "host_bytes": self.host.nbytes, "host_budget": self.host.budget_bytes,
-                "host_entries": len(self.host), "host_evictions": self.host.evictions}  # fmt: skip
+        return {
+            **counts,
+            "host_bytes": self.host.nbytes,
+            "host_budget": self.host.budget_bytes,
+            "host_entries": len(self.host),
+            "host_evictions": self.host.evictions,
+        }
 
     def resolve_dtype(self, dtype: torch.dtype | None) -> torch.dtype:
         dtype = dtype or self.default_dtype
@@ -226,8 +237,9 @@ class LoraStore:
             raise InvalidArgument("dtype", f"{dtype} is not a serving dtype (float32, float16, bfloat16)")
         return dtype
 
-    def entry(self, lora_id: str, base_model_id: str, dtype: torch.dtype | None = None,
-              field: str = "lora_id") -> tuple[PreparedLora, str, float]:  # fmt: skip
+    def entry(
+        self, lora_id: str, base_model_id: str, dtype: torch.dtype | None = None, field: str = "lora_id"
+    ) -> tuple[PreparedLora, str, float]:
         """(prepared scale-1 entry, tier it came from, seconds spent). Fills the tiers above it."""
         t0 = time.perf_counter()
         dtype = self.resolve_dtype(dtype)
@@ -269,8 +281,12 @@ class LoraStore:
                 if not self.catalog.is_current(info):  # removed (or replaced) meanwhile: keep nothing
                     self.disk.drop_lora(lora_id)
                 elif not self.host.put(key, prepared):
-                    log.warning("lora %s (%d bytes) exceeds the host budget (%d bytes): served from disk",
-                                lora_id, prepared.nbytes, self.host.budget_bytes)  # fmt: skip
+                    log.warning(
+                        "lora %s (%d bytes) exceeds the host budget (%d bytes): served from disk",
+                        lora_id,
+                        prepared.nbytes,
+                        self.host.budget_bytes,
+                    )
             return self._report(key, prepared, tier, t0)
 
     def _precompute(self, info: LoraFileInfo, base_model_id: str, dtype: torch.dtype) -> LoraDeltas:
@@ -288,9 +304,18 @@ class LoraStore:
         s = self.stats()
         log.info(
             "cache %s lora=%s base=%s dtype=%s bytes=%d seconds=%.4f host_bytes=%d host_budget=%d host_entries=%d "
-            "precomputes=%d disk_hits=%d host_hits=%d", tier, *key, prepared.nbytes, seconds, s["host_bytes"],
-            s["host_budget"], s["host_entries"], s["precomputes"], s["disk_hits"], s["host_hits"],
-        )  # fmt: skip
+            "precomputes=%d disk_hits=%d host_hits=%d",
+            tier,
+            *key,
+            prepared.nbytes,
+            seconds,
+            s["host_bytes"],
+            s["host_budget"],
+            s["host_entries"],
+            s["precomputes"],
+            s["disk_hits"],
+            s["host_hits"],
+        )
         return prepared, tier, seconds
 
     def prefetch(self, lora_id: str, base_model_id: str, dtype: torch.dtype | None = None) -> tuple[bool, float, int]:
@@ -317,4 +342,3 @@ class LoraStore:
             deltas = prepared.deltas if scale == 1.0 else prepare_deltas(prepared.deltas, scale, dtype)
             served.append(ServedLora(lora_id, scale, deltas, tier))
         return served
-

@@ -138,7 +138,9 @@ class DiskTier:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if (meta.get("format"), meta.get("source_sha256"), meta.get("base_signature")) != (
-                    DISK_FORMAT, source_sha256, base_signature
+                    DISK_FORMAT,
+                    source_sha256,
+                    base_signature,
                 ):
                     log.info("disk tier: %s is stale (source, base or format changed)", path)
                     return None
@@ -170,9 +172,14 @@ class DiskTier:
                 tensors[f"{name}.down"] = delta.down.contiguous()
         lora_id, base_model_id, dtype = key
         meta = {
-            "format": DISK_FORMAT, "order": json.dumps(list(entry.deltas)), "source_sha256": entry.source_sha256,
-            "base_signature": base_signature, "lora_id": lora_id, "base_model_id": base_model_id, "dtype": dtype,
-        }  # fmt: skip
+            "format": DISK_FORMAT,
+            "order": json.dumps(list(entry.deltas)),
+            "source_sha256": entry.source_sha256,
+            "base_signature": base_signature,
+            "lora_id": lora_id,
+            "base_model_id": base_model_id,
+            "dtype": dtype,
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:

@@ -29,25 +29,53 @@ log = logging.getLogger("services.unet")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.unet", description=__doc__)
-    parser.add_argument("--model-root", type=Path, required=True, help="model repository (models/, controlnets/, loras/)")
+    parser.add_argument(
+        "--model-root", type=Path, required=True, help="model repository (models/, controlnets/, loras/)"
+    )
     parser.add_argument("--model-id", required=True, help="base model to serve: models/<id> folder or single file")
-    parser.add_argument("--config", type=Path, default=None, help="Diffusers config folder for a single-file checkpoint")
+    parser.add_argument(
+        "--config", type=Path, default=None, help="Diffusers config folder for a single-file checkpoint"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--lora-cache-mib", type=int, default=2048, help="byte budget of received LoRA deltas")
-    parser.add_argument("--lora-store", default="", help="LoRA store address to pull deltas from (empty: prepare locally)")
-    parser.add_argument("--lora-bound-steps", type=int, default=0,
-                        help="default BAL bound K: LoRA deltas are in place before step K at the latest (0: synchronous)")
-    parser.add_argument("--lora-wait-timeout", type=float, default=120.0, help="longest wait for a LoRA's deltas (seconds)")
-    parser.add_argument("--controlnet-step-timeout", type=float, default=60.0,
-                        help="longest wait for one step's residuals from a ControlNet worker (seconds)")
-    parser.add_argument("--compiled-artifacts", type=Path, default=None,
-                        help="artifact directory from `python -m compiler build`: the UNet halves, VAE decoder and "
-                             "in-process ControlNets run compiled (none given: eagerly)")
-    parser.add_argument("--compile-missing", action="store_true",
-                        help="build --compiled-artifacts at start when the directory has none (compiles for minutes)")
-    parser.add_argument("--compile-resolution", type=int, nargs="+", default=None,
-                        help="resolutions --compile-missing builds (default: the model's native size)")
+    parser.add_argument(
+        "--lora-store", default="", help="LoRA store address to pull deltas from (empty: prepare locally)"
+    )
+    parser.add_argument(
+        "--lora-bound-steps",
+        type=int,
+        default=0,
+        help="default BAL bound K: LoRA deltas are in place before step K at the latest (0: synchronous)",
+    )
+    parser.add_argument(
+        "--lora-wait-timeout", type=float, default=120.0, help="longest wait for a LoRA's deltas (seconds)"
+    )
+    parser.add_argument(
+        "--controlnet-step-timeout",
+        type=float,
+        default=60.0,
+        help="longest wait for one step's residuals from a ControlNet worker (seconds)",
+    )
+    parser.add_argument(
+        "--compiled-artifacts",
+        type=Path,
+        default=None,
+        help="artifact directory from `python -m compiler build`: the UNet halves, VAE decoder and "
+        "in-process ControlNets run compiled (none given: eagerly)",
+    )
+    parser.add_argument(
+        "--compile-missing",
+        action="store_true",
+        help="build --compiled-artifacts at start when the directory has none (compiles for minutes)",
+    )
+    parser.add_argument(
+        "--compile-resolution",
+        type=int,
+        nargs="+",
+        default=None,
+        help="resolutions --compile-missing builds (default: the model's native size)",
+    )
     add_limit_arguments(parser)
     add_server_arguments(parser)
     return parser
@@ -70,7 +98,9 @@ def load_backbone(args, pipe) -> Backbone:
     try:
         if args.compile_missing and not (args.compiled_artifacts / MANIFEST).exists():
             resolutions = args.compile_resolution or [pipe.unet.config.sample_size * pipe.vae_scale_factor]
-            log.info("compiling the backbone into %s for %s px (--compile-missing) ...", args.compiled_artifacts, resolutions)
+            log.info(
+                "compiling the backbone into %s for %s px (--compile-missing) ...", args.compiled_artifacts, resolutions
+            )
             build(
                 pipe,
                 args.compiled_artifacts,
@@ -136,7 +166,9 @@ def main(argv=None) -> None:
         controlnet_step_timeout=args.controlnet_step_timeout,
         limits=limits_from_args(args),
     )
-    serve(rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server))
+    serve(
+        rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server)
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from swiftd import codec, rpc, tracing
 from swiftd.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServingError, Unavailable, from_rpc_error
 from swiftd.lora import LoraDeltas, delta_from_proto
 from swiftd.request import Lora, LoraKey, LoraSet, LoraSetKey
-from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc
+from swiftd.v1 import lora_store_pb2, lora_store_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,15 @@ class LoraFetch:
 class LoraInbox:
     """Received deltas by (lora_id, scale); complete entries kept LRU under a byte budget."""
 
-    def __init__(self, budget_bytes: int, dtype: torch.dtype, base_model_id: str,
-                 prepare_local: Callable[[str, float], LoraDeltas] | None = None,
-                 default_store: str = "", wait_timeout: float = 120.0):  # fmt: skip
+    def __init__(
+        self,
+        budget_bytes: int,
+        dtype: torch.dtype,
+        base_model_id: str,
+        prepare_local: Callable[[str, float], LoraDeltas] | None = None,
+        default_store: str = "",
+        wait_timeout: float = 120.0,
+    ):
         self.budget_bytes = budget_bytes
         self.dtype = dtype
         self.base_model_id = base_model_id
@@ -185,7 +191,11 @@ class LoraInbox:
                     current = None
         except BaseException as exc:
             if current is not None and not current.complete:
-                current.fail(exc if isinstance(exc, ServingError) else Unavailable(f"lora {current.key[0]!r}: transfer broke off: {exc}"))
+                current.fail(
+                    exc
+                    if isinstance(exc, ServingError)
+                    else Unavailable(f"lora {current.key[0]!r}: transfer broke off: {exc}")
+                )
             raise
         finally:
             self._evict()
@@ -196,8 +206,10 @@ class LoraInbox:
         channel = self._channels.get(store)
         request = lora_store_pb2.StreamDeltasRequest(
             loras=loras.to_pb(),
-            base_model_id=self.base_model_id, dtype=codec.dtype_to_proto(self.dtype), request_id=request_id,
-        )  # fmt: skip
+            base_model_id=self.base_model_id,
+            dtype=codec.dtype_to_proto(self.dtype),
+            request_id=request_id,
+        )
         try:
             self.receive(lora_store_pb2_grpc.LoraStoreStub(channel).StreamDeltas(request, timeout=self.wait_timeout))
         except grpc.RpcError as exc:
@@ -211,8 +223,14 @@ class LoraInbox:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def fetch(self, loras: LoraSet, request_id: str, store: str = "",
-              should_stop: Callable[[], bool] | None = None, pushed: Iterable[str] = ()) -> LoraFetch:  # fmt: skip
+    def fetch(
+        self,
+        loras: LoraSet,
+        request_id: str,
+        store: str = "",
+        should_stop: Callable[[], bool] | None = None,
+        pushed: Iterable[str] = (),
+    ) -> LoraFetch:
         """Entries for a request's LoRAs; missing ones are pulled or prepared (not waited for).
 
         LoRA ids in `pushed` are on their way from the store (the gateway started the push): the
@@ -221,7 +239,9 @@ class LoraInbox:
         loras = LoraSet.of(loras)
         store = store or self.default_store
         pushed = set(pushed)
-        missing = LoraSet(tuple(lora for lora in loras if lora.lora_id not in pushed and self._entry(lora.key, create=False) is None))
+        missing = LoraSet(
+            tuple(lora for lora in loras if lora.lora_id not in pushed and self._entry(lora.key, create=False) is None)
+        )
         entries = [self._entry(lora.key) for lora in loras]
         for entry in entries:
             entry.pinned_until = 0.0  # fetched: evictable once this request is done with it

@@ -129,24 +129,28 @@ class UNetPipeline:
         pipe = self.pipe
         negative_prompt = request.negative_prompt or None  # None: Diffusers' default handling
         if not self.is_sdxl:
-            prompt_embeds, negative_embeds = pipe.encode_prompt(
-                request.prompt, self.device, 1, do_cfg, negative_prompt
-            )
+            prompt_embeds, negative_embeds = pipe.encode_prompt(request.prompt, self.device, 1, do_cfg, negative_prompt)
             if do_cfg:
                 prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
             return prompt_embeds, {}
 
         prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=request.prompt, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=do_cfg, negative_prompt=negative_prompt,
-        )  # fmt: skip
+            prompt=request.prompt,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=do_cfg,
+            negative_prompt=negative_prompt,
+        )
         projection_dim = (
             pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
         )
         time_ids = pipe._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+            (height, width),
+            (0, 0),
+            (height, width),
+            dtype=prompt_embeds.dtype,
             text_encoder_projection_dim=projection_dim,
-        )  # fmt: skip
+        )
         text_embeds = pooled
         if do_cfg:
             prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
@@ -154,7 +158,9 @@ class UNetPipeline:
             time_ids = torch.cat([time_ids, time_ids])
         return prompt_embeds, {"text_embeds": text_embeds.to(self.device), "time_ids": time_ids.to(self.device)}
 
-    def prepare_control_image(self, image: PIL.Image.Image, height: int, width: int, duplicate_for_cfg: bool) -> torch.Tensor:
+    def prepare_control_image(
+        self, image: PIL.Image.Image, height: int, width: int, duplicate_for_cfg: bool
+    ) -> torch.Tensor:
         """Diffusers' ControlNet preprocessing: RGB, resize to the output size, range [0, 1]."""
         cond = self.control_image_processor.preprocess(image, height=height, width=width).to(torch.float32)
         cond = cond.to(device=self.device, dtype=self.dtype)
@@ -193,6 +199,16 @@ class UNetPipeline:
 # Linear approximations of the SD1.5 and SDXL VAEs (latent channel -> RGB), as used for live
 # previews by ComfyUI and A1111.
 LATENT_RGB_FACTORS = {
-    "sd15": [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
-    "sdxl": [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+    "sd15": [
+        [0.3512, 0.2297, 0.3227],
+        [0.3250, 0.4974, 0.2350],
+        [-0.2829, 0.1762, 0.2721],
+        [-0.2120, -0.2616, -0.7177],
+    ],
+    "sdxl": [
+        [0.3651, 0.4232, 0.4341],
+        [-0.2533, -0.0042, 0.1068],
+        [0.1076, 0.1111, -0.0362],
+        [-0.3165, -0.2492, -0.2188],
+    ],
 }

@@ -134,7 +134,9 @@ class DenoisingRun:
         self.timesteps = self.scheduler.timesteps
         scale = self.pipeline.pipe.vae_scale_factor
         shape = (1, unet.config.in_channels, request.height // scale, request.width // scale)
-        noise = randn_tensor(shape, generator=self.generator, device=self.pipeline.device, dtype=self.prompt_embeds.dtype)
+        noise = randn_tensor(
+            shape, generator=self.generator, device=self.pipeline.device, dtype=self.prompt_embeds.dtype
+        )
         self.latents = noise * self.scheduler.init_noise_sigma
         self.step_kwargs = self.pipeline.extra_step_kwargs(self.scheduler, self.generator)
 

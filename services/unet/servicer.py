@@ -172,4 +172,6 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
         if self.pipeline.lora_inbox is None:
             raise FailedPrecondition("this worker has no LoRA inbox")
         completed, parameters, nbytes = self.pipeline.lora_inbox.receive(request_iterator)
-        return unet_pb2.ReceiveLoraDeltasResponse(lora_ids=completed, parameters_received=parameters, bytes_received=nbytes)
+        return unet_pb2.ReceiveLoraDeltasResponse(
+            lora_ids=completed, parameters_received=parameters, bytes_received=nbytes
+        )

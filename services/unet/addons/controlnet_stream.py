@@ -73,7 +73,9 @@ class RemoteResidualSource:
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
         self._sent_at[step_index] = time.perf_counter()
-        step = controlnet_pb2.StepInput(step_index=step_index, timestep=float(timestep), sample=codec.tensor_to_proto(sample))
+        step = controlnet_pb2.StepInput(
+            step_index=step_index, timestep=float(timestep), sample=codec.tensor_to_proto(sample)
+        )
         self._requests.put(controlnet_pb2.ResidualsRequest(step=step))
 
     def wait_step(self) -> ControlNetResiduals:

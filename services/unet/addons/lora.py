@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from services.unet.backbone import Backbone
     from services.unet.run import DenoisingRun
 
+
 class LoraAddOn(AddOn):
     def __init__(self, loras: LoraSet, patcher: LoraPatcher, inbox: LoraInbox | None, backbone: Backbone):
         self.loras = loras
