@@ -238,7 +238,8 @@ def _compare_requests(config, artifacts: Path, rounds: int = 5) -> dict:
     in turn (both pinned to the device core: only one of them is busy at a time)."""
     from swiftd import rpc
     from swiftd.launcher import start_unet
-    from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
+    from swiftd.request import Request
+    from swiftd.v1 import unet_pb2_grpc
 
     workers = {
         "compiled": start_unet(
@@ -250,7 +251,7 @@ def _compare_requests(config, artifacts: Path, rounds: int = 5) -> dict:
         ),
         "eager": start_unet(config.zoo, config.family, cpu_cores=[config.device_core], num_threads=1),
     }
-    lora = [common_pb2.LoraRef(lora_id=f"{config.family}-lora-peft-r64", scale=0.8)]
+    lora = [(f"{config.family}-lora-peft-r64", 0.8)]
     seconds = {name: [] for name in workers}
     patch = {name: [] for name in workers}
     try:
@@ -258,18 +259,19 @@ def _compare_requests(config, artifacts: Path, rounds: int = 5) -> dict:
         for i in range(-1, rounds):  # round -1 warms both up (and prepares the LoRA's deltas once)
             for loras in ([], lora):  # a LoRA request patches it in; the next plain one restores
                 for name, stub in stubs.items():
-                    params = common_pb2.GenerationParams(
+                    request = Request(
                         prompt="a lighthouse at dusk",
                         width=config.size,
                         height=config.size,
                         num_inference_steps=20,
                         guidance_scale=7.5,
                         seed=i + 2,
-                        scheduler=common_pb2.SCHEDULER_EULER,
+                        scheduler="euler",
                         model_id=config.family,
-                    )
+                        loras=loras,
+                    ).to_denoise_pb()
                     t0 = time.perf_counter()
-                    response = stub.Denoise(unet_pb2.DenoiseRequest(params=params, loras=loras), timeout=1800)
+                    response = stub.Denoise(request, timeout=1800)
                     elapsed = time.perf_counter() - t0
                     if i >= 0 and not loras:
                         seconds[name].append(elapsed)

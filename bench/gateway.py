@@ -10,11 +10,13 @@ with the image.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from bench.scenarios import BenchConfig, Figure, GroupResult, baseline_scenarios, median
 from swiftd import rpc
 from swiftd.launcher import start_gateway
-from swiftd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, unet_pb2
+from swiftd.request import ControlNet, Request
+from swiftd.v1 import gateway_pb2_grpc
 
 PAIRS = 20
 SIZE = 64
@@ -41,32 +43,25 @@ def group_gateway(config: BenchConfig, session) -> GroupResult:
     figures, rows = [], []
     try:
         for name, (loras, controlnets) in cases.items():
-            params = common_pb2.GenerationParams(
+            request = Request(
                 prompt="a lighthouse",
                 width=SIZE,
                 height=SIZE,
                 num_inference_steps=1,
                 guidance_scale=1.0,
                 seed=1,
-                scheduler=common_pb2.SCHEDULER_EULER,
+                scheduler="euler",
                 model_id=config.family,
+                loras=loras,
+                controlnets=[ControlNet(cn.controlnet_id, cn.image_png, cn.scale) for cn, _ in controlnets],
             )
-            lora_refs = [common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras]
-            inputs = [
-                common_pb2.ControlNetInput(
-                    controlnet_id=cn.controlnet_id, image=cn.image_png, conditioning_scale=cn.scale
-                )
-                for cn, _ in controlnets
-            ]
-            direct = unet_pb2.DenoiseRequest(
-                params=params,
-                loras=lora_refs,
+            through = request.to_pb()
+            planned = replace(
+                request,
                 lora_store_address=ours.store.address,
-                controlnets=[
-                    unet_pb2.ControlNetAttachment(input=i, worker_address=a) for i, (_, a) in zip(inputs, controlnets)
-                ],
+                controlnets=[replace(cn, worker_address=a) for cn, (_, a) in zip(request.controlnets, controlnets)],
             )
-            through = gateway_pb2.GenerateRequest(params=params, loras=lora_refs, controlnets=inputs)
+            direct = planned.to_denoise_pb()
             times: dict[str, list[float]] = {"direct": [], "gateway": []}
             stages: dict[str, list[float]] = {"validate": [], "queue": [], "plan": []}
             for i in range(PAIRS + 3):  # the first three pairs warm up (connections, caches)

@@ -17,6 +17,7 @@ import time
 from bench.scenarios import GUIDANCE_SCALE, NEGATIVE_PROMPT, PROMPT, SEED, BenchConfig, Scenario
 from swiftd import rpc
 from swiftd.launcher import ServiceProcess, start_controlnet, start_lora_store, start_unet
+from swiftd.request import ControlNet, Request
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
 
 RESET_SIZE = 64  # the untimed "put the base weights back" request: tiny, one step, no CFG
@@ -78,35 +79,25 @@ class OursWorker:
         self._prefetched.setdefault(lora_id, response)
         return response
 
-    def request(
-        self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32, lora_bound_steps: int = 0
-    ) -> unet_pb2.DenoiseRequest:
+    def request(self, scenario: Scenario, wire_dtype: str = "float32", lora_bound_steps: int = 0) -> Request:
         c = self.config
-        return unet_pb2.DenoiseRequest(
-            params=common_pb2.GenerationParams(
-                prompt=PROMPT,
-                negative_prompt=NEGATIVE_PROMPT,
-                width=c.size,
-                height=c.size,
-                num_inference_steps=c.steps,
-                guidance_scale=GUIDANCE_SCALE,
-                seed=SEED,
-                scheduler=common_pb2.SCHEDULER_EULER,
-                model_id=c.family,
-            ),
-            controlnets=[
-                unet_pb2.ControlNetAttachment(
-                    input=common_pb2.ControlNetInput(
-                        controlnet_id=cn.controlnet_id,
-                        image=cn.image_png,
-                        conditioning_scale=cn.scale,
-                    ),
-                    worker_address=worker.address,
-                )
-                for cn, worker in zip(scenario.controlnets, self.controlnet_services)
-            ],
+        controlnets = [
+            ControlNet(cn.controlnet_id, cn.image_png, cn.scale, worker_address=worker.address)
+            for cn, worker in zip(scenario.controlnets, self.controlnet_services)
+        ]
+        return Request(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE_PROMPT,
+            width=c.size,
+            height=c.size,
+            num_inference_steps=c.steps,
+            guidance_scale=GUIDANCE_SCALE,
+            seed=SEED,
+            scheduler="euler",
+            model_id=c.family,
+            loras=scenario.loras,
+            controlnets=controlnets,
             controlnet_wire_dtype=wire_dtype,
-            loras=[common_pb2.LoraRef(lora_id=lora_id, scale=scale) for lora_id, scale in scenario.loras],
             lora_bound_steps=lora_bound_steps,
             request_id=f"bench-{scenario.name}",
         )
@@ -114,37 +105,31 @@ class OursWorker:
     def reset_loras(self) -> None:
         """An untimed no-LoRA request: the worker restores the pristine weights."""
         size = min(RESET_SIZE, self.config.size)
-        self.stub.Denoise(
-            unet_pb2.DenoiseRequest(
-                params=common_pb2.GenerationParams(
-                    prompt="",
-                    width=size,
-                    height=size,
-                    num_inference_steps=1,
-                    guidance_scale=1.0,
-                    seed=0,
-                    scheduler=common_pb2.SCHEDULER_EULER,
-                    model_id=self.config.family,
-                ),
-                request_id="bench-reset",
-            ),
-            timeout=600,
+        reset = Request(
+            width=size,
+            height=size,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            seed=0,
+            scheduler="euler",
+            model_id=self.config.family,
+            request_id="bench-reset",
         )
+        self.stub.Denoise(reset.to_denoise_pb(), timeout=600)
 
-    def timed(self, request: unet_pb2.DenoiseRequest) -> tuple[float, unet_pb2.DenoiseResponse]:
+    def timed(self, request: Request) -> tuple[float, unet_pb2.DenoiseResponse]:
+        pb = request.to_denoise_pb()
         t0 = time.perf_counter()
-        response = self.stub.Denoise(request, timeout=600)
+        response = self.stub.Denoise(pb, timeout=600)
         return time.perf_counter() - t0, response
 
     def warm_up(self, scenario: Scenario) -> None:
         """Untimed: loads the scenario's ControlNets; its LoRAs reach the store's host tier."""
         for lora_id, _ in scenario.loras:
             self.prefetch(lora_id)
-        self.stub.Denoise(self.request(scenario), timeout=600)
+        self.stub.Denoise(self.request(scenario).to_denoise_pb(), timeout=600)
 
-    def run_once(
-        self, scenario: Scenario, wire_dtype: int = common_pb2.DTYPE_FLOAT32, lora_bound_steps: int = 0
-    ) -> dict:
+    def run_once(self, scenario: Scenario, wire_dtype: str = "float32", lora_bound_steps: int = 0) -> dict:
         """One timed request; a LoRA one is cold (the worker starts from the pristine weights)."""
         if scenario.loras:
             self.reset_loras()

@@ -52,7 +52,6 @@ from bench.scenarios import (
     median,
     rank64_lora_id,
 )
-from swiftd.v1 import common_pb2
 
 
 class Session:
@@ -273,7 +272,7 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
                 baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps)
             )
             runs[f"o_{side}"].append(ours.run_once(scenario))
-    fp16 = ours.run_once(cn1, wire_dtype=common_pb2.DTYPE_FLOAT16)
+    fp16 = ours.run_once(cn1, wire_dtype="float16")
 
     latency = {k: median([r["latency_s"] for r in v]) for k, v in runs.items()}
     steps = config.steps

@@ -213,7 +213,7 @@ class ControlNet:
     guidance_end: float = 1.0  # fraction where it stops; 0 means 1.0
     guess_mode: bool = False  # Diffusers guess mode: sees only the conditional half of the CFG batch
     worker_address: str = ""  # ControlNet worker computing its residuals; empty: in-process
-    _decoded: PIL.Image.Image | None = field(default=None, repr=False, compare=False)
+    _decoded: PIL.Image.Image | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.conditioning_scale = or_one(self.conditioning_scale)
