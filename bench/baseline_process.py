@@ -1,6 +1,6 @@
-"""The Diffusers baseline, in its own process pinned to one core with one torch thread.
+"""The Diffusers baseline, in its own process pinned to its cores with one torch thread per core.
 
-    python -m bench.baseline_process --zoo .zoo --family bench-sd15 --core 0
+    python -m bench.baseline_process --zoo .zoo --family bench-sd15 --cores 0 [1]
 
 Plain Diffusers serving requests "the usual way": the pipeline is loaded once
 (StableDiffusionPipeline, and StableDiffusionControlNetPipeline sharing its components, with a
@@ -42,7 +42,7 @@ REPLY_PREFIX = "BENCH_REPLY "
 class BaselineProcess:
     """Handle on the pinned Diffusers process, started lazily by the groups that need it."""
 
-    def __init__(self, zoo: Path, family: str, core: int, timeout: float = 900.0):
+    def __init__(self, zoo: Path, family: str, cores: list[int], timeout: float = 900.0):
         cmd = [
             sys.executable,
             "-m",
@@ -51,8 +51,8 @@ class BaselineProcess:
             str(zoo),
             "--family",
             family,
-            "--core",
-            str(core),
+            "--cores",
+            *[str(core) for core in cores],
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         repo = Path(__file__).resolve().parent.parent
@@ -90,12 +90,12 @@ class BaselineProcess:
 # -- child side --------------------------------------------------------------------------------
 
 
-def _pin(core: int) -> None:
+def _pin(cores: list[int]) -> None:
     # Before torch does any work: oneDNN sizes its thread pools at first use.
-    os.sched_setaffinity(0, {core})
+    os.sched_setaffinity(0, set(cores))
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(len(cores))
 
 
 def _quiet() -> None:
@@ -193,10 +193,21 @@ class Baseline:
 
     def lora_swap(self, lora_id: str, repeats: int) -> dict:
         """Diffusers' per-request LoRA cost vs our in-place patch, for one LoRA at scale 1.0."""
-        from swiftd.lora import LoraPatcher, extract_deltas
-
         path = str(self.paths.loras[lora_id])
         pipe = self.pipe
+        # Unfusing subtracts, so the rounds below leave the weights a rounding error away from
+        # pristine: put them back afterwards, so that later groups compare against pristine weights.
+        components = [c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+        pristine = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in components}
+        try:
+            return self._lora_swap(pipe, lora_id, path, repeats)
+        finally:
+            for c in components:
+                getattr(pipe, c).load_state_dict(pristine[c])
+
+    def _lora_swap(self, pipe, lora_id: str, path: str, repeats: int) -> dict:
+        from swiftd.lora import LoraPatcher, extract_deltas
+
         out = {k: [] for k in ("diffusers_load_fuse_s", "diffusers_unfuse_unload_s", "ours_apply_s", "ours_restore_s")}
         for i in range(repeats + 1):  # the first round is a warm-up
             t0 = time.perf_counter()
@@ -233,9 +244,9 @@ def child_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.baseline_process")
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--family", required=True)
-    parser.add_argument("--core", type=int, default=0)
+    parser.add_argument("--cores", type=int, nargs="+", default=[0], help="one torch thread per core")
     args = parser.parse_args(argv)
-    _pin(args.core)
+    _pin(args.cores)
     _quiet()
     replies = sys.stdout
     sys.stdout = sys.stderr  # library chatter must not interleave with replies

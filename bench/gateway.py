@@ -98,4 +98,5 @@ def group_gateway(config: BenchConfig, session) -> GroupResult:
             *rows,
         ]
     )
-    return GroupResult(figures, table)
+    where = f"gateway core {config.controlnet_core}; UNet worker core {config.device_core} (1 thread)"
+    return GroupResult(figures, table, hardware={"ours": where})

@@ -9,9 +9,13 @@ ran replace their previous lines and other groups' lines are kept.
 
 Groups (GROUPS below; later work adds its own):
   baseline  request latency per scenario (base, cn1, cn1_lora1, cn2_lora2): Diffusers the usual way
-            (bench.baseline_process) vs the UNet worker service (bench.ours), both on one core with
-            one thread, never at the same time (timed requests alternate between the sides);
-            plus the per-stage breakdown of both.
+            (bench.baseline_process) vs the UNet worker service (bench.ours), never at the same time
+            (timed requests alternate between the sides); plus the per-stage breakdown of both.
+            Hardware: our UNet worker on the device core and our ControlNet workers and LoRA store
+            on the other core; Diffusers once on the device core (1 thread: `speedup.*`, unequal
+            hardware) and once on both cores (2 threads: `speedup_equal_cores.*`). LoRA requests
+            count our restore (timed on the worker) as Diffusers' count unfuse + unload. The run
+            stops if the two sides' images differ beyond IMAGE_TOLERANCE.
   lora      the cost of switching one rank-64 LoRA in and out: Diffusers' load+fuse / unfuse+unload
             vs our in-place patch / restore of prepared deltas.
   gateway   the latency the gateway adds to a request (bench.gateway).
@@ -21,7 +25,8 @@ Groups (GROUPS below; later work adds its own):
 
 On this 2-core CPU a "device" is one core (--device-core, default 0). The bench process itself
 keeps off that core (it only waits on the device), so what it does is not measured against either
-side. Ratios of one run are what count; absolute CPU times are for orientation only.
+side. Every figure's JSON line carries the hardware of each side and the dtype. Ratios of one run
+are what count; absolute CPU times are for orientation only.
 """
 
 from __future__ import annotations
@@ -43,12 +48,14 @@ from bench.ours import OursWorker
 from bench.quality import psnr, ssim
 from bench.scenarios import (
     DEFAULT_RESULTS,
+    IMAGE_TOLERANCE,
     BenchConfig,
     Figure,
     GroupResult,
     Scenario,
     baseline_scenarios,
-    image_max_abs_diff,
+    check_same_image,
+    hardware,
     median,
     rank64_lora_id,
 )
@@ -62,16 +69,19 @@ class Session:
 
     def __init__(self, config: BenchConfig):
         self.config = config
-        self._baseline: BaselineProcess | None = None
+        self._baselines: dict[tuple[int, ...], BaselineProcess] = {}
         self._ours: OursWorker | None = None
 
-    def baseline(self) -> BaselineProcess:
-        if self._baseline is None:
-            c = self.config
-            c.log(f"[bench] starting the Diffusers baseline process ({c.family}, core {c.device_core}, 1 thread) ...")
-            self._baseline = BaselineProcess(c.zoo, c.family, c.device_core)
-            c.log(f"[bench]   loaded in {self._baseline.ready['load_s']:.1f} s")
-        return self._baseline
+    def baseline(self, two_cores: bool = False) -> BaselineProcess:
+        """Diffusers on the device core (1 thread), or on both cores (2 threads: equal hardware)."""
+        c = self.config
+        cores = (c.device_core, c.controlnet_core) if two_cores else (c.device_core,)
+        if cores not in self._baselines:
+            where = f"cores {','.join(map(str, cores))}, {len(cores)} thread(s)"
+            c.log(f"[bench] starting the Diffusers baseline process ({c.family}, {where}) ...")
+            self._baselines[cores] = BaselineProcess(c.zoo, c.family, list(cores))
+            c.log(f"[bench]   loaded in {self._baselines[cores].ready['load_s']:.1f} s")
+        return self._baselines[cores]
 
     def ours(self) -> OursWorker:
         if self._ours is None:
@@ -85,9 +95,9 @@ class Session:
         if self._ours is not None:
             self._ours.close()
             self._ours = None
-        if self._baseline is not None:
-            self._baseline.close()
-            self._baseline = None
+        for process in self._baselines.values():
+            process.close()
+        self._baselines.clear()
 
 
 # -- groups ------------------------------------------------------------------------------------
@@ -95,48 +105,72 @@ class Session:
 
 def group_baseline(config: BenchConfig, session: Session) -> GroupResult:
     group = "baseline"
-    result = GroupResult()
+    hw = hardware(config)
+    result = GroupResult(hardware={"ours": hw["ours"], "diffusers": hw["diffusers"]})
+    equal = {"ours": hw["ours"], "diffusers": hw["diffusers_2cores"]}
     rows = []
     for scenario in baseline_scenarios(config.family, config.size):
         # Untimed warm-ups, then the timed requests alternating between the sides, so that
-        # whatever else the machine does at the time weighs on both alike.
-        config.log(f"[bench] {scenario.name}: warming up both sides ...")
-        baseline, ours = session.baseline(), session.ours()
+        # whatever else the machine does at the time weighs on all alike.
+        config.log(f"[bench] {scenario.name}: warming up every side ...")
+        baseline, baseline2, ours = session.baseline(), session.baseline(two_cores=True), session.ours()
         generate = dict(scenario=scenario.to_json(), size=config.size, steps=config.steps)
         baseline.call("generate", **generate)
+        baseline2.call("generate", **generate)
         ours.warm_up(scenario)
-        theirs_runs, ours_runs = [], []
+        theirs_runs, theirs2_runs, ours_runs = [], [], []
         for i in range(config.repeats):
             config.log(f"[bench] {scenario.name}: timed request {i + 1}/{config.repeats} ...")
             theirs_runs.append(baseline.call("generate", **generate))
+            theirs2_runs.append(baseline2.call("generate", **generate))
             ours_runs.append(ours.run_once(scenario))
         steps_applied = [r["lora_applied_at_step"] for r in ours_runs]
         if scenario.loras and any(step != 0 for step in steps_applied):
             raise RuntimeError(f"{scenario.name}: LoRA set not in place before the first step: {steps_applied}")
 
-        d, o = median([r["latency_s"] for r in theirs_runs]), median([r["latency_s"] for r in ours_runs])
+        # Diffusers' latency includes unfuse + unload: ours includes the restore of the LoRA set.
+        d = median([r["latency_s"] for r in theirs_runs])
+        d2 = median([r["latency_s"] for r in theirs2_runs])
+        o = median([r["latency_s"] + r["restore_s"] for r in ours_runs])
         result.figures += [
             Figure(f"diffusers.latency_s.{scenario.name}", d, "s", group),
+            Figure(f"diffusers_2cores.latency_s.{scenario.name}", d2, "s", group, hardware=equal),
             Figure(f"ours.latency_s.{scenario.name}", o, "s", group),
             Figure(f"speedup.{scenario.name}", d / o, "x", group),
+            Figure(f"speedup_equal_cores.{scenario.name}", d2 / o, "x", group, hardware=equal),
         ]
+        if scenario.loras:
+            restore = median([r["restore_s"] for r in ours_runs])
+            result.figures.append(Figure(f"ours.lora_restore_s.{scenario.name}", restore, "s", group))
         for side, runs in (("ours", ours_runs), ("diffusers", theirs_runs)):
             for stage in runs[0]["stages"]:
                 value = median([r["stages"].get(stage, 0.0) for r in runs])
                 result.figures.append(Figure(f"{side}.stage_s.{scenario.name}.{stage}", value, "s", group))
-        diff = image_max_abs_diff(base64.b64decode(theirs_runs[-1]["image_png"]), ours_runs[-1]["image_png"])
-        rows.append((scenario.name, d, o, d / o, diff))
+        ours_png = ours_runs[-1]["image_png"]
+        diff = check_same_image(base64.b64decode(theirs_runs[-1]["image_png"]), ours_png, scenario.name)
+        check_same_image(base64.b64decode(theirs2_runs[-1]["image_png"]), ours_png, f"{scenario.name} (2 cores)")
+        rows.append((scenario.name, d, d2, o, d / o, d2 / o, diff))
         config.log(
-            f"[bench] {scenario.name}: Diffusers {d:.2f} s, ours {o:.2f} s, speedup {d / o:.2f}x, max |dpx| {diff}"
+            f"[bench] {scenario.name}: Diffusers {d:.2f} s (2 cores {d2:.2f} s), ours {o:.2f} s, "
+            f"speedup {d / o:.2f}x (equal cores {d2 / o:.2f}x), max |dpx| {diff}"
         )
 
     lines = [
-        f"baseline: {config.family}, {config.size}x{config.size}, {config.steps} steps, CFG 7.5, Euler, "
-        f"core {config.device_core} x 1 thread, median of {config.repeats}",
-        f"  {'scenario':<12}{'diffusers s':>12}{'ours s':>10}{'speedup':>10}{'max |dpx|':>11}",
+        f"baseline: {config.family}, {config.size}x{config.size}, {config.steps} steps, CFG 7.5, Euler, fp32, "
+        f"median of {config.repeats}",
+        f"  ours: {hw['ours']}",
+        f"  diffusers: {hw['diffusers']}  |  diffusers 2c: {hw['diffusers_2cores']} (equal hardware)",
+        f"  {'scenario':<12}{'diffusers s':>12}{'diff. 2c s':>11}{'ours s':>9}{'speedup':>9}{'equal cores':>13}"
+        f"{'max |dpx|':>11}",
     ]
-    lines += [f"  {name:<12}{d:>12.3f}{o:>10.3f}{s:>9.2f}x{diff:>11d}" for name, d, o, s, diff in rows]
-    lines.append("  (max |dpx|: largest pixel difference between the two sides' images, 0..255; a sanity check)")
+    lines += [
+        f"  {name:<12}{d:>12.3f}{d2:>11.3f}{o:>9.3f}{s:>8.2f}x{s2:>12.2f}x{diff:>11d}"
+        for name, d, d2, o, s, s2, diff in rows
+    ]
+    lines.append(
+        f"  (ours with LoRAs includes the restore; max |dpx|: largest pixel difference between the sides' images, "
+        f"0..255, at most {IMAGE_TOLERANCE} or the run stops)"
+    )
     result.table = "\n".join(lines)
     return result
 
@@ -151,19 +185,27 @@ def group_lora(config: BenchConfig, session: Session) -> GroupResult:
     apply_, restore = median(r["ours_apply_s"]), median(r["ours_restore_s"])
     swap_d = median([a + b for a, b in zip(r["diffusers_load_fuse_s"], r["diffusers_unfuse_unload_s"])])
     swap_o = median([a + b for a, b in zip(r["ours_apply_s"], r["ours_restore_s"])])
+    # Our one-time preparation (parse, map, fold, cast) is done once per LoRA and base model,
+    # ahead of requests; on a LoRA's first use it is paid as well: amortised over N uses it adds
+    # prepare / N to each swap.
+    prepare = r["ours_prepare_s"]
+    first_use = swap_d / (swap_o + prepare)
     extra, extra_table = lora_service_figures(config, session, group)
+    in_process = {"ours": hardware(config)["in_process"], "diffusers": hardware(config)["in_process"]}
     result = GroupResult(
+        hardware={"ours": hardware(config)["ours"]},
         figures=extra
         + [
-            Figure("diffusers.lora_load_fuse_s", load_fuse, "s", group),
-            Figure("diffusers.lora_unfuse_unload_s", unfuse_unload, "s", group),
-            Figure("ours.lora_apply_s", apply_, "s", group),
-            Figure("ours.lora_restore_s", restore, "s", group),
-            Figure("ours.lora_prepare_s", r["ours_prepare_s"], "s", group),
-            Figure("lora.swap_s.diffusers", swap_d, "s", group),
-            Figure("lora.swap_s.ours", swap_o, "s", group),
-            Figure("lora.swap_speedup", swap_d / swap_o, "x", group),
-        ]
+            Figure("diffusers.lora_load_fuse_s", load_fuse, "s", group, in_process),
+            Figure("diffusers.lora_unfuse_unload_s", unfuse_unload, "s", group, in_process),
+            Figure("ours.lora_apply_s", apply_, "s", group, in_process),
+            Figure("ours.lora_restore_s", restore, "s", group, in_process),
+            Figure("ours.lora_prepare_s", prepare, "s", group, in_process),
+            Figure("lora.swap_s.diffusers", swap_d, "s", group, in_process),
+            Figure("lora.swap_s.ours", swap_o, "s", group, in_process),
+            Figure("lora.swap_speedup", swap_d / swap_o, "x", group, in_process),
+            Figure("lora.swap_speedup.first_use", first_use, "x", group, in_process),
+        ],
     )
     result.table = "\n".join(
         [
@@ -173,7 +215,8 @@ def group_lora(config: BenchConfig, session: Session) -> GroupResult:
             f"  {'load+fuse / apply (patch in)':<34}{load_fuse:>12.4f}{apply_:>10.4f}",
             f"  {'unfuse+unload / restore':<34}{unfuse_unload:>12.4f}{restore:>10.4f}",
             f"  {'swap (in + out)':<34}{swap_d:>12.4f}{swap_o:>10.4f}   speedup {swap_d / swap_o:.1f}x",
-            f"  ours' one-time preparation (extract_deltas, cached): {r['ours_prepare_s']:.3f} s",
+            f"  ours' one-time preparation (extract_deltas, cached): {prepare:.3f} s; first use, preparation "
+            f"included: speedup {first_use:.2f}x",
             *extra_table,
         ]
     )
@@ -198,7 +241,7 @@ def lora_service_figures(config: BenchConfig, session: Session, group: str) -> t
     ours.warm_up(plain)
     config.log("[bench] lora: critical path (K=0 and K=2) ...")
     base_runs, k0_runs, k2_runs = [], [], []
-    for i in range(config.repeats):
+    for i in range(max(3, config.repeats)):  # the spread is part of the figure
         base_runs.append(ours.run_once(plain)["latency_s"])
         k0_runs.append(
             ours.run_once(Scenario("lora", loras=((lora_id, 1.0 - 0.001 * (2 * i + 1)),)), lora_bound_steps=0)
@@ -208,6 +251,12 @@ def lora_service_figures(config: BenchConfig, session: Session, group: str) -> t
         )
     base_s = median(base_runs)
     k0_s, k2_s = median([r["latency_s"] for r in k0_runs]), median([r["latency_s"] for r in k2_runs])
+    # The LoRA's own stages on the worker (text-encoder patch, UNet patch including any wait for
+    # deltas, restore afterwards) against the plain request: steadier than a latency difference.
+    by_stages = sorted(
+        (r["stages"].get("lora_text_encoder", 0.0) + r["stages"].get("lora_unet_patch", 0.0) + r["restore_s"]) / base_s
+        for r in k0_runs
+    )
 
     # BAL quality: UNet deltas landing at step K (in-process, forced) and when they really arrive
     # (over the services, bound at the last step), each against K = 0.
@@ -225,6 +274,9 @@ def lora_service_figures(config: BenchConfig, session: Session, group: str) -> t
         Figure("lora.store.delta_mb", stream_bytes / 1e6, "MB", group),
         Figure("lora.critical_path_fraction", k0_s / base_s - 1, "x", group),
         Figure("lora.critical_path_fraction.k2", k2_s / base_s - 1, "x", group),
+        Figure("lora.critical_path_fraction.stages", median(by_stages), "x", group),
+        Figure("lora.critical_path_fraction.stages_min", by_stages[0], "x", group),
+        Figure("lora.critical_path_fraction.stages_max", by_stages[-1], "x", group),
         Figure("lora.bal_applied_step.on_arrival", arrival["lora_applied_at_step"], "step", group),
     ]
     rows = []
@@ -247,7 +299,9 @@ def lora_service_figures(config: BenchConfig, session: Session, group: str) -> t
         f"  LoRA store: prepare {prepare_mb_s:.0f} MB/s ({prefetch.size_bytes / 1e6:.1f} MB in {prefetch.prepare_seconds:.2f} s), "
         f"stream {stream_mb_s:.0f} MB/s over loopback gRPC",
         f"  critical path (LoRA from the store's host tier, not on the worker; no ControlNet): "
-        f"base {base_s:.3f} s, K=0 {k0_s:.3f} s (+{k0_s / base_s - 1:.1%}), K=2 {k2_s:.3f} s (+{k2_s / base_s - 1:.1%})",
+        f"base {base_s:.3f} s, K=0 {k0_s:.3f} s (+{k0_s / base_s - 1:.1%}), K=2 {k2_s:.3f} s (+{k2_s / base_s - 1:.1%}); "
+        f"by the LoRA's stages (patch, wait, restore) {median(by_stages):.1%} "
+        f"(min {by_stages[0]:.1%}, max {by_stages[-1]:.1%} over {len(by_stages)} runs)",
         "  BAL quality against K=0 (same seed):",
         *rows,
     ]
@@ -301,12 +355,15 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
         / steps
     )
     reference_png = base64.b64decode(runs["d_cn1"][-1]["image_png"])
+    check_same_image(reference_png, runs["o_cn1"][-1]["image_png"], "controlnet cn1 (fp32 wire)")
     psnr_fp32 = psnr(runs["o_cn1"][-1]["image_png"], reference_png)
     psnr_fp16 = psnr(fp16["image_png"], reference_png)
     finite = lambda x: min(x, 999.0)  # noqa: E731 - identical images give inf; JSON wants a number
     overhead_ours = latency["o_cn1"] / latency["o_base"]
     overhead_diffusers = latency["d_cn1"] / latency["d_base"]
+    hw = hardware(config)
     result = GroupResult(
+        hardware={"ours": hw["ours"], "diffusers": hw["diffusers"]},
         figures=[
             Figure("controlnet.addon_overhead", overhead_ours, "x", group),
             Figure("controlnet.addon_overhead.diffusers", overhead_diffusers, "x", group),
@@ -322,8 +379,8 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
             Figure("controlnet.latency_s.diffusers.cn1", latency["d_cn1"], "s", group),
             Figure("controlnet.speedup.cn1", latency["d_cn1"] / latency["o_cn1"], "x", group),
             Figure("controlnet.fp32_wire_psnr_db", finite(psnr_fp32), "dB", group),
-            Figure("controlnet.fp16_wire_psnr_db", finite(psnr_fp16), "dB", group),
-        ]
+            Figure("controlnet.fp16_wire_psnr_db", finite(psnr_fp16), "dB", group, dtype="float16 on the wire"),
+        ],
     )
     result.table = "\n".join(
         [
@@ -388,6 +445,9 @@ def run(config: BenchConfig, groups: list[str]) -> list[Figure]:
             results[name] = GROUPS[name](config, session)
     finally:
         session.close()
+    for r in results.values():
+        for f in r.figures:
+            f.hardware = f.hardware or r.hardware
     figures = [f for r in results.values() for f in r.figures]
     print()
     for r in results.values():

@@ -34,8 +34,8 @@ class BenchConfig:
     size: int = 256
     steps: int = 20
     repeats: int = 1  # timed requests per scenario and side (after one untimed warm-up); median reported
-    device_core: int = 0  # the one core a "device" is; both sides run on it, one thread each
-    controlnet_core: int = 1  # our ControlNet workers' device (the other core)
+    device_core: int = 0  # the one core a "device" is: the UNet worker's and the 1-core Diffusers'
+    controlnet_core: int = 1  # our ControlNet workers' and store's device; the 2-core Diffusers uses both
     out: Path = DEFAULT_RESULTS
     verbose: bool = True
 
@@ -117,6 +117,9 @@ class Figure:
     value: float
     unit: str  # "s", "x" (a ratio) or "dB"
     group: str
+    # What each side ran on ("ours", "diffusers"): cores and threads. None: the group's default.
+    hardware: dict[str, str] | None = None
+    dtype: str = "float32"
 
     def as_dict(self) -> dict:
         return {
@@ -124,15 +127,45 @@ class Figure:
             "value": float(f"{float(self.value):.6g}"),
             "unit": self.unit,
             "group": self.group,
+            "hardware": self.hardware or {},
+            "dtype": self.dtype,
         }
 
 
 @dataclass
 class GroupResult:
-    """What one group produced: its figures and a human-readable table."""
+    """What one group produced: its figures, the hardware of each side, a human-readable table."""
 
     figures: list[Figure] = field(default_factory=list)
     table: str = ""
+    hardware: dict[str, str] = field(default_factory=dict)  # the default of its figures
+
+
+#: Largest pixel difference (0..255) accepted between the two sides' images of the same request.
+#: Both run fp32 from the same weights and seed; Diffusers' unfuse (a subtraction) leaves its
+#: weights a rounding error away from pristine, which may move a pixel by one level.
+IMAGE_TOLERANCE = 2
+
+
+def check_same_image(png_a: bytes, png_b: bytes, what: str) -> int:
+    """The pixel difference of two sides' images; the run is refused beyond IMAGE_TOLERANCE."""
+    diff = image_max_abs_diff(png_a, png_b)
+    if diff > IMAGE_TOLERANCE:
+        raise RuntimeError(f"{what}: the two sides' images differ by {diff} > {IMAGE_TOLERANCE} levels; not comparable")
+    return diff
+
+
+def hardware(config: BenchConfig) -> dict[str, str]:
+    """What each side of the usual comparison runs on."""
+    return {
+        "diffusers": f"core {config.device_core}, 1 thread",
+        "diffusers_2cores": f"cores {config.device_core},{config.controlnet_core}, 2 threads",
+        "ours": (
+            f"UNet worker core {config.device_core} (1 thread); ControlNet workers and LoRA store "
+            f"core {config.controlnet_core} (1 thread each)"
+        ),
+        "in_process": f"core {config.device_core}, 1 thread",
+    }
 
 
 def median(values: list[float]) -> float:

@@ -13,8 +13,9 @@ from bench import run as bench_run
 SCENARIOS = ("base", "cn1", "cn1_lora1", "cn2_lora2")
 STABLE = {
     "baseline": [
-        *(f"{side}.latency_s.{s}" for side in ("diffusers", "ours") for s in SCENARIOS),
-        *(f"speedup.{s}" for s in SCENARIOS),
+        *(f"{side}.latency_s.{s}" for side in ("diffusers", "diffusers_2cores", "ours") for s in SCENARIOS),
+        *(f"{kind}.{s}" for kind in ("speedup", "speedup_equal_cores") for s in SCENARIOS),
+        *(f"ours.lora_restore_s.{s}" for s in ("cn1_lora1", "cn2_lora2")),
         *(
             f"ours.stage_s.{s}.{stage}"
             for s in SCENARIOS
@@ -31,6 +32,10 @@ STABLE = {
         "lora.swap_s.diffusers",
         "lora.swap_s.ours",
         "lora.swap_speedup",
+        "lora.swap_speedup.first_use",
+        "lora.critical_path_fraction.stages",
+        "lora.critical_path_fraction.stages_min",
+        "lora.critical_path_fraction.stages_max",
         "lora.store.prepare_mb_s",
         "lora.store.stream_mb_s",
         "lora.critical_path_fraction",
@@ -101,12 +106,43 @@ def test_bench_harness_writes_stable_figures(zoo_root, tmp_path, capsys):
             assert isinstance(figure["value"], float | int), figure
             assert figure["value"] > 0 or (name in SIGNED and figure["value"] > -1), figure
     for line in lines:
-        assert set(line) == {"figure", "value", "unit", "group"}
+        if line == other:
+            continue
+        assert set(line) == {"figure", "value", "unit", "group", "hardware", "dtype"}
         assert line["unit"] in ("s", "x", "dB", "MB/s", "MB", "step")
+        assert line["dtype"] and line["hardware"] and all(line["hardware"].values()), line
+    for name in [n for n in by_name if n.startswith(("speedup", "controlnet.speedup", "lora.swap_speedup"))]:
+        assert {"ours", "diffusers"} <= set(by_name[name]["hardware"]), f"{name}: the hardware of each side"
+    equal = by_name["speedup_equal_cores.base"]["hardware"]
+    assert "2 threads" in equal["diffusers"] and "2 threads" not in by_name["speedup.base"]["hardware"]["diffusers"]
 
     printed = capsys.readouterr().out
     assert "speedup" in printed and "cn2_lora2" in printed  # the table
     assert json.dumps(by_name["speedup.base"]) in printed  # the figures, one JSON line each
+
+
+def test_images_that_differ_stop_the_comparison():
+    """The negative control of the bench's same-image check: one pixel off by more than the
+    tolerance refuses the run; within it passes."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    from bench.scenarios import IMAGE_TOLERANCE, check_same_image
+
+    def png(array):
+        buffer = io.BytesIO()
+        PIL.Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    base = np.full((8, 8, 3), 100)
+    near, far = base.copy(), base.copy()
+    near[3, 4, 1] += IMAGE_TOLERANCE
+    far[3, 4, 1] += IMAGE_TOLERANCE + 1
+    assert check_same_image(png(base), png(near), "near") == IMAGE_TOLERANCE
+    with pytest.raises(RuntimeError, match="differ by 3"):
+        check_same_image(png(base), png(far), "far")
 
 
 def test_write_results_keeps_other_groups(tmp_path):

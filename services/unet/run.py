@@ -67,6 +67,7 @@ class DenoisingRun:
         self.prompt_embeds: torch.Tensor | None = None  # CFG batch: negative first
         self.added_cond_kwargs: dict[str, torch.Tensor] = {}  # SDXL: text_embeds, time_ids
         self.scheduler = None
+        self.step_kwargs: dict = {}  # what this scheduler's step() takes besides the model output
         self.timesteps: torch.Tensor | None = None
         self.latents: torch.Tensor | None = None
         self.timestep: torch.Tensor | None = None  # of the current step
