@@ -4,6 +4,7 @@ travel over a real gRPC connection built with swiftd.rpc."""
 from __future__ import annotations
 
 import importlib
+import platform
 import re
 import subprocess
 import sys
@@ -317,20 +318,32 @@ def test_health_check_serving(channel, server):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_services(channel):
+def test_reflection_describes_the_service_without_proto_files(channel):
+    """What `grpcurl list` and `grpcurl describe` rely on: the service is listed, and its
+    descriptor (methods, message types) comes back by name."""
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    (resp,) = list(
-        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
-    )
-    names = {s.name for s in resp.list_services_response.service}
-    assert {rpc.CONTROLNET_SERVICE, "grpc.health.v1.Health"} <= names
-
-
-def test_service_names():
-    assert rpc.GATEWAY_SERVICE == "swiftd.v1.Gateway"
-    assert rpc.UNET_SERVICE == "swiftd.v1.UNetWorker"
-    assert rpc.CONTROLNET_SERVICE == "swiftd.v1.ControlNetWorker"
-    assert rpc.LORA_STORE_SERVICE == "swiftd.v1.LoraStore"
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="swiftd.v1.ControlNetWorker"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="swiftd.v1.ResidualsRequest"),
+    ]
+    listed, service_file, message_file = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
+    assert {s.name for s in listed.list_services_response.service} >= {
+        "swiftd.v1.ControlNetWorker",
+        "grpc.health.v1.Health",
+    }
+    files = {}
+    for answer in (service_file, message_file):
+        assert answer.WhichOneof("message_response") == "file_descriptor_response", answer
+        for raw in answer.file_descriptor_response.file_descriptor_proto:
+            f = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            files[f.name] = f
+    (service,) = [s for f in files.values() if f.package == "swiftd.v1" for s in f.service]
+    method = {m.name: m for m in service.method}["StreamResiduals"]
+    assert (method.client_streaming, method.server_streaming) == (True, True)
+    assert method.input_type == ".swiftd.v1.ResidualsRequest"
+    messages = {f".{f.package}.{m.name}" for f in files.values() for m in f.message_type}
+    assert {method.input_type, method.output_type, ".swiftd.v1.Tensor"} <= messages  # with dependencies
 
 
 def test_port_in_use_is_not_shared(server):
@@ -342,12 +355,38 @@ def test_port_in_use_is_not_shared(server):
         other.stop(None)
 
 
-def test_tune_allocator_is_safe_to_call():
-    # In a subprocess: the setting is process-wide and would keep this process's RSS at its peak.
-    code = (
-        "import torch; from swiftd import codec, rpc; "
-        "assert rpc.tune_allocator_for_large_messages() in (True, False); "
-        "t = torch.randn(1 << 24); "
-        "assert torch.equal(codec.tensor_from_proto(codec.tensor_to_proto(t)), t)"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+_HEAP_GROWTH = """
+import ctypes
+import torch
+from swiftd import codec, rpc
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+message = torch.randn(54 << 18)  # 54 MiB of fp32: one SD1.5 512 px step's residuals
+
+def heap_growth():
+    before = libc.mallinfo2().arena
+    for _ in range(2):
+        assert torch.equal(codec.tensor_from_proto(codec.tensor_to_proto(message)), message)
+    return libc.mallinfo2().arena - before
+
+heap_growth()
+untuned = heap_growth()
+assert rpc.tune_allocator_for_large_messages() is True
+tuned = heap_growth()
+assert untuned < (54 << 20) <= tuned, (untuned, tuned)
+"""
+
+
+def test_tuned_allocator_keeps_message_buffers_on_the_heap():
+    """What tune_allocator_for_large_messages promises: buffers of residual-sized messages come
+    from (and go back to) glibc's heap instead of a fresh mmap() each, which would page-fault
+    them in again for every message. Without it the heap does not grow; with it, it holds them.
+    In a subprocess: the setting is process-wide and would keep this process's RSS at its peak."""
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        pytest.skip("glibc only (mallopt, mallinfo2)")
+    subprocess.run([sys.executable, "-c", _HEAP_GROWTH], cwd=REPO, check=True, timeout=120)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 
 import grpc
@@ -197,12 +198,26 @@ def test_stream_reports_progress_previews_and_result(worker):
     assert events[-1].final.image_png
 
 
-def test_cancelled_stream_frees_the_worker(worker):
-    stub, _, _ = worker
-    call = stub.DenoiseStream(request(steps=200), timeout=120)
-    first = next(call)
-    assert first.HasField("progress")
+# The loop checks for a cancelled caller at every step boundary, so it stops before the step
+# after the one running when the cancellation arrives. Progress events travel while the loop goes
+# on: allow up to IN_FLIGHT_STEPS more steps done than the client had seen when it cancelled.
+IN_FLIGHT_STEPS = 2
+
+
+def test_cancelled_stream_stops_the_loop_within_a_step_and_frees_the_worker(worker):
+    stub, _, service = worker
+    logged_before = len(service.log_lines)
+    # 128 px: a step long enough that the cancellation's trip is a small part of one.
+    call = stub.DenoiseStream(request(steps=200, size=128, request_id="cancel-me"), timeout=120)
+    seen = 0
+    for event in call:
+        if event.HasField("progress"):
+            seen = event.progress.step  # steps done
+            if seen == 3:
+                break
     call.cancel()
+    stopped = stopped_before_step(service, "cancel-me", logged_before)
+    assert seen <= stopped <= seen + 1 + IN_FLIGHT_STEPS, (seen, stopped)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         status = stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=10)
@@ -210,5 +225,18 @@ def test_cancelled_stream_frees_the_worker(worker):
             break
         time.sleep(0.1)
     assert status.requests_in_flight == 0 and status.queue_length == 0
-    # Freed within well under the 200 steps' time, and ready for the next request.
+    # Ready for the next request.
     assert stub.Denoise(request(steps=2), timeout=60).image_png
+
+
+def stopped_before_step(service, request_id: str, start: int, timeout: float = 10) -> int:
+    """The step before which the worker stopped `request_id`'s loop, from its log (the line
+    "request <id>: request cancelled before step N")."""
+    pattern = re.compile(rf"request {re.escape(request_id)}: request cancelled before step (\d+)")
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in service.log_lines[start:]:
+            if match := pattern.search(line):
+                return int(match.group(1))
+        assert time.monotonic() < deadline, service.log_tail()
+        time.sleep(0.05)

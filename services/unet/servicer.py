@@ -136,7 +136,11 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             finally:
                 events.put(None)
 
-        tracing.in_current_context(work).start()  # the loop's spans belong to this call's trace
+        worker = tracing.in_current_context(work)  # the loop's spans belong to this call's trace
+        # Not a daemon: a drain past its grace period cancels the call, and the process must not
+        # exit under the loop (mid-step: SIGABRT) before it stops at its next step boundary.
+        worker.daemon = False
+        worker.start()
         while (event := events.get()) is not None:
             yield event
         if "error" in outcome:
