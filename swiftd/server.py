@@ -1,9 +1,10 @@
 """Running a service process: CPU pinning, the gRPC server, health, graceful stop.
 
 Every service's `__main__` builds its servicer and calls `serve`. Readiness is the standard
-grpc.health.v1 status (SERVING once the servicer is registered, NOT_SERVING while draining);
-liveness is the server answering at all. SIGTERM/SIGINT drain: health flips to NOT_SERVING, new
-RPCs are refused, running ones get `grace_seconds` to finish.
+grpc.health.v1 status (SERVING once the servicer is registered); liveness is the server answering
+at all. SIGTERM/SIGINT drain: open Health.Watch streams see NOT_SERVING, new RPCs (health checks
+included) are refused with UNAVAILABLE, running ones get `grace_seconds` to finish and are then
+cancelled (their callers see UNAVAILABLE).
 """
 
 from __future__ import annotations
