@@ -1,5 +1,6 @@
-"""Bounded asynchronous LoRA loading in the engine: when deltas are patched in, what waits, and
-that a broken transfer leaves the base weights intact."""
+"""Bounded asynchronous LoRA loading in the engine: when deltas are patched in, what waits, what a
+late patch computes (Diffusers with the LoRA's UNet part fused in before the step reported, fp32,
+1e-4), and that a broken transfer leaves the base weights intact."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from swiftd.loading import load_pipeline
 from swiftd.lora import deltas_to_chunks, extract_deltas, prepare_deltas
 from swiftd.request import Lora, Request
 from swiftd.v1 import lora_store_pb2
+from tests.reference import TOLERANCE, assert_close, assert_far, diffusers_patched_at_step
 from tests.test_lora_patch import weights_digest
 
 LORA = "tiny-sd15-lora-kohya-r16-te"  # text encoder + UNet layers
@@ -28,7 +30,7 @@ def setup(zoo_root):
     paths = zoo.zoo_paths(zoo_root, "tiny-sd15")
     pipe = load_pipeline(paths.model)
     deltas = prepare_deltas(extract_deltas(pipe, paths.loras[LORA]), 0.8, torch.float32)
-    return pipe, deltas
+    return pipe, deltas, paths
 
 
 def engine_with_push_inbox(pipe):
@@ -63,7 +65,7 @@ def deliver(inbox, deltas, parts=("te", "unet")):
 
 
 def test_complete_deltas_apply_before_the_first_step_and_equal_synchronous(setup):
-    pipe, deltas = setup
+    pipe, deltas, _ = setup
     engine, inbox = engine_with_push_inbox(pipe)
     deliver(inbox, deltas)
     result = engine.generate(request(k=4))
@@ -76,8 +78,26 @@ def test_complete_deltas_apply_before_the_first_step_and_equal_synchronous(setup
     assert torch.equal(result.latents, k0.latents)
 
 
+def diffusers_patched_at(setup, step):
+    """Diffusers (load_lora_weights + fuse_lora, Euler) with the UNet part in before `step`."""
+    pipe, _, paths = setup
+    return diffusers_patched_at_step(
+        pipe,
+        paths.loras,
+        [(LORA, 0.8)],
+        step,
+        prompt="a cat",
+        height=64,
+        width=64,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(4),
+        output_type="latent",
+    )
+
+
 def test_deltas_arriving_mid_loop_are_patched_at_the_next_boundary(setup):
-    pipe, deltas = setup
+    pipe, deltas, _ = setup
     engine, inbox = engine_with_push_inbox(pipe)
     deliver(inbox, deltas, parts=("te",))  # text encoder part first, as the store streams it
 
@@ -93,12 +113,16 @@ def test_deltas_arriving_mid_loop_are_patched_at_the_next_boundary(setup):
     deliver(inbox0, deltas)
     synchronous = engine0.generate(request(k=0))
     engine0.lora_patcher.restore()
-    # Patched two steps late: close to synchronous, but not the same computation.
-    assert not torch.equal(late.latents, synchronous.latents)
+    # Patched two steps late: what Diffusers gives with the UNet part fused in before step 2 ...
+    assert_close(late.latents, diffusers_patched_at(setup, 2))
+    # ... and (negative controls) neither synchronous nor patched at a neighbouring step.
+    assert_close(synchronous.latents, diffusers_patched_at(setup, 0))
+    for other in (0, 1, 3):
+        assert_far(late.latents, diffusers_patched_at(setup, other), TOLERANCE, factor=10)
 
 
 def test_the_loop_waits_at_the_bound(setup):
-    pipe, deltas = setup
+    pipe, deltas, _ = setup
     engine, inbox = engine_with_push_inbox(pipe)
     deliver(inbox, deltas, parts=("te",))
     timer = threading.Timer(1.0, deliver, args=(inbox, deltas), kwargs={"parts": ("unet",)})
@@ -113,7 +137,7 @@ def test_the_loop_waits_at_the_bound(setup):
 
 
 def test_text_encoder_part_does_not_wait_for_the_unet_part(setup):
-    pipe, deltas = setup
+    pipe, deltas, _ = setup
     _, inbox = engine_with_push_inbox(pipe)
     deliver(inbox, deltas, parts=("te",))
     fetch = inbox.fetch([(LORA, 0.8)], "r")
@@ -123,7 +147,7 @@ def test_text_encoder_part_does_not_wait_for_the_unet_part(setup):
 
 
 def test_broken_transfer_fails_the_request_and_restores_base_weights(setup):
-    pipe, deltas = setup
+    pipe, deltas, _ = setup
     engine, inbox = engine_with_push_inbox(pipe)
     pristine = weights_digest(pipe)
     deliver(inbox, deltas, parts=("te",))
@@ -142,7 +166,7 @@ def test_worker_holds_the_lora_chunk_order_contract(setup):
     """protos/swiftd/v1/lora_store.proto: text-encoder deltas first. Over the real chunk stream,
     the text-encoder part is complete at the first UNet delta; a text-encoder delta after a UNet
     delta is refused (INVALID_ARGUMENT) and fails the entry instead of being silently missed."""
-    pipe, deltas = setup
+    pipe, deltas, _ = setup
     _, inbox = engine_with_push_inbox(pipe)
     chunks = list(deltas_to_chunks(LORA, 0.8, deltas, chunk_bytes=1 << 30))
     assert len(chunks) >= 2 and not chunks[0].last
@@ -158,7 +182,12 @@ def test_worker_holds_the_lora_chunk_order_contract(setup):
     ]
     out_of_order.sort(key=lambda c: not c.deltas[0].parameter_name.startswith("unet."))  # UNet first
     assert out_of_order[0].deltas[0].parameter_name.startswith("unet.")
+    # The request waits for the pushed LoRA (as when the gateway starts the push and the request
+    # together); the refused delta fails its entry, and the request with it.
+    waiting = late.fetch([(LORA, 0.8)], "r", pushed=[LORA])
     with pytest.raises(InvalidArgument, match="text-encoder delta"):
         late.receive(out_of_order)
-    with pytest.raises(InvalidArgument):
-        late.fetch([(LORA, 0.8)], "r", pushed=[LORA]).text_encoder_deltas()
+    with pytest.raises(InvalidArgument, match="text-encoder delta"):
+        waiting.text_encoder_deltas()
+    # A failed entry is dropped on the next look-up, so that a new push may retry it.
+    assert late._entry(Lora(LORA, 0.8).key, create=False) is None

@@ -1,7 +1,10 @@
 """LoRA store: a real service process on loopback over a copy of the tiny zoo's LoRAs.
 
-Deltas streamed over gRPC decode to exactly what `prepare_deltas(extract_deltas(...))` gives in
-this process, in the same order; errors map to their statuses and leave the service healthy; the
+Deltas streamed over gRPC are checked against Diffusers itself: `load_lora_weights` +
+`fuse_lora(lora_scale=scale)` on a fresh pipeline, fused minus pristine weight, must equal the
+streamed `up @ down` for exactly the parameters the fuse changed, in the model's parameter order
+(`FP32_RTOL`, `FP16_RTOL`); they also equal bit for bit what a worker without a store prepares
+locally. Errors map to their statuses and leave the service healthy; the
 host tier stays within its byte budget; a restart serves from the disk tier without recomputing.
 """
 
@@ -18,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.lora_store.store import LoraStore
@@ -25,7 +29,7 @@ from swiftd import rpc
 from swiftd.errors import InvalidArgument
 from swiftd.launcher import start_service
 from swiftd.loading import load_pipeline
-from swiftd.lora import delta_from_proto, deltas_to_chunks, extract_deltas, prepare_deltas
+from swiftd.lora import WeightDelta, delta_from_proto, deltas_to_chunks, extract_deltas, prepare_deltas
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.model_roots import BOGUS, make_root
 
@@ -80,9 +84,75 @@ def store(root, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(root):
-    """Deltas prepared in this process: (extracted at scale 1, pipeline) per tiny-sd15 LoRA."""
+    """Deltas prepared in this process, as a worker without a store does: (pipeline, extracted at
+    scale 1 per tiny-sd15 LoRA). Only for checking that both paths give the same bits."""
     pipe = load_pipeline(root / "models" / BASE)
     return pipe, {lora_id: extract_deltas(pipe, root / "loras" / f"{lora_id}.safetensors") for lora_id in SD15_LORAS}
+
+
+# Stated tolerances of streamed deltas against Diffusers' fused weights, per parameter: max abs
+# difference <= RTOL * max |fused - pristine| + ATOL_ULPS * ulp(max |pristine weight|) (the
+# fused-minus-pristine subtraction itself is only exact to an ulp of the weight).
+FP32_RTOL = 1e-5
+FP16_RTOL = 2e-3  # both factors rounded to fp16
+ATOL_ULPS = 4
+LORA_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")
+
+
+@pytest.fixture(scope="module")
+def fused(root):
+    """`fused(lora_id, scale, base)`: {parameter name: fused - pristine weight} for every parameter
+    Diffusers' `load_lora_weights` + `fuse_lora(lora_scale=scale)` changes, in the order of the
+    model's parameters (text encoders, then the UNet), plus the pristine weights, on a pipeline
+    loaded by Diffusers itself (no swiftd code)."""
+    pipes, cache = {}, {}
+
+    def get(lora_id: str, scale: float = 1.0, base: str = BASE):
+        key = (lora_id, float(scale), base)
+        if key not in cache:
+            if base not in pipes:
+                pipes[base] = DiffusionPipeline.from_pretrained(root / "models" / base)
+            pipe = pipes[base]
+            modules = {c: getattr(pipe, c) for c in LORA_COMPONENTS if getattr(pipe, c, None) is not None}
+
+            def weights():
+                return {f"{c}.{n}": p.detach().clone() for c, m in modules.items() for n, p in m.named_parameters()}
+
+            pristine_state = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in modules.items()}
+            pristine = weights()
+            pipe.load_lora_weights(str(root / "loras" / f"{lora_id}.safetensors"), adapter_name="reference")
+            pipe.fuse_lora(lora_scale=scale, adapter_names=["reference"])
+            pipe.unload_lora_weights()  # the fused weights stay, the adapter layers go
+            after = weights()
+            for c, m in modules.items():
+                m.load_state_dict(pristine_state[c])
+            assert list(after) == list(pristine)
+            changed = {n: after[n] - pristine[n] for n in pristine if not torch.equal(after[n], pristine[n])}
+            cache[key] = changed, {n: pristine[n] for n in changed}
+        return cache[key]
+
+    return get
+
+
+def product(delta: WeightDelta) -> torch.Tensor:
+    """The full matrix a streamed delta stands for, in fp32."""
+    return delta.up.float() if delta.down is None else delta.up.float() @ delta.down.float()
+
+
+def assert_matches_fused(got, expected, rtol=FP32_RTOL):
+    """`got` (streamed deltas) against `expected` (`fused(...)`): the same parameters in the same
+    order, each up @ down equal to Diffusers' fused-minus-pristine weight within the tolerance."""
+    changed, pristine = expected
+    assert list(got) == list(changed), "parameters or their order differ from what Diffusers' fuse changes"
+    for name, want in changed.items():
+        have = product(got[name])
+        assert have.numel() == want.numel(), name
+        have = have.reshape(want.shape)
+        bound = rtol * want.abs().max().item() + ATOL_ULPS * torch.finfo(torch.float32).eps * (
+            pristine[name].abs().max().item()
+        )
+        error = (have - want).abs().max().item()
+        assert error <= bound, f"{name}: max abs difference {error:.3g} > {bound:.3g}"
 
 
 def f32(x: float) -> float:
@@ -90,10 +160,9 @@ def f32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
-def expected_deltas(extracted, scale, dtype=torch.float32):
-    """What the store serves: its scale-1 entry, with the request's scale folded in when != 1."""
-    entry = prepare_deltas(extracted, 1.0, dtype)
-    return entry if scale == 1.0 else prepare_deltas(entry, scale, dtype)
+def local_deltas(extracted, scale, dtype=torch.float32):
+    """What a worker without a store would apply (its own preparation, scale folded in)."""
+    return prepare_deltas(extracted, scale, dtype)
 
 
 def stream(stub, loras, base=BASE, dtype=F32, request_id="t"):
@@ -194,9 +263,8 @@ def cache_events(service, count, timeout=10.0):
 # -- catalog ---------------------------------------------------------------------------------------
 
 
-def test_catalog_lists_every_file_with_metadata(store, root, reference):
+def test_catalog_lists_every_file_with_metadata(store, root, fused):
     _, stub, _ = store
-    _, extracted = reference
     loras = {i.lora_id: i for i in stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10).loras}
     files = sorted(p.stem for p in (root / "loras").glob("*.safetensors"))
     assert sorted(loras) == files
@@ -205,7 +273,7 @@ def test_catalog_lists_every_file_with_metadata(store, root, reference):
         assert info.family == "sd15"
         assert info.format == ("peft" if "peft" in lora_id else "kohya")
         assert info.rank == int(re.search(r"-r(\d+)", lora_id).group(1))
-        assert info.num_targets == len(extracted[lora_id])
+        assert info.num_targets == len(fused(lora_id)[0])  # the weights Diffusers' fuse changes
         assert info.size_bytes == (root / "loras" / f"{lora_id}.safetensors").stat().st_size
     for lora_id in loras:
         if lora_id.startswith("tiny-sdxl"):
@@ -214,9 +282,8 @@ def test_catalog_lists_every_file_with_metadata(store, root, reference):
     assert sorted(i.lora_id for i in sdxl) == sorted(i for i in files if i.startswith("tiny-sdxl"))
 
 
-def test_register_stream_and_remove_a_file_added_while_running(store, root, reference):
+def test_register_stream_and_remove_a_file_added_while_running(store, root, fused):
     service, stub, cache = store
-    _, extracted = reference
     late = root / "loras" / "late-lora.safetensors"
     shutil.copy(root / "loras" / "tiny-sd15-lora-peft-r4.safetensors", late)
     listed = lambda: [i.lora_id for i in stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10).loras]  # noqa: E731
@@ -237,7 +304,7 @@ def test_register_stream_and_remove_a_file_added_while_running(store, root, refe
 
     [(lora_id, scale, deltas)] = decode(stream(stub, [("late-lora", 1.0)]))
     assert (lora_id, scale) == ("late-lora", 1.0)
-    assert_same(deltas, expected_deltas(extracted["tiny-sd15-lora-peft-r4"], 1.0))
+    assert_matches_fused(deltas, fused("tiny-sd15-lora-peft-r4", 1.0))
     assert list(cache.glob("*/*/late-lora.safetensors")), "no disk-tier entry written"
 
     assert stub.RemoveLora(lora_store_pb2.RemoveLoraRequest(lora_id="late-lora"), timeout=10).removed
@@ -256,7 +323,7 @@ def test_register_stream_and_remove_a_file_added_while_running(store, root, refe
 
 
 @pytest.mark.parametrize("lora_id", SD15_LORAS)
-def test_stream_matches_local_preparation(store, reference, lora_id):
+def test_stream_matches_diffusers_fuse_and_local_preparation(store, fused, reference, lora_id):
     _, stub, _ = store
     _, extracted = reference
     scale = SCALES[lora_id]
@@ -268,19 +335,23 @@ def test_stream_matches_local_preparation(store, reference, lora_id):
     [(got_id, got_scale, deltas)] = decode(chunks)
     effective = f32(scale or 1.0)
     assert (got_id, got_scale) == (lora_id, effective)
-    assert_same(deltas, expected_deltas(extracted[lora_id], effective))
-    # Folding the scale into the cached entry vs into the raw factors: the same up to rounding
-    # (bit-equal where the delta is factored, or the scale is 1).
-    direct = prepare_deltas(extracted[lora_id], effective, torch.float32)
+    assert_matches_fused(deltas, fused(lora_id, effective))
+    # A worker without a store prepares them itself, folding the scale into the raw factors; the
+    # store folds it into its cached scale-1 entry: the same up to rounding (bit-equal where the
+    # delta is factored, or the scale is 1).
+    direct = local_deltas(extracted[lora_id], effective)
+    assert list(direct) == list(deltas)
     for name, delta in direct.items():
+        assert (deltas[name].down is None) == (delta.down is None), name
+        if delta.down is not None:
+            assert torch.equal(deltas[name].down, delta.down), name
         if delta.down is not None or effective == 1.0:
             assert torch.equal(deltas[name].up, delta.up), name
         torch.testing.assert_close(deltas[name].up, delta.up, rtol=1e-6, atol=1e-7)
 
 
-def test_stream_of_a_lora_set_keeps_order_and_dtype(store, reference):
+def test_stream_of_a_lora_set_keeps_order_and_dtype(store, fused):
     _, stub, _ = store
-    _, extracted = reference
     loras = [
         ("tiny-sd15-lora-kohya-r16-te", 0.8),
         ("tiny-sd15-lora-peft-r64", 1.0),
@@ -289,19 +360,19 @@ def test_stream_of_a_lora_set_keeps_order_and_dtype(store, reference):
     got = decode(stream(stub, loras, dtype=common_pb2.DTYPE_FLOAT16))
     assert [(i, s) for i, s, _ in got] == [(i, pytest.approx(s)) for i, s in loras]
     for (lora_id, scale), (_, _, deltas) in zip(loras, got):
-        assert_same(deltas, expected_deltas(extracted[lora_id], f32(scale), torch.float16))
+        assert all(t.dtype == torch.float16 for d in deltas.values() for t in (d.up, d.down) if t is not None)
+        assert_matches_fused(deltas, fused(lora_id, scale), rtol=FP16_RTOL)
     names = list(got[0][2])
     assert names[0].startswith("text_encoder.") and names[-1].startswith("unet."), "text encoder first"
 
 
-def test_stream_sdxl_with_both_text_encoders(store, root):
+def test_stream_sdxl_with_both_text_encoders(store, fused):
     _, stub, _ = store
-    pipe = load_pipeline(root / "models" / "tiny-sdxl")
     loras = [("tiny-sdxl-lora-kohya-r16-te", 0.5), ("tiny-sdxl-lora-peft-r4", 1.0)]
     got = decode(stream(stub, loras, base="tiny-sdxl"))
     for (lora_id, scale), (got_id, _, deltas) in zip(loras, got):
         assert got_id == lora_id
-        assert_same(deltas, expected_deltas(extract_deltas(pipe, root / "loras" / f"{lora_id}.safetensors"), scale))
+        assert_matches_fused(deltas, fused(lora_id, scale, "tiny-sdxl"))
     assert any(n.startswith("text_encoder_2.") for n in got[0][2])
 
 
@@ -328,6 +399,33 @@ def test_chunks_keep_the_order_contract(store, base, lora_id):
     assert next(iter(unet_first)).startswith("unet.")
     rechunked = [d.parameter_name for c in deltas_to_chunks(lora_id, 1.0, unet_first) for d in c.deltas]
     assert rechunked == names
+
+
+def test_fused_tolerance_rejects_wrong_deltas(store, fused):
+    """Negative controls for `assert_matches_fused`: each wrong variant of a correct stream fails."""
+    _, stub, _ = store
+    lora_id = "tiny-sd15-lora-kohya-r16-te"
+    [(_, _, deltas)] = decode(stream(stub, [(lora_id, 0.7)]))
+    [(_, _, half)] = decode(stream(stub, [(lora_id, 0.7)], dtype=common_pb2.DTYPE_FLOAT16))
+    assert_matches_fused(deltas, fused(lora_id, 0.7))
+    assert_matches_fused(half, fused(lora_id, 0.7), rtol=FP16_RTOL)
+    a, b = next(
+        (a, b) for a in deltas for b in deltas if a < b and product(deltas[a]).shape == product(deltas[b]).shape
+    )
+    swapped = {**deltas, a: deltas[b], b: deltas[a]}
+    wrong = {
+        "scale 1 % off": (deltas, fused(lora_id, 0.707), FP32_RTOL),
+        "scale not folded in": (deltas, fused(lora_id, 1.0), FP32_RTOL),
+        "fp16 factors at the fp32 tolerance": (half, fused(lora_id, 0.7), FP32_RTOL),
+        "fp16, scale 1 % off": (half, fused(lora_id, 0.707), FP16_RTOL),
+        "a parameter dropped": (dict(list(deltas.items())[:-1]), fused(lora_id, 0.7), FP32_RTOL),
+        "out of order": (dict(reversed(deltas.items())), fused(lora_id, 0.7), FP32_RTOL),
+        "two layers' deltas swapped": (swapped, fused(lora_id, 0.7), FP32_RTOL),
+    }
+    for case, (got, expected, rtol) in wrong.items():
+        with pytest.raises(AssertionError):
+            assert_matches_fused(got, expected, rtol)
+            pytest.fail(f"negative control passed: {case}")
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -442,9 +540,8 @@ def receiver():
     server.stop(None)
 
 
-def test_push_to_a_worker(store, reference, receiver):
+def test_push_to_a_worker(store, fused, receiver):
     _, stub, _ = store
-    _, extracted = reference
     servicer, address = receiver
     loras = [("tiny-sd15-lora-kohya-r8-conv", 1.0), ("tiny-sd15-lora-peft-r4", 0.25)]
     stub.PrefetchLora(lora_store_pb2.PrefetchLoraRequest(lora_id=loras[0][0], base_model_id=BASE), timeout=60)
@@ -461,7 +558,7 @@ def test_push_to_a_worker(store, reference, receiver):
     got = decode(servicer.streams[-1])
     assert [(i, s) for i, s, _ in got] == loras
     for (lora_id, scale), (_, _, deltas) in zip(loras, got):
-        assert_same(deltas, expected_deltas(extracted[lora_id], scale))
+        assert_matches_fused(deltas, fused(lora_id, scale))
     assert all(c.request_id == "push-1" for c in servicer.streams[-1])
     assert response.parameters_sent == sum(len(d) for *_, d in got)
     assert response.bytes_sent == sum(x.nbytes for *_, d in got for x in d.values())
@@ -497,7 +594,7 @@ def test_push_to_an_unreachable_worker(store):
 # -- tiers -----------------------------------------------------------------------------------------
 
 
-def test_host_budget_and_restart_from_disk(root, reference, tmp_path):
+def test_host_budget_and_restart_from_disk(root, fused, tmp_path):
     """Budget fits the rank-64 LoRA (2.06 MB prepared) but not it and another; then a restart."""
     budget_mib = 2.5
     args = ["--model-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--host-budget-mib", str(budget_mib)]
@@ -527,7 +624,7 @@ def test_host_budget_and_restart_from_disk(root, reference, tmp_path):
         stub = lora_store_pb2_grpc.LoraStoreStub(rpc.create_channel(service.address))
         assert not prefetch(stub, small).already_hot
         [(_, _, deltas)] = decode(stream(stub, [(big, 1.0)]), rpc.LORA_CHUNK_BYTES)
-        assert_same(deltas, expected_deltas(reference[1][big], 1.0))
+        assert_matches_fused(deltas, fused(big, 1.0))
         events = cache_events(service, 2)
     finally:
         service.stop()
@@ -582,21 +679,24 @@ def test_store_tiers_in_process(root, tmp_path):
         (root / "loras" / "escape.safetensors").unlink()
 
 
-def test_concurrent_streams(store):
-    """Several clients at once get complete, identical streams."""
+def test_concurrent_streams(store, fused):
+    """Several clients at once each get a complete, correct stream of every LoRA asked for, and
+    the same bits."""
     _, stub, _ = store
-    loras = [("tiny-sd15-lora-peft-r64", 1.0), ("tiny-sd15-lora-kohya-r16-te", 1.0)]
-    results = [None] * 4
+    loras = [("tiny-sd15-lora-peft-r64", 1.0), ("tiny-sd15-lora-kohya-r16-te", 0.6)]
+    start = threading.Barrier(4)
 
     def run(i):
-        results[i] = decode(stream(stub, loras))
+        start.wait(timeout=30)  # all four streams in flight together
+        return decode(stream(stub, loras, request_id=f"concurrent-{i}"))
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for other in results[1:]:
-        for (i, s, d), (j, t, e) in zip(results[0], other):
-            assert (i, s) == (j, t)
-            assert_same(e, d)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(4)))  # a failed stream raises here
+    assert len(results) == 4
+    for got in results:
+        assert [(i, s) for i, s, _ in got] == [(i, f32(s)) for i, s in loras], "a LoRA missing or out of order"
+        for (lora_id, scale), (_, _, deltas) in zip(loras, got):
+            assert deltas, f"{lora_id}: empty stream"
+            assert_matches_fused(deltas, fused(lora_id, scale))
+        for (_, _, deltas), (_, _, first) in zip(got, results[0]):
+            assert_same(deltas, first)

@@ -163,7 +163,9 @@ class UNetPipeline:
     ) -> torch.Tensor:
         """Diffusers' ControlNet preprocessing: RGB, resize to the output size, range [0, 1]."""
         cond = self.control_image_processor.preprocess(image, height=height, width=width).to(torch.float32)
-        cond = cond.to(device=self.device, dtype=self.dtype)
+        # Contiguous NCHW, as Diffusers' repeat_interleave leaves it: preprocess gives a channels-last
+        # view, on which the hint encoder's convolutions round differently.
+        cond = cond.to(device=self.device, dtype=self.dtype).contiguous()
         return torch.cat([cond] * 2) if duplicate_for_cfg else cond
 
     def decode(self, latents: torch.Tensor) -> PIL.Image.Image:
