@@ -95,8 +95,8 @@ def references(zoo_root):
     return {f: load_pipeline(zoo.zoo_paths(zoo_root, m).model) for f, m in FAMILIES.items()}
 
 
-def denoise(channel, model_id, loras=(), k=0, **extra) -> unet_pb2.DenoiseResponse:
-    request = unet_pb2.DenoiseRequest(
+def denoise_request(model_id, loras=(), k=0, **extra) -> unet_pb2.DenoiseRequest:
+    return unet_pb2.DenoiseRequest(
         params=common_pb2.GenerationParams(
             prompt="a photo of a cat",
             width=64,
@@ -112,6 +112,10 @@ def denoise(channel, model_id, loras=(), k=0, **extra) -> unet_pb2.DenoiseRespon
         return_latents=True,
         **extra,
     )
+
+
+def denoise(channel, model_id, loras=(), k=0, **extra) -> unet_pb2.DenoiseResponse:
+    request = denoise_request(model_id, loras, k, **extra)
     return unet_pb2_grpc.UNetWorkerStub(channel).Denoise(request, timeout=120)
 
 
@@ -272,23 +276,7 @@ def test_on_arrival_mid_loop_matches_diffusers_patched_at_the_reported_step(
         yield from chunks[first_unet + 1 :]
 
     stub = unet_pb2_grpc.UNetWorkerStub(channel)
-    request = unet_pb2.DenoiseRequest(
-        params=common_pb2.GenerationParams(
-            prompt="a photo of a cat",
-            width=64,
-            height=64,
-            num_inference_steps=4,
-            guidance_scale=7.5,
-            seed=2,
-            scheduler=common_pb2.SCHEDULER_EULER,
-            model_id="tiny-sd15",
-        ),
-        loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras],
-        lora_bound_steps=100,
-        pushed_lora_ids=[loras[0][0]],
-        return_latents=True,
-        request_id="on-arrival",
-    )
+    request = denoise_request("tiny-sd15", loras, k=100, pushed_lora_ids=[loras[0][0]], request_id="on-arrival")
     with ThreadPoolExecutor(1) as pool:
         received = pool.submit(stub.ReceiveLoraDeltas, held_back(), timeout=120)
         final = None
