@@ -264,8 +264,7 @@ def lora_service_figures(config: BenchConfig, session: Session, group: str) -> t
     bal_steps = [k for k in BAL_STEPS if k < config.steps]
     images = images_by_arrival_step(config.zoo, config.family, lora_id, config.size, config.steps, [0, *bal_steps])
     scale = 0.777
-    k0 = ours.run_once(Scenario("lora", loras=((lora_id, scale),)), lora_bound_steps=0)
-    ours.reset_loras()
+    k0 = ours.run_once(Scenario("lora", loras=((lora_id, scale),)), lora_bound_steps=0)  # restores after
     arrival = ours.run_once(Scenario("lora", loras=((lora_id, scale + 0.001),)), lora_bound_steps=config.steps)
     finite = lambda x: min(x, 999.0)  # noqa: E731
     figures = [

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import PIL.Image
 
 from swiftd.errors import InvalidArgument
-from swiftd.images import decode_image
+from swiftd.images import decode_image, encode_png
 from swiftd.v1 import common_pb2, gateway_pb2, unet_pb2
 
 # -- names <-> proto enums ------------------------------------------------------------------------
@@ -83,6 +83,15 @@ def _wire_dtype_from_pb(value: int) -> str:
         if proto == value:
             return name
     raise InvalidArgument("controlnet_wire_dtype", "must be DTYPE_FLOAT32, DTYPE_FLOAT16, DTYPE_BFLOAT16 or unset")
+
+
+def wire_dtype_to_pb(name: str) -> int:
+    """A WIRE_DTYPES name as its DType value; empty: DTYPE_UNSPECIFIED (the UNet's compute dtype)."""
+    if not name:
+        return common_pb2.DTYPE_UNSPECIFIED
+    if name not in WIRE_DTYPES:
+        raise InvalidArgument("controlnet_wire_dtype", f"one of {sorted(WIRE_DTYPES)}, or empty")
+    return WIRE_DTYPES[name]
 
 
 def check_family(field_name: str, family: str) -> str:
@@ -234,9 +243,7 @@ class ControlNet:
     def to_pb(self) -> common_pb2.ControlNetInput:
         image = self.image
         if isinstance(image, PIL.Image.Image):
-            from swiftd.images import encode_png  # lossless: the same pixels arrive
-
-            image = encode_png(image)
+            image = encode_png(image)  # lossless: the same pixels arrive
         return common_pb2.ControlNetInput(
             controlnet_id=self.controlnet_id,
             image=image,
@@ -354,13 +361,6 @@ class Request:
             params.seed = self.seed
         return params
 
-    def _wire_dtype_pb(self) -> int:
-        if not self.controlnet_wire_dtype:
-            return common_pb2.DTYPE_UNSPECIFIED
-        if self.controlnet_wire_dtype not in WIRE_DTYPES:
-            raise InvalidArgument("controlnet_wire_dtype", f"one of {sorted(WIRE_DTYPES)}, or empty")
-        return WIRE_DTYPES[self.controlnet_wire_dtype]
-
     def to_pb(self) -> gateway_pb2.GenerateRequest:
         """The public API's GenerateRequest."""
         pb = gateway_pb2.GenerateRequest(
@@ -369,7 +369,7 @@ class Request:
             controlnets=[cn.to_pb() for cn in self.controlnets],
             request_id=self.request_id,
             preview_every_n_steps=self.preview_every_n_steps,
-            controlnet_wire_dtype=self._wire_dtype_pb(),
+            controlnet_wire_dtype=wire_dtype_to_pb(self.controlnet_wire_dtype),
         )
         if self.lora_bound_steps is not None:
             pb.lora_bound_steps = self.lora_bound_steps
@@ -384,7 +384,7 @@ class Request:
                 unet_pb2.ControlNetAttachment(input=cn.to_pb(), worker_address=cn.worker_address)
                 for cn in self.controlnets
             ],
-            controlnet_wire_dtype=self._wire_dtype_pb(),
+            controlnet_wire_dtype=wire_dtype_to_pb(self.controlnet_wire_dtype),
             request_id=self.request_id,
             preview_every_n_steps=self.preview_every_n_steps,
             return_latents=self.return_latents,
@@ -447,8 +447,7 @@ def validate(request: Request, limits: Limits, controlnet_field: str = "controln
         scheduler_row(request.scheduler)
     _validate_loras(request.loras, limits)
     _validate_controlnets(request, limits, controlnet_field)
-    if request.controlnet_wire_dtype and request.controlnet_wire_dtype not in WIRE_DTYPES:
-        raise InvalidArgument("controlnet_wire_dtype", f"one of {sorted(WIRE_DTYPES)}, or empty")
+    wire_dtype_to_pb(request.controlnet_wire_dtype)
     if request.preview_every_n_steps < 0:
         raise InvalidArgument("preview_every_n_steps", "must be >= 0")
 

@@ -19,8 +19,8 @@ import torch
 from swiftd import codec
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession
 from swiftd.errors import DeadlineExceeded, Unavailable, from_rpc_error
-from swiftd.request import WIRE_DTYPES
-from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
+from swiftd.request import wire_dtype_to_pb
+from swiftd.v1 import controlnet_pb2, controlnet_pb2_grpc
 
 _END = object()
 
@@ -47,7 +47,7 @@ class RemoteResidualSource:
         self._sent_at: dict[int, float] = {}
         self.stats = {"compute": 0.0, "transport": 0.0, "steps": 0}
 
-        start = session.to_pb(WIRE_DTYPES.get(wire_dtype, common_pb2.DTYPE_UNSPECIFIED), request_id)
+        start = session.to_pb(wire_dtype_to_pb(wire_dtype), request_id)
         self._requests.put(controlnet_pb2.ResidualsRequest(start=start))
         stub = controlnet_pb2_grpc.ControlNetWorkerStub(channel)
         self._call = stub.StreamResiduals(iter(self._requests.get, _END), timeout=timeout)
