@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from swiftd import rpc, tracing
+from swiftd.drain import DrainInterceptor
 from swiftd.interceptor import ErrorInterceptor
 from swiftd.request import Limits
 
@@ -111,7 +112,10 @@ def serve(
     on_bound: Callable[[int], None] | None = None,
 ) -> None:
     """Start the server, report the bound port, block until SIGTERM/SIGINT, then drain."""
-    server = rpc.create_server(config.max_workers, interceptors=[*tracing.server_interceptors(), ErrorInterceptor()])
+    drain_gate = DrainInterceptor()
+    server = rpc.create_server(
+        config.max_workers, interceptors=[drain_gate, *tracing.server_interceptors(), ErrorInterceptor()]
+    )
     register(server)
     health = rpc.add_health_and_reflection(server, [service_full_name])
     port = server.add_insecure_port(config.address)  # raises if the address cannot be bound
@@ -130,8 +134,14 @@ def serve(
             return
         stopping.set()
         log.info("signal %d: draining for up to %.1f s", signum, config.grace_seconds)
+        drain_gate.start_draining()  # new RPCs: UNAVAILABLE from now on
         health.enter_graceful_shutdown()  # every service reports NOT_SERVING from now on
-        server.stop(config.grace_seconds)
+        threading.Thread(target=finish, name="drain", daemon=True).start()
+
+    def finish():
+        if not drain_gate.wait_idle(config.grace_seconds):
+            log.warning("grace period over: cancelling the RPCs still running")
+        server.stop(0)  # cancels what is left (callers see UNAVAILABLE)
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
