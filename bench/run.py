@@ -19,6 +19,8 @@ Groups (GROUPS below; later work adds its own):
   lora      the cost of switching one rank-64 LoRA in and out: Diffusers' load+fuse / unfuse+unload
             vs our in-place patch / restore of prepared deltas.
   gateway   the latency the gateway adds to a request (bench.gateway).
+  traffic   one production-shaped trace replayed open loop against Diffusers (two ways) and the
+            suite on the same two cores, at four loads (bench.traffic).
   compiler  ahead-of-time compiled UNet halves (bench.compiler): eager / compiled step on one core
             with the weights still patchable, and time to SERVING when a worker compiles at start
             vs when it loads artifacts (warm start).
@@ -59,6 +61,7 @@ from bench.scenarios import (
     median,
     rank64_lora_id,
 )
+from bench.traffic import group_traffic
 
 
 class Session:
@@ -405,6 +408,7 @@ GROUPS: dict[str, GroupFn] = {
     "controlnet": group_controlnet,
     "gateway": group_gateway,
     "compiler": group_compiler,
+    "traffic": group_traffic,
 }
 
 

@@ -1,0 +1,394 @@
+"""Serving under traffic: one trace replayed open-loop against three systems on the same two cores.
+
+    make bench ONLY=traffic
+
+Systems, each behind the same swiftd.v1.Gateway API and driven by the same load generator
+(swiftd.traffic.loadgen), each given the same two cores (one "device" per core):
+  diffusers_fuse      what people run today: one Diffusers pipeline process per core, each request
+                      loads + fuses its LoRAs and unfuses + unloads them after, a least-loaded
+                      FIFO dispatcher in front (bench.baselines, mode "fuse");
+  diffusers_adapters  the stronger variant: LoRAs kept loaded as PEFT adapters (LRU), set per
+                      request, never fused (mode "adapters");
+  ours                the suite as deployed: a UNet worker and a ControlNet worker per core, the
+                      LoRA store and the gateway beside them.
+
+The trace (swiftd.traffic.workload) is shaped after production traffic with add-ons, on the
+traffic catalog of the bench model (swiftd.traffic.catalog: 200 LoRAs, 6 ControlNets), at a
+smaller request size than the other groups (TRAFFIC_SIZE, TRAFFIC_STEPS) so that four loads on
+three systems fit in about 15 minutes on this machine.
+
+Offered loads are fractions of diffusers_fuse's capacity (2 devices / its mean isolated service
+time over a sample of the trace). The latency objective is 3x the median isolated latency of that
+sample on diffusers_fuse. A system sustains a load when the p99 latency over every request of the
+run (a refused or failed one counting as infinitely slow) is within the objective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.scenarios import BenchConfig, Figure, GroupResult
+from swiftd.traffic.loadgen import ReplayConfig, RequestRecord, at_rate, replay, run_isolated, summarize
+from swiftd.traffic.trace import TraceEntry
+
+GROUP = "traffic"
+TRAFFIC_SIZE = 128
+TRAFFIC_STEPS = 10
+NUM_REQUESTS = 40  # per run: with 40 samples p99 is the slowest request (nearest rank)
+ISOLATED_SAMPLE = 8  # requests of the trace timed alone on an idle system
+LOADS = (0.5, 1.0, 1.5, 2.0)  # offered load, as fractions of diffusers_fuse's capacity
+OBJECTIVE_FACTOR = 3.0
+SEED = 12
+CORES = (0, 1)
+RECORDS_FILE = Path(__file__).resolve().parent / "traffic_records.jsonl"
+TRACE_FILE = Path(__file__).resolve().parent / "traffic_trace.jsonl"
+PLOTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "img"
+
+
+@dataclass
+class SystemUnderTest:
+    name: str
+    start: Callable[[], object]  # returns a handle with .address and .stop()
+    hardware: str
+
+
+@dataclass
+class RunResult:
+    system: str
+    load: float  # fraction of diffusers_fuse's capacity
+    rate_rps: float
+    summary: dict
+    records: list[RequestRecord]
+
+
+@contextmanager
+def running(system: SystemUnderTest):
+    handle = system.start()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def sustained_load(runs: list[RunResult]) -> float:
+    """The highest load of the run series the system held its objective at, with every lower one
+    held too (0 if it missed at the lowest)."""
+    best = 0.0
+    for run in sorted(runs, key=lambda r: r.load):
+        if not run.summary["meets_objective"]:
+            break
+        best = run.load
+    return best
+
+
+@dataclass
+class Calibration:
+    """What diffusers_fuse's isolated sample sets for every system: the objective and the loads."""
+
+    objective_s: float
+    capacity_rps: float
+
+    @classmethod
+    def from_isolated(cls, isolated: list[RequestRecord]) -> Calibration:
+        service_s = statistics.mean(r.latency_s for r in isolated)
+        return cls(OBJECTIVE_FACTOR * _median_latency(isolated), len(CORES) / service_s)
+
+    @property
+    def rates(self) -> dict[float, float]:
+        return {load: load * self.capacity_rps for load in LOADS}
+
+    @property
+    def deadline_s(self) -> float:
+        # A request past twice the objective has missed it anyway; ending it bounds the backlog an
+        # overloaded run leaves, so a run takes about the trace's span.
+        return 2 * self.objective_s
+
+
+def measure_system(
+    system: SystemUnderTest, trace: list[TraceEntry], calibration: Calibration | None, log
+) -> tuple[list[RequestRecord], list[RunResult], Calibration]:
+    """The isolated sample, then one open-loop run per load, on a freshly started system.
+
+    Without a calibration, this system's isolated sample makes it (diffusers_fuse runs first).
+    """
+    with running(system) as handle:
+        log(f"[traffic] {system.name} up at {handle.address}")
+        run_isolated(trace[:1], handle.address, system.name)  # warm-up: first-use costs are not traffic
+        isolated = run_isolated(trace[:ISOLATED_SAMPLE], handle.address, system.name)
+        bad = [r for r in isolated if not r.ok]
+        if bad:
+            raise RuntimeError(f"{system.name}: isolated request {bad[0].request_id}: {bad[0].status} {bad[0].details}")
+        calibration = calibration or Calibration.from_isolated(isolated)
+        log(
+            f"[traffic] {system.name}: isolated median {_median_latency(isolated):.2f} s; objective "
+            f"{calibration.objective_s:.2f} s; capacity of diffusers_fuse {calibration.capacity_rps:.2f} req/s"
+        )
+        runs = []
+        for load, rate in calibration.rates.items():
+            entries = at_rate(trace, rate)
+            replay_config = ReplayConfig(
+                target=handle.address, system=system.name, load=load, deadline_s=calibration.deadline_s
+            )
+            records = replay(entries, replay_config)
+            summary = summarize(records, calibration.objective_s, duration_s=entries[-1].at_s or 1.0)
+            runs.append(RunResult(system.name, load, rate, summary, records))
+            log(
+                f"[traffic] {system.name:<19} load {load:4.2f} ({rate:.2f} req/s): p50 {summary['p50_s']:6.2f} "
+                f"p95 {summary['p95_s']:6.2f} p99 {summary['p99_s']:6.2f} s  ok {summary['ok']}/{summary['requests']}"
+                f"  rejected {summary['rejected']} deadline {summary['deadline_exceeded']} failed {summary['failed']}"
+                f"  {'meets' if summary['meets_objective'] else 'misses'} {calibration.objective_s:.1f} s"
+                + ("" if summary["valid"] else f"  INVALID: the generator lagged {summary['max_send_lag_s']:.2f} s")
+            )
+            time.sleep(1.0)  # let the last cancelled requests leave the workers
+    return isolated, runs, calibration
+
+
+def figures_of(
+    runs_by_system: dict[str, list[RunResult]], isolated: dict[str, list[RequestRecord]], calibration: Calibration
+) -> list[Figure]:
+    figures = [
+        Figure("traffic.objective_s", calibration.objective_s, "s", GROUP),
+        Figure("traffic.capacity_rps.diffusers_fuse", calibration.capacity_rps, "req/s", GROUP),
+    ]
+    for system, runs in runs_by_system.items():
+        figures.append(Figure(f"traffic.isolated_median_s.{system}", _median_latency(isolated[system]), "s", GROUP))
+        figures.append(Figure(f"traffic.sustained_load.{system}", sustained_load(runs), "x", GROUP))
+        for run in runs:
+            key = f"{system}.{run.load:g}"
+            s = run.summary
+            figures += [
+                Figure(f"traffic.p50_s.{key}", _finite(s["p50_s"]), "s", GROUP),
+                Figure(f"traffic.p95_s.{key}", _finite(s["p95_s"]), "s", GROUP),
+                Figure(f"traffic.p99_s.{key}", _finite(s["p99_s"]), "s", GROUP),
+                Figure(f"traffic.goodput_rps.{key}", s["goodput_rps"], "req/s", GROUP),
+                Figure(f"traffic.rejected.{key}", s["rejected"], "count", GROUP),
+                Figure(f"traffic.deadline_exceeded.{key}", s["deadline_exceeded"], "count", GROUP),
+                Figure(f"traffic.failed.{key}", s["failed"], "count", GROUP),
+            ]
+    sustained = {system: sustained_load(runs) for system, runs in runs_by_system.items()}
+    if sustained.get("ours"):
+        # The tail at half the load a system sustains, against a request alone: how much queueing
+        # a user sees on a server that is not at its limit.
+        half = min(runs_by_system["ours"], key=lambda r: abs(r.load - sustained["ours"] / 2))
+        ratio = half.summary["p99_s"] / _median_latency(isolated["ours"])
+        figures.append(Figure("traffic.p99_at_half_sustained_over_isolated.ours", _finite(ratio), "x", GROUP))
+    if "ours" in sustained:
+        for baseline, figure in (
+            ("diffusers_fuse", "traffic.throughput_ratio"),
+            ("diffusers_adapters", "traffic.throughput_ratio.adapters"),
+        ):
+            if baseline in sustained:
+                figures.append(Figure(figure, _ratio(sustained["ours"], sustained[baseline]), "x", GROUP))
+    return figures
+
+
+def _median_latency(records: list[RequestRecord]) -> float:
+    return statistics.median(r.latency_s for r in records)
+
+
+def _finite(value: float) -> float:
+    # JSON has no infinity: a percentile over failed requests is written as -1 (see the counts).
+    return value if math.isfinite(value) else -1.0
+
+
+def _ratio(ours: float, baseline: float) -> float:
+    """Sustained-load ratio; a baseline that held no load counts as half the lowest load (a bound)."""
+    return ours / (baseline if baseline > 0 else min(LOADS) / 2)
+
+
+def write_records(runs_by_system: dict[str, list[RunResult]], path: Path = RECORDS_FILE) -> None:
+    lines = [json.dumps(r.to_dict()) for runs in runs_by_system.values() for run in runs for r in run.records]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# -- our side --------------------------------------------------------------------------------------
+
+
+class OursSuite:
+    """The suite as deployed on the two cores: per core a UNet worker and a ControlNet worker
+    (one thread each); the LoRA store and the gateway (which mostly wait) beside them."""
+
+    def __init__(self, model_root: Path, model_id: str, cores=CORES, gateway_args: list[str] = ()):
+        import tempfile
+
+        from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
+
+        self._cache_dir = tempfile.TemporaryDirectory(prefix="swiftd-traffic-lora-cache-")
+        self.services = []
+        store = start_lora_store(
+            model_root,
+            Path(self._cache_dir.name),
+            base_models=[model_id],
+            cpu_cores=[cores[-1]],
+            num_threads=1,
+            wait=False,
+        )
+        controlnets = [start_controlnet(model_root, cpu_cores=[c], num_threads=1, wait=False) for c in cores]
+        unets = [start_unet(model_root, model_id, cpu_cores=[c], num_threads=1, wait=False) for c in cores]
+        self.services = [store, *controlnets, *unets]
+        try:
+            for service in self.services:
+                service.wait_ready()
+            gateway = start_gateway(
+                [u.address for u in unets],
+                [c.address for c in controlnets],
+                store.address,
+                cpu_cores=[cores[-1]],
+                extra_args=list(gateway_args),
+            )
+        except BaseException:
+            self.stop()
+            raise
+        self.services.append(gateway)
+        self.address = gateway.address
+        self.unet_addresses = [u.address for u in unets]
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self._cache_dir.cleanup()
+
+
+# -- the group -------------------------------------------------------------------------------------
+
+
+def group_traffic(config: BenchConfig, session) -> GroupResult:
+    from bench.baselines import start_baseline
+    from swiftd.traffic.catalog import CatalogConfig, build_catalog, load_catalog
+    from swiftd.traffic.trace import write_trace
+    from swiftd.traffic.workload import WorkloadConfig, generate, popularity_stats
+
+    session.close()  # other groups' processes: nothing else may hold memory or cores during traffic
+    log = config.log
+    t0 = time.perf_counter()
+    root = build_catalog(config.zoo, CatalogConfig(family=config.family))
+    catalog = load_catalog(root)
+    log(
+        f"[traffic] catalog {root}: {len(catalog.lora_ids)} LoRAs, {len(catalog.controlnet_ids)} ControlNets "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
+    workload = WorkloadConfig(
+        seed=SEED,
+        num_requests=NUM_REQUESTS,
+        rate_rps=1.0,
+        width=TRAFFIC_SIZE,
+        height=TRAFFIC_SIZE,
+        steps=TRAFFIC_STEPS,
+    )
+    trace = generate(workload, catalog)
+    write_trace(TRACE_FILE, trace, header={"workload": workload.__dict__})
+    shape = popularity_stats(trace)
+    log(f"[traffic] trace {TRACE_FILE.name}: {len(trace)} requests; {json.dumps(shape)}")
+
+    one_per_core = ", ".join(f"core {c}" for c in CORES)
+    systems = [
+        SystemUnderTest(
+            "diffusers_fuse",
+            lambda: start_baseline(root, catalog.model_id, "fuse", list(CORES)),
+            f"one Diffusers process per core ({one_per_core}; 1 thread each), LoRAs loaded+fused per request",
+        ),
+        SystemUnderTest(
+            "diffusers_adapters",
+            lambda: start_baseline(root, catalog.model_id, "adapters", list(CORES)),
+            f"one Diffusers process per core ({one_per_core}; 1 thread each), LoRAs kept as PEFT adapters",
+        ),
+        SystemUnderTest(
+            "ours",
+            lambda: OursSuite(root, catalog.model_id),
+            f"a UNet worker and a ControlNet worker per core ({one_per_core}; 1 thread each); LoRA store "
+            f"and gateway on core {CORES[-1]}",
+        ),
+    ]
+    calibration = None
+    isolated, runs = {}, {}
+    for system in systems:
+        isolated[system.name], runs[system.name], calibration = measure_system(system, trace, calibration, log)
+    write_records(runs)
+    plots = plot(runs, calibration)
+    figures = figures_of(runs, isolated, calibration)
+    hardware = {s.name: s.hardware for s in systems}
+    table = traffic_table(runs, isolated, calibration, shape, plots)
+    return GroupResult(figures, table, hardware=hardware)
+
+
+def traffic_table(runs, isolated, calibration: Calibration, shape: dict, plots: list[Path]) -> str:
+    lines = [
+        f"traffic: {NUM_REQUESTS} requests of the bench model at {TRAFFIC_SIZE}x{TRAFFIC_SIZE}, {TRAFFIC_STEPS} steps, "
+        f"open loop; loads as fractions of diffusers_fuse's capacity ({calibration.capacity_rps:.2f} req/s on "
+        f"{len(CORES)} cores); objective p99 <= {calibration.objective_s:.2f} s",
+        f"  trace: {json.dumps(shape)}",
+        f"  {'system':<19} {'isolated':>8}  "
+        + "  ".join(f"{'p50/p99 @' + format(load, 'g'):>17}" for load in LOADS)
+        + "  sustained",
+    ]
+    for system, system_runs in runs.items():
+        cells = "  ".join(
+            f"{_finite(r.summary['p50_s']):7.2f}/{_finite(r.summary['p99_s']):7.2f}  " for r in system_runs
+        )
+        lines.append(
+            f"  {system:<19} {_median_latency(isolated[system]):8.2f}  {cells}  {sustained_load(system_runs):g}x"
+        )
+    lines.append("  (p99 -1: some request failed or was refused at that load; counts in the figures)")
+    lines += [f"  plot: {p}" for p in plots]
+    return "\n".join(lines)
+
+
+def plot(runs: dict[str, list[RunResult]], calibration: Calibration, out_dir: Path = PLOTS_DIR) -> list[Path]:
+    """Latency against offered load (p50 and p99) per system, and latency CDFs at load 1.0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cap = 2 * calibration.deadline_s  # where a failed request is drawn
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for system, system_runs in runs.items():
+        loads = [r.load for r in system_runs]
+        (line,) = ax.plot(loads, [min(r.summary["p99_s"], cap) for r in system_runs], marker="o", label=f"{system} p99")
+        ax.plot(
+            loads,
+            [min(r.summary["p50_s"], cap) for r in system_runs],
+            ls="--",
+            marker=".",
+            color=line.get_color(),
+            label=f"{system} p50",
+        )
+    ax.axhline(calibration.objective_s, color="grey", lw=0.8, label="objective")
+    ax.set_xlabel("offered load (fraction of diffusers_fuse capacity)")
+    ax.set_ylabel("latency (s)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("Latency under open-loop load, same 2 cores")
+    fig.tight_layout()
+    load_plot = out_dir / "traffic_latency_vs_load.png"
+    fig.savefig(load_plot, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for system, system_runs in runs.items():
+        run = min(system_runs, key=lambda r: abs(r.load - 1.0))
+        latencies = sorted(min(r.latency_s, cap) for r in run.records)
+        ax.step(
+            latencies,
+            [(i + 1) / len(latencies) for i in range(len(latencies))],
+            where="post",
+            label=f"{system} @ {run.load:g}",
+        )
+    ax.axvline(calibration.objective_s, color="grey", lw=0.8, label="objective")
+    ax.set_xlabel("latency (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.legend(fontsize=7)
+    ax.set_title("Latency CDF at the same offered load")
+    fig.tight_layout()
+    cdf_plot = out_dir / "traffic_latency_cdf.png"
+    fig.savefig(cdf_plot, dpi=120)
+    plt.close(fig)
+    return [load_plot, cdf_plot]

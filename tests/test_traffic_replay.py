@@ -1,0 +1,115 @@
+"""The open-loop load generator (swiftd.traffic.loadgen) against the real suite on loopback.
+
+What a benchmark relies on: every request is sent at its trace time even while earlier ones are
+still running (open loop), every request ends as exactly one record with the status the server
+gave (refusals and expired deadlines counted, nothing lost), and the record carries the plan and
+the queue time the server reported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.traffic import OursSuite
+from swiftd.images import edge_image
+from swiftd.request import ControlNet, Request
+from swiftd.traffic.loadgen import (
+    MAX_SEND_LAG_S,
+    ReplayConfig,
+    RequestRecord,
+    at_rate,
+    percentile,
+    replay,
+    summarize,
+)
+from swiftd.traffic.trace import TraceEntry, read_trace, write_trace
+
+MODEL = "tiny-sd15"
+EDGES = "tiny-sd15-cn-edges"
+PEFT = "tiny-sd15-lora-peft-r4"
+STEPS = 8
+MAX_QUEUE = 2
+NUM_WORKERS = 2
+
+
+def request(i: int, loras=(), controlnets=()) -> Request:
+    return Request(
+        prompt=f"a lighthouse {i}",
+        width=64,
+        height=64,
+        num_inference_steps=STEPS,
+        seed=i,
+        scheduler="euler",
+        model_id=MODEL,
+        loras=loras,
+        controlnets=controlnets,
+        request_id=f"replay-{i}",
+    )
+
+
+@pytest.fixture(scope="module")
+def suite(zoo_root):
+    ours = OursSuite(zoo_root, MODEL, gateway_args=["--max-queue", str(MAX_QUEUE)])
+    yield ours
+    ours.stop()
+
+
+def test_a_burst_is_sent_on_time_and_every_request_ends_in_one_record(suite, tmp_path):
+    edges = ControlNet(EDGES, edge_image(64), 1.0)
+    burst = [
+        request(i, loras=[(PEFT, 0.8)] if i % 2 else (), controlnets=[edges] if i % 3 == 0 else ()) for i in range(8)
+    ]
+    # All due at once: the suite runs NUM_WORKERS, queues MAX_QUEUE and must refuse the rest.
+    path = tmp_path / "burst.jsonl"
+    write_trace(path, [TraceEntry(0.0, r.to_pb(), deadline_s=120) for r in burst])
+
+    records = replay(read_trace(path), ReplayConfig(target=suite.address, system="ours", progress=False))
+
+    assert [r.request_id for r in records] == [r.request_id for r in burst]
+    assert max(r.send_lag_s for r in records) < MAX_SEND_LAG_S, "the generator waited for the server"
+    statuses = [r.status for r in records]
+    assert statuses.count("OK") == NUM_WORKERS + MAX_QUEUE, statuses
+    assert statuses.count("RESOURCE_EXHAUSTED") == len(burst) - NUM_WORKERS - MAX_QUEUE, statuses
+    done = [r for r in records if r.ok]
+    assert all(math.isfinite(r.latency_s) and r.latency_s > 0 for r in done)
+    assert {r.plan["unet_worker"] for r in done} <= set(suite.unet_addresses)
+    assert len({r.plan["unet_worker"] for r in done}) == NUM_WORKERS, "both workers served the burst"
+    # The queued ones waited for a worker; the server's queue time is part of their latency.
+    queued = sorted(done, key=lambda r: r.queue_s)[-MAX_QUEUE:]
+    assert all(r.queue_s > 0 and r.latency_s > r.queue_s for r in queued)
+    assert all(r.plan.get("lora_ids") == [PEFT] for r in done if r.num_loras)
+
+    summary = summarize(records, objective_s=60.0)
+    assert (summary["ok"], summary["rejected"], summary["failed"]) == (4, 4, 0)
+    assert summary["p99_s"] == math.inf and not summary["meets_objective"], "refusals count as misses"
+    assert summary["p99_ok_s"] == max(r.latency_s for r in done)
+
+
+def test_a_request_past_its_deadline_is_recorded_as_deadline_exceeded(suite):
+    entries = [TraceEntry(0.0, request(100).to_pb(), deadline_s=0.05), TraceEntry(0.1, request(101).to_pb())]
+    records = replay(entries, ReplayConfig(target=suite.address, progress=False))
+    assert [r.status for r in records] == ["DEADLINE_EXCEEDED", "OK"]
+    assert math.isinf(records[0].latency_s) and math.isfinite(records[1].latency_s)
+
+
+def test_at_rate_keeps_the_requests_and_their_order_and_scales_the_gaps():
+    entries = [TraceEntry(t, request(i).to_pb()) for i, t in enumerate([1.0, 1.5, 2.5, 5.0])]
+    faster = at_rate(entries, rate_rps=3.0)  # 3 gaps over 4 s = 0.75 req/s -> 3 req/s
+    assert [e.request.request_id for e in faster] == [e.request.request_id for e in entries]
+    assert faster[0].at_s == 0.0 and faster[-1].at_s == pytest.approx(1.0)
+    assert [b.at_s - a.at_s for a, b in zip(faster, faster[1:])] == pytest.approx([0.125, 0.25, 0.625])
+
+
+def test_percentiles_count_a_failed_request_as_infinitely_slow():
+    ok = [RequestRecord(f"r{i}", 0.0, latency_s=float(i + 1)) for i in range(99)]
+    refused = RequestRecord("r99", 0.0, status="RESOURCE_EXHAUSTED")
+    assert percentile([r.latency_s for r in ok], 99) == 99.0  # nearest rank: the 99th of 99
+    assert percentile([r.latency_s for r in ok], 50) == 50.0
+    assert summarize(ok, objective_s=99.0)["meets_objective"]
+    assert not summarize(ok, objective_s=98.0)["meets_objective"]
+    with_refusal = summarize([*ok, refused], objective_s=99.0)  # 100 requests: p99 is the 99th
+    assert with_refusal["p99_s"] == 99.0 and with_refusal["p99_ok_s"] == 99.0 and with_refusal["rejected"] == 1
+    assert summarize([*ok, refused, refused], objective_s=1000.0)["p99_s"] == math.inf
+    assert not summarize([*ok, refused, refused], objective_s=1000.0)["meets_objective"]
