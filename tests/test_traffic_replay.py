@@ -1,20 +1,26 @@
-"""The open-loop load generator (swiftd.traffic.loadgen) against the real suite on loopback.
+"""The open-loop load generator (swiftd.traffic.loadgen) against the real suite and the Diffusers
+baseline on loopback, serving a tiny traffic catalog (swiftd.traffic.catalog).
 
 What a benchmark relies on: every request is sent at its trace time even while earlier ones are
 still running (open loop), every request ends as exactly one record with the status the server
 gave (refusals and expired deadlines counted, nothing lost), and the record carries the plan and
-the queue time the server reported.
+the queue time the server reported. A generated trace replays end to end on both systems.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 
+from bench.baselines import start_baseline
 from bench.traffic import OursSuite
 from swiftd.images import edge_image
 from swiftd.request import ControlNet, Request
+from swiftd.traffic.catalog import CatalogConfig, build_catalog, load_catalog
 from swiftd.traffic.loadgen import (
     MAX_SEND_LAG_S,
     ReplayConfig,
@@ -25,10 +31,10 @@ from swiftd.traffic.loadgen import (
     summarize,
 )
 from swiftd.traffic.trace import TraceEntry, read_trace, write_trace
+from swiftd.traffic.workload import WorkloadConfig, generate, trace_header
 
 MODEL = "tiny-sd15"
-EDGES = "tiny-sd15-cn-edges"
-PEFT = "tiny-sd15-lora-peft-r4"
+CATALOG = CatalogConfig(family=MODEL, num_loras=6, num_controlnets=2)
 STEPS = 8
 MAX_QUEUE = 2
 NUM_WORKERS = 2
@@ -50,16 +56,32 @@ def request(i: int, loras=(), controlnets=()) -> Request:
 
 
 @pytest.fixture(scope="module")
-def suite(zoo_root):
-    ours = OursSuite(zoo_root, MODEL, gateway_args=["--max-queue", str(MAX_QUEUE)])
+def catalog(zoo_root, tmp_path_factory):
+    return load_catalog(build_catalog(zoo_root, CATALOG, tmp_path_factory.mktemp("traffic-catalog")))
+
+
+@pytest.fixture(scope="module")
+def suite(catalog):
+    ours = OursSuite(catalog.root, MODEL, gateway_args=["--max-queue", str(MAX_QUEUE)])
     yield ours
     ours.stop()
 
 
-def test_a_burst_is_sent_on_time_and_every_request_ends_in_one_record(suite, tmp_path):
-    edges = ControlNet(EDGES, edge_image(64), 1.0)
+@pytest.fixture(scope="module")
+def trace_file(catalog, tmp_path_factory):
+    """A generated trace: production-shaped add-ons, Poisson arrivals, tiny requests (at a rate the
+    suite, which queues only MAX_QUEUE, keeps up with)."""
+    config = WorkloadConfig(seed=5, num_requests=8, rate_rps=1.5, width=64, height=64, steps=2)
+    path = tmp_path_factory.mktemp("trace") / "trace.jsonl"
+    write_trace(path, generate(config, catalog), header=trace_header(config, catalog))
+    return path
+
+
+def test_a_burst_is_sent_on_time_and_every_request_ends_in_one_record(suite, catalog, tmp_path):
+    edges = ControlNet(catalog.controlnet_ids[0], edge_image(64), 1.0)
+    lora = catalog.lora_ids[0]
     burst = [
-        request(i, loras=[(PEFT, 0.8)] if i % 2 else (), controlnets=[edges] if i % 3 == 0 else ()) for i in range(8)
+        request(i, loras=[(lora, 0.8)] if i % 2 else (), controlnets=[edges] if i % 3 == 0 else ()) for i in range(8)
     ]
     # All due at once: the suite runs NUM_WORKERS, queues MAX_QUEUE and must refuse the rest.
     path = tmp_path / "burst.jsonl"
@@ -79,7 +101,7 @@ def test_a_burst_is_sent_on_time_and_every_request_ends_in_one_record(suite, tmp
     # The queued ones waited for a worker; the server's queue time is part of their latency.
     queued = sorted(done, key=lambda r: r.queue_s)[-MAX_QUEUE:]
     assert all(r.queue_s > 0 and r.latency_s > r.queue_s for r in queued)
-    assert all(r.plan.get("lora_ids") == [PEFT] for r in done if r.num_loras)
+    assert all(r.plan.get("lora_ids") == [lora] for r in done if r.num_loras)
 
     summary = summarize(records, objective_s=60.0)
     assert (summary["ok"], summary["rejected"], summary["failed"]) == (4, 4, 0)
@@ -92,6 +114,32 @@ def test_a_request_past_its_deadline_is_recorded_as_deadline_exceeded(suite):
     records = replay(entries, ReplayConfig(target=suite.address, progress=False))
     assert [r.status for r in records] == ["DEADLINE_EXCEEDED", "OK"]
     assert math.isinf(records[0].latency_s) and math.isfinite(records[1].latency_s)
+
+
+def test_a_generated_trace_replays_on_our_suite_from_the_command_line(suite, trace_file, tmp_path):
+    records_file = tmp_path / "records.jsonl"
+    command = [sys.executable, "-m", "swiftd.traffic", "replay", str(trace_file), "--target", suite.address]
+    done = subprocess.run(
+        [*command, "--records", str(records_file), "--system", "ours", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    records = [json.loads(line) for line in records_file.read_text().splitlines()]
+    assert [r["request_id"] for r in records] == [e.request.request_id for e in read_trace(trace_file)]
+    assert {r["status"] for r in records} == {"OK"}, records
+    assert summary["ok"] == len(records) and summary["valid"]
+    assert any(r["num_loras"] for r in records) and any(r["num_controlnets"] for r in records), "add-ons in the trace"
+    assert all(r["plan"]["unet_worker"] in suite.unet_addresses for r in records)
+
+
+def test_the_same_trace_replays_on_the_diffusers_baseline(catalog, trace_file):
+    with start_baseline(catalog.root, MODEL, "fuse", cores=[0, 1]) as baseline:
+        records = replay(read_trace(trace_file), ReplayConfig(target=baseline.address, progress=False))
+    assert {r.status for r in records} == {"OK"}, [(r.status, r.details) for r in records]
+    assert {r.plan["unet_worker"] for r in records} <= set(baseline.worker_addresses)
 
 
 def test_at_rate_keeps_the_requests_and_their_order_and_scales_the_gaps():

@@ -47,7 +47,29 @@ def te_lora_targets(te) -> list[tuple[str, object]]:
     return [(n, m) for n, m in te.named_modules() if ".layers." in n and n.rsplit(".", 1)[-1] in TE_TARGETS]
 
 
-def _lora_pair(gen, weight, rank: int, scale: float):
+def weight_std(weight) -> float:
+    # Rounded so a last-bit difference in the reduction (thread count, SIMD) cannot change the file.
+    return float(f"{weight.double().std().item():.4g}")
+
+
+class WeightStdMemo:
+    """`weight_std` computed once per weight: a builder writing many LoRAs for one model (the
+    traffic catalog writes 200) otherwise spends most of its time re-reducing the same weights.
+    The weights must not change while the memo is in use."""
+
+    def __init__(self):
+        self._stds: dict[int, float] = {}
+        self._weights: list = []  # held, so that no id is reused while the memo lives
+
+    def __call__(self, weight) -> float:
+        key = id(weight)
+        if key not in self._stds:
+            self._stds[key] = weight_std(weight)
+            self._weights.append(weight)
+        return self._stds[key]
+
+
+def _lora_pair(gen, weight, rank: int, scale: float, std_of=weight_std):
     """Random (down, up) with std(scale * up @ down) ~= LORA_REL_DELTA * std(weight), both non-zero.
 
     Shapes follow the layer: Linear [r,in] / [out,r]; conv [r,in,kh,kw] / [out,r,1,1] (kohya LoCon
@@ -58,14 +80,13 @@ def _lora_pair(gen, weight, rank: int, scale: float):
     out_ch, in_ch, *kernel = weight.shape
     fan_in = in_ch * math.prod(kernel)
     down = torch.randn((rank, in_ch, *kernel), generator=gen) / math.sqrt(fan_in)
-    # Rounded so a last-bit difference in the reduction (thread count, SIMD) cannot change the file.
-    w_std = float(f"{weight.double().std().item():.4g}")
+    w_std = std_of(weight)
     up_std = LORA_REL_DELTA * w_std * math.sqrt(fan_in) / (scale * math.sqrt(rank))
     up = torch.randn((out_ch, rank, *[1] * len(kernel)), generator=gen) * up_std
     return down.contiguous(), up.contiguous()
 
 
-def write_peft_lora(spec: FamilySpec, unet, rank: int, path: Path, lora_id: str, dtype) -> None:
+def write_peft_lora(spec: FamilySpec, unet, rank: int, path: Path, lora_id: str, dtype, std_of=weight_std) -> None:
     """Diffusers/PEFT format (unet.<module>.lora_A/B.weight), as pipe.save_lora_weights writes it.
 
     No alpha is stored, which Diffusers reads as alpha == rank (scale 1), like its training scripts.
@@ -76,7 +97,7 @@ def write_peft_lora(spec: FamilySpec, unet, rank: int, path: Path, lora_id: str,
     gen = torch.Generator().manual_seed(seed_for(lora_id))
     layers = {}
     for name, mod in unet_lora_targets(unet):
-        down, up = _lora_pair(gen, mod.weight, rank, 1.0)
+        down, up = _lora_pair(gen, mod.weight, rank, 1.0, std_of)
         layers[f"{name}.lora_A.weight"] = down.to(dtype)
         layers[f"{name}.lora_B.weight"] = up.to(dtype)
     pipe_cls = StableDiffusionXLPipeline if spec.kind == "sdxl" else StableDiffusionPipeline
@@ -127,7 +148,15 @@ def kohya_te_name(module: str, encoder_index: int, spec: FamilySpec) -> str:
 
 
 def write_kohya_lora(
-    spec: FamilySpec, parts: dict, rank: int, path: Path, lora_id: str, dtype, te: bool, convs: bool
+    spec: FamilySpec,
+    parts: dict,
+    rank: int,
+    path: Path,
+    lora_id: str,
+    dtype,
+    te: bool,
+    convs: bool,
+    std_of=weight_std,
 ) -> None:
     """kohya/A1111 format: <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha (scale alpha/rank)."""
     import torch
@@ -136,7 +165,7 @@ def write_kohya_lora(
     tensors = {}
 
     def add(name, weight, alpha):
-        down, up = _lora_pair(gen, weight, rank, alpha / rank)
+        down, up = _lora_pair(gen, weight, rank, alpha / rank, std_of)
         tensors[f"{name}.lora_down.weight"] = down.to(dtype)
         tensors[f"{name}.lora_up.weight"] = up.to(dtype)
         tensors[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
