@@ -203,7 +203,7 @@ def _ratio(ours: float, baseline: float) -> float:
     return ours / (baseline if baseline > 0 else min(LOADS) / 2)
 
 
-def write_records(runs_by_system: dict[str, list[RunResult]], path: Path = RECORDS_FILE) -> None:
+def write_records(runs_by_system: dict[str, list[RunResult]], path: Path) -> None:
     lines = [json.dumps(r.to_dict()) for runs in runs_by_system.values() for run in runs for r in run.records]
     path.write_text("\n".join(lines) + "\n")
 
@@ -310,8 +310,8 @@ def group_traffic(config: BenchConfig, session) -> GroupResult:
     isolated, runs = {}, {}
     for system in systems:
         isolated[system.name], runs[system.name], calibration = measure_system(system, trace, calibration, log)
-    write_records(runs)
-    plots = plot(runs, calibration)
+    write_records(runs, RECORDS_FILE)
+    plots = plot(runs, calibration, PLOTS_DIR)
     figures = figures_of(runs, isolated, calibration)
     hardware = {s.name: s.hardware for s in systems}
     table = traffic_table(runs, isolated, calibration, shape, plots)
@@ -340,7 +340,7 @@ def traffic_table(runs, isolated, calibration: Calibration, shape: dict, plots: 
     return "\n".join(lines)
 
 
-def plot(runs: dict[str, list[RunResult]], calibration: Calibration, out_dir: Path = PLOTS_DIR) -> list[Path]:
+def plot(runs: dict[str, list[RunResult]], calibration: Calibration, out_dir: Path) -> list[Path]:
     """Latency against offered load (p50 and p99) per system, and latency CDFs at load 1.0."""
     import matplotlib
 

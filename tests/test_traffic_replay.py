@@ -161,3 +161,31 @@ def test_percentiles_count_a_failed_request_as_infinitely_slow():
     assert with_refusal["p99_s"] == 99.0 and with_refusal["p99_ok_s"] == 99.0 and with_refusal["rejected"] == 1
     assert summarize([*ok, refused, refused], objective_s=1000.0)["p99_s"] == math.inf
     assert not summarize([*ok, refused, refused], objective_s=1000.0)["meets_objective"]
+
+
+def test_the_bench_reports_the_highest_load_held_and_draws_both_plots(tmp_path):
+    from bench.traffic import Calibration, RunResult, figures_of, plot, sustained_load
+
+    def run(system, load, latencies, statuses=()):
+        records = [RequestRecord(f"{system}-{load}-{i}", 0.0, latency_s=t) for i, t in enumerate(latencies)]
+        records += [RequestRecord(f"{system}-{load}-x{i}", 0.0, status=s) for i, s in enumerate(statuses)]
+        return RunResult(system, load, load * 2, summarize(records, objective_s=3.0), records)
+
+    runs = {
+        "diffusers_fuse": [run("diffusers_fuse", 0.5, [1, 2]), run("diffusers_fuse", 1.0, [2, 4])],
+        "ours": [
+            run("ours", 0.5, [1, 1]),
+            run("ours", 1.0, [1, 2]),
+            run("ours", 1.5, [1, 2], ["RESOURCE_EXHAUSTED"]),  # a refusal misses the objective
+            run("ours", 2.0, [1, 2]),  # held again, but after a miss: not counted
+        ],
+    }
+    assert [sustained_load(r) for r in runs.values()] == [0.5, 1.0]
+    isolated = {s: [RequestRecord("i", 0.0, latency_s=1.0)] for s in runs}
+    figures = {f.figure: f.value for f in figures_of(runs, isolated, Calibration(3.0, 2.0))}
+    assert figures["traffic.throughput_ratio"] == 2.0
+    assert figures["traffic.p99_s.ours.1.5"] == -1.0 and figures["traffic.rejected.ours.1.5"] == 1
+    assert figures["traffic.p99_at_half_sustained_over_isolated.ours"] == 1.0  # load 0.5: p99 1 s / 1 s
+    paths = plot(runs, Calibration(3.0, 2.0), tmp_path)
+    assert [p.name for p in paths] == ["traffic_latency_vs_load.png", "traffic_latency_cdf.png"]
+    assert all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)
