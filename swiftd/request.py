@@ -267,6 +267,32 @@ class ControlNet:
         return not (step_index / num_steps < self.guidance_start or (step_index + 1) / num_steps > self.guidance_end)
 
 
+# -- classifier-free guidance split ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CfgSplit:
+    """The partner of a request whose CFG batch is split over two UNet workers (DenoiseRequest
+    only): it runs the unconditional half; the worker given the request runs the conditional one."""
+
+    partner_address: str
+    partner_controlnet_workers: tuple[str, ...] = ()  # per ControlNet; "" or none: in-process there
+    partner_pushed_lora_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pb(cls, pb: unet_pb2.CfgSplit) -> CfgSplit | None:
+        if not pb.partner_address:
+            return None
+        return cls(pb.partner_address, tuple(pb.partner_controlnet_workers), tuple(pb.partner_pushed_lora_ids))
+
+    def to_pb(self) -> unet_pb2.CfgSplit:
+        return unet_pb2.CfgSplit(
+            partner_address=self.partner_address,
+            partner_controlnet_workers=self.partner_controlnet_workers,
+            partner_pushed_lora_ids=self.partner_pushed_lora_ids,
+        )
+
+
 # -- the request ----------------------------------------------------------------------------------
 
 
@@ -295,6 +321,7 @@ class Request:
     # Set by the gateway's plan (DenoiseRequest only): where missing LoRA deltas come from.
     lora_store_address: str = ""  # pull from this store; empty: the worker's own default
     pushed_lora_ids: tuple[str, ...] = ()  # on their way from the store: wait for them, don't pull
+    cfg_split: CfgSplit | None = None  # the CFG batch's unconditional half on this partner
     return_latents: bool = False  # also return the final latents (equivalence checks)
 
     def __post_init__(self):
@@ -322,6 +349,7 @@ class Request:
             routing = dict(
                 lora_store_address=pb.lora_store_address,
                 pushed_lora_ids=tuple(pb.pushed_lora_ids),
+                cfg_split=CfgSplit.from_pb(pb.cfg_split),
                 return_latents=pb.return_latents,
             )
         else:
@@ -391,6 +419,8 @@ class Request:
             lora_store_address=self.lora_store_address,
             pushed_lora_ids=self.pushed_lora_ids,
         )
+        if self.cfg_split is not None:
+            pb.cfg_split.CopyFrom(self.cfg_split.to_pb())
         if self.lora_bound_steps is not None:
             pb.lora_bound_steps = self.lora_bound_steps
         return pb

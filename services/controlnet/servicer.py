@@ -10,7 +10,7 @@ from collections.abc import Callable
 from opentelemetry import trace
 
 from services.controlnet.registry import ControlNetRegistry, SessionRunner
-from swiftd import codec
+from swiftd import codec, device
 from swiftd.controlnet_step import ControlNetSession
 from swiftd.errors import InvalidArgument
 from swiftd.request import check_id
@@ -25,6 +25,8 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         self.registry = registry
         self._after_first_session = after_first_session  # e.g. log that serving compiled nothing
         self._first_session_lock = threading.Lock()
+        # After configure_process pinned the cores: the device as the gateway compares devices.
+        self.device, self.host = device.local_device(registry.device), device.local_host()
 
     def StreamResiduals(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -82,7 +84,7 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         loaded, compiled = self.registry.loaded(), self.registry.compiled()
         ids = sorted(set(self.registry.available()) | set(loaded))
         return controlnet_pb2.ControlNetWorkerListControlNetsResponse(
-            controlnets=[self._info(i, loaded, compiled) for i in ids]
+            controlnets=[self._info(i, loaded, compiled) for i in ids], device=self.device, host=self.host
         )
 
     def LoadControlNet(self, request, context):

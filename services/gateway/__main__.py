@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout", type=float, default=600.0, help="seconds, when the client sets no deadline"
     )
     parser.add_argument("--catalog-ttl", type=float, default=10.0, help="seconds between refreshes of the listings")
+    parser.add_argument(
+        "--cfg-split",
+        choices=("auto", "never"),
+        default="auto",
+        help="auto: split a request's classifier-free guidance halves over two UNet workers on idle devices; "
+        "never: one UNet worker per request",
+    )
     add_limit_arguments(parser)
     add_server_arguments(parser)
     # Every queued or running stream holds a server thread; leave room for listings and probes.
@@ -63,6 +70,7 @@ def config_from_args(args) -> GatewayConfig:
         default_lora_bound_steps=args.lora_bound_steps,
         request_timeout=args.request_timeout,
         catalog_ttl=args.catalog_ttl,
+        cfg_split=args.cfg_split,
     )
 
 

@@ -2,7 +2,9 @@
 
 The gateway holds no weights and reads no model folders: base models come from the UNet workers'
 ListModels, LoRAs from the LoRA store's ListLoras, ControlNets from the ControlNet workers'
-ListControlNets. An unknown id forces one refresh before it is reported NOT_FOUND (at most one a
+ListControlNets (and the ControlNets each UNet worker can run in-process, from its ListModels).
+The workers' devices come with them: ControlNet workers' here, UNet workers' with their status at
+plan time. An unknown id forces one refresh before it is reported NOT_FOUND (at most one a
 second), so a model or LoRA added a moment ago is found. Refreshes run one at a time, outside any
 lock requests wait on: meanwhile requests use the listing they have.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from swiftd import rpc, tracing
+from swiftd.device import Device
 from swiftd.v1 import (
     common_pb2,
     controlnet_pb2,
@@ -36,9 +39,12 @@ MIN_FORCED_REFRESH_INTERVAL = 1.0  # seconds: unknown ids cannot make the gatewa
 class Listing:
     models: dict[str, common_pb2.ModelInfo] = field(default_factory=dict)  # workers filled in
     loras: dict[str, common_pb2.LoraInfo] = field(default_factory=dict)
-    # ControlNet id -> its info (workers: those that have it loaded) and every worker that can serve it
+    # ControlNet id -> its info (workers: the ControlNet workers that have it loaded) and every
+    # ControlNet worker that can serve it. Ids only UNet workers can run (in-process) are listed too.
     controlnets: dict[str, common_pb2.ControlNetInfo] = field(default_factory=dict)
     controlnet_hosts: dict[str, list[str]] = field(default_factory=dict)
+    controlnet_devices: dict[str, Device] = field(default_factory=dict)  # ControlNet worker -> its device
+    local_controlnets: dict[str, set[str]] = field(default_factory=dict)  # UNet worker -> in-process ids
     # Which tables may be missing entries because a source did not answer ("models", "loras",
     # "controlnets"): an id missing from one of those is UNAVAILABLE, not NOT_FOUND.
     incomplete: set[str] = field(default_factory=set)
@@ -118,16 +124,19 @@ class Catalog:
                     entry.CopyFrom(model)
                     del entry.workers[:]
                 entry.workers.append(address)
+            listing.local_controlnets[address] = {info.controlnet_id for info in response.controlnets}
+            for info in response.controlnets:
+                entry = listing.controlnets.setdefault(info.controlnet_id, common_pb2.ControlNetInfo())
+                entry.controlnet_id = info.controlnet_id
+                entry.family = entry.family or info.family
         for address, future in cn.items():
             if (response := future.result()) is None:
                 listing.incomplete.add("controlnets")
                 continue
+            listing.controlnet_devices[address] = Device.of(response.host, response.device, address)
             for info in response.controlnets:
                 entry = listing.controlnets.setdefault(info.controlnet_id, common_pb2.ControlNetInfo())
-                if not entry.controlnet_id:
-                    entry.CopyFrom(info)
-                    entry.loaded = entry.compiled = False
-                    del entry.workers[:]
+                entry.controlnet_id = info.controlnet_id
                 entry.family = entry.family or info.family
                 entry.size_bytes = max(entry.size_bytes, info.size_bytes)
                 if info.loaded:

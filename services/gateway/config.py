@@ -23,3 +23,6 @@ class GatewayConfig:
     request_timeout: float = 600.0  # seconds, applied when the client sets no deadline
     catalog_ttl: float = 10.0  # seconds between refreshes of the model/LoRA/ControlNet listings
     status_timeout: float = 2.0  # seconds for a worker's status or listing call
+    # "auto": a request with classifier-free guidance may be split over two UNet workers on idle
+    # devices (services/gateway/planner.py); "never": each request runs on one UNet worker.
+    cfg_split: str = "auto"

@@ -1,9 +1,10 @@
-"""Gateway servicer: validate, admit, plan, start the LoRA push, run the request on its UNet worker.
+"""Gateway servicer: validate, admit, plan, start the LoRA pushes, run the request on its UNet worker.
 
 Generate and GenerateStream share one path (`_generate`, a generator of stream events; Generate
 keeps the last). The client's deadline (or the configured request timeout) bounds every
 downstream call; a client that goes away cancels them, and the UNet worker stops its loop within
-one step.
+one step. A request planned as a CFG split runs on its UNet worker all the same: that worker calls
+its partner (services/unet/guidance.py); the gateway's part is the plan and a LoRA push to each.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from opentelemetry import trace
 from services.gateway.admission import AdmissionQueue
 from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
-from services.gateway.planner import Planner
+from services.gateway.planner import Planner, PlannerConfig, placement_name
 from services.gateway.validation import validate_request
 from swiftd import rpc, tracing
 from swiftd.errors import Cancelled, Unavailable, from_rpc_error
-from swiftd.request import Request, check_family
+from swiftd.request import CfgSplit, Request, check_family
 from swiftd.v1 import (
     common_pb2,
     gateway_pb2,
@@ -38,13 +39,40 @@ tracer = trace.get_tracer("swiftd.gateway")
 
 
 def plan_attributes(plan: gateway_pb2.Plan) -> dict:
-    return {
+    attributes = {
+        "plan.placement": placement_name(plan.placement),
+        "plan.reason": plan.reason,
         "plan.unet_worker": plan.unet_worker,
         "plan.controlnet_workers": [a.worker for a in plan.controlnets],
         "plan.lora_ids": list(plan.lora_ids),
         "plan.lora_set_already_applied": plan.lora_set_already_applied,
         "plan.pushed_lora_ids": list(plan.pushed_lora_ids),
     }
+    if plan.HasField("cfg_partner"):
+        partner = plan.cfg_partner
+        attributes["plan.cfg_partner.unet_worker"] = partner.unet_worker
+        attributes["plan.cfg_partner.controlnet_workers"] = [a.worker for a in partner.controlnets]
+        attributes["plan.cfg_partner.pushed_lora_ids"] = list(partner.pushed_lora_ids)
+    return attributes
+
+
+def lora_pushes(plan: gateway_pb2.Plan) -> list[tuple[str, list[str]]]:
+    """(UNet worker, LoRA ids to push there) for each worker of the plan that lacks some."""
+    pushes = [(plan.unet_worker, list(plan.pushed_lora_ids))]
+    if plan.HasField("cfg_partner"):
+        pushes.append((plan.cfg_partner.unet_worker, list(plan.cfg_partner.pushed_lora_ids)))
+    return [(worker, ids) for worker, ids in pushes if ids]
+
+
+def _ran_unsplit(plan: gateway_pb2.Plan) -> gateway_pb2.Plan:
+    """A CFG-split plan whose partner refused before it started (busy, or unreachable): the UNet
+    worker ran the whole batch itself, and the response says so."""
+    ran = gateway_pb2.Plan()
+    ran.CopyFrom(plan)
+    ran.ClearField("cfg_partner")
+    ran.placement = gateway_pb2.PLACEMENT_PACK
+    ran.reason = f"{plan.reason}; but cfg partner {plan.cfg_partner.unet_worker} refused, so it ran unsplit"
+    return ran
 
 
 def _failed(call) -> bool:
@@ -64,7 +92,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             config.catalog_ttl,
             config.status_timeout,
         )
-        self.planner = Planner(self.channels, config.unet_workers, config.per_worker_concurrency, config.status_timeout)
+        self.planner = Planner(
+            self.channels,
+            PlannerConfig(
+                unet_workers=config.unet_workers,
+                slots_per_worker=config.per_worker_concurrency,
+                status_timeout=config.status_timeout,
+                allow_cfg_split=config.cfg_split == "auto",
+            ),
+        )
         self._admission: dict[str, AdmissionQueue] = {}  # per model: one model's load never blocks another's
         self._admission_lock = threading.Lock()
 
@@ -104,19 +140,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
         try:
             with tracing.stage(tracer, timings, "plan") as span:
-                listing = self.catalog.get()
-                controlnet_loaded = {
-                    a: {c for c, info in listing.controlnets.items() if a in info.workers}
-                    for a in self.config.controlnet_workers
-                }
-                plan, worker_dtype = self.planner.plan(
-                    model.model_id,
-                    request.loras,
-                    [cn.controlnet_id for cn in request.controlnets],
-                    listing.controlnet_hosts,
-                    controlnet_loaded,
-                    remaining(),
-                )
+                plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
                 span.set_attributes(plan_attributes(plan))
             try:
                 server_span.set_attributes(plan_attributes(plan))
@@ -132,9 +156,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             admission.release()
 
     def _planned(self, request: Request, plan: gateway_pb2.Plan) -> Request:
-        """The request as its UNet worker runs it: where each ControlNet runs, where LoRAs come from."""
+        """The request as its UNet worker runs it: where each ControlNet runs, where LoRAs come from,
+        and with CFG split, the partner and its share."""
+        cfg_split = None
+        if plan.HasField("cfg_partner"):
+            partner = plan.cfg_partner
+            cfg_split = CfgSplit(
+                partner.unet_worker,
+                tuple(a.worker for a in partner.controlnets),
+                tuple(partner.pushed_lora_ids),
+            )
         return replace(
             request,
+            cfg_split=cfg_split,
             controlnets=[replace(cn, worker_address=a.worker) for cn, a in zip(request.controlnets, plan.controlnets)],
             # Missing deltas the plan did not push (e.g. evicted since the status poll) are pulled.
             lora_store_address=self.config.lora_store if request.loras else "",
@@ -147,22 +181,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
     def _run(self, request: Request, plan: gateway_pb2.Plan, worker_dtype: int, context, remaining, timings, t_start):
-        push = None
-        if plan.pushed_lora_ids:
-            # Started before the denoise call: with bounded asynchronous loading the worker starts
-            # denoising while the deltas stream in.
+        # Started before the denoise call: with bounded asynchronous loading the worker starts
+        # denoising while the deltas stream in. With CFG split, each half's worker gets its own.
+        pushes = []
+        for worker, lora_ids in lora_pushes(plan):
             push_request = lora_store_pb2.PushLorasRequest(
-                loras=request.loras.only(plan.pushed_lora_ids).to_pb(),
+                loras=request.loras.only(lora_ids).to_pb(),
                 base_model_id=request.model_id,
                 dtype=worker_dtype,
-                unet_worker_address=plan.unet_worker,
+                unet_worker_address=worker,
                 request_id=request.request_id,
             )
             store = lora_store_pb2_grpc.LoraStoreStub(self.channels.get(self.config.lora_store))
-            push = store.PushLoras.future(push_request, timeout=remaining())
+            pushes.append(store.PushLoras.future(push_request, timeout=remaining()))
         stub = unet_pb2_grpc.UNetWorkerStub(self.channels.get(plan.unet_worker))
         stream = stub.DenoiseStream(request.to_denoise_pb(), timeout=remaining())
-        calls = [stream, *([push] if push is not None else [])]
+        calls = [stream, *pushes]
 
         # The client went away or its deadline passed: stop the downstream work too. (At a normal
         # end the calls are done and cancel() does nothing.)
@@ -172,8 +206,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         if not context.add_callback(cancel_downstream):
             cancel_downstream()  # the RPC already ended
-        if push is not None:
-            # A failed push leaves the worker waiting for deltas that never come: stop it now.
+        for push in pushes:
+            # A failed push leaves a worker waiting for deltas that never come: stop it now.
             push.add_done_callback(lambda f: stream.cancel() if _failed(f) else None)
 
         result = None
@@ -192,14 +226,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except grpc.RpcError as exc:
             if not context.is_active():
                 raise Cancelled("the client cancelled the request") from None
-            if push is not None and _failed(push):
-                raise from_rpc_error(push, f"lora store {self.config.lora_store}") from None
+            for push in pushes:
+                if _failed(push):
+                    raise from_rpc_error(push, f"lora store {self.config.lora_store}") from None
             raise from_rpc_error(exc, f"unet worker {plan.unet_worker}") from None
         if result is None:
             raise Unavailable(f"unet worker {plan.unet_worker}: the stream ended without a result")
 
         timings.update((t.stage, t.seconds) for t in result.timings)
         timings["total"] = time.perf_counter() - t_start
+        if plan.HasField("cfg_partner") and not result.cfg_partner:
+            plan = _ran_unsplit(plan)
         response = gateway_pb2.GenerateResponse(
             image_png=result.image_png,
             seed=result.seed,

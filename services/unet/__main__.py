@@ -9,10 +9,10 @@ from pathlib import Path
 from services.unet.backbone import Backbone, EagerBackbone
 from services.unet.lora_inbox import LoraInbox
 from services.unet.pipeline import UNetPipeline
-from services.unet.servicer import UNetWorkerServicer
+from services.unet.servicer import UNetWorkerConfig, UNetWorkerServicer
 from swiftd import rpc, tracing
 from swiftd.controlnet_step import ControlNetStepper
-from swiftd.loading import DTYPES, load_controlnet, load_pipeline, resolve
+from swiftd.loading import DTYPES, controlnet_family, list_ids, load_controlnet, load_pipeline, pipeline_family, resolve
 from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
 from swiftd.server import (
     add_limit_arguments,
@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=60.0,
         help="longest wait for one step's residuals from a ControlNet worker (seconds)",
+    )
+    parser.add_argument(
+        "--cfg-step-timeout",
+        type=float,
+        default=300.0,
+        help="longest wait for the other half of a CFG split at one step (seconds; the other side may "
+        "be waiting for its LoRA deltas first)",
     )
     parser.add_argument(
         "--compiled-artifacts",
@@ -138,6 +145,14 @@ def main(argv=None) -> None:
             controlnets[controlnet_id] = backbone.controlnet_stepper(model)
         return controlnets[controlnet_id]
 
+    family = pipeline_family(model_path if model_path.is_dir() else model_path.with_suffix(""))
+
+    def list_local_controlnets() -> dict[str, bool]:
+        # Those of the model's family (unknown family: a single file, only known once loaded).
+        ids = list_ids(args.model_root, "controlnets")
+        fitting = [c for c in ids if controlnet_family(args.model_root / "controlnets" / c) in ("", family)]
+        return {c: c in controlnets for c in fitting}
+
     def prepare_local_lora(lora_id: str, scale: float) -> LoraDeltas:
         # Without a LoRA store the worker prepares deltas from its own model root (the inbox
         # caches the result); with one, they are pushed or pulled ready to apply.
@@ -158,14 +173,16 @@ def main(argv=None) -> None:
         load_controlnet=load_local_controlnet,
         lora_inbox=inbox,
         default_lora_bound_steps=args.lora_bound_steps,
+        list_controlnets=list_local_controlnets,
     )
-    servicer = UNetWorkerServicer(
-        pipeline,
-        args.model_id,
-        model_path,
-        controlnet_step_timeout=args.controlnet_step_timeout,
+    config = UNetWorkerConfig(
+        model_id=args.model_id,
+        model_path=model_path,
         limits=limits_from_args(args),
+        controlnet_step_timeout=args.controlnet_step_timeout,
+        cfg_step_timeout=args.cfg_step_timeout,
     )
+    servicer = UNetWorkerServicer(pipeline, config)
     serve(
         rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server)
     )

@@ -22,6 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 from services.unet.addons import ControlNetAddOn, LoraAddOn
 from services.unet.addons.controlnet import LocalResidualSource, ResidualSource, ResidualSourceFactory
 from services.unet.backbone import Backbone, EagerBackbone
+from services.unet.guidance import Guidance
 from services.unet.lora_inbox import LoraInbox
 from services.unet.run import DenoisingRun, GenerationResult, StepCallback
 from swiftd.controlnet_step import ControlNetSession, ControlNetStepper
@@ -39,11 +40,13 @@ class UNetPipeline:
         lora_inbox: LoraInbox | None = None,
         load_lora: Callable[[str], LoraDeltas] | None = None,
         default_lora_bound_steps: int = 0,
+        list_controlnets: Callable[[], dict[str, bool]] | None = None,
     ):
         """`backbone`: None runs the pipeline's modules eagerly. `load_controlnet(id)` gives the
-        stepper of an in-process ControlNet. `lora_inbox` is where LoRA deltas arrive;
-        `load_lora` (id -> scale-1 deltas) is a shortcut for an inbox that prepares them here.
-        `default_lora_bound_steps`: the bound K of requests that give none."""
+        stepper of an in-process ControlNet, `list_controlnets()` the ids it can load, each with
+        whether it is loaded (the worker's listing: the gateway packs only those beside the UNet). `lora_inbox` is where
+        LoRA deltas arrive; `load_lora` (id -> scale-1 deltas) is a shortcut for an inbox that
+        prepares them here. `default_lora_bound_steps`: the bound K of requests that give none."""
         self.pipe = pipe
         self.is_sdxl = isinstance(pipe, StableDiffusionXLPipeline)
         self.backbone = backbone if backbone is not None else EagerBackbone(pipe)
@@ -55,6 +58,7 @@ class UNetPipeline:
             vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
         self._load_controlnet = load_controlnet
+        self._list_controlnets = list_controlnets
         if lora_inbox is None and load_lora is not None:
             lora_inbox = LoraInbox(
                 budget_bytes=1 << 40,
@@ -80,10 +84,12 @@ class UNetPipeline:
         open_controlnet: ResidualSourceFactory | None = None,
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        guidance: Guidance | None = None,
     ) -> GenerationResult:
         """Run one request. `open_controlnet` opens each ControlNet's residual source (default: in
         this process); `on_step(i, total, latents)` runs after each step; `should_stop()` is
-        polled at each step boundary (a cancelled caller stops the loop)."""
+        polled at each step boundary (a cancelled caller stops the loop); `guidance`: the CFG
+        batch here (default) or one half of it, the other on a partner worker."""
         request = self.resolve(request)
         addons = [
             LoraAddOn(request.loras, self.lora_patcher, self.lora_inbox, self.backbone),
@@ -95,10 +101,14 @@ class UNetPipeline:
             ),
         ]
         with self._lock:
-            return DenoisingRun(self, request, addons, on_step, should_stop).run()
+            return DenoisingRun(self, request, addons, on_step, should_stop, guidance).run()
 
     def open_local_controlnet(self, controlnet: ControlNet, session: ControlNetSession) -> ResidualSource:
         return LocalResidualSource(self._local_controlnet(controlnet.controlnet_id), session)
+
+    def local_controlnets(self) -> dict[str, bool]:
+        """The ControlNets this worker can run in-process, each with whether it is loaded."""
+        return self._list_controlnets() if self._list_controlnets is not None else {}
 
     def _local_controlnet(self, controlnet_id: str) -> ControlNetStepper:
         if self._load_controlnet is None:

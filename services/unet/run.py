@@ -7,6 +7,10 @@ request's add-ons (`services/unet/addons/`) at fixed points. Each step runs the 
 half while the add-ons' residuals are computed elsewhere, then the decoder half with them added.
 With every ControlNet in-process the loop reproduces `StableDiffusion(XL)(ControlNet)Pipeline`
 for the same seed; tests hold it to 1e-4 in fp32.
+
+How the classifier-free guidance halves are combined is the run's `Guidance`
+(services/unet/guidance.py): the whole batch here, as Diffusers does, or one half here and the
+other on a partner worker (`run.half`), the predictions exchanged every step.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from opentelemetry import trace
 
 from services.unet.addons import AddOn
+from services.unet.guidance import Guidance
 from swiftd import tracing
 from swiftd.errors import Cancelled
 from swiftd.request import Request
@@ -37,10 +42,11 @@ StepCallback = Callable[[int, int, torch.Tensor], None]  # (step_index, total_st
 @dataclass
 class GenerationResult:
     latents: torch.Tensor  # final latents, before VAE decode
-    image: PIL.Image.Image
+    image: PIL.Image.Image | None  # None where another worker decodes (a CFG partner)
     seed: int
     timings: dict[str, float]  # stage -> seconds, in pipeline order
     lora_applied_at_step: int = -1  # step before which the LoRA set was in place; -1: no LoRA
+    cfg_partner: str = ""  # the worker that computed the other CFG half; empty: none
 
 
 class DenoisingRun:
@@ -51,20 +57,29 @@ class DenoisingRun:
         addons: list[AddOn],
         on_step: StepCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
+        guidance: Guidance | None = None,
     ):
         """`request` is resolved (every default filled in). `on_step(i, total, latents)` runs
-        after each step; `should_stop()` is polled at each step boundary."""
+        after each step; `should_stop()` is polled at each step boundary. `guidance`: how the CFG
+        halves are computed and combined (default: the whole batch here)."""
         self.pipeline = pipeline
         self.request = request
         self.addons = addons
         self.on_step = on_step
         self.should_stop = should_stop
-        self.do_cfg = request.do_classifier_free_guidance
+        self.do_cfg = request.do_classifier_free_guidance  # the step combines two predictions
+        self._use(guidance or Guidance())
         self.generator = torch.Generator(device="cpu").manual_seed(request.seed)
         self.timings: dict[str, float] = {}
-        self.step_times = {"encoder_half": 0.0, "controlnet_wait": 0.0, "decoder_half": 0.0, "scheduler": 0.0}
+        self.step_times = {
+            "encoder_half": 0.0,
+            "controlnet_wait": 0.0,
+            "decoder_half": 0.0,
+            "guidance": 0.0,  # combining the halves; with CFG split, the exchange with the partner
+            "scheduler": 0.0,
+        }
         # Filled in as the run goes.
-        self.prompt_embeds: torch.Tensor | None = None  # CFG batch: negative first
+        self.prompt_embeds: torch.Tensor | None = None  # CFG batch: negative first (split: own half)
         self.added_cond_kwargs: dict[str, torch.Tensor] = {}  # SDXL: text_embeds, time_ids
         self.scheduler = None
         self.step_kwargs: dict = {}  # what this scheduler's step() takes besides the model output
@@ -73,6 +88,11 @@ class DenoisingRun:
         self.timestep: torch.Tensor | None = None  # of the current step
         self.latent_model_input: torch.Tensor | None = None  # of the current step
         self.lora_applied_at_step = -1  # set by the LoRA add-on: the step before which the set was in place
+
+    def _use(self, guidance: Guidance) -> None:
+        self.guidance = guidance
+        self.half = guidance.half  # with CFG split: the half computed here ("cond", "uncond")
+        self.cfg_batch = self.do_cfg and self.half is None  # the UNet's batch holds both halves
 
     @property
     def num_steps(self) -> int:
@@ -95,20 +115,31 @@ class DenoisingRun:
             for addon in self.addons:
                 addon.prepare(self)
         try:
+            if not self.guidance.open(self):  # a split the partner refused: the whole batch here
+                self._use(Guidance())
             latents = self._denoise()
+            self.guidance.finish(self)
         except BaseException:
             for addon in self.addons:
                 addon.fail(self)
             raise
-        with self.stage("vae_decode"):
-            image = self.pipeline.decode(latents)
-        return GenerationResult(latents, image, self.request.seed, self.timings, self.lora_applied_at_step)
+        finally:
+            self.guidance.close()
+        image = None
+        if self.guidance.decodes:
+            with self.stage("vae_decode"):
+                image = self.pipeline.decode(latents)
+        return GenerationResult(
+            latents, image, self.request.seed, self.timings, self.lora_applied_at_step, self.guidance.partner
+        )
 
     def _denoise(self) -> torch.Tensor:
         for addon in self.addons:
             addon.before_text_encoding(self)
         with self.stage("text_encode"):
-            self.prompt_embeds, self.added_cond_kwargs = self.pipeline.encode_prompt(self.request, self.do_cfg)
+            prompt_embeds, added_cond_kwargs = self.pipeline.encode_prompt(self.request, self.do_cfg)
+            self.prompt_embeds = self.guidance.own_half(prompt_embeds)
+            self.added_cond_kwargs = {k: self.guidance.own_half(v) for k, v in added_cond_kwargs.items()}
         self._prepare_latents()
         for addon in self.addons:
             addon.before_denoising(self)
@@ -144,7 +175,7 @@ class DenoisingRun:
     def step(self, i: int, t: torch.Tensor) -> None:
         """One denoising step: latents at t -> latents at the next timestep."""
         split_unet = self.pipeline.split_unet
-        latent_model_input = torch.cat([self.latents] * 2) if self.do_cfg else self.latents
+        latent_model_input = torch.cat([self.latents] * 2) if self.cfg_batch else self.latents
         self.timestep = t
         self.latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
         for addon in self.addons:
@@ -166,12 +197,12 @@ class DenoisingRun:
         t2 = time.perf_counter()
         noise_pred = split_unet.decoder_half(encoded, down, mid)
         t3 = time.perf_counter()
-        if self.do_cfg:
-            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-            noise_pred = noise_pred_uncond + self.request.guidance_scale * (noise_pred_text - noise_pred_uncond)
-        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        noise_pred = self.guidance.combine(self, i, noise_pred)
         t4 = time.perf_counter()
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        t5 = time.perf_counter()
         self.step_times["encoder_half"] += t1 - t0
         self.step_times["controlnet_wait"] += t2 - t1
         self.step_times["decoder_half"] += t3 - t2
-        self.step_times["scheduler"] += t4 - t3
+        self.step_times["guidance"] += t4 - t3
+        self.step_times["scheduler"] += t5 - t4

@@ -6,12 +6,15 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from services.unet.addons.controlnet_stream import RemoteResidualSource
+from services.unet.guidance import Guidance, LeaderGuidance, PartnerGuidance, done_message
 from services.unet.pipeline import UNetPipeline
 from services.unet.run import GenerationResult
-from swiftd import codec, rpc, tracing
-from swiftd.errors import Cancelled, FailedPrecondition, NotFound
+from swiftd import codec, device, rpc, tracing
+from swiftd.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from swiftd.images import encode_png
 from swiftd.loading import pipeline_family
 from swiftd.request import Limits, LoraSet, Request, validate
@@ -26,6 +29,7 @@ def response_from_result(result: GenerationResult, request: Request) -> unet_pb2
         seed=result.seed,
         request_id=request.request_id,
         lora_applied_at_step=result.lora_applied_at_step,
+        cfg_partner=result.cfg_partner,
         timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in result.timings.items()],
     )
     if request.return_latents:
@@ -33,21 +37,29 @@ def response_from_result(result: GenerationResult, request: Request) -> unet_pb2
     return response
 
 
+@dataclass
+class UNetWorkerConfig:
+    model_id: str
+    model_path: Path  # the model's folder or single file (its family is read from it)
+    limits: Limits = field(default_factory=Limits)
+    controlnet_step_timeout: float = 60.0  # seconds: longest wait for one step's residuals
+    # Seconds: longest wait for a CFG split's other half at one exchange. Generous: the other side
+    # may be waiting for its LoRA deltas before the first step, or for a ControlNet worker.
+    cfg_step_timeout: float = 300.0
+
+
 class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
-    def __init__(
-        self,
-        pipeline: UNetPipeline,
-        model_id: str,
-        model_path,
-        controlnet_step_timeout: float = 60.0,
-        limits: Limits | None = None,
-    ):
+    def __init__(self, pipeline: UNetPipeline, config: UNetWorkerConfig):
         self.pipeline = pipeline
-        self.limits = limits or Limits()
+        self.config = config
+        self.limits = config.limits
         self.channels = rpc.ChannelPool()
-        self.controlnet_step_timeout = controlnet_step_timeout
-        self.model_id = model_id
+        self.model_id = config.model_id
+        model_path = config.model_path
         self.family = pipeline_family(model_path if model_path.is_dir() else model_path.with_suffix(""))
+        # After configure_process pinned the cores: the device as the gateway compares devices.
+        self.device = device.local_device(str(pipeline.device))
+        self.host = device.local_host()
         self._in_flight = 0
         self._waiting = 0
         self._count_lock = threading.Lock()
@@ -59,6 +71,14 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             raise NotFound("params.model_id", request.model_id)
         request = self.pipeline.resolve(request)
         validate(request, self.limits, controlnet_field="controlnets[{i}].input")
+        if request.cfg_split is not None:
+            split = request.cfg_split
+            if not request.do_classifier_free_guidance:
+                raise InvalidArgument("cfg_split", "needs classifier-free guidance (params.guidance_scale > 1)")
+            if split.partner_controlnet_workers and len(split.partner_controlnet_workers) != len(request.controlnets):
+                raise InvalidArgument("cfg_split.partner_controlnet_workers", "one entry per ControlNet, or none")
+            # Both halves must see the same weights at every step (services/unet/guidance.py).
+            request = replace(request, lora_bound_steps=0)
         return request
 
     def _controlnet_opener(self, request: Request, context):
@@ -74,15 +94,32 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
                 request.controlnet_wire_dtype,
                 request.request_id,
                 timeout=context.time_remaining(),
-                step_timeout=self.controlnet_step_timeout,
+                step_timeout=self.config.controlnet_step_timeout,
                 out_dtype=self.pipeline.dtype,
                 out_device=self.pipeline.device,
             )
 
         return open_controlnet
 
-    def _run(self, request: Request, context, on_step=None) -> GenerationResult:
+    def _guidance(self, request: Request, context) -> Guidance | None:
+        """A leader's side of a CFG split, when the plan gives the request a partner."""
+        if request.cfg_split is None:
+            return None
+        return LeaderGuidance(
+            self.channels.get(request.cfg_split.partner_address),
+            timeout=context.time_remaining(),
+            step_timeout=self.config.cfg_step_timeout,
+            device=self.pipeline.device,
+            dtype=self.pipeline.dtype,
+        )
+
+    def _run(self, request: Request, context, on_step=None, guidance=None, exclusive=False) -> GenerationResult:
+        """`exclusive`: refuse (RESOURCE_EXHAUSTED) rather than wait behind another request."""
         with self._count_lock:
+            if exclusive and (self._in_flight or self._waiting):
+                raise ResourceExhausted(
+                    f"busy with {self._in_flight + self._waiting} request(s): a CFG partner does not queue"
+                )
             self._waiting += 1
         started = False
 
@@ -97,7 +134,8 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
 
         try:
             open_controlnet = self._controlnet_opener(request, context)
-            return self.pipeline.generate(request, open_controlnet, on_step=on_step, should_stop=should_stop)
+            guidance = guidance or self._guidance(request, context)
+            return self.pipeline.generate(request, open_controlnet, on_step, should_stop, guidance)
         except Cancelled as exc:  # the caller may be gone already: say here where the loop stopped
             log.info("request %s: %s", request.request_id or "-", exc.message)
             raise
@@ -126,26 +164,32 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
                 preview = common_pb2.Preview(step=step + 1, image_png=encode_png(self.pipeline.preview(latents)))
                 events.put(unet_pb2.DenoiseStreamResponse(preview=preview))
 
-        outcome: dict = {}
+        def work():
+            result = self._run(request, context, on_step)
+            return unet_pb2.DenoiseStreamResponse(final=response_from_result(result, request))
+
+        yield from _streamed(work, events)
+
+    def ExchangeGuidance(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "start":
+            raise InvalidArgument("start", "the first message of a guidance exchange must be a GuidanceStart")
+        request = self._check(first.start.request)
+        if request.cfg_split is not None:
+            raise InvalidArgument("start.request.cfg_split", "a partner runs its half; it does not split again")
+        if not request.do_classifier_free_guidance:
+            raise InvalidArgument("start.request.params.guidance_scale", "no classifier-free guidance to split")
+        request = replace(request, lora_bound_steps=0)  # as the leader: the same weights at every step
+        events: queue.Queue = queue.Queue()
+        guidance = PartnerGuidance(
+            events.put, request_iterator, self.config.cfg_step_timeout, self.pipeline.device, self.pipeline.dtype
+        )
 
         def work():
-            try:
-                outcome["result"] = self._run(request, context, on_step)
-            except BaseException as exc:  # re-raised on the RPC thread, where the interceptor maps it
-                outcome["error"] = exc
-            finally:
-                events.put(None)
+            result = self._run(request, context, guidance=guidance, exclusive=True)
+            return done_message(result.timings, result.lora_applied_at_step)
 
-        worker = tracing.in_current_context(work)  # the loop's spans belong to this call's trace
-        # Not a daemon: a drain past its grace period cancels the call, and the process must not
-        # exit under the loop (mid-step: SIGABRT) before it stops at its next step boundary.
-        worker.daemon = False
-        worker.start()
-        while (event := events.get()) is not None:
-            yield event
-        if "error" in outcome:
-            raise outcome["error"]
-        yield unet_pb2.DenoiseStreamResponse(final=response_from_result(outcome["result"], request))
+        yield from _streamed(work, events)
 
     def GetWorkerStatus(self, request, context):
         inbox = self.pipeline.lora_inbox
@@ -158,7 +202,8 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             requests_in_flight=in_flight,
             queue_length=waiting,
             dtype=codec.dtype_to_proto(self.pipeline.dtype),
-            device=str(self.pipeline.device),
+            device=self.device,
+            host=self.host,
         )
 
     def ListModels(self, request, context):
@@ -170,7 +215,11 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             default_height=size,
             dtype=codec.dtype_to_proto(self.pipeline.dtype),
         )
-        return unet_pb2.UNetWorkerListModelsResponse(models=[model])
+        controlnets = [
+            common_pb2.ControlNetInfo(controlnet_id=c, family=self.family, loaded=loaded)
+            for c, loaded in sorted(self.pipeline.local_controlnets().items())
+        ]
+        return unet_pb2.UNetWorkerListModelsResponse(models=[model], controlnets=controlnets)
 
     def ReceiveLoraDeltas(self, request_iterator, context):
         if self.pipeline.lora_inbox is None:
@@ -179,3 +228,28 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
         return unet_pb2.ReceiveLoraDeltasResponse(
             lora_ids=completed, parameters_received=parameters, bytes_received=nbytes
         )
+
+
+def _streamed(work, events: queue.Queue):
+    """Run `work()` on a thread of its own while yielding the events it puts in `events`, then
+    its result; its error is raised here, on the RPC's thread, where the interceptor maps it."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["last"] = work()
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            events.put(None)
+
+    worker = tracing.in_current_context(run)  # the loop's spans belong to this call's trace
+    # Not a daemon: a drain past its grace period cancels the call, and the process must not
+    # exit under the loop (mid-step: SIGABRT) before it stops at its next step boundary.
+    worker.daemon = False
+    worker.start()
+    while (event := events.get()) is not None:
+        yield event
+    if "error" in outcome:
+        raise outcome["error"]
+    yield outcome["last"]

@@ -64,10 +64,14 @@ class ControlNetWorkerListControlNetsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ControlNetWorkerListControlNetsResponse(_message.Message):
-    __slots__ = ("controlnets",)
+    __slots__ = ("controlnets", "device", "host")
     CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     controlnets: _containers.RepeatedCompositeFieldContainer[_common_pb2.ControlNetInfo]
-    def __init__(self, controlnets: _Optional[_Iterable[_Union[_common_pb2.ControlNetInfo, _Mapping]]] = ...) -> None: ...
+    device: str
+    host: str
+    def __init__(self, controlnets: _Optional[_Iterable[_Union[_common_pb2.ControlNetInfo, _Mapping]]] = ..., device: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class LoadControlNetRequest(_message.Message):
     __slots__ = ("controlnet_id",)

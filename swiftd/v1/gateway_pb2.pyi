@@ -1,11 +1,23 @@
 from swiftd.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Placement(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLACEMENT_UNSPECIFIED: _ClassVar[Placement]
+    PLACEMENT_PACK: _ClassVar[Placement]
+    PLACEMENT_SPREAD: _ClassVar[Placement]
+    PLACEMENT_CFG_SPLIT: _ClassVar[Placement]
+PLACEMENT_UNSPECIFIED: Placement
+PLACEMENT_PACK: Placement
+PLACEMENT_SPREAD: Placement
+PLACEMENT_CFG_SPLIT: Placement
 
 class GenerateRequest(_message.Message):
     __slots__ = ("params", "loras", "controlnets", "lora_bound_steps", "request_id", "preview_every_n_steps", "controlnet_wire_dtype")
@@ -26,18 +38,36 @@ class GenerateRequest(_message.Message):
     def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., controlnets: _Optional[_Iterable[_Union[_common_pb2.ControlNetInput, _Mapping]]] = ..., lora_bound_steps: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every_n_steps: _Optional[int] = ..., controlnet_wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("unet_worker", "controlnets", "lora_ids", "lora_set_already_applied", "pushed_lora_ids")
+    __slots__ = ("unet_worker", "controlnets", "lora_ids", "lora_set_already_applied", "pushed_lora_ids", "placement", "reason", "cfg_partner")
     UNET_WORKER_FIELD_NUMBER: _ClassVar[int]
     CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
     LORA_IDS_FIELD_NUMBER: _ClassVar[int]
     LORA_SET_ALREADY_APPLIED_FIELD_NUMBER: _ClassVar[int]
     PUSHED_LORA_IDS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CFG_PARTNER_FIELD_NUMBER: _ClassVar[int]
     unet_worker: str
     controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetAssignment]
     lora_ids: _containers.RepeatedScalarFieldContainer[str]
     lora_set_already_applied: bool
     pushed_lora_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, unet_worker: _Optional[str] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAssignment, _Mapping]]] = ..., lora_ids: _Optional[_Iterable[str]] = ..., lora_set_already_applied: _Optional[bool] = ..., pushed_lora_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    placement: Placement
+    reason: str
+    cfg_partner: CfgPartner
+    def __init__(self, unet_worker: _Optional[str] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAssignment, _Mapping]]] = ..., lora_ids: _Optional[_Iterable[str]] = ..., lora_set_already_applied: _Optional[bool] = ..., pushed_lora_ids: _Optional[_Iterable[str]] = ..., placement: _Optional[_Union[Placement, str]] = ..., reason: _Optional[str] = ..., cfg_partner: _Optional[_Union[CfgPartner, _Mapping]] = ...) -> None: ...
+
+class CfgPartner(_message.Message):
+    __slots__ = ("unet_worker", "controlnets", "lora_set_already_applied", "pushed_lora_ids")
+    UNET_WORKER_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
+    LORA_SET_ALREADY_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PUSHED_LORA_IDS_FIELD_NUMBER: _ClassVar[int]
+    unet_worker: str
+    controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetAssignment]
+    lora_set_already_applied: bool
+    pushed_lora_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, unet_worker: _Optional[str] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAssignment, _Mapping]]] = ..., lora_set_already_applied: _Optional[bool] = ..., pushed_lora_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ControlNetAssignment(_message.Message):
     __slots__ = ("controlnet_id", "worker")

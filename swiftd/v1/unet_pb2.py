@@ -26,7 +26,7 @@ from swiftd.v1 import common_pb2 as swiftd_dot_v1_dot_common__pb2
 from swiftd.v1 import lora_store_pb2 as swiftd_dot_v1_dot_lora__store__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14swiftd/v1/unet.proto\x12\tswiftd.v1\x1a\x16swiftd/v1/common.proto\x1a\x1aswiftd/v1/lora_store.proto\"\xfb\x02\n\x0e\x44\x65noiseRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x1b.swiftd.v1.GenerationParams\x12!\n\x05loras\x18\x02 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x1d\n\x10lora_bound_steps\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x34\n\x0b\x63ontrolnets\x18\x04 \x03(\x0b\x32\x1f.swiftd.v1.ControlNetAttachment\x12/\n\x15\x63ontrolnet_wire_dtype\x18\x05 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1d\n\x15preview_every_n_steps\x18\x07 \x01(\x05\x12\x16\n\x0ereturn_latents\x18\x08 \x01(\x08\x12\x1a\n\x12lora_store_address\x18\t \x01(\t\x12\x17\n\x0fpushed_lora_ids\x18\n \x03(\tB\x13\n\x11_lora_bound_steps\"Y\n\x14\x43ontrolNetAttachment\x12)\n\x05input\x18\x01 \x01(\x0b\x32\x1a.swiftd.v1.ControlNetInput\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\"\xb1\x01\n\x0f\x44\x65noiseResponse\x12\x11\n\timage_png\x18\x01 \x01(\x0c\x12\"\n\x07latents\x18\x02 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\'\n\x07timings\x18\x04 \x03(\x0b\x32\x16.swiftd.v1.StageTiming\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1c\n\x14lora_applied_at_step\x18\x06 \x01(\x05\"\x9d\x01\n\x15\x44\x65noiseStreamResponse\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.swiftd.v1.ProgressH\x00\x12%\n\x07preview\x18\x02 \x01(\x0b\x32\x12.swiftd.v1.PreviewH\x00\x12+\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x1a.swiftd.v1.DenoiseResponseH\x00\x42\x07\n\x05\x65vent\"b\n\x19ReceiveLoraDeltasResponse\x12\x10\n\x08lora_ids\x18\x01 \x03(\t\x12\x1b\n\x13parameters_received\x18\x02 \x01(\x05\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\"\x18\n\x16GetWorkerStatusRequest\"\xe4\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tmodel_ids\x18\x01 \x03(\t\x12)\n\rapplied_loras\x18\x02 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x1a\n\x12requests_in_flight\x18\x03 \x01(\x05\x12\x14\n\x0cqueue_length\x18\x04 \x01(\x05\x12\x1f\n\x05\x64type\x18\x05 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12(\n\x0c\x63\x61\x63hed_loras\x18\x07 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\"\x1d\n\x1bUNetWorkerListModelsRequest\"D\n\x1cUNetWorkerListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.swiftd.v1.ModelInfo2\xaf\x03\n\nUNetWorker\x12@\n\x07\x44\x65noise\x12\x19.swiftd.v1.DenoiseRequest\x1a\x1a.swiftd.v1.DenoiseResponse\x12N\n\rDenoiseStream\x12\x19.swiftd.v1.DenoiseRequest\x1a .swiftd.v1.DenoiseStreamResponse0\x01\x12V\n\x11ReceiveLoraDeltas\x12\x19.swiftd.v1.LoraDeltaChunk\x1a$.swiftd.v1.ReceiveLoraDeltasResponse(\x01\x12X\n\x0fGetWorkerStatus\x12!.swiftd.v1.GetWorkerStatusRequest\x1a\".swiftd.v1.GetWorkerStatusResponse\x12]\n\nListModels\x12&.swiftd.v1.UNetWorkerListModelsRequest\x1a\'.swiftd.v1.UNetWorkerListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14swiftd/v1/unet.proto\x12\tswiftd.v1\x1a\x16swiftd/v1/common.proto\x1a\x1aswiftd/v1/lora_store.proto\"\xa3\x03\n\x0e\x44\x65noiseRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x1b.swiftd.v1.GenerationParams\x12!\n\x05loras\x18\x02 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x1d\n\x10lora_bound_steps\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x34\n\x0b\x63ontrolnets\x18\x04 \x03(\x0b\x32\x1f.swiftd.v1.ControlNetAttachment\x12/\n\x15\x63ontrolnet_wire_dtype\x18\x05 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1d\n\x15preview_every_n_steps\x18\x07 \x01(\x05\x12\x16\n\x0ereturn_latents\x18\x08 \x01(\x08\x12\x1a\n\x12lora_store_address\x18\t \x01(\t\x12\x17\n\x0fpushed_lora_ids\x18\n \x03(\t\x12&\n\tcfg_split\x18\x0b \x01(\x0b\x32\x13.swiftd.v1.CfgSplitB\x13\n\x11_lora_bound_steps\"h\n\x08\x43\x66gSplit\x12\x17\n\x0fpartner_address\x18\x01 \x01(\t\x12\"\n\x1apartner_controlnet_workers\x18\x02 \x03(\t\x12\x1f\n\x17partner_pushed_lora_ids\x18\x03 \x03(\t\"\xc7\x01\n\x0fGuidanceMessage\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.swiftd.v1.GuidanceStartH\x00\x12\'\n\x04step\x18\x02 \x01(\x0b\x32\x17.swiftd.v1.GuidanceStepH\x00\x12\'\n\x04\x64one\x18\x03 \x01(\x0b\x32\x17.swiftd.v1.GuidanceDoneH\x00\x12/\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x0b\x32\x1b.swiftd.v1.GuidanceAcceptedH\x00\x42\x06\n\x04kind\"\x12\n\x10GuidanceAccepted\";\n\rGuidanceStart\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.swiftd.v1.DenoiseRequest\"`\n\x0cGuidanceStep\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12%\n\nnoise_pred\x18\x02 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x15\n\rlatents_crc32\x18\x03 \x01(\r\"U\n\x0cGuidanceDone\x12\'\n\x07timings\x18\x01 \x03(\x0b\x32\x16.swiftd.v1.StageTiming\x12\x1c\n\x14lora_applied_at_step\x18\x02 \x01(\x05\"Y\n\x14\x43ontrolNetAttachment\x12)\n\x05input\x18\x01 \x01(\x0b\x32\x1a.swiftd.v1.ControlNetInput\x12\x16\n\x0eworker_address\x18\x02 \x01(\t\"\xc6\x01\n\x0f\x44\x65noiseResponse\x12\x11\n\timage_png\x18\x01 \x01(\x0c\x12\"\n\x07latents\x18\x02 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\'\n\x07timings\x18\x04 \x03(\x0b\x32\x16.swiftd.v1.StageTiming\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1c\n\x14lora_applied_at_step\x18\x06 \x01(\x05\x12\x13\n\x0b\x63\x66g_partner\x18\x07 \x01(\t\"\x9d\x01\n\x15\x44\x65noiseStreamResponse\x12\'\n\x08progress\x18\x01 \x01(\x0b\x32\x13.swiftd.v1.ProgressH\x00\x12%\n\x07preview\x18\x02 \x01(\x0b\x32\x12.swiftd.v1.PreviewH\x00\x12+\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x1a.swiftd.v1.DenoiseResponseH\x00\x42\x07\n\x05\x65vent\"b\n\x19ReceiveLoraDeltasResponse\x12\x10\n\x08lora_ids\x18\x01 \x03(\t\x12\x1b\n\x13parameters_received\x18\x02 \x01(\x05\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\"\x18\n\x16GetWorkerStatusRequest\"\xf2\x01\n\x17GetWorkerStatusResponse\x12\x11\n\tmodel_ids\x18\x01 \x03(\t\x12)\n\rapplied_loras\x18\x02 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x1a\n\x12requests_in_flight\x18\x03 \x01(\x05\x12\x14\n\x0cqueue_length\x18\x04 \x01(\x05\x12\x1f\n\x05\x64type\x18\x05 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12(\n\x0c\x63\x61\x63hed_loras\x18\x07 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x0c\n\x04host\x18\x08 \x01(\t\"\x1d\n\x1bUNetWorkerListModelsRequest\"t\n\x1cUNetWorkerListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.swiftd.v1.ModelInfo\x12.\n\x0b\x63ontrolnets\x18\x02 \x03(\x0b\x32\x19.swiftd.v1.ControlNetInfo2\xff\x03\n\nUNetWorker\x12@\n\x07\x44\x65noise\x12\x19.swiftd.v1.DenoiseRequest\x1a\x1a.swiftd.v1.DenoiseResponse\x12N\n\rDenoiseStream\x12\x19.swiftd.v1.DenoiseRequest\x1a .swiftd.v1.DenoiseStreamResponse0\x01\x12V\n\x11ReceiveLoraDeltas\x12\x19.swiftd.v1.LoraDeltaChunk\x1a$.swiftd.v1.ReceiveLoraDeltasResponse(\x01\x12N\n\x10\x45xchangeGuidance\x12\x1a.swiftd.v1.GuidanceMessage\x1a\x1a.swiftd.v1.GuidanceMessage(\x01\x30\x01\x12X\n\x0fGetWorkerStatus\x12!.swiftd.v1.GetWorkerStatusRequest\x1a\".swiftd.v1.GetWorkerStatusResponse\x12]\n\nListModels\x12&.swiftd.v1.UNetWorkerListModelsRequest\x1a\'.swiftd.v1.UNetWorkerListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swiftd.v1.unet_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DENOISEREQUEST']._serialized_start=88
-  _globals['_DENOISEREQUEST']._serialized_end=467
-  _globals['_CONTROLNETATTACHMENT']._serialized_start=469
-  _globals['_CONTROLNETATTACHMENT']._serialized_end=558
-  _globals['_DENOISERESPONSE']._serialized_start=561
-  _globals['_DENOISERESPONSE']._serialized_end=738
-  _globals['_DENOISESTREAMRESPONSE']._serialized_start=741
-  _globals['_DENOISESTREAMRESPONSE']._serialized_end=898
-  _globals['_RECEIVELORADELTASRESPONSE']._serialized_start=900
-  _globals['_RECEIVELORADELTASRESPONSE']._serialized_end=998
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=1000
-  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=1024
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=1027
-  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=1255
-  _globals['_UNETWORKERLISTMODELSREQUEST']._serialized_start=1257
-  _globals['_UNETWORKERLISTMODELSREQUEST']._serialized_end=1286
-  _globals['_UNETWORKERLISTMODELSRESPONSE']._serialized_start=1288
-  _globals['_UNETWORKERLISTMODELSRESPONSE']._serialized_end=1356
-  _globals['_UNETWORKER']._serialized_start=1359
-  _globals['_UNETWORKER']._serialized_end=1790
+  _globals['_DENOISEREQUEST']._serialized_end=507
+  _globals['_CFGSPLIT']._serialized_start=509
+  _globals['_CFGSPLIT']._serialized_end=613
+  _globals['_GUIDANCEMESSAGE']._serialized_start=616
+  _globals['_GUIDANCEMESSAGE']._serialized_end=815
+  _globals['_GUIDANCEACCEPTED']._serialized_start=817
+  _globals['_GUIDANCEACCEPTED']._serialized_end=835
+  _globals['_GUIDANCESTART']._serialized_start=837
+  _globals['_GUIDANCESTART']._serialized_end=896
+  _globals['_GUIDANCESTEP']._serialized_start=898
+  _globals['_GUIDANCESTEP']._serialized_end=994
+  _globals['_GUIDANCEDONE']._serialized_start=996
+  _globals['_GUIDANCEDONE']._serialized_end=1081
+  _globals['_CONTROLNETATTACHMENT']._serialized_start=1083
+  _globals['_CONTROLNETATTACHMENT']._serialized_end=1172
+  _globals['_DENOISERESPONSE']._serialized_start=1175
+  _globals['_DENOISERESPONSE']._serialized_end=1373
+  _globals['_DENOISESTREAMRESPONSE']._serialized_start=1376
+  _globals['_DENOISESTREAMRESPONSE']._serialized_end=1533
+  _globals['_RECEIVELORADELTASRESPONSE']._serialized_start=1535
+  _globals['_RECEIVELORADELTASRESPONSE']._serialized_end=1633
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_start=1635
+  _globals['_GETWORKERSTATUSREQUEST']._serialized_end=1659
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_start=1662
+  _globals['_GETWORKERSTATUSRESPONSE']._serialized_end=1904
+  _globals['_UNETWORKERLISTMODELSREQUEST']._serialized_start=1906
+  _globals['_UNETWORKERLISTMODELSREQUEST']._serialized_end=1935
+  _globals['_UNETWORKERLISTMODELSRESPONSE']._serialized_start=1937
+  _globals['_UNETWORKERLISTMODELSRESPONSE']._serialized_end=2053
+  _globals['_UNETWORKER']._serialized_start=2056
+  _globals['_UNETWORKER']._serialized_end=2567
 # @@protoc_insertion_point(module_scope)

@@ -53,6 +53,11 @@ class UNetWorkerStub:
                 request_serializer=swiftd_dot_v1_dot_lora__store__pb2.LoraDeltaChunk.SerializeToString,
                 response_deserializer=swiftd_dot_v1_dot_unet__pb2.ReceiveLoraDeltasResponse.FromString,
                 _registered_method=True)
+        self.ExchangeGuidance = channel.stream_stream(
+                '/swiftd.v1.UNetWorker/ExchangeGuidance',
+                request_serializer=swiftd_dot_v1_dot_unet__pb2.GuidanceMessage.SerializeToString,
+                response_deserializer=swiftd_dot_v1_dot_unet__pb2.GuidanceMessage.FromString,
+                _registered_method=True)
         self.GetWorkerStatus = channel.unary_unary(
                 '/swiftd.v1.UNetWorker/GetWorkerStatus',
                 request_serializer=swiftd_dot_v1_dot_unet__pb2.GetWorkerStatusRequest.SerializeToString,
@@ -95,8 +100,26 @@ class UNetWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExchangeGuidance(self, request_iterator, context):
+        """Runs the unconditional half of a request whose classifier-free guidance batch is split over
+        two workers (DenoiseRequest.cfg_split), for the worker running the conditional half (the
+        leader), which calls it. The leader sends a GuidanceStart; the partner answers
+        GuidanceAccepted once its run has started; then each side sends one GuidanceStep per
+        denoising step with its half's noise prediction, and both combine uncond + g * (cond - uncond)
+        and step their schedulers on the same bits, so the latents never travel; the partner ends
+        with a GuidanceDone. The leader decodes the image. Either side's failure or cancellation ends
+        the stream, and with it the other side's run.
+        Errors: as Denoise; INVALID_ARGUMENT (no GuidanceStart first, no CFG); RESOURCE_EXHAUSTED when
+        this worker is busy: a partner never queues (two leaders waiting for each other's worker
+        would deadlock), and a leader refused before GuidanceAccepted runs the whole batch itself;
+        FAILED_PRECONDITION when the two sides' latents differ.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWorkerStatus(self, request, context):
-        """Reports load and the applied LoRA set; used by the gateway for routing.
+        """Reports load, device and the applied LoRA set; used by the gateway for routing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +149,11 @@ def add_UNetWorkerServicer_to_server(servicer, server):
                     servicer.ReceiveLoraDeltas,
                     request_deserializer=swiftd_dot_v1_dot_lora__store__pb2.LoraDeltaChunk.FromString,
                     response_serializer=swiftd_dot_v1_dot_unet__pb2.ReceiveLoraDeltasResponse.SerializeToString,
+            ),
+            'ExchangeGuidance': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExchangeGuidance,
+                    request_deserializer=swiftd_dot_v1_dot_unet__pb2.GuidanceMessage.FromString,
+                    response_serializer=swiftd_dot_v1_dot_unet__pb2.GuidanceMessage.SerializeToString,
             ),
             'GetWorkerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkerStatus,
@@ -222,6 +250,33 @@ class UNetWorker:
             '/swiftd.v1.UNetWorker/ReceiveLoraDeltas',
             swiftd_dot_v1_dot_lora__store__pb2.LoraDeltaChunk.SerializeToString,
             swiftd_dot_v1_dot_unet__pb2.ReceiveLoraDeltasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeGuidance(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/swiftd.v1.UNetWorker/ExchangeGuidance',
+            swiftd_dot_v1_dot_unet__pb2.GuidanceMessage.SerializeToString,
+            swiftd_dot_v1_dot_unet__pb2.GuidanceMessage.FromString,
             options,
             channel_credentials,
             insecure,

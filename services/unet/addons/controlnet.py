@@ -8,6 +8,10 @@ ControlNet run in this process (`LocalResidualSource`). Each step, the sources o
 whose guidance window covers it start computing before the UNet's encoder half runs and are
 waited for after it; their residuals are summed. Those outside their window would contribute
 zeros in Diffusers, so they are not run at all.
+
+With the CFG batch split over two workers (services/unet/guidance.py) each half computes its own
+residuals for its batch of one; a guess-mode ControlNet, which only ever sees the conditional
+half, does not run on the unconditional half's worker at all.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from services.unet.addons.base import AddOn
+from services.unet.guidance import UNCOND
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession, ControlNetStepper
 from swiftd.request import ControlNet
 
@@ -99,18 +104,20 @@ class ControlNetAddOn(AddOn):
         attributes = {"controlnet.ids": [cn.controlnet_id for cn in self.controlnets]}
         with run.stage("controlnet_setup", **attributes):
             for cn in self.controlnets:
+                if cn.guess_mode and run.half == UNCOND:
+                    continue  # Diffusers gives the unconditional half zeros for it
                 self.sources.append((cn, self._open_source(cn, self._session(run, cn))))
 
     def _session(self, run: DenoisingRun, cn: ControlNet) -> ControlNetSession:
         """What stays constant for `cn` during the run; in guess mode with CFG the ControlNet
         sees only the conditional half of the batch."""
         request = run.request
-        conditional_only = cn.guess_mode and run.do_cfg
+        conditional_only = cn.guess_mode and run.cfg_batch
 
         def batch(tensor):
             return tensor.chunk(2)[1] if tensor is not None and conditional_only else tensor
 
-        duplicate = run.do_cfg and not cn.guess_mode
+        duplicate = run.cfg_batch and not cn.guess_mode
         return ControlNetSession(
             controlnet_id=cn.controlnet_id,
             controlnet_cond=self._prepare_image(cn.decoded_image(), request.height, request.width, duplicate),
@@ -125,7 +132,7 @@ class ControlNetAddOn(AddOn):
         self._active = [(cn, s) for cn, s in self.sources if cn.active_at(step_index, run.num_steps)]
         guess_input = None
         for cn, source in self._active:
-            if cn.guess_mode and run.do_cfg:
+            if cn.guess_mode and run.cfg_batch:
                 if guess_input is None:
                     guess_input = run.scheduler.scale_model_input(run.latents, run.timestep)
                 source.start_step(step_index, run.timestep, guess_input)
@@ -137,7 +144,7 @@ class ControlNetAddOn(AddOn):
         for cn, source in self._active:
             residuals = source.wait_step()
             down, mid = list(residuals.down_block_res_samples), residuals.mid_block_res_sample
-            if cn.guess_mode and run.do_cfg:  # nothing for the unconditional half
+            if cn.guess_mode and run.cfg_batch:  # nothing for the unconditional half
                 down = [torch.cat([torch.zeros_like(d), d]) for d in down]
                 mid = torch.cat([torch.zeros_like(mid), mid])
             if total is None:

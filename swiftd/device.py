@@ -1,0 +1,95 @@
+"""Which device a worker computes on: as a worker reports it, and as the gateway compares it.
+
+The gateway plans by device, not by worker: a ControlNet worker pinned to the same core as a
+UNet worker does not add a device, it shares one, and spreading a ControlNet onto it while that
+UNet worker runs only makes both slower. So every worker reports its device (GetWorkerStatus,
+ListControlNets) and its host, and two workers share a device when they are on one host and
+
+- on CPU, the sets of cores they may run on overlap (a CPU "device" is the cores a process is
+  pinned to, `--cpu-cores`; an unpinned process may run on every core);
+- on a GPU, they name the same physical GPU (`cuda:N`, N through CUDA_VISIBLE_DEVICES, so two
+  processes that each see their GPU as cuda:0 are still told apart).
+
+A worker that reports no device (an older one) is taken to be alone on its own.
+
+No torch import: the gateway uses this module without it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+def local_host() -> str:
+    return socket.gethostname()
+
+
+def local_device(device: str) -> str:
+    """This process's device as reported: "cpu:<cores>" for the cores it may run on (call after
+    pinning), "cuda:<physical index>" for a GPU, other devices as torch names them."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu":
+        return "cpu:" + format_cores(os.sched_getaffinity(0))
+    if kind == "cuda":
+        index = index or "0"
+        visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+        if index.isdigit() and int(index) < len(visible):
+            index = visible[int(index)]  # the physical GPU (an index or a UUID)
+        return f"cuda:{index}"
+    return str(device)
+
+
+def format_cores(cores) -> str:
+    """{0, 1, 2, 3, 8} -> "0-3,8"."""
+    ordered = sorted(cores)
+    runs: list[list[int]] = []
+    for core in ordered:
+        if runs and core == runs[-1][1] + 1:
+            runs[-1][1] = core
+        else:
+            runs.append([core, core])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def parse_cores(text: str) -> frozenset[str]:
+    """ "0-3,8" -> {"0", "1", "2", "3", "8"}; anything unparsable is kept as one opaque unit."""
+    cores: set[str] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if dash and first.isdigit() and last.isdigit():
+            cores.update(str(c) for c in range(int(first), int(last) + 1))
+        elif part.strip():
+            cores.add(part.strip())
+    return frozenset(cores)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device as the gateway compares them: a host, a kind ("cpu", "cuda", ...) and the units of
+    that kind it covers (cores, or one GPU)."""
+
+    host: str
+    kind: str
+    units: frozenset[str]
+    name: str  # as reported, for plans' reasons and logs
+
+    @classmethod
+    def of(cls, host: str, device: str, worker: str) -> Device:
+        """The device a worker reported; `worker` (its address) stands in when it reported none."""
+        if not device:
+            return cls("", "worker", frozenset([worker]), worker)
+        kind, _, units = device.partition(":")
+        if kind == "cpu":
+            # An unpinned report ("cpu") may run anywhere on the host: it overlaps every core.
+            return cls(host, kind, parse_cores(units) if units else frozenset(["*"]), device)
+        return cls(host, kind, frozenset([units or "0"]), device)
+
+    def shares_with(self, other: Device) -> bool:
+        if (self.host, self.kind) != (other.host, other.kind):
+            return False
+        return bool(self.units & other.units) or "*" in self.units or "*" in other.units
+
+    def __str__(self) -> str:
+        return self.name
