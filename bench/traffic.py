@@ -249,11 +249,128 @@ class OursSuite:
         self.services.append(gateway)
         self.address = gateway.address
         self.unet_addresses = [u.address for u in unets]
+        self.controlnet_addresses = [c.address for c in controlnets]
+        self.store_address = store.address
+
+    def extra_gateway(self, gateway_args: list[str]):
+        """Another gateway in front of the same workers (e.g. with other planning flags)."""
+        from swiftd.launcher import start_gateway
+
+        gateway = start_gateway(
+            self.unet_addresses,
+            self.controlnet_addresses,
+            self.store_address,
+            cpu_cores=[CORES[-1]],
+            extra_args=list(gateway_args),
+        )
+        self.services.append(gateway)
+        return gateway
 
     def stop(self) -> None:
         for service in reversed(self.services):
             service.stop()
         self._cache_dir.cleanup()
+
+
+# -- CFG split: one request on an idle machine ------------------------------------------------------
+
+CFG_SIZE, CFG_STEPS, CFG_TIMED = 256, 20, 2  # the other groups' request size
+
+
+def cfg_split_request(catalog, request_id: str):
+    """cn1_lora1 of the other groups, with the catalog's first ControlNet and a rank-64 PEFT LoRA."""
+    from bench.scenarios import GUIDANCE_SCALE, NEGATIVE_PROMPT, PROMPT
+    from bench.scenarios import SEED as REQUEST_SEED
+    from swiftd.images import edge_image
+    from swiftd.request import ControlNet, Request
+
+    lora = next(lora for lora in catalog.loras if lora.rank == 64 and lora.format == "peft")
+    return Request(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE_PROMPT,
+        width=CFG_SIZE,
+        height=CFG_SIZE,
+        num_inference_steps=CFG_STEPS,
+        guidance_scale=GUIDANCE_SCALE,
+        seed=REQUEST_SEED,
+        scheduler="euler",
+        model_id=catalog.model_id,
+        loras=[(lora.lora_id, 1.0)],
+        controlnets=[ControlNet(catalog.controlnet_ids[0], edge_image(CFG_SIZE), 1.0)],
+        request_id=request_id,
+    ).to_pb()
+
+
+def _timed(address: str, catalog, name: str):
+    """Median wall time of CFG_TIMED requests after one warm-up (first use of the LoRA etc.), and
+    the last response."""
+    from swiftd import rpc
+    from swiftd.v1 import gateway_pb2_grpc
+
+    with rpc.create_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        times = []
+        for i in range(CFG_TIMED + 1):
+            t0 = time.perf_counter()
+            response = stub.Generate(cfg_split_request(catalog, f"cfg-{name}-{i}"), timeout=600)
+            if i:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times), response
+
+
+def measure_cfg_split(root: Path, catalog, log) -> tuple[list[Figure], str]:
+    """Diffusers given both cores as two threads, against ours given both cores, on one request."""
+    from bench.scenarios import check_same_image
+    from swiftd.launcher import start_service
+    from swiftd.v1 import gateway_pb2
+
+    args = ["--model-root", str(root), "--model-id", catalog.model_id, "--mode", "fuse"]
+    diffusers = start_service(
+        "diffusers-2threads", "bench.baselines.worker", args, cpu_cores=list(CORES), num_threads=2
+    )
+    try:
+        diffusers_s, diffusers_response = _timed(diffusers.address, catalog, "diffusers")
+    finally:
+        diffusers.stop()
+    suite = OursSuite(root, catalog.model_id)
+    try:
+        split_s, split_response = _timed(suite.address, catalog, "split")
+        unsplit_gateway = suite.extra_gateway(["--cfg-split", "never"])
+        unsplit_s, unsplit_response = _timed(unsplit_gateway.address, catalog, "unsplit")
+    finally:
+        suite.stop()
+    placements = [gateway_pb2.Placement.Name(r.plan.placement) for r in (split_response, unsplit_response)]
+    if placements[0] != "PLACEMENT_CFG_SPLIT":
+        raise RuntimeError(f"the idle suite did not split the request: {placements[0]} ({split_response.plan.reason})")
+    diffs = [
+        check_same_image(diffusers_response.image_png, r.image_png, "cfg split")
+        for r in (split_response, unsplit_response)
+    ]
+    log(
+        f"[traffic] cfg split: Diffusers 2 threads {diffusers_s:.2f} s; ours split {split_s:.2f} s, "
+        f"unsplit ({placements[1]}) {unsplit_s:.2f} s; image differences {diffs} levels"
+    )
+    group = "traffic"
+    figures = [
+        Figure("cfg_split.latency_ratio", diffusers_s / split_s, "x", group),
+        Figure("cfg_split.latency_ratio.unsplit", diffusers_s / unsplit_s, "x", group),
+        Figure("cfg_split.latency_s.diffusers_2threads", diffusers_s, "s", group),
+        Figure("cfg_split.latency_s.ours_split", split_s, "s", group),
+        Figure("cfg_split.latency_s.ours_unsplit", unsplit_s, "s", group),
+    ]
+    hardware = {
+        "diffusers": f"one Diffusers process on cores {CORES[0]},{CORES[1]}, 2 threads",
+        "ours": "UNet worker + ControlNet worker per core (1 thread each); gateway and LoRA store on core 1",
+    }
+    for figure in figures:
+        figure.hardware = hardware
+    table = (
+        f"cfg split: one cn1_lora1 request ({CFG_SIZE}x{CFG_SIZE}, {CFG_STEPS} steps) on an idle machine, median of "
+        f"{CFG_TIMED} after a warm-up\n  Diffusers, 2 threads on both cores {diffusers_s:6.2f} s\n"
+        f"  ours, CFG split over both cores     {split_s:6.2f} s  ratio {diffusers_s / split_s:.2f}x\n"
+        f"  ours, not split ({placements[1]}) {unsplit_s:6.2f} s  ratio {diffusers_s / unsplit_s:.2f}x"
+    )
+    return figures, table
 
 
 # -- the group -------------------------------------------------------------------------------------
@@ -263,7 +380,7 @@ def group_traffic(config: BenchConfig, session) -> GroupResult:
     from bench.baselines import start_baseline
     from swiftd.traffic.catalog import CatalogConfig, build_catalog, load_catalog
     from swiftd.traffic.trace import write_trace
-    from swiftd.traffic.workload import WorkloadConfig, generate, popularity_stats
+    from swiftd.traffic.workload import WorkloadConfig, generate, popularity_stats, trace_header
 
     session.close()  # other groups' processes: nothing else may hold memory or cores during traffic
     log = config.log
@@ -283,9 +400,11 @@ def group_traffic(config: BenchConfig, session) -> GroupResult:
         steps=TRAFFIC_STEPS,
     )
     trace = generate(workload, catalog)
-    write_trace(TRACE_FILE, trace, header={"workload": workload.__dict__})
+    write_trace(TRACE_FILE, trace, header=trace_header(workload, catalog))
     shape = popularity_stats(trace)
     log(f"[traffic] trace {TRACE_FILE.name}: {len(trace)} requests; {json.dumps(shape)}")
+
+    cfg_figures, cfg_table = measure_cfg_split(root, catalog, log)
 
     one_per_core = ", ".join(f"core {c}" for c in CORES)
     systems = [
@@ -312,9 +431,9 @@ def group_traffic(config: BenchConfig, session) -> GroupResult:
         isolated[system.name], runs[system.name], calibration = measure_system(system, trace, calibration, log)
     write_records(runs, RECORDS_FILE)
     plots = plot(runs, calibration, PLOTS_DIR)
-    figures = figures_of(runs, isolated, calibration)
+    figures = figures_of(runs, isolated, calibration) + cfg_figures
     hardware = {s.name: s.hardware for s in systems}
-    table = traffic_table(runs, isolated, calibration, shape, plots)
+    table = traffic_table(runs, isolated, calibration, shape, plots) + "\n" + cfg_table
     return GroupResult(figures, table, hardware=hardware)
 
 
