@@ -41,8 +41,8 @@ from swiftd.traffic.trace import TraceEntry
 GROUP = "traffic"
 TRAFFIC_SIZE = 128
 TRAFFIC_STEPS = 10
-NUM_REQUESTS = 40  # per run: with 40 samples p99 is the slowest request (nearest rank)
-ISOLATED_SAMPLE = 8  # requests of the trace timed alone on an idle system
+NUM_REQUESTS = 30  # per run: with 30 samples p99 is the slowest request (nearest rank)
+ISOLATED_SAMPLE = 6  # requests of the trace timed alone on an idle system
 LOADS = (0.5, 1.0, 1.5, 2.0)  # offered load, as fractions of diffusers_fuse's capacity
 OBJECTIVE_FACTOR = 3.0
 SEED = 12

@@ -16,6 +16,8 @@ import threading
 
 import grpc
 
+from swiftd.interceptor import wrap_behavior
+
 # Not work: a Watch stream lasts as long as its client wants, reflection is for tooling.
 _NOT_WORK = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -76,12 +78,4 @@ class DrainInterceptor(grpc.ServerInterceptor):
 
             return call
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
-        return handler
+        return wrap_behavior(handler, wrap_unary, wrap_stream)

@@ -17,6 +17,20 @@ from swiftd.errors import ServingError
 log = logging.getLogger(__name__)
 
 
+def wrap_behavior(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
+    """`handler` with its behavior wrapped: by `wrap_unary` when the RPC returns one message, by
+    `wrap_stream` (which must return a generator function) when it streams its responses."""
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    if handler.stream_stream:
+        return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+    return handler
+
+
 def _abort(context: grpc.ServicerContext, method: str, exc: BaseException):
     if isinstance(exc, ServingError):
         log.warning("%s -> %s: %s", method, exc.code.name, exc.message)
@@ -55,12 +69,4 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             return call
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
-        return handler
+        return wrap_behavior(handler, wrap_unary, wrap_stream)

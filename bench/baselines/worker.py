@@ -64,12 +64,12 @@ from opentelemetry import trace
 
 from bench.baseline_process import _quiet
 from services.lora_store.catalog import LoraCatalog, LoraFileInfo
-from services.unet.pipeline import LATENT_RGB_FACTORS
+from services.unet.pipeline import LATENT_RGB_FACTORS, make_scheduler
 from swiftd import codec, rpc, tracing
 from swiftd.errors import Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
 from swiftd.images import encode_png
 from swiftd.loading import DTYPES, controlnet_family, list_ids, load_controlnet, load_pipeline, pipeline_family, resolve
-from swiftd.request import FAMILY_SDXL, Limits, Request, check_family, ensure_request_id, scheduler_row, validate
+from swiftd.request import FAMILY_SDXL, Limits, Request, check_family, ensure_request_id, validate
 from swiftd.server import (
     add_limit_arguments,
     add_server_arguments,
@@ -87,16 +87,6 @@ MODES = ("fuse", "adapters")
 
 # Called after each denoising step with (steps done, total steps, latents).
 StepCallback = Callable[[int, int, torch.Tensor], None]
-
-
-def make_scheduler(pipe, name: str):
-    """A fresh scheduler of the named kind (empty: the model's own), configured from the model's
-    scheduler config: the same rule as our worker (services/unet/pipeline.py
-    `UNetPipeline.make_scheduler`, a method there, hence restated rather than imported)."""
-    config = pipe.scheduler.config
-    if not name:
-        return pipe.scheduler.__class__.from_config(config)
-    return getattr(diffusers, scheduler_row(name).diffusers_class).from_config(config)
 
 
 def preview_image(latents: torch.Tensor, family: str) -> PIL.Image.Image:
@@ -375,7 +365,7 @@ class DiffusersWorker:
     def _run_pipeline(self, request: Request, check_active, on_step, timings) -> bytes:
         controlnets = request.controlnets
         pipe = self.pipeline_for(tuple(cn.controlnet_id for cn in controlnets))
-        pipe.scheduler = make_scheduler(self.pipe, request.scheduler)
+        pipe.scheduler = make_scheduler(self.pipe.scheduler, request.scheduler)
 
         def step_end(pipeline, i, _t, callback_kwargs):
             try:

@@ -31,6 +31,16 @@ from swiftd.lora import LoraDeltas, LoraPatcher, prepare_deltas
 from swiftd.request import ControlNet, Request, scheduler_row
 
 
+def make_scheduler(model_scheduler, name: str):
+    """A fresh scheduler of the named kind (empty: the model's own), configured from the model's
+    scheduler config, so betas, offsets and prediction type follow the checkpoint. The Diffusers
+    baselines (bench/baselines) use it too, so a scheduler name means the same on both sides."""
+    config = model_scheduler.config
+    if not name:
+        return model_scheduler.__class__.from_config(config)
+    return getattr(diffusers, scheduler_row(name).diffusers_class).from_config(config)
+
+
 class UNetPipeline:
     def __init__(
         self,
@@ -116,12 +126,7 @@ class UNetPipeline:
         return self._load_controlnet(controlnet_id)
 
     def make_scheduler(self, name: str):
-        """A fresh scheduler of the named kind (empty: the model's own), configured from the
-        model's scheduler config, so betas, offsets and prediction type follow the checkpoint."""
-        config = self.pipe.scheduler.config
-        if not name:
-            return self.pipe.scheduler.__class__.from_config(config)
-        return getattr(diffusers, scheduler_row(name).diffusers_class).from_config(config)
+        return make_scheduler(self.pipe.scheduler, name)
 
     @staticmethod
     def extra_step_kwargs(scheduler, generator) -> dict:
