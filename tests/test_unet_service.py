@@ -155,6 +155,11 @@ def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root)
             grpc.StatusCode.INVALID_ARGUMENT,
             "controlnets[0].input.guidance_start",
         ),
+        (
+            request(steps=1000, params={"scheduler": common_pb2.SCHEDULER_DDIM}),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "params.num_inference_steps",
+        ),
     ],
     ids=[
         "width",
@@ -166,6 +171,7 @@ def test_controlnet_and_lora_over_grpc_equal_in_process_engine(worker, zoo_root)
         "cn-missing",
         "cn-image",
         "cn-window",
+        "steps-past-schedule",
     ],
 )
 def test_bad_requests_get_clear_status_and_change_nothing(worker, bad, code, field):

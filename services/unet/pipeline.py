@@ -62,6 +62,7 @@ class UNetPipeline:
         self.backbone = backbone if backbone is not None else EagerBackbone(pipe)
         self.split_unet = self.backbone.split_unet()
         self.device = pipe.unet.device
+        self._schedules_ok: set[tuple[str, int]] = set()  # (scheduler, steps) that passed _check_schedule
         self.dtype = pipe.unet.dtype
         self.default_lora_bound_steps = default_lora_bound_steps
         self.control_image_processor = VaeImageProcessor(
@@ -84,8 +85,36 @@ class UNetPipeline:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
     def resolve(self, request: Request) -> Request:
-        """The request with this pipeline's defaults filled in (size, steps, guidance, seed, K)."""
-        return request.resolved(self.default_size(), self.default_lora_bound_steps)
+        """The request with this pipeline's defaults filled in (size, steps, guidance, seed, K),
+        refused if its scheduler cannot take that many steps on this model."""
+        request = request.resolved(self.default_size(), self.default_lora_bound_steps)
+        self._check_schedule(request)
+        return request
+
+    def _check_schedule(self, request: Request) -> None:
+        # Some schedulers accept a step count their timestep spacing cannot serve (DDIM and PNDM
+        # with steps_offset=1 and 1000 steps ask for timestep 1000 of 0..999) and fail mid-loop
+        # with an IndexError (PNDM with SDXL's config cannot take 1 step). A throwaway scheduler's
+        # first step on a 1-pixel latent finds out in milliseconds: refused up front, as the
+        # caller's error, before anything changes.
+        key = (request.scheduler, request.num_inference_steps)
+        if key in self._schedules_ok:  # a few ms per check; requests repeat a few step counts
+            return
+        scheduler = self.make_scheduler(request.scheduler)
+        steps = request.num_inference_steps
+        try:
+            scheduler.set_timesteps(steps, device="cpu")
+            probe, t = torch.zeros(1, 1, 1, 1), scheduler.timesteps[0]
+            # Its own generator: an ancestral step draws noise, which must not come from torch's global one.
+            kwargs = self.extra_step_kwargs(scheduler, torch.Generator().manual_seed(0))
+            scheduler.step(probe, t, scheduler.scale_model_input(probe, t), **kwargs)
+        except (IndexError, ValueError) as exc:
+            raise InvalidArgument(
+                "params.num_inference_steps",
+                f"{steps} steps do not fit the {type(scheduler).__name__} schedule of this model "
+                f"({exc.__class__.__name__}: {exc})",
+            ) from None
+        self._schedules_ok.add(key)
 
     @torch.no_grad()
     def generate(
