@@ -41,7 +41,7 @@ from swiftd.traffic.trace import TraceEntry
 GROUP = "traffic"
 TRAFFIC_SIZE = 128
 TRAFFIC_STEPS = 10
-NUM_REQUESTS = 24  # per run: with 24 samples p99 is the slowest request (nearest rank)
+NUM_REQUESTS = 30  # per run: with 30 samples p99 is the slowest request (nearest rank)
 ISOLATED_SAMPLE = 6  # requests of the trace timed alone on an idle system
 LOADS = (0.5, 1.0, 1.5, 2.0)  # offered load, as fractions of diffusers_fuse's capacity
 OBJECTIVE_FACTOR = 3.0

@@ -313,7 +313,13 @@ def bench_like_suite(zoo_root):
 def generate_request(steps=2, controlnet=True) -> gateway_pb2.GenerateRequest:
     return gateway_pb2.GenerateRequest(
         params=common_pb2.GenerationParams(
-            prompt="a lighthouse", width=64, height=64, num_inference_steps=steps, seed=3, model_id=MODEL
+            prompt="a lighthouse",
+            width=64,
+            height=64,
+            num_inference_steps=steps,
+            seed=3,
+            scheduler=common_pb2.SCHEDULER_EULER,  # takes 1000 steps (the model's PNDM cannot)
+            model_id=MODEL,
         ),
         controlnets=[common_pb2.ControlNetInput(controlnet_id=EDGES, image=edge_image(64))] if controlnet else [],
     )
