@@ -7,7 +7,8 @@ Every service builds its server with ``create_server`` and every client its chan
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 
 import grpc
@@ -148,3 +149,11 @@ def tune_allocator_for_large_messages(threshold_bytes: int = 1 << 30) -> bool:
     ok = mallopt(m_mmap_threshold, ctypes.c_int(min(threshold_bytes, 2**31 - 1)))
     ok &= mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1))
     return bool(ok)
+
+
+def time_left(context: grpc.ServicerContext, cap: float) -> Callable[[], float]:
+    """Seconds left for the call being served: its client's deadline, capped at `cap` seconds (a
+    call without a deadline gets `cap`), as a function to ask again before each downstream call."""
+    client = context.time_remaining()
+    end = time.monotonic() + (cap if client is None else min(client, cap))
+    return lambda: max(0.0, end - time.monotonic())

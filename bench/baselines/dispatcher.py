@@ -161,7 +161,7 @@ class DispatcherServicer(gateway_pb2_grpc.GatewayServicer):
             if not stream:
                 request.preview_every_n_steps = 0  # nobody would see them
         trace.get_current_span().set_attributes({"request.id": request.request_id})
-        remaining = self._deadline(context)
+        remaining = rpc.time_left(context, self.request_timeout)
         with tracing.stage(tracer, timings, "queue") as span:
             for position in self.admission.wait_turn(context.is_active, time.monotonic() + remaining()):
                 span.add_event("queued", {"position": position})
@@ -223,13 +223,6 @@ class DispatcherServicer(gateway_pb2_grpc.GatewayServicer):
         response.timings.extend(common_pb2.StageTiming(stage=k, seconds=v) for k, v in timings.items())
         response.trace_id = tracing.current_trace_id() or result.trace_id
         yield gateway_pb2.GenerateStreamResponse(final=response)
-
-    def _deadline(self, context):
-        """Seconds left for this request: the client's deadline, capped by the request timeout."""
-        client = context.time_remaining()
-        limit = self.request_timeout if client is None else min(client, self.request_timeout)
-        end = time.monotonic() + limit
-        return lambda: max(0.0, end - time.monotonic())
 
     # -- listings ----------------------------------------------------------------------------
 

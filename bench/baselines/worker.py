@@ -193,7 +193,7 @@ class DiffusersWorker:
 
     def lora_infos(self, family: str) -> list[common_pb2.LoraInfo]:
         self.loras.scan()  # files dropped in since the start are servable too
-        return [_lora_info_pb(info) for info in self.loras.list(check_family("family", family))]
+        return [info.to_pb() for info in self.loras.list(check_family("family", family))]
 
     def controlnet_infos(self) -> list[common_pb2.ControlNetInfo]:
         """Every ControlNet of the root; `loaded` for those of this model's family (all in memory)."""
@@ -407,17 +407,6 @@ class DiffusersWorker:
 
 def _as_list(value):
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _lora_info_pb(info: LoraFileInfo) -> common_pb2.LoraInfo:
-    return common_pb2.LoraInfo(
-        lora_id=info.lora_id,
-        family=info.family,
-        rank=info.rank,
-        num_targets=info.num_targets,
-        size_bytes=info.size_bytes,
-        format=info.format,
-    )
 
 
 def _active_check(context) -> Callable[[], None]:

@@ -131,7 +131,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if not stream:
                 request.preview_every_n_steps = 0  # nobody would see them
         server_span.set_attributes({"request.id": request.request_id, "request.model_id": model.model_id})
-        remaining = self._deadline(context)
+        remaining = rpc.time_left(context, self.config.request_timeout)
 
         admission = self.admission(model)
         with tracing.stage(tracer, timings, "queue") as span:
@@ -247,13 +247,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             lora_applied_at_step=result.lora_applied_at_step,
         )
         yield gateway_pb2.GenerateStreamResponse(final=response)
-
-    def _deadline(self, context):
-        """Seconds left for this request: the client's deadline, capped by the request timeout."""
-        client = context.time_remaining()
-        limit = self.config.request_timeout if client is None else min(client, self.config.request_timeout)
-        end = time.monotonic() + limit
-        return lambda: max(0.0, end - time.monotonic())
 
     # -- listings ----------------------------------------------------------------------------
 

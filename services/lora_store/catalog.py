@@ -42,6 +42,7 @@ from safetensors import safe_open
 
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
 from swiftd.request import FAMILY_SD15, FAMILY_SDXL, check_id
+from swiftd.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,16 @@ class LoraFileInfo:
     format: str
     modules: tuple[str, ...]  # target module key prefixes, in file order
     stat: tuple[int, int]  # (size, mtime_ns) when read; a change means the file was replaced
+
+    def to_pb(self) -> common_pb2.LoraInfo:
+        return common_pb2.LoraInfo(
+            lora_id=self.lora_id,
+            family=self.family,
+            rank=self.rank,
+            num_targets=self.num_targets,
+            size_bytes=self.size_bytes,
+            format=self.format,
+        )
 
 
 def module_of(key: str) -> tuple[str, str | None, str | None]:

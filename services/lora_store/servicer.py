@@ -8,27 +8,15 @@ import time
 import grpc
 from opentelemetry import trace
 
-from services.lora_store.catalog import LoraFileInfo
 from services.lora_store.store import LoraStore, ServedLora
 from swiftd import codec, rpc
 from swiftd.errors import Cancelled, InvalidArgument, Unavailable, from_rpc_error
 from swiftd.lora import deltas_to_chunks
 from swiftd.request import LoraSet, check_family
-from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2_grpc
+from swiftd.v1 import lora_store_pb2, lora_store_pb2_grpc, unet_pb2_grpc
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("swiftd.lora_store")
-
-
-def lora_info(info: LoraFileInfo) -> common_pb2.LoraInfo:
-    return common_pb2.LoraInfo(
-        lora_id=info.lora_id,
-        family=info.family,
-        rank=info.rank,
-        num_targets=info.num_targets,
-        size_bytes=info.size_bytes,
-        format=info.format,
-    )
 
 
 def dtype_from_request(value: int):
@@ -53,11 +41,11 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
 
     def RegisterLora(self, request, context):
         info, already = self.store.register(request.lora_id)
-        return lora_store_pb2.RegisterLoraResponse(lora=lora_info(info), already_registered=already)
+        return lora_store_pb2.RegisterLoraResponse(lora=info.to_pb(), already_registered=already)
 
     def ListLoras(self, request, context):
         family = check_family("family", request.family)
-        return lora_store_pb2.LoraStoreListLorasResponse(loras=[lora_info(i) for i in self.store.list(family)])
+        return lora_store_pb2.LoraStoreListLorasResponse(loras=[i.to_pb() for i in self.store.list(family)])
 
     def RemoveLora(self, request, context):
         return lora_store_pb2.RemoveLoraResponse(removed=self.store.remove(request.lora_id))
