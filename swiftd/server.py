@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -127,24 +127,23 @@ def serve(
     if on_bound is not None:
         on_bound(port)
 
-    stopping = threading.Event()
+    # The handler only records the signal (no lock: it runs wherever the main thread happens to
+    # be, maybe holding one); the drain runs here, in the main thread.
+    received: list[int] = []
 
-    def drain(signum, _frame):
-        if stopping.is_set():
-            return
-        stopping.set()
-        log.info("signal %d: draining for up to %.1f s", signum, config.grace_seconds)
-        drain_gate.start_draining()  # new RPCs: UNAVAILABLE from now on
-        health.enter_graceful_shutdown()  # every service reports NOT_SERVING from now on
-        threading.Thread(target=finish, name="drain", daemon=True).start()
+    def on_signal(signum, _frame):
+        received.append(signum)
 
-    def finish():
-        if not drain_gate.wait_idle(config.grace_seconds):
-            log.warning("grace period over: cancelling the RPCs still running")
-        server.stop(0)  # cancels what is left (callers see UNAVAILABLE)
-
-    signal.signal(signal.SIGTERM, drain)
-    signal.signal(signal.SIGINT, drain)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not received:
+        time.sleep(0.2)  # a signal interrupts the sleep, so the drain starts at once
+    log.info("signal %d: draining for up to %.1f s", received[0], config.grace_seconds)
+    drain_gate.start_draining()  # new RPCs: UNAVAILABLE from now on
+    health.enter_graceful_shutdown()  # every service reports NOT_SERVING from now on
+    if not drain_gate.wait_idle(config.grace_seconds):
+        log.warning("grace period over: cancelling the RPCs still running")
+    server.stop(0)  # cancels what is left (callers see UNAVAILABLE)
     server.wait_for_termination()
     tracing.shutdown_tracing()  # flush the spans of the last requests
     log.info("%s stopped", service_full_name)
