@@ -32,11 +32,12 @@ def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def clip_text_config(spec_cfg: dict, pad_token: str):
-    """The CLIPTextConfig of one text encoder of a spec, its vocabulary and special ids from the zoo tokenizer."""
+def clip_text_config(spec_cfg: dict, pad_token: str, tokenizer_words: tuple[str, ...] | None = None):
+    """The CLIPTextConfig of one text encoder of a spec, its vocabulary and special ids from the
+    tokenizer learned from `tokenizer_words` (by default the zoo's word list)."""
     from transformers import CLIPTextConfig
 
-    vocab, _ = learn_bpe()
+    vocab, _ = learn_bpe(words=tokenizer_words)
     cfg = dict(spec_cfg)
     cfg["vocab_size"] = cfg["vocab_size"] or len(vocab)
     # eos_token_id matters: CLIP pools the hidden state at the first <|endoftext|> token.
@@ -94,8 +95,9 @@ def _restore_text_model_prefix(path: Path) -> None:
         save_safetensors(renamed, path, {"format": "pt"})
 
 
-def write_pipeline(spec: FamilySpec, parts: dict, folder: Path) -> None:
-    """Save a Diffusers pipeline folder component by component plus model_index.json."""
+def write_pipeline(spec: FamilySpec, parts: dict, folder: Path, tokenizer_words: tuple[str, ...] | None = None) -> None:
+    """Save a Diffusers pipeline folder component by component plus model_index.json (the
+    tokenizer learned from `tokenizer_words`, by default the zoo's word list)."""
     import diffusers
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,7 +108,7 @@ def write_pipeline(spec: FamilySpec, parts: dict, folder: Path) -> None:
             parts[name].save_pretrained(folder / name)
             _restore_text_model_prefix(folder / name / "model.safetensors")
     parts["scheduler"].save_pretrained(folder / "scheduler")
-    write_tokenizer(folder / "tokenizer", pad_token=TOKENIZER_PADS[0])
+    write_tokenizer(folder / "tokenizer", pad_token=TOKENIZER_PADS[0], words=tokenizer_words)
     index = {
         "_class_name": "StableDiffusionXLPipeline" if spec.kind == "sdxl" else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,

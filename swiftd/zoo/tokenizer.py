@@ -70,9 +70,11 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-@lru_cache(maxsize=1)
-def learn_bpe(max_merges: int = 1500) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    """Learn BPE merges over WORDS; return (vocab, merges) in CLIP's vocabulary order.
+@lru_cache(maxsize=4)
+def learn_bpe(
+    max_merges: int = 1500, words: tuple[str, ...] | None = None
+) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """Learn BPE merges over `words` (default WORDS); return (vocab, merges) in CLIP's vocabulary order.
 
     CLIP's order: the 256 byte symbols, the same with "</w>" (end of word), one entry per merge,
     then <|startoftext|> and <|endoftext|>. Ties between equally frequent pairs break on the pair
@@ -80,7 +82,7 @@ def learn_bpe(max_merges: int = 1500) -> tuple[dict[str, int], tuple[tuple[str, 
     """
     byte_enc = bytes_to_unicode()
     counts: dict[tuple[str, ...], int] = {}
-    for word in WORDS:
+    for word in WORDS if words is None else words:
         chars = [byte_enc[b] for b in word.lower().encode("utf-8")]
         symbols = tuple(chars[:-1] + [chars[-1] + "</w>"])
         counts[symbols] = counts.get(symbols, 0) + 1
@@ -136,9 +138,9 @@ def learn_bpe(max_merges: int = 1500) -> tuple[dict[str, int], tuple[tuple[str, 
 TOKENIZER_PADS = ("<|endoftext|>", "!")
 
 
-def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+def write_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", words: tuple[str, ...] | None = None) -> None:
     """Write a CLIPTokenizer folder the way SD checkpoints ship it (vocab.json + merges.txt)."""
-    vocab, merges = learn_bpe()
+    vocab, merges = learn_bpe(words=words)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / "vocab.json", vocab, sort_keys=False)
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
