@@ -9,18 +9,22 @@ Systems, each behind the same swiftd.v1.Gateway API and driven by the same load 
                       FIFO dispatcher in front (bench.baselines, mode "fuse");
   diffusers_adapters  the stronger variant: LoRAs kept loaded as PEFT adapters (LRU), set per
                       request, never fused (mode "adapters");
-  ours                the suite as deployed: a UNet worker and a ControlNet worker per core, the
-                      LoRA store and the gateway beside them.
+  ours                the suite as deployed: a UNet worker and a ControlNet worker per core on
+                      ahead-of-time compiled artifacts (compiler/, built once per machine and
+                      verified, as a release pipeline does), the LoRA store and the gateway beside;
+  ours_eager          the same without the artifacts.
 
 The trace (swiftd.traffic.workload) is shaped after production traffic with add-ons, on the
 traffic catalog of the bench model (swiftd.traffic.catalog: 200 LoRAs, 6 ControlNets), at a
 smaller request size than the other groups (TRAFFIC_SIZE, TRAFFIC_STEPS) so that four loads on
 three systems fit in about 15 minutes on this machine.
 
-Offered loads are fractions of diffusers_fuse's capacity (2 devices / its mean isolated service
-time over a sample of the trace). The latency objective is 3x the median isolated latency of that
-sample on diffusers_fuse. A system sustains a load when the p99 latency over every request of the
-run (a refused or failed one counting as infinitely slow) is within the objective.
+Each system first serves every request of the trace once, two at a time and unmeasured (a warm-up:
+its caches as a server that has been up a while has them), then every request alone, one at a time
+(its isolated latencies, over every other request). Offered loads are fractions of diffusers_fuse's capacity (2 devices / its
+mean isolated latency). The latency objective is 3x the median isolated latency on diffusers_fuse.
+A system sustains a load when the p99 latency over every request of the run (a refused or failed
+one counting as infinitely slow) is within the objective.
 """
 
 from __future__ import annotations
@@ -31,19 +35,28 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.scenarios import BenchConfig, Figure, GroupResult
-from swiftd.traffic.loadgen import ReplayConfig, RequestRecord, at_rate, replay, run_isolated, summarize
+from swiftd.traffic.loadgen import (
+    ReplayConfig,
+    RequestRecord,
+    at_rate,
+    percentile,
+    replay,
+    run_isolated,
+    summarize,
+)
 from swiftd.traffic.trace import TraceEntry
 
 GROUP = "traffic"
 TRAFFIC_SIZE = 128
-TRAFFIC_STEPS = 10
-NUM_REQUESTS = 30  # per run: with 30 samples p99 is the slowest request (nearest rank)
-ISOLATED_SAMPLE = 6  # requests of the trace timed alone on an idle system
-LOADS = (0.5, 1.0, 1.5, 2.0)  # offered load, as fractions of diffusers_fuse's capacity
+TRAFFIC_STEPS = 8
+NUM_REQUESTS = 16  # per run: with 16 samples p99 is the slowest request (nearest rank)
+ISOLATED_EVERY = 2  # the isolated latencies: every other request of the trace, alone
+LOADS = (0.5, 1.0, 1.5, 2.0)  # offered load, as fractions of diffusers_fuse's capacity: every system
+BEYOND = (2.5, 3.0)  # and these while a system still holds the objective at every load before
 OBJECTIVE_FACTOR = 3.0
 SEED = 12
 CORES = (0, 1)
@@ -88,6 +101,12 @@ def sustained_load(runs: list[RunResult]) -> float:
     return best
 
 
+def worth_running(load: float, runs: list[RunResult]) -> bool:
+    """Every system runs LOADS; a load beyond them only while it has held every load so far (one
+    it missed before means it cannot sustain this one)."""
+    return load not in BEYOND or not runs or sustained_load(runs) == max(r.load for r in runs)
+
+
 @dataclass
 class Calibration:
     """What diffusers_fuse's isolated sample sets for every system: the objective and the loads."""
@@ -102,7 +121,7 @@ class Calibration:
 
     @property
     def rates(self) -> dict[float, float]:
-        return {load: load * self.capacity_rps for load in LOADS}
+        return {load: load * self.capacity_rps for load in LOADS + BEYOND}
 
     @property
     def deadline_s(self) -> float:
@@ -114,24 +133,27 @@ class Calibration:
 def measure_system(
     system: SystemUnderTest, trace: list[TraceEntry], calibration: Calibration | None, log
 ) -> tuple[list[RequestRecord], list[RunResult], Calibration]:
-    """The isolated sample, then one open-loop run per load, on a freshly started system.
+    """The isolated pass, then one open-loop run per load, on a freshly started system.
 
-    Without a calibration, this system's isolated sample makes it (diffusers_fuse runs first).
+    Without a calibration, this system's isolated pass makes it (diffusers_fuse runs first).
     """
     with running(system) as handle:
         log(f"[traffic] {system.name} up at {handle.address}")
-        run_isolated(trace[:1], handle.address, system.name)  # warm-up: first-use costs are not traffic
-        isolated = run_isolated(trace[:ISOLATED_SAMPLE], handle.address, system.name)
+        warm_up(trace, handle.address, system.name)
+        isolated = run_isolated(trace[::ISOLATED_EVERY], handle.address, system.name)
         bad = [r for r in isolated if not r.ok]
         if bad:
             raise RuntimeError(f"{system.name}: isolated request {bad[0].request_id}: {bad[0].status} {bad[0].details}")
         calibration = calibration or Calibration.from_isolated(isolated)
         log(
-            f"[traffic] {system.name}: isolated median {_median_latency(isolated):.2f} s; objective "
+            f"[traffic] {system.name}: isolated median {_median_latency(isolated):.2f} s, p99 "
+            f"{_p99_latency(isolated):.2f} s; objective "
             f"{calibration.objective_s:.2f} s; capacity of diffusers_fuse {calibration.capacity_rps:.2f} req/s"
         )
         runs = []
         for load, rate in calibration.rates.items():
+            if not worth_running(load, runs):
+                break
             entries = at_rate(trace, rate)
             replay_config = ReplayConfig(
                 target=handle.address, system=system.name, load=load, deadline_s=calibration.deadline_s
@@ -146,8 +168,19 @@ def measure_system(
                 f"  {'meets' if summary['meets_objective'] else 'misses'} {calibration.objective_s:.1f} s"
                 + ("" if summary["valid"] else f"  INVALID: the generator lagged {summary['max_send_lag_s']:.2f} s")
             )
-            time.sleep(1.0)  # let the last cancelled requests leave the workers
+            time.sleep(0.5)  # let the last cancelled requests leave the workers
     return isolated, runs, calibration
+
+
+def warm_up(trace: list[TraceEntry], address: str, system: str) -> None:
+    """Every request of the trace once, one per device at a time, unmeasured: first-use costs (a
+    LoRA's first preparation, lazy initialisation) are not what a server that has been up a while
+    shows, and would otherwise land on whichever run comes first."""
+    at_once = [replace(entry, at_s=0.0) for entry in trace]
+    config = ReplayConfig(target=address, system=system, max_concurrency=len(CORES), deadline_s=600, progress=False)
+    failed = [r for r in replay(at_once, config) if not r.ok]
+    if failed:
+        raise RuntimeError(f"{system}: warm-up request {failed[0].request_id}: {failed[0].status} {failed[0].details}")
 
 
 def figures_of(
@@ -173,24 +206,32 @@ def figures_of(
                 Figure(f"traffic.failed.{key}", s["failed"], "count", GROUP),
             ]
     sustained = {system: sustained_load(runs) for system, runs in runs_by_system.items()}
-    if sustained.get("ours"):
-        # The tail at half the load a system sustains, against a request alone: how much queueing
-        # a user sees on a server that is not at its limit.
-        half = min(runs_by_system["ours"], key=lambda r: abs(r.load - sustained["ours"] / 2))
-        ratio = half.summary["p99_s"] / _median_latency(isolated["ours"])
-        figures.append(Figure("traffic.p99_at_half_sustained_over_isolated.ours", _finite(ratio), "x", GROUP))
-    if "ours" in sustained:
+    for system in ("ours", "ours_eager"):
+        if sustained.get(system):
+            # The tail on a server that is not at its limit, against the same requests' tail alone:
+            # how much queueing adds. Measured at the lowest load at or above half the sustained one.
+            half = min((r for r in runs_by_system[system] if r.load >= sustained[system] / 2), key=lambda r: r.load)
+            ratio = half.summary["p99_s"] / _p99_latency(isolated[system])
+            figures.append(
+                Figure(f"traffic.p99_at_half_sustained_over_isolated_p99.{system}", _finite(ratio), "x", GROUP)
+            )
+    for system, suffix in (("ours", ""), ("ours_eager", ".eager")):
         for baseline, figure in (
             ("diffusers_fuse", "traffic.throughput_ratio"),
             ("diffusers_adapters", "traffic.throughput_ratio.adapters"),
         ):
-            if baseline in sustained:
-                figures.append(Figure(figure, _ratio(sustained["ours"], sustained[baseline]), "x", GROUP))
+            if system in sustained and baseline in sustained:
+                ratio = _ratio(sustained[system], sustained[baseline])
+                figures.append(Figure(figure + suffix, ratio, "x", GROUP))
     return figures
 
 
 def _median_latency(records: list[RequestRecord]) -> float:
     return statistics.median(r.latency_s for r in records)
+
+
+def _p99_latency(records: list[RequestRecord]) -> float:
+    return percentile([r.latency_s for r in records], 99)
 
 
 def _finite(value: float) -> float:
@@ -211,15 +252,64 @@ def write_records(runs_by_system: dict[str, list[RunResult]], path: Path) -> Non
 # -- our side --------------------------------------------------------------------------------------
 
 
+def compiled_artifacts(root: Path, catalog, log) -> Path:
+    """The traffic model's compiled artifacts (UNet halves, ControlNet, VAE decoder at TRAFFIC_SIZE,
+    batch 1 and 2), built once per machine beside the catalog: reused when `compiler verify` accepts
+    them (same architecture, libraries, CPU; every part still equal to eager), rebuilt otherwise."""
+    import subprocess
+    import sys
+
+    out = root.parent / f"{root.name}-compiled-{TRAFFIC_SIZE}"
+    model = ["--model-root", str(root), "--model-id", catalog.model_id]
+    compiler = [sys.executable, "-m", "compiler"]
+    repo = Path(__file__).resolve().parent.parent
+    t0 = time.perf_counter()
+    if (out / "manifest.json").exists():
+        verify = subprocess.run([*compiler, "verify", "--artifacts", str(out), *model], cwd=repo, capture_output=True)
+        if verify.returncode == 0:
+            log(f"[traffic] compiled artifacts {out}: verified ({time.perf_counter() - t0:.1f} s)")
+            return out
+        log(f"[traffic] compiled artifacts {out}: verify exit {verify.returncode}; rebuilding")
+    build = [
+        *compiler,
+        "build",
+        *model,
+        "--resolution",
+        str(TRAFFIC_SIZE),
+        "--batch",
+        "1",
+        "2",
+        "--controlnet-id",
+        catalog.controlnet_ids[0],  # the catalog's ControlNets share one architecture
+        "--out",
+        str(out),
+        "--force",
+    ]
+    done = subprocess.run(build, cwd=repo, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiler build failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    log(f"[traffic] compiled artifacts {out}: built ({time.perf_counter() - t0:.1f} s, both cores, once per machine)")
+    return out
+
+
 class OursSuite:
     """The suite as deployed on the two cores: per core a UNet worker and a ControlNet worker
-    (one thread each); the LoRA store and the gateway (which mostly wait) beside them."""
+    (one thread each), on compiled artifacts when given; the LoRA store and the gateway (which
+    mostly wait) beside them."""
 
-    def __init__(self, model_root: Path, model_id: str, cores=CORES, gateway_args: list[str] = ()):
+    def __init__(
+        self,
+        model_root: Path,
+        model_id: str,
+        cores=CORES,
+        gateway_args: list[str] = (),
+        compiled_artifacts: Path | None = None,
+    ):
         import tempfile
 
         from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
 
+        worker_args = ["--compiled-artifacts", str(compiled_artifacts)] if compiled_artifacts else []
         self._cache_dir = tempfile.TemporaryDirectory(prefix="swiftd-traffic-lora-cache-")
         self.services = []
         store = start_lora_store(
@@ -230,8 +320,14 @@ class OursSuite:
             num_threads=1,
             wait=False,
         )
-        controlnets = [start_controlnet(model_root, cpu_cores=[c], num_threads=1, wait=False) for c in cores]
-        unets = [start_unet(model_root, model_id, cpu_cores=[c], num_threads=1, wait=False) for c in cores]
+        controlnets = [
+            start_controlnet(model_root, extra_args=worker_args, cpu_cores=[c], num_threads=1, wait=False)
+            for c in cores
+        ]
+        unets = [
+            start_unet(model_root, model_id, extra_args=worker_args, cpu_cores=[c], num_threads=1, wait=False)
+            for c in cores
+        ]
         self.services = [store, *controlnets, *unets]
         try:
             for service in self.services:
@@ -251,20 +347,6 @@ class OursSuite:
         self.unet_addresses = [u.address for u in unets]
         self.controlnet_addresses = [c.address for c in controlnets]
         self.store_address = store.address
-
-    def extra_gateway(self, gateway_args: list[str]):
-        """Another gateway in front of the same workers (e.g. with other planning flags)."""
-        from swiftd.launcher import start_gateway
-
-        gateway = start_gateway(
-            self.unet_addresses,
-            self.controlnet_addresses,
-            self.store_address,
-            cpu_cores=[CORES[-1]],
-            extra_args=list(gateway_args),
-        )
-        self.services.append(gateway)
-        return gateway
 
     def stop(self) -> None:
         for service in reversed(self.services):
@@ -335,28 +417,21 @@ def measure_cfg_split(root: Path, catalog, log) -> tuple[list[Figure], str]:
     suite = OursSuite(root, catalog.model_id)
     try:
         split_s, split_response = _timed(suite.address, catalog, "split")
-        unsplit_gateway = suite.extra_gateway(["--cfg-split", "never"])
-        unsplit_s, unsplit_response = _timed(unsplit_gateway.address, catalog, "unsplit")
     finally:
         suite.stop()
-    placements = [gateway_pb2.Placement.Name(r.plan.placement) for r in (split_response, unsplit_response)]
-    if placements[0] != "PLACEMENT_CFG_SPLIT":
-        raise RuntimeError(f"the idle suite did not split the request: {placements[0]} ({split_response.plan.reason})")
-    diffs = [
-        check_same_image(diffusers_response.image_png, r.image_png, "cfg split")
-        for r in (split_response, unsplit_response)
-    ]
+    placement = gateway_pb2.Placement.Name(split_response.plan.placement)
+    if placement != "PLACEMENT_CFG_SPLIT":
+        raise RuntimeError(f"the idle suite did not split the request: {placement} ({split_response.plan.reason})")
+    diff = check_same_image(diffusers_response.image_png, split_response.image_png, "cfg split")
     log(
-        f"[traffic] cfg split: Diffusers 2 threads {diffusers_s:.2f} s; ours split {split_s:.2f} s, "
-        f"unsplit ({placements[1]}) {unsplit_s:.2f} s; image differences {diffs} levels"
+        f"[traffic] cfg split: Diffusers 2 threads {diffusers_s:.2f} s; ours split {split_s:.2f} s; "
+        f"image difference {diff} levels"
     )
     group = "traffic"
     figures = [
         Figure("cfg_split.latency_ratio", diffusers_s / split_s, "x", group),
-        Figure("cfg_split.latency_ratio.unsplit", diffusers_s / unsplit_s, "x", group),
         Figure("cfg_split.latency_s.diffusers_2threads", diffusers_s, "s", group),
         Figure("cfg_split.latency_s.ours_split", split_s, "s", group),
-        Figure("cfg_split.latency_s.ours_unsplit", unsplit_s, "s", group),
     ]
     hardware = {
         "diffusers": f"one Diffusers process on cores {CORES[0]},{CORES[1]}, 2 threads",
@@ -367,8 +442,7 @@ def measure_cfg_split(root: Path, catalog, log) -> tuple[list[Figure], str]:
     table = (
         f"cfg split: one cn1_lora1 request ({CFG_SIZE}x{CFG_SIZE}, {CFG_STEPS} steps) on an idle machine, median of "
         f"{CFG_TIMED} after a warm-up\n  Diffusers, 2 threads on both cores {diffusers_s:6.2f} s\n"
-        f"  ours, CFG split over both cores     {split_s:6.2f} s  ratio {diffusers_s / split_s:.2f}x\n"
-        f"  ours, not split ({placements[1]}) {unsplit_s:6.2f} s  ratio {diffusers_s / unsplit_s:.2f}x"
+        f"  ours, CFG split over both cores     {split_s:6.2f} s  ratio {diffusers_s / split_s:.2f}x"
     )
     return figures, table
 
@@ -405,6 +479,7 @@ def group_traffic(config: BenchConfig, session) -> GroupResult:
     log(f"[traffic] trace {TRACE_FILE.name}: {len(trace)} requests; {json.dumps(shape)}")
 
     cfg_figures, cfg_table = measure_cfg_split(root, catalog, log)
+    artifacts = compiled_artifacts(root, catalog, log)
 
     one_per_core = ", ".join(f"core {c}" for c in CORES)
     systems = [
@@ -420,9 +495,14 @@ def group_traffic(config: BenchConfig, session) -> GroupResult:
         ),
         SystemUnderTest(
             "ours",
+            lambda: OursSuite(root, catalog.model_id, compiled_artifacts=artifacts),
+            f"a UNet worker and a ControlNet worker per core ({one_per_core}; 1 thread each) on compiled "
+            f"artifacts; LoRA store and gateway on core {CORES[-1]}",
+        ),
+        SystemUnderTest(
+            "ours_eager",
             lambda: OursSuite(root, catalog.model_id),
-            f"a UNet worker and a ControlNet worker per core ({one_per_core}; 1 thread each); LoRA store "
-            f"and gateway on core {CORES[-1]}",
+            "as ours, without compiled artifacts",
         ),
     ]
     calibration = None
@@ -431,9 +511,15 @@ def group_traffic(config: BenchConfig, session) -> GroupResult:
         isolated[system.name], runs[system.name], calibration = measure_system(system, trace, calibration, log)
     write_records(runs, RECORDS_FILE)
     plots = plot(runs, calibration, PLOTS_DIR)
-    figures = figures_of(runs, isolated, calibration) + cfg_figures
+    group_s = time.perf_counter() - t0
+    figures = figures_of(runs, isolated, calibration) + cfg_figures + [Figure("traffic.group_s", group_s, "s", GROUP)]
     hardware = {s.name: s.hardware for s in systems}
-    table = traffic_table(runs, isolated, calibration, shape, plots) + "\n" + cfg_table
+    table = (
+        traffic_table(runs, isolated, calibration, shape, plots)
+        + "\n"
+        + cfg_table
+        + f"\ntraffic group: {group_s / 60:.1f} min (catalog and artifacts included when built)"
+    )
     return GroupResult(figures, table, hardware=hardware)
 
 
@@ -443,16 +529,19 @@ def traffic_table(runs, isolated, calibration: Calibration, shape: dict, plots: 
         f"open loop; loads as fractions of diffusers_fuse's capacity ({calibration.capacity_rps:.2f} req/s on "
         f"{len(CORES)} cores); objective p99 <= {calibration.objective_s:.2f} s",
         f"  trace: {json.dumps(shape)}",
-        f"  {'system':<19} {'isolated':>8}  "
-        + "  ".join(f"{'p50/p99 @' + format(load, 'g'):>17}" for load in LOADS)
+        f"  {'system':<19} {'isolated p50/p99':>16}  "
+        + "  ".join(f"{'p50/p99 @' + format(load, 'g'):>17}" for load in LOADS + BEYOND)
         + "  sustained",
     ]
     for system, system_runs in runs.items():
+        by_load = {r.load: r for r in system_runs}
         cells = "  ".join(
-            f"{_finite(r.summary['p50_s']):7.2f}/{_finite(r.summary['p99_s']):7.2f}  " for r in system_runs
+            f"{_finite(r.summary['p50_s']):7.2f}/{_finite(r.summary['p99_s']):7.2f}  " if r else f"{'-':>17}"
+            for r in (by_load.get(load) for load in LOADS + BEYOND)
         )
         lines.append(
-            f"  {system:<19} {_median_latency(isolated[system]):8.2f}  {cells}  {sustained_load(system_runs):g}x"
+            f"  {system:<19} {_median_latency(isolated[system]):7.2f}/{_p99_latency(isolated[system]):7.2f}  {cells}  "
+            f"{sustained_load(system_runs):g}x"
         )
     lines.append("  (p99 -1: some request failed or was refused at that load; counts in the figures)")
     lines += [f"  plot: {p}" for p in plots]

@@ -72,3 +72,20 @@ def test_the_export_loads_as_a_real_checkpoint_with_controlnet_and_both_lora_for
         generator=torch.Generator().manual_seed(0),
     ).images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_evaluation_scores_held_out_prompts_through_diffusers(work, tmp_path):
+    from swiftd.shapeworld.data import held_out_scenes, is_held_out
+    from swiftd.shapeworld.evaluate import evaluate, reconstructions, summarise
+    from swiftd.shapeworld.models import fresh_components
+    from swiftd.shapeworld.render import edge_map, render
+
+    scenes = held_out_scenes(8)
+    assert all(is_held_out(s.caption()) for s in scenes)
+    perfect = summarise([render(s) for s in scenes], scenes, [edge_map(s) for s in scenes])
+    assert perfect.prompt_adherence == 1.0 and perfect.control_iou > 0.9 and perfect.style_hit["outline"] == 0
+    untrained = reconstructions(fresh_components()["vae"].eval(), scenes)
+    assert untrained[0].shape == (64, 64, 3) and summarise(untrained, scenes).prompt_adherence < 0.2
+    export(work, tmp_path)
+    scores = evaluate(tmp_path, count=2, controlnet=True, lora="outline")  # two training steps: noise
+    assert 0.0 <= scores.prompt_adherence <= 1.0 and scores.control_iou is not None

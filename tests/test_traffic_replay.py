@@ -130,7 +130,10 @@ def test_a_generated_trace_replays_on_our_suite_from_the_command_line(suite, tra
     records = [json.loads(line) for line in records_file.read_text().splitlines()]
     assert [r["request_id"] for r in records] == [e.request.request_id for e in read_trace(trace_file)]
     assert {r["status"] for r in records} == {"OK"}, records
-    assert summary["ok"] == len(records) and summary["valid"]
+    assert summary["ok"] == len(records)
+    # The generator kept to the trace's times (loosely: on 2 shared cores, starting threads can
+    # lag a send by more than the 0.25 s a benchmark run tolerates; the summary says so then).
+    assert summary["max_send_lag_s"] < 2.0 and summary["valid"] == (summary["max_send_lag_s"] <= 0.25)
     assert any(r["num_loras"] for r in records) and any(r["num_controlnets"] for r in records), "add-ons in the trace"
     assert all(r["plan"]["unet_worker"] in suite.unet_addresses for r in records)
 
@@ -164,7 +167,7 @@ def test_percentiles_count_a_failed_request_as_infinitely_slow():
 
 
 def test_the_bench_reports_the_highest_load_held_and_draws_both_plots(tmp_path):
-    from bench.traffic import Calibration, RunResult, figures_of, plot, sustained_load
+    from bench.traffic import Calibration, RunResult, figures_of, plot, sustained_load, worth_running
 
     def run(system, load, latencies, statuses=()):
         records = [RequestRecord(f"{system}-{load}-{i}", 0.0, latency_s=t) for i, t in enumerate(latencies)]
@@ -179,13 +182,20 @@ def test_the_bench_reports_the_highest_load_held_and_draws_both_plots(tmp_path):
             run("ours", 1.5, [1, 2], ["RESOURCE_EXHAUSTED"]),  # a refusal misses the objective
             run("ours", 2.0, [1, 2]),  # held again, but after a miss: not counted
         ],
+        "ours_eager": [run("ours_eager", 0.5, [1, 2]), run("ours_eager", 1.0, [2, 5])],
     }
-    assert [sustained_load(r) for r in runs.values()] == [0.5, 1.0]
-    isolated = {s: [RequestRecord("i", 0.0, latency_s=1.0)] for s in runs}
+    assert [sustained_load(r) for r in runs.values()] == [0.5, 1.0, 0.5]
+    # loads past the grid only for a system that held every load so far
+    assert not worth_running(2.5, runs["ours"]) and worth_running(2.0, runs["ours"])
+    assert worth_running(2.5, runs["ours"][:2]) and not worth_running(3.0, runs["ours_eager"])
+    isolated = {s: [RequestRecord("i", 0.0, latency_s=t) for t in (0.5, 1.0)] for s in runs}
     figures = {f.figure: f.value for f in figures_of(runs, isolated, Calibration(3.0, 2.0))}
-    assert figures["traffic.throughput_ratio"] == 2.0
+    assert figures["traffic.throughput_ratio"] == 2.0 and figures["traffic.throughput_ratio.eager"] == 1.0
+    # ours_eager sustains 0.5: its tail at the lowest load at or above 0.25 (0.5: p99 2 s) over 1 s
+    assert figures["traffic.p99_at_half_sustained_over_isolated_p99.ours_eager"] == 2.0
     assert figures["traffic.p99_s.ours.1.5"] == -1.0 and figures["traffic.rejected.ours.1.5"] == 1
-    assert figures["traffic.p99_at_half_sustained_over_isolated.ours"] == 1.0  # load 0.5: p99 1 s / 1 s
+    # ours sustains 1.0: its tail at load 0.5 (p99 1 s) over its isolated tail (1 s)
+    assert figures["traffic.p99_at_half_sustained_over_isolated_p99.ours"] == 1.0
     paths = plot(runs, Calibration(3.0, 2.0), tmp_path)
     assert [p.name for p in paths] == ["traffic_latency_vs_load.png", "traffic_latency_cdf.png"]
     assert all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in paths)

@@ -24,6 +24,16 @@ def main(argv=None) -> int:
     export.add_argument("--work", type=Path, default=Path(".train/shapes"))
     export.add_argument("--out", type=Path, required=True)
 
+    evaluate = commands.add_parser("evaluate", help="Diffusers on an exported root, scored on held-out prompts")
+    evaluate.add_argument("--root", type=Path, required=True)
+    evaluate.add_argument("--count", type=int, default=50)
+    evaluate.add_argument("--controlnet", action="store_true", help="with the edges ControlNet and each scene's hint")
+    evaluate.add_argument("--lora", choices=("outline", "pastel"))
+
+    evaluate_vae = commands.add_parser("evaluate-vae", help="score the VAE's reconstructions of held-out scenes")
+    evaluate_vae.add_argument("--work", type=Path, default=Path(".train/shapes"))
+    evaluate_vae.add_argument("--count", type=int, default=100)
+
     render = commands.add_parser("render", help="draw the scene a caption describes")
     render.add_argument("--caption", required=True)
     render.add_argument("--style", choices=("outline", "pastel"))
@@ -60,6 +70,22 @@ def main(argv=None) -> int:
 
         summary = export_root(args.work, args.out)
         print(f"[export] {args.out}: {', '.join(summary['stages'])} (code {summary['training_code_version']})")
+    elif args.command == "evaluate":
+        from swiftd.shapeworld.evaluate import evaluate as run_evaluation
+
+        print(run_evaluation(args.root, args.count, controlnet=args.controlnet, lora=args.lora).describe())
+    elif args.command == "evaluate-vae":
+        import torch
+
+        from swiftd.shapeworld.data import held_out_scenes
+        from swiftd.shapeworld.evaluate import reconstructions, summarise
+        from swiftd.shapeworld.models import fresh_components
+
+        vae = fresh_components()["vae"]
+        vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=False)["modules"]["vae"])
+        scenes = held_out_scenes(args.count)
+        for style in (None, "outline", "pastel"):
+            print(f"{style or 'plain'}: {summarise(reconstructions(vae.eval(), scenes, style), scenes).describe()}")
     elif args.command == "render":
         import numpy as np
         from PIL import Image
