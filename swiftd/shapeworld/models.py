@@ -41,7 +41,7 @@ SPEC = FamilySpec(
         norm_num_groups=32,
     ),
     # scaling_factor 1/std of the trained VAE's latents is set by training (train.py, stage vae)
-    vae=_vae((32, 64, 64, 64), 1, 64, 1.0, groups=16),
+    vae=_vae((16, 32, 64, 64), 1, 64, 1.0, groups=8),
     text_encoders=(_clip(64, 2, 4, 256),),
     scheduler=SD15_SCHEDULER,
     cn_cond_channels=(16, 32, 64, 64),

@@ -46,7 +46,7 @@ class StageConfig:
 
 
 DEFAULTS = {
-    "vae": StageConfig(steps=3000, batch_size=32, lr=1e-3),
+    "vae": StageConfig(steps=1500, batch_size=16, lr=1e-3, save_every=100),
     "unet": StageConfig(steps=20000, batch_size=64, lr=4e-4),
     "controlnet": StageConfig(steps=4000, batch_size=64, lr=2e-4),
     "lora-outline": StageConfig(steps=1500, batch_size=64, lr=1e-3),
