@@ -16,15 +16,15 @@ Systems, each behind the same swiftd.v1.Gateway API and driven by the same load 
 
 The trace (swiftd.traffic.workload) is shaped after production traffic with add-ons, on the
 traffic catalog of the bench model (swiftd.traffic.catalog: 200 LoRAs, 6 ControlNets), at a
-smaller request size than the other groups (TRAFFIC_SIZE, TRAFFIC_STEPS) so that four loads on
-three systems fit in about 15 minutes on this machine.
+smaller request size than the other groups (TRAFFIC_SIZE, TRAFFIC_STEPS, NUM_REQUESTS) so that
+four to six loads on four systems fit in 15 minutes on this machine.
 
 Each system first serves every request of the trace once, two at a time and unmeasured (a warm-up:
-its caches as a server that has been up a while has them), then every request alone, one at a time
-(its isolated latencies, over every other request). Offered loads are fractions of diffusers_fuse's capacity (2 devices / its
-mean isolated latency). The latency objective is 3x the median isolated latency on diffusers_fuse.
-A system sustains a load when the p99 latency over every request of the run (a refused or failed
-one counting as infinitely slow) is within the objective.
+its caches as a server that has been up a while has them), then every other request alone, one at
+a time (its isolated latencies). Offered loads are fractions of diffusers_fuse's capacity (2
+devices / its mean isolated latency). The latency objective is 3x the median isolated latency on
+diffusers_fuse. A system sustains a load when the p99 latency over every request of the run (a
+refused or failed one counting as infinitely slow) is within the objective.
 """
 
 from __future__ import annotations
@@ -345,8 +345,6 @@ class OursSuite:
         self.services.append(gateway)
         self.address = gateway.address
         self.unet_addresses = [u.address for u in unets]
-        self.controlnet_addresses = [c.address for c in controlnets]
-        self.store_address = store.address
 
     def stop(self) -> None:
         for service in reversed(self.services):

@@ -75,17 +75,17 @@ def main(argv=None) -> int:
 
         print(run_evaluation(args.root, args.count, controlnet=args.controlnet, lora=args.lora).describe())
     elif args.command == "evaluate-vae":
-        import torch
-
         from swiftd.shapeworld.data import held_out_scenes
         from swiftd.shapeworld.evaluate import reconstructions, summarise
         from swiftd.shapeworld.models import fresh_components
+        from swiftd.shapeworld.train import load_stage
 
-        vae = fresh_components()["vae"]
-        vae.load_state_dict(torch.load(args.work / "vae.pt", weights_only=False)["modules"]["vae"])
+        parts = fresh_components()
+        load_stage(parts, args.work / "vae.pt", ("vae",))
+        vae = parts["vae"].eval()
         scenes = held_out_scenes(args.count)
         for style in (None, "outline", "pastel"):
-            print(f"{style or 'plain'}: {summarise(reconstructions(vae.eval(), scenes, style), scenes).describe()}")
+            print(f"{style or 'plain'}: {summarise(reconstructions(vae, scenes, style), scenes).describe()}")
     elif args.command == "render":
         import numpy as np
         from PIL import Image

@@ -41,9 +41,13 @@ def held_out_scenes(count: int = 200, seed: int = 2026) -> list[Scene]:
 
 @dataclass
 class Batch:
+    scenes: list[Scene]
     captions: list[str]
     images: np.ndarray  # (n, 3, H, W) float32 in [-1, 1], as the VAE takes them
-    edges: np.ndarray  # (n, 3, H, W) float32 in [0, 1], as a ControlNet takes its hint
+
+    def edges(self) -> np.ndarray:
+        """(n, 3, H, W) float32 in [0, 1], as a ControlNet takes its hint (only its stage asks)."""
+        return np.stack([edge_map(s, IMAGE_SIZE) for s in self.scenes]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 
 def to_model_range(images: list[np.ndarray]) -> np.ndarray:
@@ -55,7 +59,7 @@ def training_batch(seed: int, step: int, size: int, style: str | None = None) ->
     rng = random.Random(zlib.crc32(f"{seed}/{step}".encode()))
     scenes = sample_scenes(rng, size)
     return Batch(
+        scenes=scenes,
         captions=[s.caption() for s in scenes],
         images=to_model_range([render(s, IMAGE_SIZE, style=style) for s in scenes]),
-        edges=np.stack([edge_map(s, IMAGE_SIZE) for s in scenes]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0,
     )

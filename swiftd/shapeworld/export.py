@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from swiftd.shapeworld.models import CAPTION_WORDS, FAMILY, SPEC, fresh_components
+from swiftd.shapeworld.models import CAPTION_WORDS, FAMILY, SPEC, fresh_components, new_controlnet
 from swiftd.shapeworld.render import STYLES
 
 CONTROLNET_ID = f"{FAMILY}-cn-edges"
@@ -34,39 +34,32 @@ def training_code_version() -> str:
 
 def export(work: Path, out: Path) -> dict:
     """Everything trained in `work` written under `out`; returns the TRAINING.json content."""
-    from diffusers import ControlNetModel, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from swiftd.shapeworld.train import LoRA
+    from swiftd.shapeworld.train import LoRA, load_stage
     from swiftd.zoo.files import save_safetensors, write_json
     from swiftd.zoo.loras import kohya_unet_name
     from swiftd.zoo.models import write_pipeline
 
-    def state(stage):
-        return torch.load(work / f"{stage}.pt", map_location="cpu", weights_only=False)
-
     parts = fresh_components()
-    vae_state, unet_state = state("vae"), state("unet")
-    parts["vae"].load_state_dict(vae_state["modules"]["vae"])
-    parts["vae"].register_to_config(scaling_factor=vae_state["scaling_factor"])
-    parts["unet"].load_state_dict(unet_state["modules"]["unet"])
-    parts["text_encoder"].load_state_dict(unet_state["modules"]["text_encoder"])
+    stages = {
+        "vae": load_stage(parts, work / "vae.pt", ("vae",)),
+        "unet": load_stage(parts, work / "unet.pt", ("unet", "text_encoder")),
+    }
     parts["scheduler"] = PNDMScheduler(**{k: v for k, v in SPEC.scheduler.items() if not k.startswith("_")})
     write_pipeline(SPEC, parts, out / "models" / FAMILY, tokenizer_words=CAPTION_WORDS)
-    stages = {"vae": vae_state, "unet": unet_state}
 
     if (work / "controlnet.pt").exists():
-        stages["controlnet"] = state("controlnet")
-        controlnet = ControlNetModel.from_unet(parts["unet"], conditioning_embedding_out_channels=SPEC.cn_cond_channels)
-        controlnet.load_state_dict(stages["controlnet"]["modules"]["controlnet"])
-        controlnet.save_pretrained(out / "controlnets" / CONTROLNET_ID)
+        parts["controlnet"] = new_controlnet(parts["unet"])
+        stages["controlnet"] = load_stage(parts, work / "controlnet.pt", ("controlnet",))
+        parts["controlnet"].save_pretrained(out / "controlnets" / CONTROLNET_ID)
 
     for style in STYLES:
         if not (work / f"lora-{style}.pt").exists():
             continue
-        stages[f"lora-{style}"] = state(f"lora-{style}")
-        lora = LoRA(parts["unet"])
-        lora.load_state_dict(stages[f"lora-{style}"]["modules"]["lora"])
-        layers = lora.layers()
+        parts["lora"] = LoRA(parts["unet"])
+        stages[f"lora-{style}"] = load_stage(parts, work / f"lora-{style}.pt", ("lora",))
+        layers = parts["lora"].layers()
         peft = {}
         kohya = {}
         for name, (down, up) in layers.items():

@@ -69,6 +69,14 @@ def fresh_components(seed: int = 0) -> dict:
     }
 
 
+def new_controlnet(unet):
+    """A ControlNet as training starts it: a copy of the UNet's encoder with the family's hint
+    encoder widths (8x downsampling, as the VAE)."""
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=SPEC.cn_cond_channels)
+
+
 def tokenizer(folder):
     """The family's CLIPTokenizer, written to `folder` and loaded from it."""
     from pathlib import Path

@@ -37,13 +37,6 @@ def _inside(kind: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, h: fl
     raise ValueError(f"unknown kind {kind!r}")
 
 
-def shape_mask(shape: Shape, size: int, supersample: int = SUPERSAMPLE) -> np.ndarray:
-    """Boolean mask of the shape on a (size*supersample)^2 grid."""
-    n = size * supersample
-    y, x = np.mgrid[0:n, 0:n] + 0.5
-    return _inside(shape.kind, x, y, *_geometry(shape, n))
-
-
 def coverage(shape: Shape, size: int, style: str | None = None) -> tuple[slice, slice, np.ndarray]:
     """The share of each pixel the shape covers (sampled SUPERSAMPLE^2 times per pixel), over the
     pixel window around it: (rows, columns, coverage). Only the window is computed: rendering is

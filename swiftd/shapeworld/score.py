@@ -75,11 +75,11 @@ def _saturation(rgb: np.ndarray) -> float:
     return 0.0 if high <= 0 else (high - low) / high
 
 
-_PALETTE = [(name, style, style_colour(name, style)) for name in COLOURS for style in (None, "pastel")]
+_PALETTE = [(name, style_colour(name, style)) for name in COLOURS for style in (None, "pastel")]
 
 
 def _colour_name(rgb: np.ndarray) -> str | None:
-    name, _, ref = min(_PALETTE, key=lambda entry: float(np.linalg.norm(entry[2] - rgb)))
+    name, ref = min(_PALETTE, key=lambda entry: float(np.linalg.norm(entry[1] - rgb)))
     return name if np.linalg.norm(ref - rgb) <= MAX_COLOUR_DISTANCE else None
 
 
@@ -101,7 +101,8 @@ def _kind(filled: np.ndarray) -> str:
 def find_shapes(image: np.ndarray) -> list[FoundShape]:
     """The shapes in an RGB uint8 image, in reading order."""
     pixels = image.astype(np.float64)
-    distance = np.linalg.norm(pixels - background_colour(image), axis=2)
+    background = background_colour(image)
+    distance = np.linalg.norm(pixels - background, axis=2)
     # Hysteresis, as an edge detector does: a region of pixels somewhat off the background is a
     # shape if some of it is clearly off (a thin, anti-aliased outline stays in one piece).
     labels, count = ndimage.label(distance > WEAK_DISTANCE)
@@ -122,7 +123,7 @@ def find_shapes(image: np.ndarray) -> list[FoundShape]:
         median = np.median(pixels[solid], axis=0)
         # The shape's edge is where a pixel is half way between background and shape colour (what
         # the edge map draws); a fixed threshold would put it a pixel inside for low-contrast pairs.
-        half_way = np.linalg.norm(median - background_colour(image)) / 2
+        half_way = np.linalg.norm(median - background) / 2
         # (Hysteresis found the shape; this threshold draws its edge, which also drops the noisy
         # weak pixels a fixed low threshold lets in.)
         component = ndimage.binary_dilation(component) & (distance >= half_way) & (outside | component)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from swiftd.shapeworld.data import training_batch
-from swiftd.shapeworld.models import SPEC, fresh_components, tokenizer
+from swiftd.shapeworld.models import fresh_components, new_controlnet, tokenizer
 
 STAGES = ("vae", "unet", "controlnet", "lora-outline", "lora-pastel")
 CAPTION_DROPOUT = 0.1  # captions replaced by "" so the UNet also learns the unconditional prediction (CFG)
@@ -119,13 +119,19 @@ def _drop_captions(captions: list[str], generator: torch.Generator) -> list[str]
     return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
 
-def _noise_loss(unet, scheduler, latents, encoder_hidden_states, generator, **unet_kwargs) -> torch.Tensor:
+def _noise_loss(unet, scheduler, latents, encoder_hidden_states, generator, residuals=None) -> torch.Tensor:
+    """The noise-prediction loss of one batch; `residuals(noisy, timesteps)`, if given, are the
+    ControlNet's (down, mid) residuals added to the UNet."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     timesteps = torch.randint(
         0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
     )
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states, **unet_kwargs).sample
+    added = {}
+    if residuals is not None:
+        down, mid = residuals(noisy, timesteps)
+        added = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    prediction = unet(noisy, timesteps, encoder_hidden_states, **added).sample
     return F.mse_loss(prediction, noise)
 
 
@@ -144,22 +150,22 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
     tok = tokenizer(work / "tokenizer")
     scheduler = parts["scheduler"]
     if name != "vae":
-        _load_into(parts, work / "vae.pt", ("vae",), device)
+        load_stage(parts, work / "vae.pt", ("vae",), device)
     if name not in ("vae", "unet"):
-        _load_into(parts, work / "unet.pt", ("unet", "text_encoder"), device)
+        load_stage(parts, work / "unet.pt", ("unet", "text_encoder"), device)
 
     def batch(step):
         style = {"lora-outline": "outline", "lora-pastel": "pastel"}.get(name)
         if name == "vae":
             style = VAE_STYLE_MIX[step % len(VAE_STYLE_MIX)]
         b = training_batch(config.seed, step, config.batch_size, style=style)
-        return b, torch.from_numpy(b.images).to(device), torch.from_numpy(b.edges).to(device)
+        return b, torch.from_numpy(b.images).to(device)
 
     if name == "vae":
         vae = parts["vae"]
 
         def vae_loss(step):
-            _, images, _ = batch(step)
+            _, images = batch(step)
             posterior = vae.encode(images).latent_dist
             latents = posterior.sample(generator=_generator(config, name, step, device))
             reconstruction = vae.decode(latents).sample
@@ -178,7 +184,7 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
     if name == "unet":
 
         def unet_loss(step):
-            b, images, _ = batch(step)
+            b, images = batch(step)
             generator = _generator(config, name, step, device)
             states = _encode_prompts(text_encoder, tok, _drop_captions(b.captions, generator), device)
             return _noise_loss(unet, scheduler, _latents(vae, images), states, generator)
@@ -188,27 +194,19 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
     for frozen in (unet, text_encoder, vae):
         frozen.requires_grad_(False)
     if name == "controlnet":
-        from diffusers import ControlNetModel
-
         torch.manual_seed(config.seed)
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=SPEC.cn_cond_channels)
-        controlnet.to(device)
+        controlnet = new_controlnet(unet).to(device)
 
         def controlnet_loss(step):
-            b, images, edges = batch(step)
+            b, images = batch(step)
+            edges = torch.from_numpy(b.edges()).to(device)
             generator = _generator(config, name, step, device)
             states = _encode_prompts(text_encoder, tok, _drop_captions(b.captions, generator), device)
-            latents = _latents(vae, images)
-            noise = torch.randn(latents.shape, generator=generator, device=device)
-            timesteps = torch.randint(
-                0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device
-            )
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            down, mid = controlnet(noisy, timesteps, states, controlnet_cond=edges, return_dict=False)
-            prediction = unet(
-                noisy, timesteps, states, down_block_additional_residuals=down, mid_block_additional_residual=mid
-            ).sample
-            return F.mse_loss(prediction, noise)
+
+            def residuals(noisy, timesteps):
+                return controlnet(noisy, timesteps, states, controlnet_cond=edges, return_dict=False)
+
+            return _noise_loss(unet, scheduler, _latents(vae, images), states, generator, residuals)
 
         return Stage({"controlnet": controlnet}, controlnet_loss)
 
@@ -216,7 +214,7 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
     lora.attach(unet)
 
     def lora_loss(step):
-        b, images, _ = batch(step)
+        b, images = batch(step)
         generator = _generator(config, name, step, device)
         with torch.no_grad():
             states = _encode_prompts(text_encoder, tok, b.captions, device)
@@ -228,7 +226,9 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def _load_into(parts: dict, path: Path, names: tuple[str, ...], device) -> None:
+def load_stage(parts: dict, path: Path, names: tuple[str, ...], device="cpu") -> dict:
+    """Load the modules `names` of a stage's checkpoint into `parts` (and the VAE's scaling
+    factor, from the vae stage's); return the whole checkpoint (steps, time, config)."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: train the stage that writes it first")
     state = torch.load(path, map_location=device, weights_only=False)
@@ -236,6 +236,7 @@ def _load_into(parts: dict, path: Path, names: tuple[str, ...], device) -> None:
         parts[name].load_state_dict(state["modules"][name])
     if "scaling_factor" in state:
         parts["vae"].register_to_config(scaling_factor=state["scaling_factor"])
+    return state
 
 
 def _vae_scaling_factor(vae, config: StageConfig, device) -> float:
