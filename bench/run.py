@@ -21,6 +21,9 @@ Groups (GROUPS below; later work adds its own):
   gateway   the latency the gateway adds to a request (bench.gateway).
   traffic   one production-shaped trace replayed open loop against Diffusers (two ways) and the
             suite on the same two cores, at four loads (bench.traffic).
+  quality   what the images show, scored, on the trained shape-world model (bench.quality):
+            Diffusers against the suite on held-out prompts; BAL at K = 0, 2, 5, 10, float16
+            residuals on the wire, compiled float32 and bfloat16 backbones; an image grid.
   compiler  ahead-of-time compiled UNet halves (bench.compiler): eager / compiled step on one core
             with the weights still patchable, and time to SERVING when a worker compiles at start
             vs when it loads artifacts (warm start).
@@ -45,9 +48,10 @@ from pathlib import Path
 from bench.bal import images_by_arrival_step
 from bench.baseline_process import BaselineProcess
 from bench.compiler import group_compiler
+from bench.fidelity import psnr, ssim
 from bench.gateway import group_gateway
 from bench.ours import OursWorker
-from bench.quality import psnr, ssim
+from bench.quality import group_quality
 from bench.scenarios import (
     DEFAULT_RESULTS,
     IMAGE_TOLERANCE,
@@ -409,6 +413,7 @@ GROUPS: dict[str, GroupFn] = {
     "gateway": group_gateway,
     "compiler": group_compiler,
     "traffic": group_traffic,
+    "quality": group_quality,
 }
 
 
@@ -485,6 +490,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="results JSONL file to update")
     parser.add_argument("--no-pin", action="store_true", help="leave the bench process's own CPU affinity alone")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    quality = parser.add_argument_group("quality group")
+    quality.add_argument(
+        "--quality-root", type=Path, default=BenchConfig.quality_root, help="trained shape-world model root"
+    )
+    quality.add_argument("--quality-count", type=int, default=BenchConfig.quality_count, help="held-out prompts")
+    quality.add_argument("--quality-no-compiled", action="store_true", help="skip the compiled backbones")
+    quality.add_argument("--quality-grid", type=Path, default=BenchConfig.quality_grid, help="image grid PNG to write")
     args = parser.parse_args(argv)
     groups = [g for item in args.only for g in item.split(",") if g.strip()] or list(GROUPS)
     if args.repeats < 1:
@@ -504,6 +516,10 @@ def main(argv=None) -> int:
         controlnet_core=args.controlnet_core,
         out=args.out,
         verbose=not args.quiet,
+        quality_root=args.quality_root,
+        quality_count=args.quality_count,
+        quality_compiled=not args.quality_no_compiled,
+        quality_grid=args.quality_grid,
     )
     t0 = time.perf_counter()
     load_before = os.getloadavg()[0]

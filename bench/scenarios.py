@@ -24,7 +24,8 @@ SEED = 42
 GUIDANCE_SCALE = 7.5
 SCHEDULER = "euler"  # both sides: EulerDiscreteScheduler from the model's own scheduler config
 
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = REPO / "bench" / "results.jsonl"
 
 
 @dataclass
@@ -38,6 +39,12 @@ class BenchConfig:
     controlnet_core: int = 1  # our ControlNet workers' and store's device; the 2-core Diffusers uses both
     out: Path = DEFAULT_RESULTS
     verbose: bool = True
+    # The quality group: the trained shape-world model root, how many held-out prompts, whether to
+    # build and run the compiled backbones, where the image grid goes.
+    quality_root: Path = REPO / "weights"
+    quality_count: int = 200
+    quality_compiled: bool = True
+    quality_grid: Path = REPO / "docs" / "img" / "quality_grid.png"
 
     def log(self, msg: str) -> None:
         if self.verbose:

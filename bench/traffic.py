@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from bench.artifacts import compiled_artifacts
 from bench.scenarios import BenchConfig, Figure, GroupResult
 from swiftd.traffic.loadgen import (
     ReplayConfig,
@@ -252,44 +253,18 @@ def write_records(runs_by_system: dict[str, list[RunResult]], path: Path) -> Non
 # -- our side --------------------------------------------------------------------------------------
 
 
-def compiled_artifacts(root: Path, catalog, log) -> Path:
+def traffic_artifacts(root: Path, catalog, log) -> Path:
     """The traffic model's compiled artifacts (UNet halves, ControlNet, VAE decoder at TRAFFIC_SIZE,
-    batch 1 and 2), built once per machine beside the catalog: reused when `compiler verify` accepts
-    them (same architecture, libraries, CPU; every part still equal to eager), rebuilt otherwise."""
-    import subprocess
-    import sys
-
-    out = root.parent / f"{root.name}-compiled-{TRAFFIC_SIZE}"
-    model = ["--model-root", str(root), "--model-id", catalog.model_id]
-    compiler = [sys.executable, "-m", "compiler"]
-    repo = Path(__file__).resolve().parent.parent
-    t0 = time.perf_counter()
-    if (out / "manifest.json").exists():
-        verify = subprocess.run([*compiler, "verify", "--artifacts", str(out), *model], cwd=repo, capture_output=True)
-        if verify.returncode == 0:
-            log(f"[traffic] compiled artifacts {out}: verified ({time.perf_counter() - t0:.1f} s)")
-            return out
-        log(f"[traffic] compiled artifacts {out}: verify exit {verify.returncode}; rebuilding")
-    build = [
-        *compiler,
-        "build",
-        *model,
-        "--resolution",
-        str(TRAFFIC_SIZE),
-        "--batch",
-        "1",
-        "2",
-        "--controlnet-id",
-        catalog.controlnet_ids[0],  # the catalog's ControlNets share one architecture
-        "--out",
-        str(out),
-        "--force",
-    ]
-    done = subprocess.run(build, cwd=repo, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"compiler build failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    log(f"[traffic] compiled artifacts {out}: built ({time.perf_counter() - t0:.1f} s, both cores, once per machine)")
-    return out
+    batch 1 and 2), built once per machine beside the catalog."""
+    return compiled_artifacts(
+        root,
+        catalog.model_id,
+        root.parent / f"{root.name}-compiled-{TRAFFIC_SIZE}",
+        TRAFFIC_SIZE,
+        batches=(1, 2),
+        controlnet_ids=(catalog.controlnet_ids[0],),  # the catalog's ControlNets share one architecture
+        log=log,
+    )
 
 
 class OursSuite:
@@ -477,7 +452,7 @@ def group_traffic(config: BenchConfig, session) -> GroupResult:
     log(f"[traffic] trace {TRACE_FILE.name}: {len(trace)} requests; {json.dumps(shape)}")
 
     cfg_figures, cfg_table = measure_cfg_split(root, catalog, log)
-    artifacts = compiled_artifacts(root, catalog, log)
+    artifacts = traffic_artifacts(root, catalog, log)
 
     one_per_core = ", ".join(f"core {c}" for c in CORES)
     systems = [

@@ -19,7 +19,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.quality import psnr
+from bench.fidelity import psnr
 from services.controlnet.registry import ControlNetRegistry
 from swiftd import codec, rpc, zoo
 from swiftd.launcher import start_controlnet, start_unet
