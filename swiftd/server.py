@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from swiftd import rpc, tracing
+from swiftd import logs, rpc, tracing
 from swiftd.drain import DrainInterceptor
 from swiftd.interceptor import ErrorInterceptor
 from swiftd.request import Limits
@@ -34,6 +34,7 @@ class ServerConfig:
     grace_seconds: float = 10.0
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     cpu_cores: list[int] = field(default_factory=list)  # pin the process (a CPU "device"); empty = no pinning
+    log_format: str | None = None  # swiftd.logs.FORMATS; None: SWIFTD_LOG_FORMAT, else text
 
 
 def add_server_arguments(parser) -> None:
@@ -42,11 +43,17 @@ def add_server_arguments(parser) -> None:
     parser.add_argument("--grace-seconds", type=float, default=10.0)
     parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--cpu-cores", default="", help="comma-separated cores to pin this process to")
+    parser.add_argument(
+        "--log-format",
+        choices=logs.FORMATS,
+        default=None,
+        help=f"text, or JSON lines with request and trace ids (default: ${logs.FORMAT_ENV}, else text)",
+    )
 
 
 def server_config_from_args(args) -> ServerConfig:
     cores = [int(c) for c in args.cpu_cores.split(",") if c.strip()]
-    return ServerConfig(args.address, args.max_workers, args.grace_seconds, args.num_threads, cores)
+    return ServerConfig(args.address, args.max_workers, args.grace_seconds, args.num_threads, cores, args.log_format)
 
 
 # Set by swiftd.launcher: the pid of the process that started this service, which it must not outlive.
@@ -100,9 +107,7 @@ def configure_process(config: ServerConfig) -> None:
     # Residual messages are tens of MB; keep their buffers on the heap instead of re-faulting
     # fresh mmap()s per message (3-4x faster codec; see rpc.tune_allocator_for_large_messages).
     rpc.tune_allocator_for_large_messages()
-    logging.basicConfig(
-        level=os.environ.get("SWIFTD_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    logs.configure_logging(config.log_format)
 
 
 def serve(

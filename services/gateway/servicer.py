@@ -22,7 +22,7 @@ from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
 from services.gateway.planner import Planner, PlannerConfig, placement_name
 from services.gateway.validation import validate_request
-from swiftd import rpc, tracing
+from swiftd import logs, rpc, tracing
 from swiftd.errors import Cancelled, Unavailable, from_rpc_error
 from swiftd.request import CfgSplit, Request, check_family
 from swiftd.v1 import (
@@ -131,29 +131,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if not stream:
                 request.preview_every_n_steps = 0  # nobody would see them
         server_span.set_attributes({"request.id": request.request_id, "request.model_id": model.model_id})
-        remaining = rpc.time_left(context, self.config.request_timeout)
+        with logs.request_scope(request.request_id):  # every log line of this request, in every service
+            remaining = rpc.time_left(context, self.config.request_timeout)
 
-        admission = self.admission(model)
-        with tracing.stage(tracer, timings, "queue") as span:
-            for position in admission.wait_turn(context.is_active, time.monotonic() + remaining()):
-                span.add_event("queued", {"position": position})
-                yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
-        try:
-            with tracing.stage(tracer, timings, "plan") as span:
-                plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
-                span.set_attributes(plan_attributes(plan))
+            admission = self.admission(model)
+            with tracing.stage(tracer, timings, "queue") as span:
+                for position in admission.wait_turn(context.is_active, time.monotonic() + remaining()):
+                    span.add_event("queued", {"position": position})
+                    yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
             try:
-                server_span.set_attributes(plan_attributes(plan))
-                log.info("request %s -> %s", request.request_id, plan_attributes(plan))
-                started = gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"])
-                yield gateway_pb2.GenerateStreamResponse(started=started)
-                yield from self._run(
-                    self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start
-                )
+                with tracing.stage(tracer, timings, "plan") as span:
+                    plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
+                    span.set_attributes(plan_attributes(plan))
+                try:
+                    server_span.set_attributes(plan_attributes(plan))
+                    log.info("request %s -> %s", request.request_id, plan_attributes(plan))
+                    started = gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"])
+                    yield gateway_pb2.GenerateStreamResponse(started=started)
+                    yield from self._run(
+                        self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start
+                    )
+                finally:
+                    self.planner.release(plan)
             finally:
-                self.planner.release(plan)
-        finally:
-            admission.release()
+                admission.release()
 
     def _planned(self, request: Request, plan: gateway_pb2.Plan) -> Request:
         """The request as its UNet worker runs it: where each ControlNet runs, where LoRAs come from,

@@ -135,7 +135,20 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
         try:
             open_controlnet = self._controlnet_opener(request, context)
             guidance = guidance or self._guidance(request, context)
-            return self.pipeline.generate(request, open_controlnet, on_step, should_stop, guidance)
+            t0 = time.perf_counter()
+            result = self.pipeline.generate(request, open_controlnet, on_step, should_stop, guidance)
+            log.info(
+                "request %s: %d steps at %dx%d, %d ControlNet(s), %d LoRA(s) (in place before step %d) in %.2f s",
+                request.request_id or "-",
+                request.num_inference_steps,
+                request.width,
+                request.height,
+                len(request.controlnets),
+                len(request.loras),
+                result.lora_applied_at_step,
+                time.perf_counter() - t0,
+            )
+            return result
         except Cancelled as exc:  # the caller may be gone already: say here where the loop stopped
             log.info("request %s: %s", request.request_id or "-", exc.message)
             raise
