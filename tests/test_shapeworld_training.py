@@ -48,6 +48,9 @@ def test_the_export_loads_as_a_real_checkpoint_with_controlnet_and_both_lora_for
 
     summary = export(work, tmp_path)
     assert set(summary["stages"]) == set(STAGES)
+    # What each add-on was trained against is on record (it may be an earlier UNet checkpoint).
+    assert summary["stages"]["controlnet"]["trained_against_steps"] == {"vae": 2, "unet": 2}
+    assert summary["stages"]["unet"]["trained_against_steps"] == {"vae": 2}
     assert (
         json.loads((tmp_path / "TRAINING.json").read_text())["training_code_version"]
         == summary["training_code_version"]

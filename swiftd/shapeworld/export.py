@@ -89,7 +89,13 @@ def export(work: Path, out: Path, dtype: torch.dtype = torch.float16) -> dict:
         "torch": torch.__version__,
         "dtype": str(dtype).removeprefix("torch."),
         "stages": {
-            name: {"steps": s["step"], "minutes": round(s["seconds"] / 60, 1), "device": s["device"], **s["config"]}
+            name: {
+                "steps": s["step"],
+                "minutes": round(s["seconds"] / 60, 1),
+                "device": s["device"],
+                "trained_against_steps": s.get("trained_against", {}),
+                **s["config"],
+            }
             for name, s in stages.items()
         },
     }

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -141,6 +141,10 @@ class Stage:
 
     trained: dict[str, torch.nn.Module]
     loss: Callable[[int], torch.Tensor]
+    # The steps of the frozen stages it trains against: a ControlNet or LoRA trained on a UNet
+    # checkpoint still in training works on the later UNet (as those of SD1.5 work on its
+    # fine-tunes), and TRAINING.json says which one it saw.
+    trained_against: dict[str, int] = field(default_factory=dict)
 
 
 def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
@@ -149,10 +153,11 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
         parts[part].to(device)
     tok = tokenizer(work / "tokenizer")
     scheduler = parts["scheduler"]
+    trained_against = {}
     if name != "vae":
-        load_stage(parts, work / "vae.pt", ("vae",), device)
+        trained_against["vae"] = load_stage(parts, work / "vae.pt", ("vae",), device)["step"]
     if name not in ("vae", "unet"):
-        load_stage(parts, work / "unet.pt", ("unet", "text_encoder"), device)
+        trained_against["unet"] = load_stage(parts, work / "unet.pt", ("unet", "text_encoder"), device)["step"]
 
     def batch(step):
         style = {"lora-outline": "outline", "lora-pastel": "pastel"}.get(name)
@@ -178,7 +183,7 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
             l1 = ((reconstruction - images).abs() * weight).sum() / (weight.sum() * images.shape[1])
             return l1 + KL_WEIGHT * posterior.kl().mean()
 
-        return Stage({"vae": vae}, vae_loss)
+        return Stage({"vae": vae}, vae_loss, trained_against)
 
     unet, text_encoder, vae = parts["unet"], parts["text_encoder"], parts["vae"]
     if name == "unet":
@@ -189,7 +194,7 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
             states = _encode_prompts(text_encoder, tok, _drop_captions(b.captions, generator), device)
             return _noise_loss(unet, scheduler, _latents(vae, images), states, generator)
 
-        return Stage({"unet": unet, "text_encoder": text_encoder}, unet_loss)
+        return Stage({"unet": unet, "text_encoder": text_encoder}, unet_loss, trained_against)
 
     for frozen in (unet, text_encoder, vae):
         frozen.requires_grad_(False)
@@ -208,7 +213,7 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
 
             return _noise_loss(unet, scheduler, _latents(vae, images), states, generator, residuals)
 
-        return Stage({"controlnet": controlnet}, controlnet_loss)
+        return Stage({"controlnet": controlnet}, controlnet_loss, trained_against)
 
     lora = LoRA(unet).to(device)
     lora.attach(unet)
@@ -220,7 +225,7 @@ def _stage(name: str, config: StageConfig, work: Path, device) -> Stage:
             states = _encode_prompts(text_encoder, tok, b.captions, device)
         return _noise_loss(unet, scheduler, _latents(vae, images), states, generator)
 
-    return Stage({"lora": lora}, lora_loss)
+    return Stage({"lora": lora}, lora_loss, trained_against)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -281,6 +286,7 @@ def train(
             "seconds": seconds,
             "config": asdict(config),
             "device": str(device),
+            "trained_against": stage.trained_against,
         }
         if name == "vae":
             state["scaling_factor"] = _vae_scaling_factor(stage.trained["vae"], config, device)
