@@ -4,9 +4,13 @@ and is probed on the health service name it registers."""
 from __future__ import annotations
 
 import importlib
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from swiftd import rpc
@@ -120,3 +124,96 @@ def test_every_volume_claim_is_defined_with_an_access_mode_that_fits():
                 if name != "swiftd-lora-cache" or pods > 1:  # mounted by pods on many nodes
                     assert set(claims[name]) & {"ReadOnlyMany", "ReadWriteMany"}, name
     assert claims["swiftd-artifacts"] == ["ReadWriteMany"]  # written by the Job, read by every worker
+
+
+# -- container images ------------------------------------------------------------------------------
+
+REPO = K8S.parent.parent
+DOCKER = REPO / "deploy" / "docker"
+DOCKERFILES = sorted(p.name for p in DOCKER.glob("*.Dockerfile"))
+
+
+def _dockerfile(name: str) -> tuple[dict[str, str], list[tuple[str, str, list[str]]]]:
+    """(global ARG defaults, stages as (base image, stage name, instructions))."""
+    lines, pending = [], ""
+    for raw in (DOCKER / name).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        pending += line.removesuffix("\\").strip() + " "
+        if not line.endswith("\\"):
+            lines.append(pending.strip())
+            pending = ""
+    args, stages = {}, []
+    for line in lines:
+        keyword, _, rest = line.partition(" ")
+        if keyword == "FROM":
+            image, _, stage = rest.partition(" AS ")
+            image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+            stages.append((image, stage.strip(), []))
+        elif keyword == "ARG" and not stages and "=" in rest:
+            key, value = rest.split("=", 1)
+            args[key] = value
+        elif stages:
+            stages[-1][2].append(line)
+    return args, stages
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_an_image_builds_in_stages_from_pinned_bases_and_runs_as_a_user(dockerfile):
+    _, stages = _dockerfile(dockerfile)
+    assert len(stages) >= 2, "multi-stage: build tools and sources stay out of the runtime image"
+    for image, _, _ in stages:
+        assert "@sha256:" in image or re.search(r":\d+(\.\d+){2}", image), f"{image}: pin an exact release"
+    _, _, runtime = stages[-1]
+    assert any(line.startswith("COPY --from=") for line in runtime), "the runtime stage takes the build's output"
+    users = [line.split()[1] for line in runtime if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0"), "the service runs as a non-root user"
+    # The manifests' `args` are whole command lines (python -m <service> ...): an ENTRYPOINT would prefix them.
+    assert any(line.startswith("CMD") for line in runtime) and not any(
+        line.startswith("ENTRYPOINT") for line in runtime
+    )
+
+
+def test_each_manifest_runs_the_image_of_its_service():
+    for manifest in sorted(p.name for p in K8S.glob("*.yaml")):
+        for doc in _docs(manifest):
+            pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []) + pod.get("initContainers", []):
+                image = container["image"].split(":")[0]
+                module = container["args"][2] if container.get("args", [])[:2] == ["python", "-m"] else ""
+                want = "swiftd-gateway" if module == "services.gateway" else "swiftd-worker"
+                assert image == want, f"{manifest}: {container['name']} runs {image}, built from {want}"
+                assert (DOCKER / f"{want.removeprefix('swiftd-')}.Dockerfile").exists()
+
+
+def test_the_worker_image_installs_the_projects_torch():
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
+    torch_pin = next(p for p in pins if p.startswith("torch=="))
+    args, _ = _dockerfile("worker.Dockerfile")
+    assert f"torch=={args['TORCH_VERSION']}" == torch_pin
+
+
+def test_the_gateway_installs_and_imports_without_torch():
+    base = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [d for d in base if d.split("=")[0].split(">")[0] in ("torch", "diffusers", "transformers")], base
+    _, stages = _dockerfile("gateway.Dockerfile")
+    installs = [line for _, _, lines in stages for line in lines if "pip install" in line]
+    assert installs and all("[" not in line for line in installs), "the gateway image installs no extras"
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, services.gateway.__main__; print(sorted(m for m in sys.modules if m in ('torch', 'diffusers', 'transformers')))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_the_build_context_leaves_local_state_out():
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", ".zoo", ".train", "out"} <= ignored
