@@ -35,6 +35,11 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException):
     if isinstance(exc, ServingError):
         log.warning("%s -> %s: %s", method, exc.code.name, exc.message)
         context.abort(exc.code, exc.message)
+    if not context.is_active():
+        # The caller went away (cancelled, or its deadline passed) and reading its stream raised:
+        # not a bug here. A UNet worker ends each ControlNet residual stream this way.
+        log.info("%s: the caller went away (%s)", method, type(exc).__name__)
+        context.abort(grpc.StatusCode.CANCELLED, "the caller cancelled the call")
     incident = uuid.uuid4().hex[:12]
     log.exception("%s failed (incident %s)", method, incident)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)")

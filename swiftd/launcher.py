@@ -34,6 +34,7 @@ class ServiceProcess:
     name: str
     process: subprocess.Popen
     address: str = ""
+    metrics_address: str = ""  # Prometheus /metrics, when started with --metrics-port
     log_lines: list[str] = field(default_factory=list)
     bound: threading.Event = field(default_factory=threading.Event)
     deadline: float = 0.0
@@ -112,6 +113,8 @@ def start_service(
         for line in process.stdout:
             line = line.rstrip("\n")
             service.log_lines.append(line)
+            if line.startswith("SWIFTD_METRICS "):  # printed before SWIFTD_LISTENING
+                service.metrics_address = line.split()[1]
             if line.startswith("SWIFTD_LISTENING "):
                 service.address = line.split()[2]
                 service.bound.set()
@@ -166,9 +169,14 @@ def start_gateway(
 
 
 def start_lora_store(
-    model_root: Path, cache_dir: Path, base_models: list[str] = (), prefetch: list[str] = (), **kwargs
+    model_root: Path,
+    cache_dir: Path,
+    base_models: list[str] = (),
+    prefetch: list[str] = (),
+    extra_args: list[str] = (),
+    **kwargs,
 ) -> ServiceProcess:
-    args = ["--model-root", str(model_root), "--cache-dir", str(cache_dir)]
+    args = ["--model-root", str(model_root), "--cache-dir", str(cache_dir), *extra_args]
     if base_models:
         args += ["--base-model", *base_models]
     if prefetch:

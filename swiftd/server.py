@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from swiftd import logs, rpc, tracing
+from swiftd import logs, metrics, rpc, tracing
 from swiftd.drain import DrainInterceptor
 from swiftd.interceptor import ErrorInterceptor
 from swiftd.request import Limits
 
 log = logging.getLogger(__name__)
+_PROCESS_START = time.monotonic()  # this module is imported first thing by every service
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ServerConfig:
     num_threads: int | None = None  # torch intra-op threads; None = torch's default
     cpu_cores: list[int] = field(default_factory=list)  # pin the process (a CPU "device"); empty = no pinning
     log_format: str | None = None  # swiftd.logs.FORMATS; None: SWIFTD_LOG_FORMAT, else text
+    metrics_port: int | None = None  # Prometheus /metrics; None: not served
 
 
 def add_server_arguments(parser) -> None:
@@ -49,11 +51,14 @@ def add_server_arguments(parser) -> None:
         default=None,
         help=f"text, or JSON lines with request and trace ids (default: ${logs.FORMAT_ENV}, else text)",
     )
+    metrics.add_metrics_argument(parser)
 
 
 def server_config_from_args(args) -> ServerConfig:
     cores = [int(c) for c in args.cpu_cores.split(",") if c.strip()]
-    return ServerConfig(args.address, args.max_workers, args.grace_seconds, args.num_threads, cores, args.log_format)
+    return ServerConfig(
+        args.address, args.max_workers, args.grace_seconds, args.num_threads, cores, args.log_format, args.metrics_port
+    )
 
 
 # Set by swiftd.launcher: the pid of the process that started this service, which it must not outlive.
@@ -119,13 +124,17 @@ def serve(
     """Start the server, report the bound port, block until SIGTERM/SIGINT, then drain."""
     drain_gate = DrainInterceptor()
     server = rpc.create_server(
-        config.max_workers, interceptors=[drain_gate, *tracing.server_interceptors(), ErrorInterceptor()]
+        config.max_workers,
+        interceptors=[metrics.MetricsInterceptor(), drain_gate, *tracing.server_interceptors(), ErrorInterceptor()],
     )
     register(server)
     health = rpc.add_health_and_reflection(server, [service_full_name])
     port = server.add_insecure_port(config.address)  # raises if the address cannot be bound
     server.start()
     host = config.address.rsplit(":", 1)[0]
+    metrics.START_SECONDS.set(time.monotonic() - _PROCESS_START)
+    metrics.track_device_memory("cpu")  # the process's resident memory; CUDA workers add their device
+    metrics.serve_metrics(config.metrics_port, host)  # before SWIFTD_LISTENING: a launcher has both once bound
     # One parseable line: launchers that asked for port 0 read the real address from it.
     print(f"SWIFTD_LISTENING {service_full_name} {host}:{port}", flush=True)
     log.info("%s serving on %s:%d", service_full_name, host, port)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from services.controlnet.registry import ControlNetRegistry
 from services.controlnet.servicer import ControlNetWorkerServicer
-from swiftd import rpc, tracing
+from swiftd import metrics, rpc, tracing
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.loading import DTYPES
 from swiftd.server import (
@@ -89,6 +89,9 @@ def main(argv=None) -> None:
     tracing.setup_tracing("controlnet")
 
     make_stepper, compiled = stepper_factory(args)
+    metrics.COMPILED.labels("controlnet").set(1 if compiled else 0)  # per ControlNet: ListControlNets
+    if args.device.startswith("cuda"):
+        metrics.track_device_memory(args.device)
     registry = ControlNetRegistry(
         args.model_root, args.budget_mib << 20, DTYPES[args.dtype], args.device, make_stepper=make_stepper
     )

@@ -22,7 +22,7 @@ from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
 from services.gateway.planner import Planner, PlannerConfig, placement_name
 from services.gateway.validation import validate_request
-from swiftd import logs, rpc, tracing
+from swiftd import logs, metrics, rpc, tracing
 from swiftd.errors import Cancelled, Unavailable, from_rpc_error
 from swiftd.request import CfgSplit, Request, check_family
 from swiftd.v1 import (
@@ -107,7 +107,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def admission(self, model: common_pb2.ModelInfo) -> AdmissionQueue:
         """The model's queue, sized by the workers serving it now."""
         with self._admission_lock:
-            queue = self._admission.setdefault(model.model_id, AdmissionQueue(1, self.config.max_queue))
+            queue = self._admission.get(model.model_id)
+            if queue is None:
+                queue = self._admission[model.model_id] = AdmissionQueue(1, self.config.max_queue)
+                metrics.track_load(model.model_id, lambda: queue.snapshot()[1], lambda: queue.snapshot()[0])
             queue.resize(max(1, len(model.workers)) * self.config.per_worker_concurrency)
             return queue
 
@@ -236,6 +239,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         timings.update((t.stage, t.seconds) for t in result.timings)
         timings["total"] = time.perf_counter() - t_start
+        metrics.observe_stages(timings)
         if plan.HasField("cfg_partner") and not result.cfg_partner:
             plan = _ran_unsplit(plan)
         response = gateway_pb2.GenerateResponse(

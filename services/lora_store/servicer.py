@@ -9,7 +9,7 @@ import grpc
 from opentelemetry import trace
 
 from services.lora_store.store import LoraStore, ServedLora
-from swiftd import codec, rpc
+from swiftd import codec, metrics, rpc
 from swiftd.errors import Cancelled, InvalidArgument, Unavailable, from_rpc_error
 from swiftd.lora import deltas_to_chunks
 from swiftd.request import LoraSet, check_family
@@ -29,6 +29,7 @@ def dtype_from_request(value: int):
 def chunks(served: list[ServedLora], request_id: str, chunk_bytes: int):
     """LoraDeltaChunk messages of each LoRA in turn (never interleaved), `last` on each LoRA's final one."""
     for lora in served:
+        metrics.LORA_BYTES.labels("sent").inc(lora.nbytes)
         yield from deltas_to_chunks(lora.lora_id, lora.scale, lora.deltas, request_id, chunk_bytes)
 
 

@@ -29,6 +29,7 @@ from diffusers import DiffusionPipeline
 
 from services.lora_store.catalog import LoraCatalog, LoraFileInfo, component_of
 from services.lora_store.tiers import CacheKey, DiskTier, HostTier, PreparedLora
+from swiftd import metrics
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
 from swiftd.loading import load_pipeline, pipeline_family, resolve
 from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
@@ -301,6 +302,9 @@ class LoraStore:
         counter = {"host": "host_hits", "disk": "disk_hits", "precompute": "precomputes"}[tier]
         with self._lock:
             self._counts[counter] += 1
+        metrics.LORA_LOOKUPS.labels("store_host", "hit" if tier == "host" else "miss").inc()
+        if tier != "host":
+            metrics.LORA_LOOKUPS.labels("store_disk", "hit" if tier == "disk" else "miss").inc()
         s = self.stats()
         log.info(
             "cache %s lora=%s base=%s dtype=%s bytes=%d seconds=%.4f host_bytes=%d host_budget=%d host_entries=%d "

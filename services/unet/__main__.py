@@ -10,7 +10,7 @@ from services.unet.backbone import Backbone, EagerBackbone
 from services.unet.lora_inbox import LoraInbox
 from services.unet.pipeline import UNetPipeline
 from services.unet.servicer import UNetWorkerConfig, UNetWorkerServicer
-from swiftd import rpc, tracing
+from swiftd import metrics, rpc, tracing
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.loading import DTYPES, controlnet_family, list_ids, load_controlnet, load_pipeline, pipeline_family, resolve
 from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
@@ -135,6 +135,7 @@ def main(argv=None) -> None:
     model_path = resolve(args.model_root, "models", args.model_id, "model_id")
     pipe = load_pipeline(model_path, dtype=dtype, device=args.device, config=args.config)
     backbone = load_backbone(args, pipe)
+    metrics.COMPILED.labels("unet").set(0 if isinstance(backbone, EagerBackbone) else 1)
     controlnets: dict[str, ControlNetStepper] = {}
 
     def load_local_controlnet(controlnet_id: str) -> ControlNetStepper:

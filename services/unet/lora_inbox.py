@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 import grpc
 import torch
 
-from swiftd import codec, rpc, tracing
+from swiftd import codec, metrics, rpc, tracing
 from swiftd.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServingError, Unavailable, from_rpc_error
 from swiftd.lora import LoraDeltas, delta_from_proto
 from swiftd.request import Lora, LoraKey, LoraSet, LoraSetKey
@@ -185,7 +185,9 @@ class LoraInbox:
                 deltas = [(n, _cast(d, self.dtype)) for n, d in deltas]
                 current.add(deltas, chunk.last)
                 parameters += len(deltas)
-                nbytes += sum(d.nbytes for _, d in deltas)
+                chunk_bytes = sum(d.nbytes for _, d in deltas)
+                metrics.LORA_BYTES.labels("received").inc(chunk_bytes)
+                nbytes += chunk_bytes
                 if chunk.last:
                     completed.append(chunk.lora_id)
                     current = None
@@ -242,6 +244,11 @@ class LoraInbox:
         missing = LoraSet(
             tuple(lora for lora in loras if lora.lora_id not in pushed and self._entry(lora.key, create=False) is None)
         )
+        # A hit: the deltas were here, complete, before the request asked (pushed ones are misses).
+        present = [self._entry(lora.key, create=False) for lora in loras]
+        hits = sum(1 for entry in present if entry is not None and entry.complete)
+        metrics.LORA_LOOKUPS.labels("worker", "hit").inc(hits)
+        metrics.LORA_LOOKUPS.labels("worker", "miss").inc(len(loras) - hits)
         entries = [self._entry(lora.key) for lora in loras]
         for entry in entries:
             entry.pinned_until = 0.0  # fetched: evictable once this request is done with it

@@ -13,7 +13,7 @@ from services.unet.addons.controlnet_stream import RemoteResidualSource
 from services.unet.guidance import Guidance, LeaderGuidance, PartnerGuidance, done_message
 from services.unet.pipeline import UNetPipeline
 from services.unet.run import GenerationResult
-from swiftd import codec, device, rpc, tracing
+from swiftd import codec, device, metrics, rpc, tracing
 from swiftd.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from swiftd.images import encode_png
 from swiftd.loading import pipeline_family
@@ -63,6 +63,9 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
         self._in_flight = 0
         self._waiting = 0
         self._count_lock = threading.Lock()
+        metrics.track_load(self.model_id, lambda: self._waiting, lambda: self._in_flight)
+        if str(pipeline.device).startswith("cuda"):
+            metrics.track_device_memory(str(pipeline.device))
 
     def _check(self, pb: unet_pb2.DenoiseRequest) -> Request:
         """The request with this worker's defaults filled in, checked before anything changes."""
@@ -137,6 +140,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             guidance = guidance or self._guidance(request, context)
             t0 = time.perf_counter()
             result = self.pipeline.generate(request, open_controlnet, on_step, should_stop, guidance)
+            metrics.observe_stages(result.timings, request.num_inference_steps)
             log.info(
                 "request %s: %d steps at %dx%d, %d ControlNet(s), %d LoRA(s) (in place before step %d) in %.2f s",
                 request.request_id or "-",
