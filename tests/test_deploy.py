@@ -51,6 +51,11 @@ def test_manifest_starts_a_real_service_with_valid_flags(manifest):
     assert container["ports"][0]["containerPort"] == port
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAMES[module]
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > parsed.grace_seconds
+    # Prometheus finds /metrics where the service serves it.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert parsed.metrics_port == ports["metrics"] == int(annotations["prometheus.io/port"])
+    assert annotations["prometheus.io/scrape"] == "true"
 
 
 def test_gateway_names_the_worker_pods_the_manifests_create():
