@@ -58,21 +58,21 @@ def test_manifest_starts_a_real_service_with_valid_flags(manifest):
     assert annotations["prometheus.io/scrape"] == "true"
 
 
-def test_gateway_names_the_worker_pods_the_manifests_create():
-    def pods(manifest):
-        docs = list(yaml.safe_load_all((K8S / manifest).read_text()))
+def test_gateway_finds_the_workers_through_their_headless_services():
+    def headless_service(manifest):
+        docs = _docs(manifest)
         sts = next(d for d in docs if d["kind"] == "StatefulSet")
-        name, port = (
-            sts["metadata"]["name"],
-            sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
-        )
-        return {f"{name}-{i}.{sts['spec']['serviceName']}:{port}" for i in range(sts["spec"]["replicas"])}
+        service = next(d for d in docs if d["kind"] == "Service")
+        assert service["spec"]["clusterIP"] == "None" and service["metadata"]["name"] == sts["spec"]["serviceName"]
+        assert not service["spec"].get("publishNotReadyAddresses", False)  # only ready pods get requests
+        port = sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+        return f"dns:///{service['metadata']['name']}:{port}"
 
-    docs = list(yaml.safe_load_all((K8S / "gateway.yaml").read_text()))
+    docs = _docs("gateway.yaml")
     args = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     parsed = importlib.import_module("services.gateway.__main__").build_parser().parse_args(args[3:])
-    assert set(parsed.unet) == pods("unet.yaml")
-    assert set(parsed.controlnet) == pods("controlnet.yaml")
+    assert parsed.unet == [headless_service("unet.yaml")]
+    assert parsed.controlnet == [headless_service("controlnet.yaml")]
 
 
 def test_compile_job_publishes_what_the_workers_load():

@@ -24,8 +24,17 @@ from swiftd.v1 import gateway_pb2_grpc
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
-    parser.add_argument("--unet", nargs="+", required=True, metavar="HOST:PORT", help="UNet workers")
-    parser.add_argument("--controlnet", nargs="*", default=[], metavar="HOST:PORT", help="ControlNet workers")
+    parser.add_argument(
+        "--unet",
+        nargs="+",
+        required=True,
+        metavar="TARGET",
+        help="UNet workers: HOST:PORT each, or dns:///NAME:PORT for every address of NAME (re-resolved on each catalog refresh)",
+    )
+    parser.add_argument("--controlnet", nargs="*", default=[], metavar="TARGET", help="ControlNet workers, as --unet")
+    parser.add_argument(
+        "--dns-server", default="", metavar="HOST:PORT", help="DNS server for dns:/// targets (default: the system's)"
+    )
     parser.add_argument("--lora-store", default="", metavar="HOST:PORT", help="LoRA store (empty: LoRAs are refused)")
     parser.add_argument(
         "--default-model", default="", help="model for requests that name none (empty: the first listed)"
@@ -62,6 +71,7 @@ def config_from_args(args) -> GatewayConfig:
     return GatewayConfig(
         unet_workers=args.unet,
         controlnet_workers=args.controlnet,
+        dns_server=args.dns_server,
         lora_store=args.lora_store,
         default_model=args.default_model,
         limits=limits_from_args(args),

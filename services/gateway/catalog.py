@@ -6,7 +6,8 @@ ListControlNets (and the ControlNets each UNet worker can run in-process, from i
 The workers' devices come with them: ControlNet workers' here, UNet workers' with their status at
 plan time. An unknown id forces one refresh before it is reported NOT_FOUND (at most one a
 second), so a model or LoRA added a moment ago is found. Refreshes run one at a time, outside any
-lock requests wait on: meanwhile requests use the listing they have.
+lock requests wait on: meanwhile requests use the listing they have. Each refresh resolves the
+workers' DNS names again (discovery.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.gateway.discovery import WorkerTargets
 from swiftd import rpc, tracing
 from swiftd.device import Device
 from swiftd.v1 import (
@@ -55,8 +57,8 @@ class Catalog:
     def __init__(
         self,
         channels: rpc.ChannelPool,
-        unet_workers: list[str],
-        controlnet_workers: list[str],
+        unet_workers: WorkerTargets,
+        controlnet_workers: WorkerTargets,
         lora_store: str,
         ttl: float,
         call_timeout: float,
@@ -89,9 +91,10 @@ class Catalog:
     def _fetch(self) -> Listing:
         listing = Listing(fetched_at=time.monotonic())
         submit = tracing.submitter(self._pool)  # the calls belong to the trace of the request that refreshes
+        unet_workers, controlnet_workers = self._unet_workers.refresh(), self._controlnet_workers.refresh()
         unet = {
             a: submit(self._call, unet_pb2_grpc.UNetWorkerStub, "ListModels", a, unet_pb2.UNetWorkerListModelsRequest())
-            for a in self._unet_workers
+            for a in unet_workers
         }
         cn = {
             a: submit(
@@ -101,7 +104,7 @@ class Catalog:
                 a,
                 controlnet_pb2.ControlNetWorkerListControlNetsRequest(),
             )
-            for a in self._controlnet_workers
+            for a in controlnet_workers
         }
         store = (
             submit(

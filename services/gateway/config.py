@@ -9,8 +9,10 @@ from swiftd.request import Limits
 
 @dataclass
 class GatewayConfig:
-    unet_workers: list[str]  # host:port of each UNet worker
+    # host:port of each worker, or dns:///name:port for every address of a name (discovery.py)
+    unet_workers: list[str]
     controlnet_workers: list[str] = field(default_factory=list)
+    dns_server: str = ""  # host:port of the DNS server for dns:/// targets; empty: the system's
     lora_store: str = ""  # host:port; empty = requests with LoRAs are refused
     default_model: str = ""  # empty = the first model the workers list
     limits: Limits = field(default_factory=Limits)

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.gateway.catalog import Listing
+from services.gateway.discovery import WorkerTargets
 from swiftd import rpc, tracing
 from swiftd.device import Device
 from swiftd.errors import Unavailable
@@ -57,6 +58,7 @@ from swiftd.v1 import gateway_pb2, unet_pb2, unet_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+STATUS_POLLS = 16  # status calls in flight at once (workers behind a DNS name are not counted up front)
 DOWN_SECONDS = 5.0
 PACK, SPREAD, CFG_SPLIT = "pack", "spread", "cfg_split"
 PLACEMENTS = {
@@ -331,7 +333,7 @@ def unet_workers(plan: gateway_pb2.Plan) -> list[str]:
 
 @dataclass
 class PlannerConfig:
-    unet_workers: list[str]
+    unet_workers: WorkerTargets
     slots_per_worker: int = 1
     status_timeout: float = 2.0  # seconds for a worker's status call
     allow_cfg_split: bool = True  # --cfg-split auto (True) or never
@@ -343,9 +345,7 @@ class Planner:
     def __init__(self, channels: rpc.ChannelPool, config: PlannerConfig):
         self._channels = channels
         self.config = config
-        self._pool = futures.ThreadPoolExecutor(
-            max_workers=max(2, len(config.unet_workers)), thread_name_prefix="status"
-        )
+        self._pool = futures.ThreadPoolExecutor(max_workers=STATUS_POLLS, thread_name_prefix="status")
         self._lock = threading.Lock()
         self._outstanding: Counter = Counter()  # UNet worker -> requests (or halves) sent and not finished
         self._controlnet_busy: Counter = Counter()  # ControlNet worker -> sessions sent and not finished
@@ -368,7 +368,7 @@ class Planner:
         """Every worker's status, in parallel; one that failed lately is not asked again for a
         while (unless no other is left), so a dead worker does not slow every plan down."""
         now = time.monotonic()
-        workers = self.config.unet_workers
+        workers = self.config.unet_workers.addresses()  # as of the last catalog refresh
         ask = [a for a in workers if self._down_until.get(a, 0.0) <= now] or workers
         submit = tracing.submitter(self._pool)  # the polls are part of the request's trace
         pending = {a: submit(self._status, a, timeout) for a in ask}

@@ -20,6 +20,7 @@ from opentelemetry import trace
 from services.gateway.admission import AdmissionQueue
 from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
+from services.gateway.discovery import WorkerTargets
 from services.gateway.planner import Planner, PlannerConfig, placement_name
 from services.gateway.validation import validate_request
 from swiftd import logs, metrics, rpc, tracing
@@ -84,10 +85,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.channels = rpc.ChannelPool()
+        # One view of where the workers are, shared by the catalog (which refreshes it) and the planner.
+        unet_workers = WorkerTargets(config.unet_workers, config.dns_server, config.status_timeout)
         self.catalog = Catalog(
             self.channels,
-            config.unet_workers,
-            config.controlnet_workers,
+            unet_workers,
+            WorkerTargets(config.controlnet_workers, config.dns_server, config.status_timeout),
             config.lora_store,
             config.catalog_ttl,
             config.status_timeout,
@@ -95,7 +98,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.planner = Planner(
             self.channels,
             PlannerConfig(
-                unet_workers=config.unet_workers,
+                unet_workers=unet_workers,
                 slots_per_worker=config.per_worker_concurrency,
                 status_timeout=config.status_timeout,
                 allow_cfg_split=config.cfg_split == "auto",

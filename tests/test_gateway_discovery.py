@@ -1,0 +1,92 @@
+"""Worker discovery: the gateway finds its UNet workers behind a DNS name (as a headless Service's
+records are its ready pods), re-resolved on every catalog refresh. Real processes: a DNS server on
+loopback, two UNet workers on two loopback addresses with one port, a gateway naming only the DNS
+name; records are added and removed while it runs."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from dnslib import QTYPE, RR, A
+from dnslib.server import BaseResolver, DNSServer
+
+from swiftd.client import Client
+from swiftd.launcher import start_gateway, start_unet
+
+NAME = "unet.swiftd.test."
+MODEL = "tiny-sd15"
+TTL = 0.5  # the gateway's catalog refresh interval, seconds
+
+
+class Records(BaseResolver):
+    """A records of NAME: whatever `addresses` holds at query time."""
+
+    def __init__(self):
+        self.addresses: list[str] = []
+
+    def resolve(self, request, handler):
+        reply = request.reply()
+        if str(request.q.qname) == NAME and request.q.qtype == QTYPE.A:
+            for ip in self.addresses:
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=0))
+        return reply
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _workers_listed(client: Client) -> set[str]:
+    deadline = time.monotonic() + 10 * TTL + 5
+    last = None
+    while time.monotonic() < deadline:
+        models = {m.model_id: set(m.workers) for m in client.list_models()}
+        current = models.get(MODEL, set())
+        if current == last:  # the same answer over two refreshes: settled
+            return current
+        last = current
+        time.sleep(TTL * 2)
+    return last or set()
+
+
+@pytest.mark.slow  # ~25 s: two UNet workers and a gateway as processes
+def test_the_gateway_follows_its_workers_through_dns(zoo_root):
+    records = Records()
+    dns = DNSServer(records, address="127.0.0.1", port=0)
+    dns.start_thread()
+    dns_port = dns.server.server_address[1]
+    port = _free_port("127.0.0.2")
+    first, second = f"127.0.0.2:{port}", f"127.0.0.3:{port}"
+    workers = [start_unet(zoo_root, MODEL, num_threads=1, address=address, wait=False) for address in (first, second)]
+    records.addresses = ["127.0.0.2"]
+    gateway = None
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        target = f"dns:///{NAME.rstrip('.')}:{port}"
+        gateway = start_gateway(
+            [target], extra_args=["--dns-server", f"127.0.0.1:{dns_port}", "--catalog-ttl", str(TTL)]
+        )
+        with Client(gateway.address) as client:
+            assert _workers_listed(client) == {first}
+            result = client.generate("a cat", model_id=MODEL, width=64, height=64, num_inference_steps=2)
+            assert result.plan.unet_worker == first
+
+            records.addresses = ["127.0.0.2", "127.0.0.3"]  # scaled up: a pod appears
+            assert _workers_listed(client) == {first, second}
+
+            records.addresses = ["127.0.0.3"]  # scaled down: the first pod is gone
+            assert _workers_listed(client) == {second}
+            for _ in range(2):
+                result = client.generate("a cat", model_id=MODEL, width=64, height=64, num_inference_steps=2)
+                assert result.plan.unet_worker == second
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        for worker in workers:
+            worker.stop()
+        dns.stop()
