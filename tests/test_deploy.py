@@ -222,3 +222,24 @@ def test_the_gateway_installs_and_imports_without_torch():
 def test_the_build_context_leaves_local_state_out():
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".git", ".venv", ".zoo", ".train", "out"} <= ignored
+
+
+def test_the_autoscaler_scales_a_worker_statefulset_on_a_metric_the_gateway_exports():
+    from swiftd import metrics
+
+    (hpa,) = _docs("autoscaling.yaml")
+    target = hpa["spec"]["scaleTargetRef"]
+    manifest = next(
+        d
+        for p in K8S.glob("*.yaml")
+        for d in _docs(p.name)
+        if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]
+    )
+    assert manifest["spec"]["template"]["metadata"]["labels"]["component"] == "unet"
+    assert hpa["spec"]["minReplicas"] <= manifest["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["external"]["metric"]["name"] == "swiftd_gateway_queue_depth"
+    assert metrics.QUEUE_DEPTH._name == "swiftd_queue_depth" and "model" in metrics.QUEUE_DEPTH._labelnames
+    # The adapter rule the docs give sums the gateways' series of that metric.
+    readme = (REPO / "deploy" / "README.md").read_text()
+    assert "swiftd_gateway_queue_depth" in readme and "sum(swiftd_queue_depth{" in readme
