@@ -90,11 +90,12 @@ def export(work: Path, out: Path, dtype: torch.dtype = torch.float16) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "stages": {
             name: {
-                "steps": s["step"],
+                **{k: v for k, v in s["config"].items() if k != "steps"},
+                "steps": s["step"],  # trained; the learning-rate schedule ran over schedule_steps
+                "schedule_steps": s["config"]["steps"],
                 "minutes": round(s["seconds"] / 60, 1),
                 "device": s["device"],
                 "trained_against_steps": s.get("trained_against", {}),
-                **s["config"],
             }
             for name, s in stages.items()
         },

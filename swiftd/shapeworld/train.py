@@ -48,10 +48,10 @@ class StageConfig:
 
 DEFAULTS = {
     "vae": StageConfig(steps=4000, batch_size=16, lr=1e-3, save_every=100),
-    "unet": StageConfig(steps=6000, batch_size=64, lr=4e-4),
+    "unet": StageConfig(steps=4200, batch_size=64, lr=4e-4),  # held-out prompt adherence 0.97 at 4000
     "controlnet": StageConfig(steps=1500, batch_size=64, lr=2e-4),
-    "lora-outline": StageConfig(steps=400, batch_size=64, lr=1e-3),
-    "lora-pastel": StageConfig(steps=400, batch_size=64, lr=1e-3),
+    "lora-outline": StageConfig(steps=1500, batch_size=64, lr=1e-3),
+    "lora-pastel": StageConfig(steps=1000, batch_size=64, lr=1e-3),
 }
 
 
