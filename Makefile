@@ -35,8 +35,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-run: zoo
-	$(PY) -m swiftd.launcher demo --zoo $(ZOO) --out out
+# The trained shape-world model that ships in weights/ (docs/quality.md): no zoo needed.
+run: $(STAMP)
+	$(PY) -m swiftd.launcher demo --out out
 
 bench: $(STAMP)
 	$(PY) -m swiftd.zoo build --out $(ZOO) --only bench-sd15

@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
+import PIL.Image
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swiftd import rpc
 from swiftd.server import PARENT_PID_ENV
 
 REPO = Path(__file__).resolve().parent.parent
+# make run's prompt: held-out scene number DEMO_SCENE (swiftd.shapeworld.data.held_out_scenes).
+DEMO_SCENE = 0
 
 
 @dataclass
@@ -198,7 +202,7 @@ def _stop_on_signals() -> None:
 
 
 def start_suite(args, gateway_address: str = "127.0.0.1:0") -> dict[str, ServiceProcess]:
-    """The four services on loopback, as `make run` uses them."""
+    """The four services on loopback, as `make run` uses them (the LoRA store caches under --out)."""
     t0 = time.perf_counter()
     print(f"starting the services for {args.model_id} ...", flush=True)
     # One device per service: on CPU, one pinned core and one thread each (two threads on a busy
@@ -207,8 +211,8 @@ def start_suite(args, gateway_address: str = "127.0.0.1:0") -> dict[str, Service
     side_core = [1 % os.cpu_count()]
     # The store prepares the LoRA before serving (as a deployment prefetches its popular LoRAs).
     store = start_lora_store(
-        args.zoo,
-        args.zoo / ".lora-cache",
+        args.model_root,
+        args.lora_cache,
         base_models=[args.model_id],
         prefetch=[args.lora_id],
         cpu_cores=side_core,
@@ -216,9 +220,9 @@ def start_suite(args, gateway_address: str = "127.0.0.1:0") -> dict[str, Service
         wait=False,
     )
     controlnet = start_controlnet(
-        args.zoo, preload=[args.controlnet_id], cpu_cores=side_core, num_threads=1, wait=False
+        args.model_root, preload=[args.controlnet_id], cpu_cores=side_core, num_threads=1, wait=False
     )
-    unet = start_unet(args.zoo, args.model_id, cpu_cores=[0], num_threads=1, wait=False)
+    unet = start_unet(args.model_root, args.model_id, cpu_cores=[0], num_threads=1, wait=False)
     for service in (store, controlnet, unet):
         service.wait_ready()
     gateway = start_gateway(
@@ -232,16 +236,28 @@ def start_suite(args, gateway_address: str = "127.0.0.1:0") -> dict[str, Service
 
 
 def demo(args) -> int:
-    """Start the four services, send one request through the gateway with the CLI, stop."""
+    """Start the four services, send one request through the gateway with the CLI, score the
+    image it wrote, stop.
+
+    The request is a held-out prompt of the shape world (a caption the model never saw in
+    training) with the edges ControlNet given that scene's edge map and the pastel LoRA: on the
+    trained model the image shows what the prompt asks, where the edges say, in the LoRA's style,
+    and the scorer says so.
+    """
     from swiftd import cli
-    from swiftd.images import edge_image
+    from swiftd.shapeworld.data import held_out_scenes
+    from swiftd.shapeworld.render import edge_map
+    from swiftd.shapeworld.score import score
 
     _stop_on_signals()
     args.out.mkdir(parents=True, exist_ok=True)
+    scene = held_out_scenes(DEMO_SCENE + 1)[DEMO_SCENE]
+    hint = edge_map(scene, args.size)
+    edges = args.out / "edges.png"
+    PIL.Image.fromarray(hint).save(edges)
+    image_path = args.out / "demo.png"
     try:
         gateway = start_suite(args)["gateway"]
-        edges = args.out / "edges.png"
-        edges.write_bytes(edge_image(args.size))
         command = [
             "generate",
             "--address",
@@ -249,31 +265,35 @@ def demo(args) -> int:
             "--model",
             args.model_id,
             "--prompt",
-            "a photo of an astronaut riding a horse",
-            "--negative-prompt",
-            "blurry",
+            f"{scene.caption()}",
             "--width",
             str(args.size),
             "--height",
             str(args.size),
             "--steps",
             str(args.steps),
+            "--guidance",
+            str(args.guidance),
             "--seed",
-            "42",
+            "0",
             "--lora",
-            f"{args.lora_id}:0.8",
+            f"{args.lora_id}:1.0",
             "--controlnet",
             f"{args.controlnet_id}={edges}:1.0",
             "--request-id",
             "make-run",
             "-o",
-            str(args.out / "demo.png"),
+            str(image_path),
         ]
         shown = [f"'{c}'" if " " in c else c for c in command]
         print("\nthe request, through the gateway with the swiftd CLI:\n  swiftd " + " ".join(shown) + "\n", flush=True)
-        return cli.main(command)
+        code = cli.main(command)
     finally:
         _stop_all()
+    if code == 0:
+        verdict = score(np.asarray(PIL.Image.open(image_path).convert("RGB")), scene, hint)
+        print(f"\nthe scorer on {image_path} (swiftd/shapeworld/score.py):\n  {verdict.describe(scene)}")
+    return code
 
 
 def up(args) -> int:
@@ -282,8 +302,9 @@ def up(args) -> int:
     try:
         gateway = start_suite(args, gateway_address=args.gateway_address)["gateway"]
         print(
-            f"\ngateway on {gateway.address}; try:\n  swiftd generate --address {gateway.address} --prompt 'a cat' "
-            f"--lora {args.lora_id}:0.8 -o out.png\nCtrl-C stops the suite.",
+            f"\ngateway on {gateway.address}; try:\n  swiftd generate --address {gateway.address} --model {args.model_id} "
+            f"--prompt 'a red circle at the top left on a white background' --width 64 --height 64 --guidance 4 "
+            f"--lora {args.lora_id}:1.0 -o out.png\nCtrl-C stops the suite.",
             flush=True,
         )
         while all(s.process.poll() is None for s in _running):
@@ -301,14 +322,18 @@ def main(argv=None) -> int:
     u = sub.add_parser("up", help="start the suite and keep it up until Ctrl-C")
     u.add_argument("--gateway-address", default="127.0.0.1:50050")
     for p in (d, u):
-        p.add_argument("--zoo", type=Path, default=Path(".zoo"))
-        p.add_argument("--model-id", default="tiny-sd15")
-        p.add_argument("--controlnet-id", default="tiny-sd15-cn-edges")
-        p.add_argument("--lora-id", default="tiny-sd15-lora-kohya-r16-te", help="kohya format, text encoder + UNet")
+        p.add_argument(
+            "--model-root", type=Path, default=REPO / "weights", help="model repository (models/, controlnets/, loras/)"
+        )
+        p.add_argument("--model-id", default="shapes-sd15")
+        p.add_argument("--controlnet-id", default="shapes-sd15-cn-edges")
+        p.add_argument("--lora-id", default="shapes-sd15-lora-pastel-kohya", help="kohya format")
     d.add_argument("--out", type=Path, default=Path("out"))
     d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--size", type=int, default=256)
+    d.add_argument("--guidance", type=float, default=4.0)
+    d.add_argument("--size", type=int, default=64, help="pixels per side (the shape world's native 64)")
     args = parser.parse_args(argv)
+    args.lora_cache = getattr(args, "out", Path("out")) / ".lora-cache"
     return demo(args) if args.command == "demo" else up(args)
 
 

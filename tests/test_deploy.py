@@ -243,3 +243,43 @@ def test_the_autoscaler_scales_a_worker_statefulset_on_a_metric_the_gateway_expo
     # The adapter rule the docs give sums the gateways' series of that metric.
     readme = (REPO / "deploy" / "README.md").read_text()
     assert "swiftd_gateway_queue_depth" in readme and "sum(swiftd_queue_depth{" in readme
+
+
+# -- one-host compose ------------------------------------------------------------------------------
+
+COMPOSE = REPO / "deploy" / "compose"
+
+
+def _compose() -> dict:
+    """compose.yaml with each ${VAR:-default} at its default, as `docker compose` reads it unset."""
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: m.group(2), (COMPOSE / "compose.yaml").read_text())
+    return yaml.safe_load(text)
+
+
+def test_the_compose_file_starts_real_services_that_find_each_other():
+    services = _compose()["services"]
+    parsed = {}
+    for name, service in services.items():
+        command = service.get("command", [])
+        if command[:2] != ["python", "-m"]:
+            continue
+        module = command[2]
+        parsed[name] = importlib.import_module(f"{module}.__main__").build_parser().parse_args(command[3:])
+        want = "swiftd-gateway" if module == "services.gateway" else "swiftd-worker"
+        assert service["image"].split(":")[0] == want, name
+        assert service["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+        assert service["user"] != "0" and service["read_only"], name
+    port = {name: args.address.rsplit(":", 1)[1] for name, args in parsed.items()}
+    gateway = parsed["gateway"]
+    assert gateway.unet == [f"unet:{port['unet']}"] and gateway.controlnet == [f"controlnet:{port['controlnet']}"]
+    assert gateway.lora_store == parsed["unet"].lora_store == f"lora-store:{port['lora-store']}"
+    # Served by default: the trained model in weights/, its ControlNet preloaded.
+    assert "../../weights:/models:ro" in services["unet"]["volumes"]
+    assert (REPO / "weights" / "models" / parsed["unet"].model_id).is_dir()
+    assert all((REPO / "weights" / "controlnets" / c).is_dir() for c in parsed["controlnet"].preload)
+    # Spans reach the trace UI: services -> collector (OTLP/gRPC 4317) -> Jaeger.
+    collector = yaml.safe_load((COMPOSE / "otel-collector.yaml").read_text())
+    assert collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(":4317")
+    (exporter,) = collector["service"]["pipelines"]["traces"]["exporters"]
+    assert collector["exporters"][exporter]["endpoint"].split(":")[0] in services
+    assert "16686:16686" in services["jaeger"]["ports"]

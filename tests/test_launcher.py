@@ -1,4 +1,5 @@
-"""The launcher's children never outlive the launcher (they ask for PDEATHSIG themselves)."""
+"""The launcher: `make run`'s demo on the shipped model, and children that never outlive the launcher
+(they ask for PDEATHSIG themselves)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from swiftd.launcher import DEMO_SCENE
+from swiftd.shapeworld.data import held_out_scenes
+from swiftd.shapeworld.render import edge_map
+from swiftd.shapeworld.score import score
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,3 +71,21 @@ def test_a_service_stops_when_its_launcher_is_killed():
         launcher.kill()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.slow  # ~30 s: the four services start, one request, stop
+def test_make_run_writes_a_picture_of_its_prompt_and_scores_it(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "swiftd.launcher", "demo", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    scene = held_out_scenes(DEMO_SCENE + 1)[DEMO_SCENE]
+    assert scene.caption() in done.stdout
+    verdict = score(np.asarray(PIL.Image.open(tmp_path / "demo.png").convert("RGB")), scene, edge_map(scene, 64))
+    assert verdict.describe(scene) in done.stdout  # what it printed is the scorer's verdict on that file
+    # The picture means something: the shapes asked for, where the edges are, in the LoRA's style.
+    assert verdict.prompt_adherence == 1.0 and verdict.control_iou >= 0.6 and verdict.style["pastel"], done.stdout
