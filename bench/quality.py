@@ -235,14 +235,19 @@ class SettingScores:
     prompt_adherence: float
     control_iou: float | None
     style_hit: float  # share of images showing their prompt's LoRA style
+    style_hit_by_style: dict[str, float]  # the same, over the prompts of each style
 
     @classmethod
     def of(cls, verdicts: list[Verdict], styles: list[str]) -> SettingScores:
         ious = [v.control_iou for v in verdicts if v.control_iou is not None]
+        hits = [float(v.style[s]) for v, s in zip(verdicts, styles)]
         return cls(
             prompt_adherence=statistics.mean(v.prompt_adherence for v in verdicts),
             control_iou=statistics.mean(ious) if ious else None,
-            style_hit=statistics.mean(float(v.style[s]) for v, s in zip(verdicts, styles)),
+            style_hit=statistics.mean(hits),
+            style_hit_by_style={
+                style: statistics.mean(h for h, s in zip(hits, styles) if s == style) for style in sorted(set(styles))
+            },
         )
 
     def largest_change(self, other: SettingScores) -> float:
@@ -279,6 +284,10 @@ def figures_of(s: dict[str, SettingScores], images: dict[str, list], group: str)
         Figure("quality.prompt_adherence.controlnet", s["suite.controlnet"].prompt_adherence, "x", group),
         Figure("quality.lora_style_hit", s["suite.lora"].style_hit, "x", group),
         Figure("quality.lora_style_hit.diffusers", s["diffusers.lora"].style_hit, "x", group),
+        *(
+            Figure(f"quality.lora_style_hit.{style}", hit, "x", group)
+            for style, hit in s["suite.lora"].style_hit_by_style.items()
+        ),
         Figure("quality.lora_style_false", s["suite.plain"].style_hit, "x", group),
         Figure("quality.prompt_adherence.lora", s["suite.lora"].prompt_adherence, "x", group),
         Figure(

@@ -57,6 +57,8 @@ def test_quality_bench_runs_on_the_shipped_weights(tmp_path):
         "quality.prompt_adherence.diffusers",
         "quality.control_iou",
         "quality.lora_style_hit",
+        "quality.lora_style_hit.outline",
+        "quality.lora_style_hit.pastel",
         "quality.lora_style_false",
         "quality.fp16_wire_delta",
         *(f"quality.bal_delta.k{k}" for k in (2, 5, 10)),
