@@ -37,18 +37,19 @@ import torch
 
 from bench.artifacts import compiled_artifacts
 from bench.bal import image_with_arrival_at, lora_deltas
-from bench.scenarios import IMAGE_TOLERANCE, REPO, BenchConfig, Figure, GroupResult
+from bench.scenarios import IMAGE_TOLERANCE, REPO, BenchConfig, Figure, GroupResult, max_abs_diff
 from swiftd.client import Client
 from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
 from swiftd.request import ControlNet, Lora, Request
 from swiftd.shapeworld.data import IMAGE_SIZE, held_out_scenes
-from swiftd.shapeworld.evaluate import GUIDANCE_SCALE, STEPS
+from swiftd.shapeworld.evaluate import GUIDANCE_SCALE, STEPS, generate
 from swiftd.shapeworld.export import CONTROLNET_ID, lora_id
 from swiftd.shapeworld.models import FAMILY
 from swiftd.shapeworld.render import STYLES, edge_map, render
 from swiftd.shapeworld.score import Verdict, score
 
 K_VALUES = (0, 2, 5, 10)
+COMPILED_VARIANTS = {"compiled": "float32", "compiled_bf16": "bfloat16"}  # suite variant -> its dtype
 GRID_PROMPTS = 4
 GRID_ZOOM = 3
 
@@ -80,11 +81,6 @@ class Prompts:
             scheduler="euler",
             model_id=FAMILY,
         )
-
-    def hint_png(self, i: int) -> bytes:
-        out = io.BytesIO()
-        PIL.Image.fromarray(self.hints[i]).save(out, format="PNG")
-        return out.getvalue()
 
     def with_style(self, style: str) -> list[int]:
         return [i for i, s in enumerate(self.styles) if s == style]
@@ -118,31 +114,17 @@ def reference_images(root: Path, prompts: Prompts, log) -> dict[str, list[np.nda
     with_controlnet = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
     with_controlnet.set_progress_bar_config(disable=True)
 
-    def run(pipeline, i, **kwargs):
-        request = prompts.request(i)
-        out = pipeline(
-            request.prompt,
-            num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale,
-            height=request.height,
-            width=request.width,
-            generator=torch.Generator().manual_seed(request.seed),
-            output_type="np",
-            **kwargs,
-        ).images[0]
-        return (out * 255).round().astype(np.uint8)
-
+    # Prompt i with seed i, as Prompts.request(i) asks the suite.
     n = len(prompts)
-    images: dict[str, list] = {"diffusers.plain": [run(pipe, i) for i in range(n)]}
+    images: dict[str, list] = {"diffusers.plain": generate(pipe, prompts.scenes)}
     log("[quality] diffusers: plain done")
-    hint = lambda i: torch.from_numpy(prompts.hints[i]).permute(2, 0, 1)[None].float() / 255.0  # noqa: E731
-    images["diffusers.controlnet"] = [run(with_controlnet, i, image=hint(i)) for i in range(n)]
+    images["diffusers.controlnet"] = generate(with_controlnet, prompts.scenes, controls=prompts.hints)
     log("[quality] diffusers: controlnet done")
     images["diffusers.lora"] = [None] * n
     for style in STYLES:
         pipe.load_lora_weights(root / "loras", weight_name=f"{lora_id(style, 'peft')}.safetensors")
         for i in prompts.with_style(style):
-            images["diffusers.lora"][i] = run(pipe, i)
+            (images["diffusers.lora"][i],) = generate(pipe, [prompts.scenes[i]], seed=i)
         pipe.unload_lora_weights()
     log("[quality] diffusers: lora done")
 
@@ -204,7 +186,10 @@ class QualitySuite:
 
 def suite_images(suite: QualitySuite, prompts: Prompts, log) -> dict[str, list[np.ndarray]]:
     n = range(len(prompts))
-    hinted = [replace(prompts.request(i), controlnets=[ControlNet(CONTROLNET_ID, prompts.hint_png(i))]) for i in n]
+    hinted = [
+        replace(prompts.request(i), controlnets=[ControlNet(CONTROLNET_ID, PIL.Image.fromarray(prompts.hints[i]))])
+        for i in n
+    ]
     images = {"suite.plain": suite.images("eager", [prompts.request(i) for i in n])}
     log("[quality] suite: plain done")
     images["suite.controlnet"] = suite.images("eager", hinted)
@@ -271,7 +256,7 @@ def scores(images: dict[str, list[np.ndarray]], prompts: Prompts) -> dict[str, S
 
 def same_image_share(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     """Share of prompts whose two images differ by at most IMAGE_TOLERANCE in every pixel."""
-    same = [int(np.abs(x.astype(int) - y.astype(int)).max()) <= IMAGE_TOLERANCE for x, y in zip(a, b)]
+    same = [max_abs_diff(x, y) <= IMAGE_TOLERANCE for x, y in zip(a, b)]
     return statistics.mean(same)
 
 
@@ -302,11 +287,10 @@ def figures_of(s: dict[str, SettingScores], images: dict[str, list], group: str)
         figures.append(Figure(f"quality.bal_style_hit.k{k}", s[f"bal.k{k}"].style_hit, "x", group))
         if k:
             figures.append(Figure(f"quality.bal_delta.k{k}", s[f"bal.k{k}"].largest_change(s["bal.k0"]), "x", group))
-    for variant, dtype in (("compiled", "float32"), ("compiled_bf16", "bfloat16")):
+    for variant, dtype in COMPILED_VARIANTS.items():
         if f"suite.{variant}" in s:
             delta = s[f"suite.{variant}"].largest_change(s["suite.plain"])
-            name = "quality.compiled_delta" if variant == "compiled" else "quality.compiled_bf16_delta"
-            figures.append(Figure(name, delta, "x", group, dtype=dtype))
+            figures.append(Figure(f"quality.{variant}_delta", delta, "x", group, dtype=dtype))
     for setting in ("plain", "controlnet", "lora"):
         share = same_image_share(images[f"suite.{setting}"], images[f"diffusers.{setting}"])
         figures.append(Figure(f"quality.same_image_share.{setting}", share, "x", group))
@@ -379,7 +363,7 @@ def group_quality(config: BenchConfig, session) -> GroupResult:
     compiled = {}
     if config.quality_compiled:
         artifacts = REPO / ".zoo" / "quality"
-        for variant, dtype in (("compiled", "float32"), ("compiled_bf16", "bfloat16")):
+        for variant, dtype in COMPILED_VARIANTS.items():
             out = artifacts / f"{FAMILY}-{dtype}-{IMAGE_SIZE}"
             compiled[variant] = (
                 compiled_artifacts(root, FAMILY, out, IMAGE_SIZE, dtype=dtype, log=config.log),

@@ -181,8 +181,11 @@ def median(values: list[float]) -> float:
 
 def image_max_abs_diff(png_a: bytes, png_b: bytes) -> int:
     """Largest per-pixel difference (0..255) of two PNGs: a sanity check that both sides did the same work."""
-    a = np.asarray(PIL.Image.open(io.BytesIO(png_a)).convert("RGB"), dtype=np.int16)
-    b = np.asarray(PIL.Image.open(io.BytesIO(png_b)).convert("RGB"), dtype=np.int16)
+    return max_abs_diff(*(np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB")) for png in (png_a, png_b)))
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest per-pixel difference (0..255) of two 8-bit images (255 when their shapes differ)."""
     if a.shape != b.shape:
         return 255
-    return int(np.abs(a - b).max())
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())

@@ -202,7 +202,7 @@ def _stop_on_signals() -> None:
 
 
 def start_suite(args, gateway_address: str = "127.0.0.1:0") -> dict[str, ServiceProcess]:
-    """The four services on loopback, as `make run` uses them (the LoRA store caches under --out)."""
+    """The four services on loopback, as `make run` uses them."""
     t0 = time.perf_counter()
     print(f"starting the services for {args.model_id} ...", flush=True)
     # One device per service: on CPU, one pinned core and one thread each (two threads on a busy
@@ -265,7 +265,7 @@ def demo(args) -> int:
             "--model",
             args.model_id,
             "--prompt",
-            f"{scene.caption()}",
+            scene.caption(),
             "--width",
             str(args.size),
             "--height",
@@ -328,12 +328,12 @@ def main(argv=None) -> int:
         p.add_argument("--model-id", default="shapes-sd15")
         p.add_argument("--controlnet-id", default="shapes-sd15-cn-edges")
         p.add_argument("--lora-id", default="shapes-sd15-lora-pastel-kohya", help="kohya format")
+        p.add_argument("--lora-cache", type=Path, default=Path("out/.lora-cache"), help="the LoRA store's disk tier")
     d.add_argument("--out", type=Path, default=Path("out"))
     d.add_argument("--steps", type=int, default=20)
     d.add_argument("--guidance", type=float, default=4.0)
     d.add_argument("--size", type=int, default=64, help="pixels per side (the shape world's native 64)")
     args = parser.parse_args(argv)
-    args.lora_cache = getattr(args, "out", Path("out")) / ".lora-cache"
     return demo(args) if args.command == "demo" else up(args)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -78,10 +78,9 @@ _CONTROLNET_STAGE = re.compile(r"^controlnet\.[^.]+\.(?P<part>\w+)$")  # control
 _PER_STEP = {"denoise.controlnet_wait": "wait", "controlnet.transport": "transport"}
 
 
-def observe_stages(timings: Iterable[tuple[str, float]] | dict[str, float], steps: int = 0) -> None:
+def observe_stages(timings: dict[str, float], steps: int = 0) -> None:
     """A finished request's stage timings; with its step count, the per-step ControlNet parts."""
-    items = timings.items() if isinstance(timings, dict) else timings
-    for stage, seconds in items:
+    for stage, seconds in timings.items():
         match = _CONTROLNET_STAGE.match(stage)
         if match:
             stage = f"controlnet.{match['part']}"

@@ -138,29 +138,34 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 request.preview_every_n_steps = 0  # nobody would see them
         server_span.set_attributes({"request.id": request.request_id, "request.model_id": model.model_id})
         with logs.request_scope(request.request_id):  # every log line of this request, in every service
-            remaining = rpc.time_left(context, self.config.request_timeout)
+            yield from self._admitted(request, model, context, timings, t_start)
 
-            admission = self.admission(model)
-            with tracing.stage(tracer, timings, "queue") as span:
-                for position in admission.wait_turn(context.is_active, time.monotonic() + remaining()):
-                    span.add_event("queued", {"position": position})
-                    yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
+    def _admitted(self, request: Request, model: common_pb2.ModelInfo, context, timings, t_start):
+        """A validated request: its turn in the model's queue, its plan, its run."""
+        server_span = trace.get_current_span()
+        remaining = rpc.time_left(context, self.config.request_timeout)
+
+        admission = self.admission(model)
+        with tracing.stage(tracer, timings, "queue") as span:
+            for position in admission.wait_turn(context.is_active, time.monotonic() + remaining()):
+                span.add_event("queued", {"position": position})
+                yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
+        try:
+            with tracing.stage(tracer, timings, "plan") as span:
+                plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
+                span.set_attributes(plan_attributes(plan))
             try:
-                with tracing.stage(tracer, timings, "plan") as span:
-                    plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
-                    span.set_attributes(plan_attributes(plan))
-                try:
-                    server_span.set_attributes(plan_attributes(plan))
-                    log.info("request %s -> %s", request.request_id, plan_attributes(plan))
-                    started = gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"])
-                    yield gateway_pb2.GenerateStreamResponse(started=started)
-                    yield from self._run(
-                        self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start
-                    )
-                finally:
-                    self.planner.release(plan)
+                server_span.set_attributes(plan_attributes(plan))
+                log.info("request %s -> %s", request.request_id, plan_attributes(plan))
+                started = gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"])
+                yield gateway_pb2.GenerateStreamResponse(started=started)
+                yield from self._run(
+                    self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start
+                )
             finally:
-                admission.release()
+                self.planner.release(plan)
+        finally:
+            admission.release()
 
     def _planned(self, request: Request, plan: gateway_pb2.Plan) -> Request:
         """The request as its UNet worker runs it: where each ControlNet runs, where LoRAs come from,

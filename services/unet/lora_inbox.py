@@ -241,12 +241,10 @@ class LoraInbox:
         loras = LoraSet.of(loras)
         store = store or self.default_store
         pushed = set(pushed)
-        missing = LoraSet(
-            tuple(lora for lora in loras if lora.lora_id not in pushed and self._entry(lora.key, create=False) is None)
-        )
+        present = {lora.key: self._entry(lora.key, create=False) for lora in loras}
+        missing = LoraSet(tuple(lora for lora in loras if lora.lora_id not in pushed and present[lora.key] is None))
         # A hit: the deltas were here, complete, before the request asked (pushed ones are misses).
-        present = [self._entry(lora.key, create=False) for lora in loras]
-        hits = sum(1 for entry in present if entry is not None and entry.complete)
+        hits = sum(1 for entry in present.values() if entry is not None and entry.complete)
         metrics.LORA_LOOKUPS.labels("worker", "hit").inc(hits)
         metrics.LORA_LOOKUPS.labels("worker", "miss").inc(len(loras) - hits)
         entries = [self._entry(lora.key) for lora in loras]
