@@ -39,6 +39,8 @@ import time
 import traceback
 from pathlib import Path
 
+from swiftd.cliargs import ExtendList
+
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
@@ -74,7 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="compile artifacts into --out")
     model_arguments(build)
     build.add_argument("--backend", choices=BACKENDS, default="inductor")
-    build.add_argument("--resolution", type=int, nargs="+", required=True, help="image sides in pixels (square)")
+    build.add_argument(
+        "--resolution",
+        nargs="+",
+        action=ExtendList,
+        item_type=int,
+        required=True,
+        help="image sides in pixels (square)",
+    )
     build.add_argument(
         "--batch", type=int, nargs="+", default=[1, 2], help="batch sizes to serve: 1 without CFG, 2 with"
     )
@@ -86,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="parts to compile (default: the UNet halves and the VAE decoder, plus the ControlNet "
         "when --controlnet-id is given)",
     )
-    build.add_argument("--controlnet-id", nargs="*", default=[], help="ControlNets whose architectures to compile")
+    build.add_argument(
+        "--controlnet-id", nargs="*", action=ExtendList, default=[], help="ControlNets whose architectures to compile"
+    )
     build.add_argument("--out", type=Path, required=True, help="artifact directory to write")
     build.add_argument("--force", action="store_true", help="replace the artifacts already in --out")
     build.add_argument(

@@ -9,6 +9,7 @@ from pathlib import Path
 from services.controlnet.registry import ControlNetRegistry
 from services.controlnet.servicer import ControlNetWorkerServicer
 from swiftd import metrics, rpc, tracing
+from swiftd.cliargs import ExtendList
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.loading import DTYPES
 from swiftd.server import (
@@ -28,7 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--budget-mib", type=int, default=8192, help="memory budget for resident ControlNets")
-    parser.add_argument("--preload", nargs="*", default=[], metavar="ID", help="ControlNets to load before serving")
+    parser.add_argument(
+        "--preload", nargs="*", action=ExtendList, default=[], metavar="ID", help="ControlNets to load before serving"
+    )
     parser.add_argument(
         "--compiled-artifacts",
         type=Path,

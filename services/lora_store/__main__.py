@@ -13,6 +13,7 @@ from pathlib import Path
 from services.lora_store.servicer import LoraStoreServicer
 from services.lora_store.store import LoraStore
 from swiftd import rpc, tracing
+from swiftd.cliargs import ExtendList
 from swiftd.loading import DTYPES
 from swiftd.server import (
     add_server_arguments,
@@ -46,10 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="serving dtype for requests that leave dtype unspecified",
     )
     parser.add_argument("--push-timeout", type=float, default=300.0, help="deadline of one PushLoras stream, seconds")
-    parser.add_argument("--base-model", nargs="*", default=[], metavar="ID", help="base models to load before serving")
+    parser.add_argument(
+        "--base-model",
+        nargs="*",
+        action=ExtendList,
+        default=[],
+        metavar="ID",
+        help="base models to load before serving",
+    )
     parser.add_argument(
         "--prefetch",
         nargs="*",
+        action=ExtendList,
         default=[],
         metavar="LORA_ID",
         help="LoRAs to prepare for every --base-model (default dtype) before serving",

@@ -1,0 +1,393 @@
+"""The Kubernetes deployment stays true: every kustomize root (the base and each overlay) renders
+with `kubectl kustomize`, passes the Kubernetes schemas, starts services that exist with the flags
+they take once the release ConfigMap's values are substituted as the kubelet does, and holds what
+a production deploy needs (disruption budgets, spread, a restricted security context, a drain
+delay, network policies that let through exactly the calls the services make)."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from swiftd import rpc
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "deploy" / "k8s"
+ROOTS = ["base"] + sorted(f"overlays/{p.name}" for p in (K8S / "overlays").iterdir() if p.is_dir())
+# The oldest Kubernetes the manifests are for (preStop `sleep` is on by default from 1.30) and the
+# newest the validator knows.
+KUBERNETES_VERSIONS = ("1.30.0", "latest")
+SERVICE_NAMES = {
+    "services.unet": rpc.UNET_SERVICE,
+    "services.controlnet": rpc.CONTROLNET_SERVICE,
+    "services.lora_store": rpc.LORA_STORE_SERVICE,
+    "services.gateway": rpc.GATEWAY_SERVICE,
+}
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (for `kubectl kustomize`) is not installed"
+)
+
+
+@functools.cache
+def _render(root: str) -> tuple[dict, ...]:
+    out = subprocess.run(["kubectl", "kustomize", str(K8S / root)], capture_output=True, text=True, check=True)
+    return tuple(yaml.safe_load_all(out.stdout))
+
+
+def _all(root: str, *kinds: str) -> list[dict]:
+    return [d for d in _render(root) if d["kind"] in kinds]
+
+
+def _one(root: str, kind: str, name: str) -> dict:
+    (doc,) = [d for d in _render(root) if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def _pod(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def _containers(workload: dict) -> list[dict]:
+    return _pod(workload).get("initContainers", []) + _pod(workload)["containers"]
+
+
+def _args(root: str, container: dict) -> list[str]:
+    """The container's args as the kubelet runs them: $(VAR) from its env and envFrom ConfigMaps."""
+    env = {}
+    for source in container.get("envFrom", []):
+        env.update(_one(root, "ConfigMap", source["configMapRef"]["name"])["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a) for a in container["args"]]
+    assert not [a for a in args if "$(" in a], f"{container['name']}: unresolved variables in {args}"
+    return args
+
+
+def _service_args(root: str, container: dict):
+    """(module, parsed args) of a `python -m <module> ...` container, parsed by the module's own parser."""
+    python, dash_m, module, *args = _args(root, container)
+    assert (python, dash_m) == ("python", "-m")
+    if module == "compiler":
+        from compiler.cli import build_parser
+    else:
+        build_parser = importlib.import_module(f"{module}.__main__").build_parser
+    return module, build_parser().parse_args(args)  # exits (fails the test) on an unknown or malformed flag
+
+
+def _directories(compiled_artifacts) -> list:
+    """--compiled-artifacts: one directory (UNet worker) or several (ControlNet worker)."""
+    if isinstance(compiled_artifacts, list):
+        return compiled_artifacts
+    return [compiled_artifacts] if compiled_artifacts else []
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_each_root_renders_to_manifests_that_pass_the_kubernetes_schemas(root):
+    import kubernetes_validate
+
+    docs = _render(root)
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "NetworkPolicy", "PodDisruptionBudget"} <= {
+        d["kind"] for d in docs
+    }
+    for version in KUBERNETES_VERSIONS:
+        version = kubernetes_validate.latest_version() if version == "latest" else version
+        for doc in docs:  # strict: an unknown field (a typo) fails as well as a wrong type
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_validator_rejects_what_a_cluster_would():
+    import kubernetes_validate
+
+    unet = _one("base", "StatefulSet", "swiftd-unet")
+    typo = yaml.safe_load(yaml.safe_dump(unet).replace("readinessProbe", "readinesProbe"))
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, KUBERNETES_VERSIONS[0], strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError):  # preStop sleep: our oldest version's floor
+        kubernetes_validate.validate(unet, "1.28.0", strict=True)
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_each_workload_starts_a_real_service_with_valid_flags(root):
+    for workload in _all(root, "Deployment", "StatefulSet"):
+        (container,) = _pod(workload)["containers"]
+        if container["name"] == "otel-collector":
+            continue
+        module, parsed = _service_args(root, container)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports["grpc"] == int(parsed.address.rsplit(":", 1)[1])
+        assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"], "service": SERVICE_NAMES[module]}
+        # A pod leaving drains after its preStop delay; Kubernetes must not kill it before both end.
+        pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+        assert _pod(workload)["terminationGracePeriodSeconds"] > pre_stop + parsed.grace_seconds, workload
+        # Prometheus finds /metrics where the service serves it.
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        assert parsed.metrics_port == ports["metrics"] == int(annotations["prometheus.io/port"])
+        assert annotations["prometheus.io/scrape"] == "true"
+        if workload["kind"] == "StatefulSet":  # stable pod names need the governing headless Service
+            service = _one(root, "Service", workload["spec"]["serviceName"])
+            assert service["spec"]["clusterIP"] == "None"
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_the_gateway_finds_the_workers_through_their_headless_services_and_outlasts_their_drain(root):
+    (gateway,) = [w for w in _all(root, "Deployment") if w["metadata"]["name"] == "swiftd-gateway"]
+    _, parsed = _service_args(root, _pod(gateway)["containers"][0])
+
+    def headless(name: str) -> tuple[str, float]:
+        sts = _one(root, "StatefulSet", name)
+        service = _one(root, "Service", sts["spec"]["serviceName"])
+        assert service["spec"]["clusterIP"] == "None" and _selects(service["spec"]["selector"], sts["spec"]["selector"])
+        assert not service["spec"].get("publishNotReadyAddresses", False)  # only ready pods get requests
+        container = _pod(sts)["containers"][0]
+        # A worker leaving keeps serving until every gateway has re-resolved the records without it
+        # (one catalog refresh, plus CoreDNS's default 5 s record TTL).
+        assert container["lifecycle"]["preStop"]["sleep"]["seconds"] >= parsed.catalog_ttl + 5
+        return f"dns:///{service['metadata']['name']}:{container['ports'][0]['containerPort']}"
+
+    assert parsed.unet == [headless("swiftd-unet")]
+    assert parsed.controlnet == [headless("swiftd-controlnet")]
+    store = _one(root, "Service", parsed.lora_store.split(":")[0])
+    assert store["spec"]["ports"][0]["port"] == int(parsed.lora_store.split(":")[1])
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_one_release_is_served_everywhere(root):
+    """Model, dtype, images and GPU type are set once per root, so no two pods can disagree."""
+    parsed = {}
+    for workload in _all(root, *WORKLOADS):
+        for container in _containers(workload):
+            if container["args"][:2] == ["python", "-m"]:
+                parsed[(workload["metadata"]["name"], container["name"])] = _service_args(root, container)[1]
+    models = {getattr(a, "model_id", None) or getattr(a, "default_model", None) for a in parsed.values()}
+    models |= {m for a in parsed.values() for m in getattr(a, "base_model", [])}
+    assert len(models - {None}) == 1, models
+    dtypes = {getattr(a, "dtype", None) or getattr(a, "default_dtype", None) for a in parsed.values()}
+    assert len(dtypes - {None}) == 1, dtypes
+    ours = [c["image"] for w in _all(root, *WORKLOADS) for c in _containers(w) if "swiftd-" in c["image"]]
+    assert len({image.rsplit(":", 1)[1] for image in ours}) == 1, ours  # one tag for both images
+    gpu_pods = [_pod(w) for w in _all(root, *WORKLOADS) if any("nvidia.com/gpu" in str(c) for c in _containers(w))]
+    assert gpu_pods and len({str(p.get("nodeSelector")) for p in gpu_pods}) == 1  # kernels are per GPU type
+    for pod in gpu_pods:  # GPU nodes are tainted; a GPU pod tolerates it
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+
+
+COMPILED_ROOTS = [r for r in ROOTS if "../../components/compiled" in (K8S / r / "kustomization.yaml").read_text()]
+
+
+@pytest.mark.parametrize("root", COMPILED_ROOTS)
+def test_the_compile_job_publishes_what_the_workers_load(root):
+    """The release Job builds into a staging directory, verifies it and publishes it under the
+    release's name; that name is what the workers pass to --compiled-artifacts, on the same volume,
+    built on the workers' GPU type and for their model, dtype and device."""
+    (job,) = _all(root, "Job")
+    pod = _pod(job)
+    (build,), (verify,) = pod["initContainers"], pod["containers"]
+    (_, built), (_, verified) = _service_args(root, build), _service_args(root, verify)
+    assert (built.command, verified.command) == ("build", "verify")
+    assert built.out == verified.artifacts and verified.publish is not None and verified.publish != built.out
+    assert built.out.parent == verified.publish.parent  # one filesystem: publishing is a rename
+    assert (built.model_id, built.dtype, built.device) == (verified.model_id, verified.dtype, verified.device)
+    release = _one(root, "ConfigMap", build["envFrom"][0]["configMapRef"]["name"])["data"]["SWIFTD_RELEASE"]
+    assert verified.publish.name.endswith(f"-{release}") and job["metadata"]["name"].endswith(f"-{release}")
+    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"  # a failure stops the release
+
+    def claim(spec, mount_path):
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            for mount in container["volumeMounts"]:
+                if mount["mountPath"] == mount_path:
+                    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+                    yield volume["persistentVolumeClaim"]["claimName"], mount.get("readOnly", False)
+
+    root_dir = str(built.out.parent)
+    assert set(claim(pod, root_dir)) == {("swiftd-artifacts", False)}
+    for name in ("swiftd-unet", "swiftd-controlnet"):
+        spec = _pod(_one(root, "StatefulSet", name))
+        _, args = _service_args(root, spec["containers"][0])
+        assert _directories(args.compiled_artifacts) == [verified.publish], name
+        assert args.dtype == built.dtype and args.device == built.device
+        assert set(claim(spec, root_dir)) == {("swiftd-artifacts", True)}
+        assert spec["nodeSelector"] == pod["nodeSelector"], name  # kernels are built per GPU type
+        if name == "swiftd-controlnet":  # the ControlNets it preloads are the ones compiled
+            assert set(args.preload) == set(built.controlnet_id)
+
+
+def test_the_base_serves_eagerly_without_artifacts():
+    """A fresh cluster serves at once: the base's workers need no compile step."""
+    assert not _all("base", "Job")
+    for name in ("swiftd-unet", "swiftd-controlnet"):
+        _, args = _service_args("base", _pod(_one("base", "StatefulSet", name))["containers"][0])
+        assert _directories(args.compiled_artifacts) == []
+    # One ConfigMap value, a list: `--preload=$(SWIFTD_CONTROLNETS)` is one argument of two ids.
+    assert args.preload == ["sd15-canny", "sd15-depth"]
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_every_volume_claim_is_defined_with_an_access_mode_that_fits(root):
+    claims = {d["metadata"]["name"]: d["spec"]["accessModes"] for d in _all(root, "PersistentVolumeClaim")}
+    for workload in _all(root, *WORKLOADS):
+        for volume in _pod(workload).get("volumes", []):
+            if "persistentVolumeClaim" not in volume:
+                continue
+            name = volume["persistentVolumeClaim"]["claimName"]
+            assert name in claims, f"{workload['metadata']['name']} mounts {name}, which {root} does not define"
+            if workload["spec"].get("replicas", 1) > 1 or name != "swiftd-lora-cache":  # pods on many nodes
+                assert set(claims[name]) & {"ReadOnlyMany", "ReadWriteMany"}, name
+    if "swiftd-artifacts" in claims:
+        assert claims["swiftd-artifacts"] == ["ReadWriteMany"]  # written by the Job, read by every worker
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_every_pod_runs_restricted_on_a_read_only_root(root):
+    for workload in _all(root, *WORKLOADS):
+        pod = _pod(workload)
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in _containers(workload):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add")
+            if "swiftd-" in container["image"]:  # torch, Triton and Python write under /tmp
+                (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+                assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == tmp["name"])
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_serving_components_survive_drains_and_node_loss(root):
+    budgets = _all(root, "PodDisruptionBudget")
+    for workload in _all(root, "Deployment", "StatefulSet"):
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        if workload["spec"]["replicas"] < 2:
+            continue  # a budget on one replica would block every drain of its node (lora-store)
+        (budget,) = [b for b in budgets if _selects(b["spec"]["selector"], labels)]
+        assert budget["spec"]["maxUnavailable"] == 1
+        (spread, *_) = _pod(workload)["topologySpreadConstraints"]
+        assert spread["topologyKey"] == "kubernetes.io/hostname" and _selects(spread["labelSelector"], labels)
+
+
+# -- network policies --------------------------------------------------------------------------------
+
+
+def _component(root: str, name: str) -> dict:
+    """Pod labels and named ports of the workload `name` (e.g. swiftd-unet)."""
+    workload = next(w for w in _all(root, "Deployment", "StatefulSet") if w["metadata"]["name"] == name)
+    ports = {p["name"]: p["containerPort"] for c in _pod(workload)["containers"] for p in c.get("ports", [])}
+    return {"labels": workload["spec"]["template"]["metadata"]["labels"], "ports": ports}
+
+
+def _allowed(root: str, source_labels: dict | None, target: dict, port_name: str) -> bool:
+    """Whether the root's NetworkPolicies admit a connection to `target`'s port from a pod with
+    `source_labels` in the same namespace (None: a pod in another namespace)."""
+    policies = [p for p in _all(root, "NetworkPolicy") if _selects(p["spec"]["podSelector"], target["labels"])]
+    if not any("Ingress" in p["spec"]["policyTypes"] for p in policies):
+        return True  # no policy selects it: open
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            ports = rule.get("ports")
+            if ports and not any(p["port"] in (port_name, target["ports"][port_name]) for p in ports):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                if "namespaceSelector" in peer:
+                    if peer["namespaceSelector"] == {}:  # every namespace (ours included)
+                        if "podSelector" not in peer or _selects(peer["podSelector"], source_labels or {}):
+                            return True
+                elif source_labels is not None and _selects(peer["podSelector"], source_labels):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_network_policies_let_through_exactly_the_calls_the_services_make(root):
+    names = {"gateway": "swiftd-gateway", "unet": "swiftd-unet", "controlnet": "swiftd-controlnet"}
+    names["lora-store"] = "swiftd-lora-store"
+    pods = {short: _component(root, name) for short, name in names.items()}
+    # Who dials whom: the gateway its flags' targets; a UNet worker its --lora-store and, per
+    # request, the ControlNet workers the plan names; the store the UNet workers it pushes to.
+    _, gateway = _service_args(root, _pod(_one(root, "Deployment", "swiftd-gateway"))["containers"][0])
+    _, unet = _service_args(root, _pod(_one(root, "StatefulSet", "swiftd-unet"))["containers"][0])
+    service_of = {"swiftd-unet": "unet", "swiftd-controlnet": "controlnet", "swiftd-lora-store": "lora-store"}
+    host = lambda target: target.removeprefix("dns:///").split(":")[0]  # noqa: E731
+    calls = {("gateway", service_of[host(t)]) for t in [*gateway.unet, *gateway.controlnet, gateway.lora_store]}
+    calls |= {("unet", service_of[host(unet.lora_store)]), ("unet", "controlnet"), ("lora-store", "unet")}
+    assert calls >= {("gateway", "unet"), ("gateway", "controlnet"), ("gateway", "lora-store")}
+
+    for source in pods:
+        for target in pods:
+            if target == "gateway":
+                continue
+            want = (source, target) in calls
+            assert _allowed(root, pods[source]["labels"], pods[target], "grpc") == want, (source, target)
+    assert _allowed(root, None, pods["gateway"], "grpc")  # the public API
+    for target in pods.values():  # Prometheus, from its own namespace
+        assert _allowed(root, None, target, "metrics")
+    # Nothing outside reaches a worker's or the store's gRPC port: only the store may push deltas,
+    # only the gateway may send requests (which of the two calls which RPC: caller identity, #14).
+    for target in ("unet", "controlnet", "lora-store"):
+        assert not _allowed(root, None, pods[target], "grpc")
+        assert not _allowed(root, {"app": "other"}, pods[target], "grpc")
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_every_service_sends_its_spans_to_the_collector_deployed_with_it(root):
+    collector = _component(root, "otel-collector")
+    service = _one(root, "Service", "otel-collector")
+    assert _selects({"matchLabels": service["spec"]["selector"]}, collector["labels"])
+    port = service["spec"]["ports"][0]["port"]
+    assert collector["ports"]["otlp-grpc"] == port
+    deployment = _one(root, "Deployment", "otel-collector")
+    config_map = next(v["configMap"]["name"] for v in _pod(deployment)["volumes"] if "configMap" in v)
+    config = yaml.safe_load(_one(root, "ConfigMap", config_map)["data"]["config.yaml"])
+    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(f":{port}")
+    pipeline = config["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"] and set(pipeline["exporters"]) <= set(config["exporters"])
+    assert re.search(r":\d+\.\d+\.\d+$", _pod(deployment)["containers"][0]["image"])  # pinned
+    for workload in _all(root, *WORKLOADS):
+        for container in _containers(workload):
+            if container["args"][:2] != ["python", "-m"] or workload["kind"] == "Job":
+                continue
+            env = {e["name"]: e["value"] for e in container["env"]}
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{port}"
+            assert _allowed(root, workload["spec"]["template"]["metadata"]["labels"], collector, "otlp-grpc")
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_each_workload_runs_the_image_of_its_service(root):
+    for workload in _all(root, *WORKLOADS):
+        for container in _containers(workload):
+            if container["args"][:2] != ["python", "-m"]:
+                continue
+            image = container["image"].rsplit("/", 1)[-1].split(":")[0]
+            want = "swiftd-gateway" if container["args"][2] == "services.gateway" else "swiftd-worker"
+            assert image == want, f"{root}: {container['name']} runs {image}, built from {want}"
+            assert (REPO / "deploy" / "docker" / f"{want.removeprefix('swiftd-')}.Dockerfile").exists()
+
+
+@pytest.mark.parametrize("root", ROOTS)
+def test_the_autoscaler_scales_the_unet_workers_on_a_metric_the_gateway_exports(root):
+    from swiftd import metrics
+
+    (hpa,) = _all(root, "HorizontalPodAutoscaler")
+    target = hpa["spec"]["scaleTargetRef"]
+    workload = _one(root, target["kind"], target["name"])
+    assert workload["spec"]["template"]["metadata"]["labels"]["component"] == "unet"
+    assert hpa["spec"]["minReplicas"] <= workload["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["external"]["metric"]["name"] == "swiftd_gateway_queue_depth"
+    assert metrics.QUEUE_DEPTH._name == "swiftd_queue_depth" and "model" in metrics.QUEUE_DEPTH._labelnames
+    # The adapter rule the docs give sums the gateways' series of that metric.
+    readme = (REPO / "deploy" / "README.md").read_text()
+    assert "swiftd_gateway_queue_depth" in readme and "sum(swiftd_queue_depth{" in readme
