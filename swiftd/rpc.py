@@ -102,6 +102,15 @@ class ChannelPool:
                 self._channels[address] = create_channel(address)
             return self._channels[address]
 
+    def retain(self, addresses: Iterable[str]) -> None:
+        """Forget the channels to every other address (workers that left DNS), so a pool that
+        follows scaling workers does not grow without bound. Not closed: a request still running
+        on one holds the channel and finishes on it; it is freed when the last call ends."""
+        keep = set(addresses)
+        with self._lock:
+            for address in [a for a in self._channels if a not in keep]:
+                del self._channels[address]
+
     def close(self) -> None:
         with self._lock:
             for channel in self._channels.values():

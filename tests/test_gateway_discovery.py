@@ -90,3 +90,37 @@ def test_the_gateway_follows_its_workers_through_dns(zoo_root):
         for worker in workers:
             worker.stop()
         dns.stop()
+
+
+def test_channels_to_workers_that_left_are_forgotten_without_cutting_their_running_calls():
+    """The gateway's channel pool follows the workers (retained at each catalog refresh), so it does
+    not grow with every pod an autoscaler ever made; a call still running on a dropped worker's
+    channel (a draining pod finishing its request) goes on to its end."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from swiftd import rpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    port = server.add_insecure_port("127.0.0.1:0")
+    health = rpc.add_health_and_reflection(server, ["swiftd.test"])
+    server.start()
+    pool = rpc.ChannelPool()
+    try:
+        address = f"127.0.0.1:{port}"
+        channel = pool.get(address)
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="swiftd.test"))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        pool.retain([address, "127.0.0.1:1"])  # still listed: kept
+        assert pool.get(address) is channel
+
+        pool.retain(["127.0.0.1:1"])  # the worker left DNS: forgotten, a new channel if named again
+        assert pool.get(address) is not channel
+        health.set("swiftd.test", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # still streaming
+        watch.cancel()
+    finally:
+        pool.close()
+        server.stop(None)

@@ -92,6 +92,7 @@ class Catalog:
         listing = Listing(fetched_at=time.monotonic())
         submit = tracing.submitter(self._pool)  # the calls belong to the trace of the request that refreshes
         unet_workers, controlnet_workers = self._unet_workers.refresh(), self._controlnet_workers.refresh()
+        self._channels.retain([*unet_workers, *controlnet_workers, self.lora_store])
         unet = {
             a: submit(self._call, unet_pb2_grpc.UNetWorkerStub, "ListModels", a, unet_pb2.UNetWorkerListModelsRequest())
             for a in unet_workers
