@@ -8,6 +8,17 @@ from __future__ import annotations
 
 import grpc
 
+#: Longest part of a caller's value echoed into a status message: statuses travel in metadata, and a
+#: long id echoed whole overflows the caller's metadata limit (RESOURCE_EXHAUSTED instead of ours).
+MAX_ECHO = 80
+
+
+def shown(value: str) -> str:
+    """`value` as a status message quotes it: repr, cut at MAX_ECHO characters."""
+    if len(value) <= MAX_ECHO:
+        return repr(value)
+    return f"{value[:MAX_ECHO]!r}... ({len(value)} characters)"
+
 
 class ServingError(Exception):
     code = grpc.StatusCode.INTERNAL
@@ -33,7 +44,7 @@ class NotFound(ServingError):
     code = grpc.StatusCode.NOT_FOUND
 
     def __init__(self, field: str, item_id: str):
-        super().__init__(f"{field}: {item_id!r} not found")
+        super().__init__(f"{field}: {shown(item_id)} not found")
         self.field = field
         self.item_id = item_id
 

@@ -13,12 +13,10 @@ from swiftd.errors import InvalidArgument
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 
-def decode_image(data: bytes, field: str, max_side: int | None = None) -> PIL.Image.Image:
-    """PNG or JPEG bytes as an RGB image, or InvalidArgument naming `field`.
-
-    With `max_side`, a larger image is refused from its header, before its pixels are decoded (a
-    few KB of PNG can declare hundreds of MB of pixels).
-    """
+def image_header(data: bytes, field: str, max_side: int | None = None) -> PIL.Image.Image:
+    """The image `data` declares, from its header only (no pixel is decoded), or InvalidArgument
+    naming `field`: PNG or JPEG, each side at most `max_side` (a few KB of PNG can declare
+    hundreds of MB of pixels)."""
     if not data:
         raise InvalidArgument(field, "is empty (expected PNG or JPEG bytes)")
     try:
@@ -29,6 +27,13 @@ def decode_image(data: bytes, field: str, max_side: int | None = None) -> PIL.Im
         raise InvalidArgument(field, f"is {image.format}; expected one of {', '.join(ACCEPTED_FORMATS)}")
     if max_side is not None and max(image.size) > max_side:
         raise InvalidArgument(field, f"is {image.size[0]}x{image.size[1]}; each side must be at most {max_side}")
+    return image
+
+
+def decode_image(data: bytes, field: str, max_side: int | None = None) -> PIL.Image.Image:
+    """PNG or JPEG bytes as an RGB image, or InvalidArgument naming `field`; with `max_side`, a
+    larger image is refused from its header, before its pixels are decoded."""
+    image = image_header(data, field, max_side)
     try:
         image.load()
     except Exception as exc:  # truncated or corrupt pixel data (and DecompressionBombError)

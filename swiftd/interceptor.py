@@ -1,5 +1,7 @@
 """One place where exceptions become gRPC statuses, for every service.
 
+Requests are parsed here too, so that bytes that are not the RPC's message are INVALID_ARGUMENT.
+
 `ServingError` subclasses carry their status code and a message meant for the caller. Anything
 else is a bug or an environment failure: the caller gets INTERNAL with a generic message and an
 incident id, the log gets the traceback under the same id. A request never takes a server down.
@@ -12,7 +14,7 @@ import uuid
 
 import grpc
 
-from swiftd.errors import ServingError
+from swiftd.errors import InvalidArgument, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +47,40 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException):
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)")
 
 
+def _parse_here(handler: grpc.RpcMethodHandler) -> tuple[grpc.RpcMethodHandler, object]:
+    """`handler` taking raw bytes, and a function that parses its request (or request stream)
+    inside the call: gRPC's own deserializer answers INTERNAL to bytes that are not the message,
+    before any interceptor runs; parsed here, they are INVALID_ARGUMENT."""
+    parse = handler.request_deserializer
+    if parse is None:
+        return handler, lambda request_or_iterator: request_or_iterator
+
+    def parse_one(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or worse for hostile bytes
+            raise InvalidArgument("request", f"is not a valid message ({type(exc).__name__})") from None
+
+    def parse_request(request_or_iterator):
+        if handler.request_streaming:
+            return (parse_one(data) for data in request_or_iterator)
+        return parse_one(request_or_iterator)
+
+    return handler._replace(request_deserializer=None), parse_request
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method
+        handler, parse_request = _parse_here(handler)
 
         def wrap_unary(behavior):
             def call(request_or_iterator, context):
                 try:
-                    return behavior(request_or_iterator, context)
+                    return behavior(parse_request(request_or_iterator), context)
                 except Exception as exc:  # noqa: BLE001 - mapped to a status here, by design
                     if context.code() is not None and not isinstance(exc, ServingError):
                         raise  # context.abort() already ran inside the handler
@@ -66,7 +91,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def wrap_stream(behavior):
             def call(request_or_iterator, context):
                 try:
-                    yield from behavior(request_or_iterator, context)
+                    yield from behavior(parse_request(request_or_iterator), context)
                 except Exception as exc:  # noqa: BLE001
                     if context.code() is not None and not isinstance(exc, ServingError):
                         raise

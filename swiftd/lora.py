@@ -14,6 +14,7 @@ never a subtraction (repeated add/subtract drifts).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,9 +205,18 @@ def deltas_to_chunks(lora_id: str, scale: float, deltas: LoraDeltas, request_id:
     from swiftd import codec
     from swiftd.v1 import lora_store_pb2
 
+    digest = DeltaDigest()
+
     def message(batch, last):
+        for entry in batch:
+            digest.update(entry)
         return lora_store_pb2.LoraDeltaChunk(
-            request_id=request_id, lora_id=lora_id, scale=scale, deltas=batch, last=last
+            request_id=request_id,
+            lora_id=lora_id,
+            scale=scale,
+            deltas=batch,
+            last=last,
+            sha256=digest.value() if last else b"",
         )
 
     batch, size = [], 0
@@ -233,6 +243,30 @@ def deltas_to_chunks(lora_id: str, scale: float, deltas: LoraDeltas, request_id:
             yield message(batch, last=False)
             batch, size = [], 0
     yield message(batch, last=True)
+
+
+class DeltaDigest:
+    """SHA-256 over a LoRA's ParameterDelta messages in the order sent (LoraDeltaChunk.sha256)."""
+
+    def __init__(self):
+        self._hash = hashlib.sha256()
+
+    def update(self, entry) -> None:
+        self._hash.update(entry.SerializeToString(deterministic=True))
+
+    def value(self) -> bytes:
+        return self._hash.digest()
+
+
+def check_delta(name: str, delta: WeightDelta, dtype: torch.dtype) -> None:
+    """ValueError unless `delta` is in `dtype` and finite (a NaN or inf delta blackens every image)."""
+    for tensor in (delta.up, delta.down):
+        if tensor is None:
+            continue
+        if tensor.dtype != dtype:
+            raise ValueError(f"{name}: delta is {tensor.dtype}; this worker serves {dtype}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name}: delta has non-finite values")
 
 
 def delta_from_proto(entry) -> tuple[str, WeightDelta]:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import PIL.Image
 
-from swiftd.errors import InvalidArgument
-from swiftd.images import decode_image, encode_png
+from swiftd.errors import InvalidArgument, shown
+from swiftd.images import decode_image, encode_png, image_header
 from swiftd.v1 import common_pb2, gateway_pb2, unet_pb2
 
 # -- names <-> proto enums ------------------------------------------------------------------------
@@ -108,7 +108,9 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]+$")
 def check_id(field_name: str, item_id: str) -> str:
     """Ids are plain names, so that no request can point outside a model repository."""
     if not _ID_PATTERN.match(item_id or "") or ".." in item_id:
-        raise InvalidArgument(field_name, f"{item_id!r} is not a valid id (letters, digits, '.', '_', '-')")
+        raise InvalidArgument(
+            field_name, f"{shown(item_id)} is not a valid id (at most 128 of letters, digits, '.', '_', '-')"
+        )
     return item_id
 
 
@@ -140,6 +142,16 @@ class Limits:
     # aspect ratios may differ by this fraction at most.
     max_aspect_mismatch: float = 0.02
     max_request_id_length: int = 128
+    # Characters of the prompt and of the negative prompt each. The text encoder reads 77 tokens
+    # (a few hundred characters); this bounds what a tokenizer is ever handed.
+    max_prompt_length: int = 4096
+    max_image_bytes: int = 16 * 1024 * 1024  # one encoded conditioning image
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest valid GenerateRequest, encoded: the public server's message limit."""
+        text = 2 * 4 * self.max_prompt_length  # UTF-8: up to 4 bytes a character
+        return self.max_controlnets * self.max_image_bytes + text + 64 * 1024  # + ids, numbers, framing
 
 
 # -- the LoRA set ---------------------------------------------------------------------------------
@@ -452,15 +464,30 @@ def ensure_request_id(request: Request, limits: Limits) -> str:
     return request.request_id
 
 
-def validate(request: Request, limits: Limits, controlnet_field: str = "controlnets[{i}]") -> None:
+def check_text(request: Request, limits: Limits) -> None:
+    """The fields checked before anything else reads them: ids and prompts."""
+    if request.request_id:
+        ensure_request_id(request, limits)
+    if request.model_id:
+        check_id("params.model_id", request.model_id)
+    for name in ("prompt", "negative_prompt"):
+        if len(getattr(request, name)) > limits.max_prompt_length:
+            raise InvalidArgument(
+                f"params.{name}", f"{len(getattr(request, name))} characters; at most {limits.max_prompt_length}"
+            )
+
+
+def validate(
+    request: Request, limits: Limits, controlnet_field: str = "controlnets[{i}]", decode_images: bool = True
+) -> None:
     """Field rules and limits; the first problem is INVALID_ARGUMENT naming its field.
 
     `width` and `height` must be resolved (0 is not a size). `controlnet_field` is where a
     ControlNet sits in the message checked ("controlnets[{i}].input" in a DenoiseRequest); its
-    conditioning image is decoded here, once, bounded by `max_image_side`.
+    conditioning image is decoded here, once, bounded by `max_image_side` (`decode_images`
+    False: only its header is read, as a gateway that forwards the bytes does).
     """
-    if request.request_id:
-        ensure_request_id(request, limits)
+    check_text(request, limits)
     for name in ("width", "height"):
         value = getattr(request, name)
         if value % 8 or not limits.min_size <= value <= limits.max_size:
@@ -476,10 +503,19 @@ def validate(request: Request, limits: Limits, controlnet_field: str = "controln
     if request.scheduler:
         scheduler_row(request.scheduler)
     _validate_loras(request.loras, limits)
-    _validate_controlnets(request, limits, controlnet_field)
+    _validate_controlnets(request, limits, controlnet_field, decode_images)
     wire_dtype_to_pb(request.controlnet_wire_dtype)
     if request.preview_every_n_steps < 0:
         raise InvalidArgument("preview_every_n_steps", "must be >= 0")
+
+
+def check_conditioning_pixels(request: Request, limits: Limits, controlnet_field: str = "controlnets[{i}]") -> None:
+    """Decode each conditioning image given as bytes, bounded by `max_image_side`, and let it go
+    (for a gateway that checked only headers and forwards the bytes): truncated or corrupt pixel
+    data is INVALID_ARGUMENT naming the field, before a worker is touched."""
+    for i, cn in enumerate(request.controlnets):
+        if isinstance(cn.image, bytes):
+            decode_image(cn.image, f"{controlnet_field.format(i=i)}.image", limits.max_image_side)
 
 
 def _validate_loras(loras: LoraSet, limits: Limits) -> None:
@@ -502,7 +538,7 @@ def _validate_loras(loras: LoraSet, limits: Limits) -> None:
             )
 
 
-def _validate_controlnets(request: Request, limits: Limits, controlnet_field: str) -> None:
+def _validate_controlnets(request: Request, limits: Limits, controlnet_field: str, decode_images: bool) -> None:
     if len(request.controlnets) > limits.max_controlnets:
         raise InvalidArgument(
             "controlnets", f"{len(request.controlnets)} ControlNets; at most {limits.max_controlnets}"
@@ -522,12 +558,18 @@ def _validate_controlnets(request: Request, limits: Limits, controlnet_field: st
                 f"{where}.guidance_start",
                 f"need 0 <= guidance_start < guidance_end <= 1, got {cn.guidance_start}, {cn.guidance_end}",
             )
-        _check_conditioning_image(cn, f"{where}.image", request.width, request.height, limits)
+        _check_conditioning_image(cn, f"{where}.image", request.width, request.height, limits, decode_images)
 
 
-def _check_conditioning_image(cn: ControlNet, field_name: str, width: int, height: int, limits: Limits) -> None:
-    image = cn.decoded_image(field_name, limits.max_image_side)
-    w, h = image.size
+def _check_conditioning_image(
+    cn: ControlNet, field_name: str, width: int, height: int, limits: Limits, decode: bool
+) -> None:
+    if isinstance(cn.image, bytes) and len(cn.image) > limits.max_image_bytes:
+        raise InvalidArgument(field_name, f"is {len(cn.image)} bytes; at most {limits.max_image_bytes}")
+    if decode or not isinstance(cn.image, bytes):
+        w, h = cn.decoded_image(field_name, limits.max_image_side).size
+    else:
+        w, h = image_header(cn.image, field_name, limits.max_image_side).size
     if min(w, h) < 8 or max(w, h) > limits.max_image_side:
         raise InvalidArgument(field_name, f"is {w}x{h}; each side must be in [8, {limits.max_image_side}]")
     mismatch = abs((w / h) / (width / height) - 1.0)

@@ -26,6 +26,9 @@ from swiftd.request import Limits
 
 log = logging.getLogger(__name__)
 _PROCESS_START = time.monotonic()  # this module is imported first thing by every service
+# After the grace period the running calls are cancelled; how long their loops get to reach their
+# next step check (one step, or one VAE decode) before the process exits anyway.
+STOP_WAIT_SECONDS = 30.0
 
 
 @dataclass
@@ -37,6 +40,9 @@ class ServerConfig:
     cpu_cores: list[int] = field(default_factory=list)  # pin the process (a CPU "device"); empty = no pinning
     log_format: str | None = None  # swiftd.logs.FORMATS; None: SWIFTD_LOG_FORMAT, else text
     metrics_port: int | None = None  # Prometheus /metrics; None: not served
+    # Largest request message accepted; None: rpc.MAX_MESSAGE_BYTES (residual tensors). The public
+    # gateway takes its largest valid request (Limits.max_request_bytes).
+    max_receive_bytes: int | None = None
 
 
 def add_server_arguments(parser) -> None:
@@ -126,6 +132,7 @@ def serve(
     server = rpc.create_server(
         config.max_workers,
         interceptors=[metrics.MetricsInterceptor(), drain_gate, *tracing.server_interceptors(), ErrorInterceptor()],
+        options=[("grpc.max_receive_message_length", config.max_receive_bytes)] if config.max_receive_bytes else [],
     )
     register(server)
     health = rpc.add_health_and_reflection(server, [service_full_name])
@@ -158,6 +165,18 @@ def serve(
     if not drain_gate.wait_idle(config.grace_seconds):
         log.warning("grace period over: cancelling the RPCs still running")
     server.stop(0)  # cancels what is left (callers see UNAVAILABLE)
+    # A cancelled call's loop stops at its next step check; wait for it (bounded), so the process
+    # never exits under a loop still inside torch.
+    if not drain_gate.wait_idle(STOP_WAIT_SECONDS):
+        log.error("calls still running %.0f s after they were cancelled: exiting under them", STOP_WAIT_SECONDS)
     server.wait_for_termination()
     tracing.shutdown_tracing()  # flush the spans of the last requests
     log.info("%s stopped", service_full_name)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: a helper thread (a daemon reading a residual stream or
+    # pulling deltas) still inside torch's or gRPC's C++ code when the interpreter finalizes
+    # ends the process with SIGABRT ("terminate called without an active exception") instead
+    # of exit code 0. Everything worth keeping is flushed above.
+    os._exit(0)

@@ -88,3 +88,58 @@ def test_new_rpcs_are_refused_with_unavailable_while_running_ones_finish(drainin
     # The open Watch stream is not work: the server is idle once the running RPC is done.
     assert gate.wait_idle(5)
     watch.cancel()
+
+
+def test_a_worker_stopped_with_requests_running_past_its_grace_period_exits_0_every_time(zoo_root):
+    """SIGTERM with a grace period far shorter than the request: the call is cancelled, its loop
+    stops at its next step check (or before the VAE decode), and the process exits 0, never
+    SIGABRT. Unary and streamed calls, each with an in-process ControlNet and a LoRA."""
+    import random
+    import re
+    import signal
+    import time
+
+    from swiftd.images import edge_image
+    from swiftd.launcher import start_unet
+    from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
+
+    model = "tiny-sd15"
+    request = unet_pb2.DenoiseRequest(
+        params=common_pb2.GenerationParams(
+            prompt="a cat", width=64, height=64, num_inference_steps=600, guidance_scale=7.5, seed=1, model_id=model
+        ),
+        controlnets=[
+            unet_pb2.ControlNetAttachment(
+                input=common_pb2.ControlNetInput(
+                    controlnet_id=f"{model}-cn-edges", image=edge_image(64), conditioning_scale=0.9
+                )
+            )
+        ],
+        loras=[common_pb2.LoraRef(lora_id=f"{model}-lora-peft-r4", scale=0.7)],
+    )
+    shuffle = random.Random(14)
+    for attempt, kind in enumerate(["unary", "stream"] * 3):
+        worker = start_unet(
+            zoo_root, model, num_threads=1, extra_args=["--grace-seconds", "0.2", "--max-steps", "1000"]
+        )
+        channel = rpc.create_channel(worker.address)
+        stub = unet_pb2_grpc.UNetWorkerStub(channel)
+        try:
+            call = (
+                stub.Denoise.future(request, timeout=60) if kind == "unary" else stub.DenoiseStream(request, timeout=60)
+            )
+            deadline = time.monotonic() + 30
+            while not stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=5).requests_in_flight:
+                assert time.monotonic() < deadline, worker.log_tail()
+                time.sleep(0.02)
+            time.sleep(shuffle.uniform(0, 0.3))  # somewhere inside a step
+            worker.process.send_signal(signal.SIGTERM)
+            assert worker.process.wait(timeout=45) == 0, f"attempt {attempt} ({kind}):\n{worker.log_tail()}"
+            with pytest.raises(grpc.RpcError) as cut_off:
+                call.result() if kind == "unary" else list(call)
+            assert cut_off.value.code() == grpc.StatusCode.UNAVAILABLE
+            log = "\n".join(worker.log_lines)
+            assert re.search(r"request cancelled before (step \d+|the VAE decode)", log), log[-2000:]
+        finally:
+            channel.close()
+            worker.stop()

@@ -312,3 +312,61 @@ def test_bad_loras_fail_cleanly_and_change_nothing(suite, loras, code, text):
     assert info.value.code() == code, info.value.details()
     assert text in info.value.details()
     assert torch.equal(codec.tensor_from_proto(denoise(channels["sd15"], "tiny-sd15").latents), plain)
+
+
+def test_poisoned_pushes_are_refused_and_never_served(suite, references, zoo_root):
+    """Anyone who reaches ReceiveLoraDeltas once poisoned a worker's cache: a NaN delta pushed under
+    a real LoRA id at an unused scale was served to the next request at that scale (a black image).
+    Now each delta must name a parameter of the model with its shape, in the worker's dtype, finite,
+    and the LoRA's digest must match what arrived; a refused LoRA is never reported as cached, and
+    the next request for it gets the store's real deltas (equal to Diffusers' fuse)."""
+    from swiftd.lora import WeightDelta, deltas_to_chunks, extract_deltas, prepare_deltas
+
+    _, _, channels, _ = suite
+    stub = unet_pb2_grpc.UNetWorkerStub(channels["sd15"])
+    lora, scale = "tiny-sd15-lora-peft-r4", 0.55
+    pipe = load_pipeline(zoo.zoo_paths(zoo_root, "tiny-sd15").model)
+    real = prepare_deltas(extract_deltas(pipe, zoo.zoo_paths(zoo_root, "tiny-sd15").loras[lora]), scale, torch.float32)
+    first = next(iter(real))
+
+    def variant(**change) -> dict:
+        deltas = dict(real)
+        deltas.update(change)
+        return deltas
+
+    nan = real[first].up.clone()
+    nan[0, 0] = float("nan")
+    poisoned = {
+        "non-finite": variant(**{first: WeightDelta(nan, real[first].down)}),
+        "not in this model": variant(**{"unet.no_such_block.weight": real[first]}),
+        "weight is": variant(**{first: WeightDelta(real[first].up[:, :1], real[first].down[:1, :-1])}),
+        "this worker serves": variant(**{first: WeightDelta(real[first].up.half(), real[first].down.half())}),
+    }
+    for text, deltas in poisoned.items():  # each with a digest that matches it: content checks
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ReceiveLoraDeltas(deltas_to_chunks(lora, scale, deltas, chunk_bytes=32 * 1024), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert text in refused.value.details()
+
+    chunks = list(deltas_to_chunks(lora, scale, real, chunk_bytes=32 * 1024))
+    doubled = list(deltas_to_chunks(lora, scale, {n: WeightDelta(d.up * 2, d.down) for n, d in real.items()}))
+    without_digest = chunks[:-1] + [_with_digest(chunks[-1], b"")]
+    forged = doubled[:-1] + [_with_digest(doubled[-1], chunks[-1].sha256)]  # the real digest, other deltas
+    for stream in (without_digest, forged):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ReceiveLoraDeltas(iter(stream), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "digest" in refused.value.details()
+
+    status = stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=10)
+    assert (lora, scale) not in {(c.lora_id, round(c.scale, 6)) for c in status.cached_loras}
+    response = denoise(channels["sd15"], "tiny-sd15", [(lora, scale)], k=0)  # pulled from the store
+    ours = codec.tensor_from_proto(response.latents)
+    reference = diffusers_fused(references["sd15"], zoo_root, "sd15", [(lora, scale)])
+    assert (ours - reference).abs().max().item() <= TOLERANCE
+
+
+def _with_digest(chunk: lora_store_pb2.LoraDeltaChunk, sha256: bytes) -> lora_store_pb2.LoraDeltaChunk:
+    copy = lora_store_pb2.LoraDeltaChunk()
+    copy.CopyFrom(chunk)
+    copy.sha256 = sha256
+    return copy

@@ -700,3 +700,21 @@ def test_concurrent_streams(store, fused):
             assert_matches_fused(deltas, fused(lora_id, scale))
         for (_, _, deltas), (_, _, first) in zip(got, results[0]):
             assert_same(deltas, first)
+
+
+def test_base_pipelines_in_memory_are_bounded(root):
+    """Naming every base model of a large repository does not load them all at once: the store keeps
+    the --max-base-models most recently used and loads an evicted one again when it is named."""
+    from services.lora_store.store import BaseModels
+
+    loads = []
+
+    def loader(path):
+        loads.append(path.name)
+        return load_pipeline(path)
+
+    bases = BaseModels(root, loader, max_loaded=1)
+    first = bases.pipeline(BASE)
+    assert bases.pipeline(BASE) is first and loads == [BASE]  # kept while it is the one in use
+    bases.pipeline("tiny-sdxl")
+    assert bases.pipeline(BASE) is not first and loads == [BASE, "tiny-sdxl", BASE]

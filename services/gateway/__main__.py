@@ -7,6 +7,7 @@ one machine or many. Holds no weights (and never imports torch).
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import GatewayServicer
@@ -86,10 +87,12 @@ def config_from_args(args) -> GatewayConfig:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    server_config = server_config_from_args(args)
+    config = config_from_args(args)
+    # A message larger than the largest valid request is refused before it is read into memory.
+    server_config = replace(server_config_from_args(args), max_receive_bytes=config.limits.max_request_bytes)
     configure_process(server_config)
     tracing.setup_tracing("gateway")
-    servicer = GatewayServicer(config_from_args(args))
+    servicer = GatewayServicer(config)
     serve(
         rpc.GATEWAY_SERVICE,
         server_config,

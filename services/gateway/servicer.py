@@ -25,7 +25,7 @@ from services.gateway.planner import Planner, PlannerConfig, placement_name
 from services.gateway.validation import validate_request
 from swiftd import logs, metrics, rpc, tracing
 from swiftd.errors import Cancelled, Unavailable, from_rpc_error
-from swiftd.request import CfgSplit, Request, check_family
+from swiftd.request import CfgSplit, Request, check_conditioning_pixels, check_family
 from swiftd.v1 import (
     common_pb2,
     gateway_pb2,
@@ -151,6 +151,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 span.add_event("queued", {"position": position})
                 yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
         try:
+            # Pixels only for admitted requests: a refused one never costs a decode.
+            with tracing.stage(tracer, timings, "decode_images"):
+                check_conditioning_pixels(request, self.config.limits)
             with tracing.stage(tracer, timings, "plan") as span:
                 plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
                 span.set_attributes(plan_attributes(plan))

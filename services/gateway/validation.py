@@ -9,8 +9,8 @@ to exist and to fit the model's family.
 from __future__ import annotations
 
 from services.gateway.catalog import Catalog, Listing
-from swiftd.errors import InvalidArgument, NotFound, Unavailable
-from swiftd.request import Limits, Request, ensure_request_id, validate
+from swiftd.errors import InvalidArgument, NotFound, Unavailable, shown
+from swiftd.request import Limits, Request, check_text, ensure_request_id, validate
 from swiftd.v1 import common_pb2, gateway_pb2
 
 
@@ -19,11 +19,13 @@ def validate_request(
 ) -> tuple[Request, common_pb2.ModelInfo]:
     request = Request.from_pb(pb)
     ensure_request_id(request, limits)
+    check_text(request, limits)  # before an id is looked up or echoed
     listing = catalog.get()
     model = _model(request, listing, catalog, default_model)
     request.width = request.width or model.default_width
     request.height = request.height or model.default_height
-    validate(request, limits)
+    # Header-only image checks: pixels are decoded after admission (servicer), never for a refused request.
+    validate(request, limits, decode_images=False)
     if request.loras and not catalog.lora_store:
         raise InvalidArgument("loras", "this gateway has no LoRA store configured")
     for i, lora in enumerate(request.loras):
@@ -43,7 +45,9 @@ def _known(item_id: str, kind: str, listing: Listing, catalog: Catalog, field: s
         table = getattr(listing, kind)
         if item_id not in table:
             if kind in listing.incomplete:  # it may be on a service that did not answer
-                raise Unavailable(f"{field}: cannot look up {item_id!r} now: a service listing {kind} is unreachable")
+                raise Unavailable(
+                    f"{field}: cannot look up {shown(item_id)} now: a service listing {kind} is unreachable"
+                )
             raise NotFound(field, item_id)
     return table[item_id]
 

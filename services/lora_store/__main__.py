@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LORA_ID",
         help="LoRAs to prepare for every --base-model (default dtype) before serving",
     )
+    parser.add_argument(
+        "--max-base-models",
+        type=int,
+        default=2,
+        help="base pipelines kept in memory to prepare deltas against (least recently used unloaded)",
+    )
     add_server_arguments(parser)
     return parser
 
@@ -74,7 +80,13 @@ def main(argv=None) -> None:
     tracing.setup_tracing("lora_store")
 
     chunk_bytes = max(1, int(args.chunk_mib * rpc.MiB))
-    store = LoraStore(args.model_root, args.cache_dir, int(args.host_budget_mib * rpc.MiB), DTYPES[args.default_dtype])
+    store = LoraStore(
+        args.model_root,
+        args.cache_dir,
+        int(args.host_budget_mib * rpc.MiB),
+        DTYPES[args.default_dtype],
+        max_base_models=args.max_base_models,
+    )
     for model_id in args.base_model:
         store.bases.pipeline(model_id)
         for lora_id in args.prefetch:

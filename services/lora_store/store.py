@@ -21,6 +21,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,12 +56,14 @@ class ServedLora:
 
 
 class BaseModels:
-    """Base pipelines by id from `<root>/models/`, loaded on first use (CPU, fp32) and kept."""
+    """Base pipelines by id from `<root>/models/`, loaded on first use (CPU, fp32); the `max_loaded`
+    most recently used are kept (each is a whole fp32 pipeline: GBs for SDXL)."""
 
-    def __init__(self, root: Path, loader=load_pipeline):
+    def __init__(self, root: Path, loader=load_pipeline, max_loaded: int = 2):
         self.root = Path(root)
         self._loader = loader
-        self._pipes: dict[str, DiffusionPipeline] = {}
+        self.max_loaded = max_loaded
+        self._pipes: OrderedDict[str, DiffusionPipeline] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self._info: dict[str, tuple[str, str]] = {}
@@ -91,6 +94,7 @@ class BaseModels:
     def pipeline(self, model_id: str) -> DiffusionPipeline:
         with self._lock:
             if model_id in self._pipes:
+                self._pipes.move_to_end(model_id)
                 return self._pipes[model_id]
             per_id = self._loading.setdefault(model_id, threading.Lock())
         with per_id:
@@ -103,6 +107,9 @@ class BaseModels:
             log.info("loaded base model %s in %.1f s", model_id, time.perf_counter() - t0)
             with self._lock:
                 self._pipes[model_id] = pipe
+                while len(self._pipes) > self.max_loaded:  # a caller still using one keeps its reference
+                    evicted, _ = self._pipes.popitem(last=False)
+                    log.info("unloaded base model %s (--max-base-models %d)", evicted, self.max_loaded)
             return pipe
 
 
@@ -186,10 +193,11 @@ class LoraStore:
         host_budget_bytes: int,
         default_dtype: torch.dtype = torch.float32,
         pipeline_loader=load_pipeline,
+        max_base_models: int = 2,
     ):
         self.model_root = Path(model_root)
         self.catalog = LoraCatalog(self.model_root)
-        self.bases = BaseModels(self.model_root, pipeline_loader)
+        self.bases = BaseModels(self.model_root, pipeline_loader, max_base_models)
         self.host = HostTier(host_budget_bytes)
         self.disk = DiskTier(cache_dir)
         self.default_dtype = default_dtype

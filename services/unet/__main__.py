@@ -38,7 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--lora-cache-mib", type=int, default=2048, help="byte budget of received LoRA deltas")
+    parser.add_argument(
+        "--lora-cache-mib",
+        type=float,
+        default=2048,
+        help="byte budget of LoRA deltas held and under way, MiB (fractions allowed)",
+    )
+    parser.add_argument(
+        "--lora-stall-seconds",
+        type=float,
+        default=30.0,
+        help="a LoRA transfer that sends nothing for this long is dropped, its bytes let go",
+    )
     parser.add_argument(
         "--lora-store", default="", help="LoRA store address to pull deltas from (empty: prepare locally)"
     )
@@ -161,12 +172,13 @@ def main(argv=None) -> None:
         return prepare_deltas(extract_deltas(pipe, path), scale, dtype)
 
     inbox = LoraInbox(
-        budget_bytes=args.lora_cache_mib << 20,
+        budget_bytes=int(args.lora_cache_mib * (1 << 20)),
         dtype=dtype,
         base_model_id=args.model_id,
         prepare_local=None if args.lora_store else prepare_local_lora,
         default_store=args.lora_store,
         wait_timeout=args.lora_wait_timeout,
+        stall_timeout=args.lora_stall_seconds,
     )
     pipeline = UNetPipeline(
         pipe,

@@ -24,8 +24,17 @@ import grpc
 import torch
 
 from swiftd import codec, metrics, rpc, tracing
-from swiftd.errors import Cancelled, DeadlineExceeded, InvalidArgument, ServingError, Unavailable, from_rpc_error
-from swiftd.lora import LoraDeltas, delta_from_proto
+from swiftd.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    ServingError,
+    Unavailable,
+    from_rpc_error,
+)
+from swiftd.lora import DeltaDigest, LoraDeltas, check_delta, delta_from_proto
 from swiftd.request import Lora, LoraKey, LoraSet, LoraSetKey
 from swiftd.v1 import lora_store_pb2, lora_store_pb2_grpc
 
@@ -44,12 +53,16 @@ class InboxEntry:
         self.error: ServingError | None = None
         # A pushed entry is kept (not evicted) until its request fetches it, or this time passes.
         self.pinned_until = 0.0
+        self.updated_at = time.monotonic()  # last chunk: an incomplete entry idle too long is dropped
         self.changed = threading.Condition()
 
     def add(self, deltas: Iterable[tuple[str, object]], last: bool) -> None:
         with self.changed:
             if self.complete:  # the same (lora_id, scale) pushed again: same deltas, nothing to do
                 return
+            if self.error is not None:  # dropped (stalled, over budget): the rest of its stream too
+                raise self.error
+            self.updated_at = time.monotonic()
             for name, delta in deltas:
                 if self.text_encoder_done and not name.startswith(UNET_PREFIX):
                     # The wire contract (lora_store.proto): text encoding may already have used
@@ -127,7 +140,9 @@ class LoraFetch:
 
 
 class LoraInbox:
-    """Received deltas by (lora_id, scale); complete entries kept LRU under a byte budget."""
+    """Received deltas by (lora_id, scale), under a byte budget that counts transfers still under
+    way: complete entries are evicted LRU; a transfer idle for `stall_timeout` is dropped; one that
+    would still exceed the budget is refused (RESOURCE_EXHAUSTED) and its bytes let go."""
 
     def __init__(
         self,
@@ -137,8 +152,10 @@ class LoraInbox:
         prepare_local: Callable[[str, float], LoraDeltas] | None = None,
         default_store: str = "",
         wait_timeout: float = 120.0,
+        stall_timeout: float = 30.0,
     ):
         self.budget_bytes = budget_bytes
+        self.stall_timeout = stall_timeout
         self.dtype = dtype
         self.base_model_id = base_model_id
         self.prepare_local = prepare_local
@@ -146,6 +163,9 @@ class LoraInbox:
         self.wait_timeout = wait_timeout
         self._entries: OrderedDict[LoraKey, InboxEntry] = OrderedDict()
         self._lock = threading.Lock()
+        # Set by the pipeline (LoraPatcher.check): FailedPrecondition unless every delta names a
+        # parameter of this model, with its shape.
+        self.check_targets: Callable[[str, LoraDeltas], None] | None = None
         self._channels = rpc.ChannelPool()
 
     # -- arrival -----------------------------------------------------------------------------
@@ -169,21 +189,31 @@ class LoraInbox:
             self._evict()
 
     def receive(self, chunks: Iterable[lora_store_pb2.LoraDeltaChunk]) -> tuple[list[str], int, int]:
-        """Consume a chunk stream. Returns (completed lora ids, parameters, bytes)."""
+        """Consume a chunk stream. Returns (completed lora ids, parameters, bytes).
+
+        Nothing poisons the cache: every delta must name a parameter of this model with its shape,
+        in this worker's dtype, finite; a LoRA completes only when the digest on its last chunk
+        matches what arrived. Otherwise the transfer fails (INVALID_ARGUMENT) and is not kept.
+        """
         completed, parameters, nbytes = [], 0, 0
         current: InboxEntry | None = None
+        digest = DeltaDigest()
         try:
             for chunk in chunks:
                 key = Lora(chunk.lora_id, chunk.scale).key
                 if current is None or current.key != key:
                     current = self._entry(key)
                     current.pinned_until = time.monotonic() + self.wait_timeout
-                try:
-                    deltas = [delta_from_proto(d) for d in chunk.deltas]
-                except ValueError as exc:
-                    raise InvalidArgument("deltas", str(exc)) from None
-                deltas = [(n, _cast(d, self.dtype)) for n, d in deltas]
+                    digest = DeltaDigest()
+                deltas = self._checked(chunk)
+                for entry in chunk.deltas:
+                    digest.update(entry)
+                if chunk.last and chunk.sha256 != digest.value():
+                    raise InvalidArgument(
+                        "sha256", f"lora {chunk.lora_id!r}: the deltas received do not match their digest"
+                    )
                 current.add(deltas, chunk.last)
+                self._evict(receiving=current)  # raises when this transfer does not fit
                 parameters += len(deltas)
                 chunk_bytes = sum(d.nbytes for _, d in deltas)
                 metrics.LORA_BYTES.labels("received").inc(chunk_bytes)
@@ -202,6 +232,20 @@ class LoraInbox:
         finally:
             self._evict()
         return completed, parameters, nbytes
+
+    def _checked(self, chunk: lora_store_pb2.LoraDeltaChunk) -> list[tuple[str, object]]:
+        try:
+            deltas = [delta_from_proto(d) for d in chunk.deltas]
+            for name, delta in deltas:
+                check_delta(name, delta, self.dtype)
+        except ValueError as exc:
+            raise InvalidArgument("deltas", f"lora {chunk.lora_id!r}: {exc}") from None
+        if self.check_targets is not None:
+            try:
+                self.check_targets(chunk.lora_id, dict(deltas))
+            except FailedPrecondition as exc:
+                raise InvalidArgument("deltas", exc.message) from None
+        return deltas
 
     def _pull(self, store: str, loras: LoraSet, request_id: str) -> None:
         """Background: stream the deltas of `loras` from a LoRA store into the inbox."""
@@ -270,9 +314,17 @@ class LoraInbox:
         with self._lock:
             return [key for key, entry in self._entries.items() if entry.complete]
 
-    def _evict(self) -> None:
+    def _evict(self, receiving: InboxEntry | None = None) -> None:
+        """Hold the budget: drop stalled transfers, evict complete entries LRU, and refuse the
+        transfer `receiving` belongs to if it still does not fit."""
         now = time.monotonic()
+        dropped: list[tuple[InboxEntry, ServingError]] = []
         with self._lock:
+            for key, entry in list(self._entries.items()):
+                if not entry.complete and now - entry.updated_at > self.stall_timeout:
+                    del self._entries[key]
+                    message = f"lora {key[0]!r}: no deltas for {self.stall_timeout:.0f} s; transfer dropped"
+                    dropped.append((entry, Unavailable(message)))
             total = sum(e.nbytes for e in self._entries.values())
             for key in list(self._entries):
                 if total <= self.budget_bytes or len(self._entries) <= 1:
@@ -283,9 +335,16 @@ class LoraInbox:
                 if entry.complete and entry.pinned_until <= now:
                     del self._entries[key]
                     total -= entry.nbytes
-
-
-def _cast(delta, dtype: torch.dtype):
-    if delta.up.dtype == dtype and (delta.down is None or delta.down.dtype == dtype):
-        return delta
-    return type(delta)(delta.up.to(dtype), None if delta.down is None else delta.down.to(dtype))
+            if receiving is not None and not receiving.complete and total > self.budget_bytes:
+                if self._entries.get(receiving.key) is receiving:
+                    del self._entries[receiving.key]
+                message = (
+                    f"lora {receiving.key[0]!r}: the deltas held and under way would exceed this worker's "
+                    f"LoRA budget ({self.budget_bytes >> 20} MiB, --lora-cache-mib)"
+                )
+                dropped.append((receiving, ResourceExhausted(message)))
+        for entry, error in dropped:
+            log.warning("%s", error.message)
+            entry.fail(error)
+        if receiving is not None and receiving.error is not None:
+            raise receiving.error

@@ -79,6 +79,8 @@ class UNetPipeline:
             )
         self.lora_inbox = lora_inbox
         self.lora_patcher = LoraPatcher(pipe)
+        if lora_inbox is not None:  # pushed deltas must fit this model's parameters
+            lora_inbox.check_targets = self.lora_patcher.check
         self._lock = threading.Lock()
 
     def default_size(self) -> int:

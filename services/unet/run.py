@@ -127,6 +127,8 @@ class DenoisingRun:
             self.guidance.close()
         image = None
         if self.guidance.decodes:
+            if self._stopped():  # nobody waits for the image: spare the decode (the costliest stage at 1024²)
+                raise Cancelled("request cancelled before the VAE decode")
             with self.stage("vae_decode"):
                 image = self.pipeline.decode(latents)
         return GenerationResult(

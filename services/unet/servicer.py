@@ -17,7 +17,7 @@ from swiftd import codec, device, metrics, rpc, tracing
 from swiftd.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from swiftd.images import encode_png
 from swiftd.loading import pipeline_family
-from swiftd.request import Limits, LoraSet, Request, validate
+from swiftd.request import Limits, LoraSet, Request, check_text, validate
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
     def _check(self, pb: unet_pb2.DenoiseRequest) -> Request:
         """The request with this worker's defaults filled in, checked before anything changes."""
         request = Request.from_pb(pb)
+        check_text(request, self.limits)  # before an id is echoed or a prompt reaches the tokenizer
         if request.model_id and request.model_id != self.model_id:
             raise NotFound("params.model_id", request.model_id)
         request = self.pipeline.resolve(request)
@@ -265,8 +266,13 @@ def _streamed(work, events: queue.Queue):
     # exit under the loop (mid-step: SIGABRT) before it stops at its next step boundary.
     worker.daemon = False
     worker.start()
-    while (event := events.get()) is not None:
-        yield event
+    try:
+        while (event := events.get()) is not None:
+            yield event
+    finally:
+        # Closed early when the call ends (cancelled, deadline, drain): the call counts as running
+        # until its loop has stopped at the next step check, so a stopping server waits for it.
+        worker.join()
     if "error" in outcome:
         raise outcome["error"]
     yield outcome["last"]

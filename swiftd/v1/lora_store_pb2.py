@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from swiftd.v1 import common_pb2 as swiftd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswiftd/v1/lora_store.proto\x12\tswiftd.v1\x1a\x16swiftd/v1/common.proto\"}\n\x0eLoraDeltaChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07lora_id\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x02\x12)\n\x06\x64\x65ltas\x18\x04 \x03(\x0b\x32\x19.swiftd.v1.ParameterDelta\x12\x0c\n\x04last\x18\x05 \x01(\x08\"\x81\x01\n\x0eParameterDelta\x12\x16\n\x0eparameter_name\x18\x01 \x01(\t\x12,\n\x08\x66\x61\x63tored\x18\x02 \x01(\x0b\x32\x18.swiftd.v1.FactoredDeltaH\x00\x12!\n\x04\x66ull\x18\x03 \x01(\x0b\x32\x11.swiftd.v1.TensorH\x00\x42\x06\n\x04\x66orm\"O\n\rFactoredDelta\x12\x1d\n\x02up\x18\x01 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x1f\n\x04\x64own\x18\x02 \x01(\x0b\x32\x11.swiftd.v1.Tensor\"&\n\x13RegisterLoraRequest\x12\x0f\n\x07lora_id\x18\x01 \x01(\t\"U\n\x14RegisterLoraResponse\x12!\n\x04lora\x18\x01 \x01(\x0b\x32\x13.swiftd.v1.LoraInfo\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08\"+\n\x19LoraStoreListLorasRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\"@\n\x1aLoraStoreListLorasResponse\x12\"\n\x05loras\x18\x01 \x03(\x0b\x32\x13.swiftd.v1.LoraInfo\"$\n\x11RemoveLoraRequest\x12\x0f\n\x07lora_id\x18\x01 \x01(\t\"%\n\x12RemoveLoraResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"^\n\x13PrefetchLoraRequest\x12\x0f\n\x07lora_id\x18\x01 \x01(\t\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.swiftd.v1.DType\"X\n\x14PrefetchLoraResponse\x12\x13\n\x0b\x61lready_hot\x18\x01 \x01(\x08\x12\x17\n\x0fprepare_seconds\x18\x02 \x01(\x01\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\x9e\x01\n\x10PushLorasRequest\x12!\n\x05loras\x18\x01 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x1b\n\x13unet_worker_address\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"e\n\x11PushLorasResponse\x12\x17\n\x0fparameters_sent\x18\x01 \x01(\x05\x12\x12\n\nbytes_sent\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x12\n\ncache_hits\x18\x04 \x03(\t\"\x84\x01\n\x13StreamDeltasRequest\x12!\n\x05loras\x18\x01 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x12\n\nrequest_id\x18\x04 \x01(\t2\xe7\x03\n\tLoraStore\x12O\n\x0cRegisterLora\x12\x1e.swiftd.v1.RegisterLoraRequest\x1a\x1f.swiftd.v1.RegisterLoraResponse\x12X\n\tListLoras\x12$.swiftd.v1.LoraStoreListLorasRequest\x1a%.swiftd.v1.LoraStoreListLorasResponse\x12I\n\nRemoveLora\x12\x1c.swiftd.v1.RemoveLoraRequest\x1a\x1d.swiftd.v1.RemoveLoraResponse\x12O\n\x0cPrefetchLora\x12\x1e.swiftd.v1.PrefetchLoraRequest\x1a\x1f.swiftd.v1.PrefetchLoraResponse\x12\x46\n\tPushLoras\x12\x1b.swiftd.v1.PushLorasRequest\x1a\x1c.swiftd.v1.PushLorasResponse\x12K\n\x0cStreamDeltas\x12\x1e.swiftd.v1.StreamDeltasRequest\x1a\x19.swiftd.v1.LoraDeltaChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswiftd/v1/lora_store.proto\x12\tswiftd.v1\x1a\x16swiftd/v1/common.proto\"\x8d\x01\n\x0eLoraDeltaChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07lora_id\x18\x02 \x01(\t\x12\r\n\x05scale\x18\x03 \x01(\x02\x12)\n\x06\x64\x65ltas\x18\x04 \x03(\x0b\x32\x19.swiftd.v1.ParameterDelta\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0e\n\x06sha256\x18\x06 \x01(\x0c\"\x81\x01\n\x0eParameterDelta\x12\x16\n\x0eparameter_name\x18\x01 \x01(\t\x12,\n\x08\x66\x61\x63tored\x18\x02 \x01(\x0b\x32\x18.swiftd.v1.FactoredDeltaH\x00\x12!\n\x04\x66ull\x18\x03 \x01(\x0b\x32\x11.swiftd.v1.TensorH\x00\x42\x06\n\x04\x66orm\"O\n\rFactoredDelta\x12\x1d\n\x02up\x18\x01 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x1f\n\x04\x64own\x18\x02 \x01(\x0b\x32\x11.swiftd.v1.Tensor\"&\n\x13RegisterLoraRequest\x12\x0f\n\x07lora_id\x18\x01 \x01(\t\"U\n\x14RegisterLoraResponse\x12!\n\x04lora\x18\x01 \x01(\x0b\x32\x13.swiftd.v1.LoraInfo\x12\x1a\n\x12\x61lready_registered\x18\x02 \x01(\x08\"+\n\x19LoraStoreListLorasRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\"@\n\x1aLoraStoreListLorasResponse\x12\"\n\x05loras\x18\x01 \x03(\x0b\x32\x13.swiftd.v1.LoraInfo\"$\n\x11RemoveLoraRequest\x12\x0f\n\x07lora_id\x18\x01 \x01(\t\"%\n\x12RemoveLoraResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"^\n\x13PrefetchLoraRequest\x12\x0f\n\x07lora_id\x18\x01 \x01(\t\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.swiftd.v1.DType\"X\n\x14PrefetchLoraResponse\x12\x13\n\x0b\x61lready_hot\x18\x01 \x01(\x08\x12\x17\n\x0fprepare_seconds\x18\x02 \x01(\x01\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\"\x9e\x01\n\x10PushLorasRequest\x12!\n\x05loras\x18\x01 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x1b\n\x13unet_worker_address\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"e\n\x11PushLorasResponse\x12\x17\n\x0fparameters_sent\x18\x01 \x01(\x05\x12\x12\n\nbytes_sent\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x12\n\ncache_hits\x18\x04 \x03(\t\"\x84\x01\n\x13StreamDeltasRequest\x12!\n\x05loras\x18\x01 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12\x15\n\rbase_model_id\x18\x02 \x01(\t\x12\x1f\n\x05\x64type\x18\x03 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x12\n\nrequest_id\x18\x04 \x01(\t2\xe7\x03\n\tLoraStore\x12O\n\x0cRegisterLora\x12\x1e.swiftd.v1.RegisterLoraRequest\x1a\x1f.swiftd.v1.RegisterLoraResponse\x12X\n\tListLoras\x12$.swiftd.v1.LoraStoreListLorasRequest\x1a%.swiftd.v1.LoraStoreListLorasResponse\x12I\n\nRemoveLora\x12\x1c.swiftd.v1.RemoveLoraRequest\x1a\x1d.swiftd.v1.RemoveLoraResponse\x12O\n\x0cPrefetchLora\x12\x1e.swiftd.v1.PrefetchLoraRequest\x1a\x1f.swiftd.v1.PrefetchLoraResponse\x12\x46\n\tPushLoras\x12\x1b.swiftd.v1.PushLorasRequest\x1a\x1c.swiftd.v1.PushLorasResponse\x12K\n\x0cStreamDeltas\x12\x1e.swiftd.v1.StreamDeltasRequest\x1a\x19.swiftd.v1.LoraDeltaChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swiftd.v1.lora_store_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LORADELTACHUNK']._serialized_start=65
-  _globals['_LORADELTACHUNK']._serialized_end=190
-  _globals['_PARAMETERDELTA']._serialized_start=193
-  _globals['_PARAMETERDELTA']._serialized_end=322
-  _globals['_FACTOREDDELTA']._serialized_start=324
-  _globals['_FACTOREDDELTA']._serialized_end=403
-  _globals['_REGISTERLORAREQUEST']._serialized_start=405
-  _globals['_REGISTERLORAREQUEST']._serialized_end=443
-  _globals['_REGISTERLORARESPONSE']._serialized_start=445
-  _globals['_REGISTERLORARESPONSE']._serialized_end=530
-  _globals['_LORASTORELISTLORASREQUEST']._serialized_start=532
-  _globals['_LORASTORELISTLORASREQUEST']._serialized_end=575
-  _globals['_LORASTORELISTLORASRESPONSE']._serialized_start=577
-  _globals['_LORASTORELISTLORASRESPONSE']._serialized_end=641
-  _globals['_REMOVELORAREQUEST']._serialized_start=643
-  _globals['_REMOVELORAREQUEST']._serialized_end=679
-  _globals['_REMOVELORARESPONSE']._serialized_start=681
-  _globals['_REMOVELORARESPONSE']._serialized_end=718
-  _globals['_PREFETCHLORAREQUEST']._serialized_start=720
-  _globals['_PREFETCHLORAREQUEST']._serialized_end=814
-  _globals['_PREFETCHLORARESPONSE']._serialized_start=816
-  _globals['_PREFETCHLORARESPONSE']._serialized_end=904
-  _globals['_PUSHLORASREQUEST']._serialized_start=907
-  _globals['_PUSHLORASREQUEST']._serialized_end=1065
-  _globals['_PUSHLORASRESPONSE']._serialized_start=1067
-  _globals['_PUSHLORASRESPONSE']._serialized_end=1168
-  _globals['_STREAMDELTASREQUEST']._serialized_start=1171
-  _globals['_STREAMDELTASREQUEST']._serialized_end=1303
-  _globals['_LORASTORE']._serialized_start=1306
-  _globals['_LORASTORE']._serialized_end=1793
+  _globals['_LORADELTACHUNK']._serialized_start=66
+  _globals['_LORADELTACHUNK']._serialized_end=207
+  _globals['_PARAMETERDELTA']._serialized_start=210
+  _globals['_PARAMETERDELTA']._serialized_end=339
+  _globals['_FACTOREDDELTA']._serialized_start=341
+  _globals['_FACTOREDDELTA']._serialized_end=420
+  _globals['_REGISTERLORAREQUEST']._serialized_start=422
+  _globals['_REGISTERLORAREQUEST']._serialized_end=460
+  _globals['_REGISTERLORARESPONSE']._serialized_start=462
+  _globals['_REGISTERLORARESPONSE']._serialized_end=547
+  _globals['_LORASTORELISTLORASREQUEST']._serialized_start=549
+  _globals['_LORASTORELISTLORASREQUEST']._serialized_end=592
+  _globals['_LORASTORELISTLORASRESPONSE']._serialized_start=594
+  _globals['_LORASTORELISTLORASRESPONSE']._serialized_end=658
+  _globals['_REMOVELORAREQUEST']._serialized_start=660
+  _globals['_REMOVELORAREQUEST']._serialized_end=696
+  _globals['_REMOVELORARESPONSE']._serialized_start=698
+  _globals['_REMOVELORARESPONSE']._serialized_end=735
+  _globals['_PREFETCHLORAREQUEST']._serialized_start=737
+  _globals['_PREFETCHLORAREQUEST']._serialized_end=831
+  _globals['_PREFETCHLORARESPONSE']._serialized_start=833
+  _globals['_PREFETCHLORARESPONSE']._serialized_end=921
+  _globals['_PUSHLORASREQUEST']._serialized_start=924
+  _globals['_PUSHLORASREQUEST']._serialized_end=1082
+  _globals['_PUSHLORASRESPONSE']._serialized_start=1084
+  _globals['_PUSHLORASRESPONSE']._serialized_end=1185
+  _globals['_STREAMDELTASREQUEST']._serialized_start=1188
+  _globals['_STREAMDELTASREQUEST']._serialized_end=1320
+  _globals['_LORASTORE']._serialized_start=1323
+  _globals['_LORASTORE']._serialized_end=1810
 # @@protoc_insertion_point(module_scope)

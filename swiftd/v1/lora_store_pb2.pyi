@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LoraDeltaChunk(_message.Message):
-    __slots__ = ("request_id", "lora_id", "scale", "deltas", "last")
+    __slots__ = ("request_id", "lora_id", "scale", "deltas", "last", "sha256")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LORA_ID_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
     DELTAS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     lora_id: str
     scale: float
     deltas: _containers.RepeatedCompositeFieldContainer[ParameterDelta]
     last: bool
-    def __init__(self, request_id: _Optional[str] = ..., lora_id: _Optional[str] = ..., scale: _Optional[float] = ..., deltas: _Optional[_Iterable[_Union[ParameterDelta, _Mapping]]] = ..., last: _Optional[bool] = ...) -> None: ...
+    sha256: bytes
+    def __init__(self, request_id: _Optional[str] = ..., lora_id: _Optional[str] = ..., scale: _Optional[float] = ..., deltas: _Optional[_Iterable[_Union[ParameterDelta, _Mapping]]] = ..., last: _Optional[bool] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class ParameterDelta(_message.Message):
     __slots__ = ("parameter_name", "factored", "full")
