@@ -6,6 +6,7 @@ Every service builds its server with ``create_server`` and every client its chan
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -54,6 +55,37 @@ GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 UNET_SERVICE = unet_pb2.DESCRIPTOR.services_by_name["UNetWorker"].full_name
 CONTROLNET_SERVICE = controlnet_pb2.DESCRIPTOR.services_by_name["ControlNetWorker"].full_name
 LORA_STORE_SERVICE = lora_store_pb2.DESCRIPTOR.services_by_name["LoraStore"].full_name
+
+
+#: Reads that change nothing, retried by the channel itself on UNAVAILABLE (a worker restarting,
+#: a connection being re-established): status polls, listings and health checks. Nothing that
+#: runs or changes work is retried here; the gateway re-plans a request itself. The throttle
+#: stops retries once more than about one call in ten fails, so a dead peer is not hammered.
+IDEMPOTENT_READS = {
+    GATEWAY_SERVICE: ["ListModels", "ListLoras", "ListControlNets"],
+    UNET_SERVICE: ["GetWorkerStatus", "ListModels"],
+    CONTROLNET_SERVICE: ["ListControlNets"],
+    LORA_STORE_SERVICE: ["ListLoras"],
+    "grpc.health.v1.Health": ["Check"],
+}
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": s, "method": m} for s, methods in IDEMPOTENT_READS.items() for m in methods],
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+)
+GRPC_OPTIONS.append(("grpc.service_config", SERVICE_CONFIG))
 
 
 def _merge(extra: Iterable[tuple[str, object]]) -> list[tuple[str, object]]:

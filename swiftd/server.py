@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health as grpc_health
 
 from swiftd import logs, metrics, rpc, tracing
 from swiftd.drain import DrainInterceptor
@@ -126,8 +127,13 @@ def serve(
     config: ServerConfig,
     register: Callable[[grpc.Server], None],
     on_bound: Callable[[int], None] | None = None,
+    on_health: Callable[[grpc_health.HealthServicer], None] | None = None,
 ) -> None:
-    """Start the server, report the bound port, block until SIGTERM/SIGINT, then drain."""
+    """Start the server, report the bound port, block until SIGTERM/SIGINT, then drain.
+
+    `on_health` gets the health servicer once the server runs, for a service whose readiness
+    depends on more than having started (the gateway: reachable workers per model).
+    """
     drain_gate = DrainInterceptor()
     server = rpc.create_server(
         config.max_workers,
@@ -147,6 +153,8 @@ def serve(
     log.info("%s serving on %s:%d", service_full_name, host, port)
     if on_bound is not None:
         on_bound(port)
+    if on_health is not None:
+        on_health(health)
 
     # The handler only records the signal (no lock: it runs wherever the main thread happens to
     # be, maybe holding one); the drain runs here, in the main thread.

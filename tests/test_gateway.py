@@ -198,7 +198,8 @@ def test_gateway_image_equals_direct_unet_call(suite, case):
     assert len(response.trace_id) == 32 and int(response.trace_id, 16)
     assert response.lora_applied_at_step == (0 if request.loras else -1)
     stages = [t.stage for t in response.timings]
-    assert stages[:3] == ["validate", "queue", "plan"] and stages[-1] == "total" and "denoise" in stages
+    before_plan = ["validate", "queue", *(["decode_images"] if request.controlnets else []), "plan"]
+    assert stages[: len(before_plan)] == before_plan and stages[-1] == "total" and "denoise" in stages
 
     direct = unet_stub(plan.unet_worker).Denoise(direct_request(request, plan, suite["store"].address), timeout=120)
     assert np.array_equal(pixels(response.image_png), pixels(direct.image_png))

@@ -124,3 +124,48 @@ def test_channels_to_workers_that_left_are_forgotten_without_cutting_their_runni
     finally:
         pool.close()
         server.stop(None)
+
+
+def test_readiness_tells_whether_a_model_can_be_served(zoo_root):
+    """The gateway's readiness (`swiftd.v1.Gateway`) and per-model health (`swiftd.v1.Gateway/<id>`)
+    follow its workers: NOT_SERVING once no UNet worker of the model answers, SERVING again when
+    one does; the server itself ("") answers SERVING throughout (liveness)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from swiftd import rpc
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    address = f"127.0.0.1:{_free_port('127.0.0.1')}"
+    worker = start_unet(zoo_root, MODEL, num_threads=1, address=address)
+    gateway = start_gateway([address], extra_args=["--catalog-ttl", str(TTL)])
+    channel = rpc.create_channel(gateway.address)
+    health = health_pb2_grpc.HealthStub(channel)
+
+    def statuses() -> tuple:
+        return tuple(
+            health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+            for name in ("", rpc.GATEWAY_SERVICE, f"{rpc.GATEWAY_SERVICE}/{MODEL}")
+        )
+
+    def wait_for(want: tuple) -> None:
+        deadline = time.monotonic() + 20
+        while (got := statuses()) != want:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.1)
+
+    try:
+        wait_for((serving, serving, serving))
+        worker.stop()
+        wait_for((serving, not_serving, not_serving))
+        with Client(gateway.address) as client, pytest.raises(grpc.RpcError) as refused:
+            client.generate("a cat", model_id=MODEL, width=64, height=64, num_inference_steps=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        worker = start_unet(zoo_root, MODEL, num_threads=1, address=address)  # back, same address
+        wait_for((serving, serving, serving))
+        with Client(gateway.address) as client:
+            assert client.generate("a cat", model_id=MODEL, width=64, height=64, num_inference_steps=2).image_png
+    finally:
+        channel.close()
+        gateway.stop()
+        worker.stop()

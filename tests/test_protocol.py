@@ -390,3 +390,38 @@ def test_tuned_allocator_keeps_message_buffers_on_the_heap():
     if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
         pytest.skip("glibc only (mallopt, mallinfo2)")
     subprocess.run([sys.executable, "-c", _HEAP_GROWTH], cwd=REPO, check=True, timeout=120)
+
+
+def test_idempotent_reads_retry_on_unavailable_and_work_does_not():
+    """The channels' service config retries reads (status polls, listings, health checks) on
+    UNAVAILABLE, so a peer that is restarting answers the poll once it listens; a call that runs
+    work fails at once, for its caller to decide (the gateway re-plans)."""
+    import socket
+    import threading
+
+    from swiftd.v1 import unet_pb2, unet_pb2_grpc
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    server = rpc.create_server(4)
+    rpc.add_health_and_reflection(server, ["swiftd.test"])
+
+    def come_up():
+        server.add_insecure_port(address)
+        server.start()
+
+    channel = rpc.create_channel(address)
+    try:
+        with pytest.raises(grpc.RpcError) as work:  # nothing listens: a Denoise is not retried
+            unet_pb2_grpc.UNetWorkerStub(channel).Denoise(unet_pb2.DenoiseRequest(), timeout=5)
+        assert work.value.code() == grpc.StatusCode.UNAVAILABLE
+        starting = threading.Timer(0.3, come_up)  # the peer comes up while the read retries
+        starting.start()
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        starting.join()
+    finally:
+        channel.close()
+        server.stop(None)

@@ -97,6 +97,7 @@ def main(argv=None) -> None:
         rpc.GATEWAY_SERVICE,
         server_config,
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
+        on_health=servicer.keep_health,
     )
 
 

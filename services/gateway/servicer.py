@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 
 import grpc
+from grpc_health.v1 import health_pb2
 from opentelemetry import trace
 
 from services.gateway.admission import AdmissionQueue
@@ -36,6 +37,7 @@ from swiftd.v1 import (
 )
 
 log = logging.getLogger(__name__)
+_SERVING = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
 tracer = trace.get_tracer("swiftd.gateway")
 
 
@@ -117,6 +119,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             queue.resize(max(1, len(model.workers)) * self.config.per_worker_concurrency)
             return queue
 
+    # -- readiness ---------------------------------------------------------------------------
+
+    def keep_health(self, health) -> None:
+        """Readiness that tells the truth, refreshed with the catalog: `swiftd.v1.Gateway/<model>`
+        is SERVING while some UNet worker of that model answers, `swiftd.v1.Gateway` while any
+        model is served. ("" stays SERVING: the gateway itself answers; that is liveness.)"""
+
+        def follow():
+            known: set[str] = set()
+            while True:
+                try:
+                    models = self.catalog.get().models
+                except Exception:  # noqa: BLE001 - a refresh that failed: nothing is known to serve
+                    log.exception("catalog refresh for readiness failed")
+                    models = {}
+                known |= set(models)
+                for model_id in known:
+                    serving = model_id in models and bool(models[model_id].workers)
+                    health.set(f"{rpc.GATEWAY_SERVICE}/{model_id}", _SERVING[serving])
+                health.set(rpc.GATEWAY_SERVICE, _SERVING[any(m.workers for m in models.values())])
+                time.sleep(self.config.catalog_ttl)
+
+        threading.Thread(target=follow, name="readiness", daemon=True).start()
+
     # -- generation --------------------------------------------------------------------------
 
     def Generate(self, request, context):
@@ -151,9 +177,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 span.add_event("queued", {"position": position})
                 yield gateway_pb2.GenerateStreamResponse(queued=gateway_pb2.Queued(position=position))
         try:
-            # Pixels only for admitted requests: a refused one never costs a decode.
-            with tracing.stage(tracer, timings, "decode_images"):
-                check_conditioning_pixels(request, self.config.limits)
+            if request.controlnets:  # pixels only for admitted requests: a refused one never costs a decode
+                with tracing.stage(tracer, timings, "decode_images"):
+                    check_conditioning_pixels(request, self.config.limits)
             with tracing.stage(tracer, timings, "plan") as span:
                 plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
                 span.set_attributes(plan_attributes(plan))
