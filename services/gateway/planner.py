@@ -422,6 +422,11 @@ class Planner:
             self._controlnet_busy.update(remote_controlnet_workers(plan))
         return plan, decision.main.worker.dtype
 
+    def mark_down(self, address: str) -> None:
+        """Leave `address` out of plans for a while (it was unreachable when called)."""
+        with self._lock:
+            self._down_until[address] = time.monotonic() + DOWN_SECONDS
+
     def release(self, plan: gateway_pb2.Plan) -> None:
         with self._lock:
             self._outstanding.subtract(unet_workers(plan))

@@ -51,6 +51,8 @@ def plan_attributes(plan: gateway_pb2.Plan) -> dict:
         "plan.lora_set_already_applied": plan.lora_set_already_applied,
         "plan.pushed_lora_ids": list(plan.pushed_lora_ids),
     }
+    if plan.failed_over_from:
+        attributes["plan.failed_over_from"] = plan.failed_over_from
     if plan.HasField("cfg_partner"):
         partner = plan.cfg_partner
         attributes["plan.cfg_partner.unet_worker"] = partner.unet_worker
@@ -76,6 +78,14 @@ def _ran_unsplit(plan: gateway_pb2.Plan) -> gateway_pb2.Plan:
     ran.placement = gateway_pb2.PLACEMENT_PACK
     ran.reason = f"{plan.reason}; but cfg partner {plan.cfg_partner.unet_worker} refused, so it ran unsplit"
     return ran
+
+
+class _Unreachable(Exception):
+    """The planned UNet worker answered UNAVAILABLE before it sent anything: nothing ran there."""
+
+    def __init__(self, error: Unavailable):
+        super().__init__(error.message)
+        self.error = error
 
 
 def _failed(call) -> bool:
@@ -180,19 +190,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if request.controlnets:  # pixels only for admitted requests: a refused one never costs a decode
                 with tracing.stage(tracer, timings, "decode_images"):
                     check_conditioning_pixels(request, self.config.limits)
-            with tracing.stage(tracer, timings, "plan") as span:
-                plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
-                span.set_attributes(plan_attributes(plan))
-            try:
-                server_span.set_attributes(plan_attributes(plan))
-                log.info("request %s -> %s", request.request_id, plan_attributes(plan))
-                started = gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"])
-                yield gateway_pb2.GenerateStreamResponse(started=started)
-                yield from self._run(
-                    self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start
-                )
-            finally:
-                self.planner.release(plan)
+            failed_over_from = ""
+            while True:
+                with tracing.stage(tracer, timings, "plan") as span:
+                    plan, worker_dtype = self.planner.plan(request, self.catalog.get(), remaining())
+                    plan.failed_over_from = failed_over_from
+                    span.set_attributes(plan_attributes(plan))
+                try:
+                    server_span.set_attributes(plan_attributes(plan))
+                    log.info("request %s -> %s", request.request_id, plan_attributes(plan))
+                    started = gateway_pb2.Started(plan=plan, queued_seconds=timings["queue"])
+                    yield gateway_pb2.GenerateStreamResponse(started=started)
+                    yield from self._run(
+                        self._planned(request, plan), plan, worker_dtype, context, remaining, timings, t_start
+                    )
+                    return
+                except _Unreachable as unreachable:
+                    # Nothing ran there: plan once more without that worker, if time is left.
+                    if failed_over_from or remaining() <= 0:
+                        raise unreachable.error from None
+                    failed_over_from = plan.unet_worker
+                    self.planner.mark_down(failed_over_from)
+                    log.warning("request %s: %s; planning it again", request.request_id, unreachable.error.message)
+                finally:
+                    self.planner.release(plan)
         finally:
             admission.release()
 
@@ -252,8 +273,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             push.add_done_callback(lambda f: stream.cancel() if _failed(f) else None)
 
         result = None
+        heard = False  # anything from the worker yet: after that, it has started and is not replaced
         try:
             for event in stream:
+                heard = True
                 kind = event.WhichOneof("event")
                 if kind == "progress":
                     p = event.progress
@@ -267,6 +290,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except grpc.RpcError as exc:
             if not context.is_active():
                 raise Cancelled("the client cancelled the request") from None
+            if not heard and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                cancel_downstream()  # its LoRA pushes too: the new plan sends its own
+                raise _Unreachable(from_rpc_error(exc, f"unet worker {plan.unet_worker}")) from None
             for push in pushes:
                 if _failed(push):
                     raise from_rpc_error(push, f"lora store {self.config.lora_store}") from None

@@ -38,7 +38,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, params: _Optional[_Union[_common_pb2.GenerationParams, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., controlnets: _Optional[_Iterable[_Union[_common_pb2.ControlNetInput, _Mapping]]] = ..., lora_bound_steps: _Optional[int] = ..., request_id: _Optional[str] = ..., preview_every_n_steps: _Optional[int] = ..., controlnet_wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("unet_worker", "controlnets", "lora_ids", "lora_set_already_applied", "pushed_lora_ids", "placement", "reason", "cfg_partner")
+    __slots__ = ("unet_worker", "controlnets", "lora_ids", "lora_set_already_applied", "pushed_lora_ids", "placement", "reason", "cfg_partner", "failed_over_from")
     UNET_WORKER_FIELD_NUMBER: _ClassVar[int]
     CONTROLNETS_FIELD_NUMBER: _ClassVar[int]
     LORA_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class Plan(_message.Message):
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CFG_PARTNER_FIELD_NUMBER: _ClassVar[int]
+    FAILED_OVER_FROM_FIELD_NUMBER: _ClassVar[int]
     unet_worker: str
     controlnets: _containers.RepeatedCompositeFieldContainer[ControlNetAssignment]
     lora_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -55,7 +56,8 @@ class Plan(_message.Message):
     placement: Placement
     reason: str
     cfg_partner: CfgPartner
-    def __init__(self, unet_worker: _Optional[str] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAssignment, _Mapping]]] = ..., lora_ids: _Optional[_Iterable[str]] = ..., lora_set_already_applied: _Optional[bool] = ..., pushed_lora_ids: _Optional[_Iterable[str]] = ..., placement: _Optional[_Union[Placement, str]] = ..., reason: _Optional[str] = ..., cfg_partner: _Optional[_Union[CfgPartner, _Mapping]] = ...) -> None: ...
+    failed_over_from: str
+    def __init__(self, unet_worker: _Optional[str] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAssignment, _Mapping]]] = ..., lora_ids: _Optional[_Iterable[str]] = ..., lora_set_already_applied: _Optional[bool] = ..., pushed_lora_ids: _Optional[_Iterable[str]] = ..., placement: _Optional[_Union[Placement, str]] = ..., reason: _Optional[str] = ..., cfg_partner: _Optional[_Union[CfgPartner, _Mapping]] = ..., failed_over_from: _Optional[str] = ...) -> None: ...
 
 class CfgPartner(_message.Message):
     __slots__ = ("unet_worker", "controlnets", "lora_set_already_applied", "pushed_lora_ids")

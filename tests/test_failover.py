@@ -1,0 +1,116 @@
+"""Failover instead of failure: a request whose UNet worker cannot be reached before its first step
+is planned again, once, onto another worker, and the plan says so. Real processes: two UNet
+workers, a gateway, and between the gateway and the first worker a TCP relay that cuts the
+connection when the request itself arrives (status polls pass), as a worker that dies between
+the gateway's status poll and its call."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import grpc
+import numpy as np
+import pytest
+
+from swiftd import rpc
+from swiftd.client import Client
+from swiftd.images import decode_image
+from swiftd.launcher import start_gateway, start_lora_store, start_unet
+from swiftd.request import Request
+from swiftd.v1 import unet_pb2_grpc
+
+MODEL = "tiny-sd15"
+LORA = "tiny-sd15-lora-peft-r4"
+# A status poll is tens of bytes; a request with this prompt is kilobytes: the relay tells them apart.
+PROMPT = "a red square on a blue circle, " * 100
+REQUEST_BYTES = 2048
+
+
+class CuttingRelay:
+    """Relays TCP to `target` until a client sends a read of REQUEST_BYTES or more; then it resets
+    that connection and refuses every later one (the worker is gone)."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.cut = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.cut.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source, sink, from_client):
+        try:
+            while data := source.recv(65536):
+                if from_client and len(data) >= REQUEST_BYTES:
+                    self.cut.set()
+                    self.listener.close()
+                    for s in (source, sink):  # a reset, as from a host that went away
+                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                        s.close()
+                    return
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def test_a_worker_unreachable_before_the_first_step_is_failed_over_once(zoo_root, tmp_path):
+    store = start_lora_store(zoo_root, tmp_path / "cache", [MODEL], num_threads=1)
+    first = start_unet(zoo_root, MODEL, lora_store=store.address, num_threads=1, wait=False)
+    second = start_unet(zoo_root, MODEL, lora_store=store.address, num_threads=1, wait=False)
+    first.wait_ready()
+    second.wait_ready()
+    # The first worker gets the request's LoRA set applied, so the planner's affinity sends the
+    # request there (through the relay).
+    warm = Request("a cat", width=64, height=64, num_inference_steps=1, model_id=MODEL, loras=[(LORA, 0.8)])
+    with rpc.create_channel(first.address) as channel:
+        unet_pb2_grpc.UNetWorkerStub(channel).Denoise(warm.to_denoise_pb(), timeout=60)
+    relay = CuttingRelay(first.address)
+    gateway = start_gateway([relay.address, second.address], lora_store=store.address)
+    try:
+        with Client(gateway.address) as client:
+            fields = dict(model_id=MODEL, width=64, height=64, num_inference_steps=2, seed=7, loras=[(LORA, 0.8)])
+            result = client.generate(PROMPT, **fields)
+            assert relay.cut.is_set()  # the call to the first worker was cut
+            assert result.plan.failed_over_from == relay.address
+            assert result.plan.unet_worker == second.address
+            # The image is the one an uninterrupted request gives (the relay is now left out).
+            again = client.generate(PROMPT, **fields)
+            assert again.plan.unet_worker == second.address and not again.plan.failed_over_from
+            assert np.array_equal(
+                np.asarray(decode_image(result.image_png, "image")), np.asarray(decode_image(again.image_png, "image"))
+            )
+    finally:
+        gateway.stop()
+        for service in (first, second, store):
+            service.stop()
+
+
+def test_a_request_is_failed_over_once_not_twice(zoo_root):
+    """With every worker cut, the request fails UNAVAILABLE after one re-plan, naming the worker."""
+    worker = start_unet(zoo_root, MODEL, num_threads=1)
+    relays = [CuttingRelay(worker.address), CuttingRelay(worker.address)]
+    gateway = start_gateway([r.address for r in relays])
+    try:
+        with Client(gateway.address) as client, pytest.raises(grpc.RpcError) as failed:
+            client.generate(PROMPT, model_id=MODEL, width=64, height=64, num_inference_steps=2)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
+        assert all(r.cut.is_set() for r in relays)  # each tried once
+    finally:
+        gateway.stop()
+        worker.stop()
