@@ -234,6 +234,7 @@ class ControlNet:
     guidance_end: float = 1.0  # fraction where it stops; 0 means 1.0
     guess_mode: bool = False  # Diffusers guess mode: sees only the conditional half of the CFG batch
     worker_address: str = ""  # ControlNet worker computing its residuals; empty: in-process
+    fallback_workers: tuple[str, ...] = ()  # others hosting it, if that worker's stream breaks
     _decoded: PIL.Image.Image | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -241,7 +242,9 @@ class ControlNet:
         self.guidance_end = or_one(self.guidance_end)
 
     @classmethod
-    def from_pb(cls, pb: common_pb2.ControlNetInput, worker_address: str = "") -> ControlNet:
+    def from_pb(
+        cls, pb: common_pb2.ControlNetInput, worker_address: str = "", fallback_workers: Iterable[str] = ()
+    ) -> ControlNet:
         return cls(
             pb.controlnet_id,
             pb.image,
@@ -250,6 +253,7 @@ class ControlNet:
             pb.guidance_end,
             pb.guess_mode,
             worker_address,
+            tuple(fallback_workers),
         )
 
     def to_pb(self) -> common_pb2.ControlNetInput:
@@ -357,7 +361,9 @@ class Request:
         """
         p = pb.params
         if isinstance(pb, unet_pb2.DenoiseRequest):
-            controlnets = [ControlNet.from_pb(a.input, a.worker_address) for a in pb.controlnets]
+            controlnets = [
+                ControlNet.from_pb(a.input, a.worker_address, a.fallback_worker_addresses) for a in pb.controlnets
+            ]
             routing = dict(
                 lora_store_address=pb.lora_store_address,
                 pushed_lora_ids=tuple(pb.pushed_lora_ids),
@@ -421,7 +427,9 @@ class Request:
             params=self.params_pb(),
             loras=self.loras.to_pb(),
             controlnets=[
-                unet_pb2.ControlNetAttachment(input=cn.to_pb(), worker_address=cn.worker_address)
+                unet_pb2.ControlNetAttachment(
+                    input=cn.to_pb(), worker_address=cn.worker_address, fallback_worker_addresses=cn.fallback_workers
+                )
                 for cn in self.controlnets
             ],
             controlnet_wire_dtype=wire_dtype_to_pb(self.controlnet_wire_dtype),

@@ -205,11 +205,18 @@ def start_doomed_worker(zoo_root):
     return start_controlnet(zoo_root, preload=["tiny-sd15-cn-edges"], num_threads=1)
 
 
-def test_dead_controlnet_worker_fails_request_promptly(suite, families, zoo_root):
+def test_dead_controlnet_worker_fails_request_promptly(suite, families, zoo_root, tmp_path):
+    """With nowhere else to run the ControlNet (no other worker named, none in this worker's model
+    root), its worker's death fails the request promptly (tests/test_failover.py: where there is)."""
     services, channels = suite
     fam = families["sd15"]
     doomed = start_doomed_worker(zoo_root)
-    stub = unet_pb2_grpc.UNetWorkerStub(channels["sd15"])
+    root = tmp_path / "no-controlnets"
+    root.mkdir()
+    (root / "models").symlink_to((zoo_root / "models").resolve())
+    unet = start_unet(root, "tiny-sd15", num_threads=1, extra_args=["--max-steps", "1000"])
+    channel = rpc.create_channel(unet.address)
+    stub = unet_pb2_grpc.UNetWorkerStub(channel)
     controlnets = controlnet_requests(fam, CASES["one"][0], False)
     # Killed mid-request: the worker dies while the UNet waits for a step's residuals.
     call = stub.DenoiseStream(denoise_request("tiny-sd15", controlnets, [doomed.address], 7.5, steps=400), timeout=120)
@@ -225,7 +232,9 @@ def test_dead_controlnet_worker_fails_request_promptly(suite, families, zoo_root
     with pytest.raises(grpc.RpcError) as info:
         stub.Denoise(denoise_request("tiny-sd15", controlnets, [doomed.address], 7.5), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert_worker_healthy(channels["sd15"], services, fam)
+    assert_worker_healthy(channel, services, fam)
+    channel.close()
+    unet.stop()
 
 
 def test_hung_controlnet_worker_hits_the_deadline(suite, families, zoo_root):

@@ -1,8 +1,9 @@
-"""Failover instead of failure: a request whose UNet worker cannot be reached before its first step
-is planned again, once, onto another worker, and the plan says so. Real processes: two UNet
-workers, a gateway, and between the gateway and the first worker a TCP relay that cuts the
-connection when the request itself arrives (status polls pass), as a worker that dies between
-the gateway's status poll and its call."""
+"""Failover instead of failure. A request whose UNet worker cannot be reached before its first step
+is planned again, once, onto another worker, and the plan says so (real workers, and between the
+gateway and the first one a TCP relay that cuts the connection when the request itself arrives,
+as a worker that dies between the gateway's status poll and its call). A ControlNet worker killed
+mid-request is replaced at that step by another worker hosting the ControlNet, or by the UNet
+worker itself, with the image unchanged."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import pytest
 
 from swiftd import rpc
 from swiftd.client import Client
-from swiftd.images import decode_image
-from swiftd.launcher import start_gateway, start_lora_store, start_unet
+from swiftd.images import decode_image, edge_image
+from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
 from swiftd.request import Request
 from swiftd.v1 import unet_pb2_grpc
 
@@ -114,3 +115,53 @@ def test_a_request_is_failed_over_once_not_twice(zoo_root):
     finally:
         gateway.stop()
         worker.stop()
+
+
+def test_a_controlnet_worker_killed_mid_request_is_replaced_and_the_image_is_unchanged(zoo_root):
+    """Its stream breaks at some step; the UNet worker sends that step again to the next worker
+    hosting the ControlNet (with a replica) or runs it in-process (without one), and the final
+    latents equal the uninterrupted request's within 1e-4 (fp32 wire)."""
+    import signal
+
+    import torch
+
+    from swiftd import codec
+    from swiftd.request import ControlNet
+
+    cn_id = f"{MODEL}-cn-edges"
+    workers = [start_controlnet(zoo_root, preload=[cn_id], num_threads=1, wait=False) for _ in range(3)]
+    unet = start_unet(zoo_root, MODEL, num_threads=1, extra_args=["--max-steps", "1000"], wait=False)
+    for service in (*workers, unet):
+        service.wait_ready()
+    doomed_with_replica, replica, doomed_alone = workers
+    channel = rpc.create_channel(unet.address)
+    stub = unet_pb2_grpc.UNetWorkerStub(channel)
+
+    def request(worker: str, fallbacks=()):
+        cn = ControlNet(cn_id, edge_image(64), worker_address=worker, fallback_workers=tuple(fallbacks))
+        planned = Request(
+            "a cat", width=64, height=64, num_inference_steps=40, seed=3, model_id=MODEL, controlnets=[cn]
+        )
+        planned.return_latents = True
+        return planned.to_denoise_pb()
+
+    def latents(response) -> torch.Tensor:
+        return codec.tensor_from_proto(response.latents)
+
+    try:
+        reference = latents(stub.Denoise(request(replica.address), timeout=120))
+        for doomed, fallbacks in ((doomed_with_replica, [replica.address]), (doomed_alone, [])):
+            stream = stub.DenoiseStream(request(doomed.address, fallbacks), timeout=120)
+            for event in stream:
+                if event.HasField("progress") and event.progress.step >= 5:
+                    doomed.process.send_signal(signal.SIGKILL)  # mid-request, while the UNet waits on it
+                    break
+            final = [e for e in stream if e.HasField("final")][-1].final
+            diff = (latents(final) - reference).abs().max().item()
+            assert diff <= 1e-4, (doomed.address, diff)
+        log = "\n".join(unet.log_lines)
+        assert f"again on {replica.address}" in log and "again on this worker" in log, log[-3000:]
+    finally:
+        channel.close()
+        for service in (*workers, unet):
+            service.stop()

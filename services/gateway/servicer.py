@@ -231,7 +231,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return replace(
             request,
             cfg_split=cfg_split,
-            controlnets=[replace(cn, worker_address=a.worker) for cn, a in zip(request.controlnets, plan.controlnets)],
+            controlnets=[
+                replace(cn, worker_address=a.worker, fallback_workers=self._fallbacks(cn.controlnet_id, a.worker))
+                for cn, a in zip(request.controlnets, plan.controlnets)
+            ],
             # Missing deltas the plan did not push (e.g. evicted since the status poll) are pulled.
             lora_store_address=self.config.lora_store if request.loras else "",
             pushed_lora_ids=tuple(plan.pushed_lora_ids),
@@ -241,6 +244,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 else self.config.default_lora_bound_steps
             ),
         )
+
+    def _fallbacks(self, controlnet_id: str, worker: str) -> tuple[str, ...]:
+        """The other ControlNet workers hosting `controlnet_id`, loaded ones first: where its UNet
+        worker turns if `worker` goes away mid-request (none for an in-process ControlNet)."""
+        if not worker:
+            return ()
+        listing = self.catalog.get()
+        loaded = set(listing.controlnets[controlnet_id].workers) if controlnet_id in listing.controlnets else set()
+        hosts = [a for a in listing.controlnet_hosts.get(controlnet_id, []) if a != worker]
+        return tuple(sorted(hosts, key=lambda a: a not in loaded))
 
     def _run(self, request: Request, plan: gateway_pb2.Plan, worker_dtype: int, context, remaining, timings, t_start):
         # Started before the denoise call: with bounded asynchronous loading the worker starts

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from services.unet.addons.controlnet_stream import RemoteResidualSource
+from services.unet.addons.controlnet_stream import FailoverResidualSource, RemoteResidualSource
 from services.unet.guidance import Guidance, LeaderGuidance, PartnerGuidance, done_message
 from services.unet.pipeline import UNetPipeline
 from services.unet.run import GenerationResult
@@ -88,12 +88,12 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
     def _controlnet_opener(self, request: Request, context):
         """Residual sources for this request: remote where the plan names a worker."""
 
-        def open_controlnet(cn, session):
-            if not cn.worker_address:
+        def open_at(cn, session, address):
+            if not address:
                 return self.pipeline.open_local_controlnet(cn, session)
             return RemoteResidualSource(
-                self.channels.get(cn.worker_address),
-                cn.worker_address,
+                self.channels.get(address),
+                address,
                 session,
                 request.controlnet_wire_dtype,
                 request.request_id,
@@ -102,6 +102,17 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
                 out_dtype=self.pipeline.dtype,
                 out_device=self.pipeline.device,
             )
+
+        def open_controlnet(cn, session):
+            if not cn.worker_address:
+                return open_at(cn, session, "")
+            # If its worker goes away mid-request: the other workers hosting it, then this process.
+            candidates = [cn.worker_address, *cn.fallback_workers]
+            if cn.controlnet_id in self.pipeline.local_controlnets():
+                candidates.append("")
+            if len(candidates) == 1:
+                return open_at(cn, session, cn.worker_address)
+            return FailoverResidualSource(cn.controlnet_id, candidates, lambda address: open_at(cn, session, address))
 
         return open_controlnet
 

@@ -85,12 +85,14 @@ class GuidanceDone(_message.Message):
     def __init__(self, timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., lora_applied_at_step: _Optional[int] = ...) -> None: ...
 
 class ControlNetAttachment(_message.Message):
-    __slots__ = ("input", "worker_address")
+    __slots__ = ("input", "worker_address", "fallback_worker_addresses")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_WORKER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     input: _common_pb2.ControlNetInput
     worker_address: str
-    def __init__(self, input: _Optional[_Union[_common_pb2.ControlNetInput, _Mapping]] = ..., worker_address: _Optional[str] = ...) -> None: ...
+    fallback_worker_addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, input: _Optional[_Union[_common_pb2.ControlNetInput, _Mapping]] = ..., worker_address: _Optional[str] = ..., fallback_worker_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DenoiseResponse(_message.Message):
     __slots__ = ("image_png", "latents", "seed", "timings", "request_id", "lora_applied_at_step", "cfg_partner")

@@ -9,9 +9,11 @@ longer than `step_timeout`).
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -23,6 +25,7 @@ from swiftd.request import wire_dtype_to_pb
 from swiftd.v1 import controlnet_pb2, controlnet_pb2_grpc
 
 _END = object()
+log = logging.getLogger(__name__)
 
 
 class RemoteResidualSource:
@@ -97,3 +100,62 @@ class RemoteResidualSource:
     def close(self) -> None:
         self._requests.put(_END)
         self._call.cancel()
+
+
+class FailoverResidualSource:
+    """A residual source that outlives its ControlNet worker: when the stream breaks (UNAVAILABLE),
+    the step in progress is sent again to the next candidate (another worker hosting the
+    ControlNet, or "" for this process) with the same session. Residuals are a function of the
+    session and the step's input only, so the image does not change."""
+
+    def __init__(self, controlnet_id: str, candidates: list[str], open_at: Callable[[str], object]):
+        self.controlnet_id = controlnet_id
+        self._candidates = list(candidates)
+        self._open_at = open_at
+        self._opened: list[object] = []
+        self._last_step: tuple | None = None
+        self.failovers: list[tuple[int, str, str]] = []  # (step, from, to)
+        self.address, self._source = self._open_next()
+
+    def _open_next(self) -> tuple[str, object]:
+        address = self._candidates.pop(0)
+        source = self._open_at(address)
+        self._opened.append(source)
+        return address, source
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Compute and transport over every stream this ControlNet used."""
+        total: dict[str, float] = {}
+        for source in self._opened:
+            for key, value in getattr(source, "stats", {}).items():
+                total[key] = total.get(key, 0.0) + value
+        return total
+
+    def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
+        self._last_step = (step_index, timestep, sample)
+        self._source.start_step(step_index, timestep, sample)
+
+    def wait_step(self) -> ControlNetResiduals:
+        while True:
+            try:
+                return self._source.wait_step()
+            except Unavailable as exc:
+                if not self._candidates:
+                    raise
+                broken = self.address
+                self._source.close()
+                self.address, self._source = self._open_next()
+                step = self._last_step[0]
+                self.failovers.append((step, broken, self.address))
+                log.warning(
+                    "controlnet %r: %s; step %d again on %s",
+                    self.controlnet_id,
+                    exc.message,
+                    step,
+                    self.address or "this worker",
+                )
+                self._source.start_step(*self._last_step)
+
+    def close(self) -> None:
+        self._source.close()
