@@ -718,3 +718,20 @@ def test_base_pipelines_in_memory_are_bounded(root):
     assert bases.pipeline(BASE) is first and loads == [BASE]  # kept while it is the one in use
     bases.pipeline("tiny-sdxl")
     assert bases.pipeline(BASE) is not first and loads == [BASE, "tiny-sdxl", BASE]
+
+
+def test_a_corrupt_disk_entry_is_detected_and_recomputed(root, fused, tmp_path):
+    """A bit flipped in a disk entry's tensor data (the safetensors header still parses) is caught
+    by its content checksum: the entry is recomputed and rewritten, and the deltas served are right."""
+    lora = "tiny-sd15-lora-peft-r4"
+    assert LoraStore(root, tmp_path / "cache", 0).entry(lora, BASE)[1] == "precompute"
+    (path,) = (tmp_path / "cache").glob(f"*/*/{lora}.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40  # inside the last tensor
+    path.write_bytes(bytes(data))
+
+    restarted = LoraStore(root, tmp_path / "cache", 0)  # a restart: only the disk tier is left
+    prepared, tier, _ = restarted.entry(lora, BASE)
+    assert tier == "precompute"
+    assert_matches_fused(prepared.deltas, fused(lora, 1.0))
+    assert LoraStore(root, tmp_path / "cache", 0).entry(lora, BASE)[1] == "disk"  # rewritten whole

@@ -20,6 +20,7 @@ torn entry behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from swiftd.lora import LoraDeltas, WeightDelta
 
 log = logging.getLogger(__name__)
 
-DISK_FORMAT = "swiftd-lora-deltas-1"
+DISK_FORMAT = "swiftd-lora-deltas-2"  # 2: content_sha256 over the tensors
 
 CacheKey = tuple[str, str, str]  # (lora_id, base_model_id, dtype name, e.g. "float32")
 
@@ -115,6 +116,18 @@ class HostTier:
         return key, entry
 
 
+def content_sha256(deltas: LoraDeltas) -> str:
+    """SHA-256 of every delta's names and tensor bytes, in order: what a disk entry must still hold."""
+    h = hashlib.sha256()
+    for name, delta in deltas.items():
+        h.update(name.encode())
+        for tensor in (delta.up, delta.down):
+            if tensor is not None:
+                h.update(str(tensor.dtype).encode() + str(tuple(tensor.shape)).encode())
+                h.update(tensor.contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 class DiskTier:
     """Prepared entries as safetensors files under `cache_dir` (None: no disk tier)."""
 
@@ -154,6 +167,8 @@ class DiskTier:
                         deltas[name] = WeightDelta(f.get_tensor(f"{name}.up"), f.get_tensor(f"{name}.down"))
                 if len(keys) != sum(1 if d.down is None else 2 for d in deltas.values()):
                     raise ValueError("tensors and the recorded order disagree")
+                if meta.get("content_sha256") != content_sha256(deltas):
+                    raise ValueError("content checksum mismatch (the file is corrupt)")
         except Exception as exc:  # noqa: BLE001 - a damaged entry is a miss, rewritten after recompute
             log.warning("disk tier: ignoring unreadable %s: %s", path, exc)
             return None
@@ -179,11 +194,14 @@ class DiskTier:
             "lora_id": lora_id,
             "base_model_id": base_model_id,
             "dtype": dtype,
+            "content_sha256": content_sha256(entry.deltas),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             save_file(tensors, str(tmp), metadata=meta)
+            with open(tmp, "rb") as f:  # on disk before the rename makes it visible: a crash leaves
+                os.fsync(f.fileno())  # the old entry or the new one, never a torn one
             os.replace(tmp, path)
         except OSError as exc:  # a full or read-only disk costs the tier, not the request
             log.warning("disk tier: could not write %s: %s", path, exc)
