@@ -77,6 +77,12 @@ class ResourceExhausted(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class PermissionDenied(ServingError):
+    """The caller may not have this done here (e.g. dial an address that is not a configured peer)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 def from_rpc_error(exc: grpc.RpcError, where: str) -> ServingError:
     """A downstream call's failure as our own error, to pass on to our caller: the one mapping of
     every service's outgoing calls. The message starts with `where` the call went.

@@ -203,3 +203,55 @@ def test_the_lora_inbox_budget_counts_transfers_under_way_and_drops_stalled_ones
         channel.close()
         worker.stop()
     assert worker.process.returncode == 0, worker.log_tail()
+
+
+def test_services_dial_only_their_configured_peers(zoo_root, tmp_path):
+    """An address in a request (a worker to push deltas to, a ControlNet worker, a LoRA store) is
+    dialed only if it is one of the service's configured peers (--push-to, --peers); any other is
+    PERMISSION_DENIED naming the field, and nothing connects to it."""
+    import socket
+
+    from swiftd.launcher import start_lora_store
+    from swiftd.v1 import lora_store_pb2, lora_store_pb2_grpc
+
+    listener = socket.create_server(("127.0.0.1", 0))  # a victim: it must never see a connection
+    listener.settimeout(0.5)
+    victim = f"127.0.0.1:{listener.getsockname()[1]}"
+    unet = start_unet(zoo_root, MODEL, num_threads=1, extra_args=["--peers", "127.0.0.1:9"])
+    store = start_lora_store(
+        zoo_root, tmp_path / "cache", [MODEL], num_threads=1, extra_args=["--push-to", unet.address]
+    )
+    channels = [rpc.create_channel(unet.address), rpc.create_channel(store.address)]
+    worker, lora_store = unet_pb2_grpc.UNetWorkerStub(channels[0]), lora_store_pb2_grpc.LoraStoreStub(channels[1])
+    try:
+        push = lora_store_pb2.PushLorasRequest(
+            loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4", scale=1.0)],
+            base_model_id=MODEL,
+            dtype=common_pb2.DTYPE_FLOAT32,
+        )
+        push.unet_worker_address = victim
+        assert "unet_worker_address" in _refused(lora_store.PushLoras, push, grpc.StatusCode.PERMISSION_DENIED)
+        push.unet_worker_address = unet.address  # the configured one
+        assert lora_store.PushLoras(push, timeout=60).parameters_sent > 0
+
+        cn = unet_pb2.ControlNetAttachment(
+            input=common_pb2.ControlNetInput(controlnet_id=CN, image=edge_image(64)), worker_address=victim
+        )
+        details = _refused(
+            worker.Denoise,
+            unet_pb2.DenoiseRequest(params=_params(), controlnets=[cn]),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        assert "controlnets[0].worker_address" in details
+        stray_store = unet_pb2.DenoiseRequest(
+            params=_params(), loras=[common_pb2.LoraRef(lora_id="tiny-sd15-lora-peft-r4")], lora_store_address=victim
+        )
+        assert "lora_store_address" in _refused(worker.Denoise, stray_store, grpc.StatusCode.PERMISSION_DENIED)
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    finally:
+        listener.close()
+        for channel in channels:
+            channel.close()
+        store.stop()
+        unet.stop()

@@ -123,6 +123,7 @@ def test_the_compose_file_starts_real_services_that_find_each_other():
     gateway = parsed["gateway"]
     assert gateway.unet == [f"unet:{port['unet']}"] and gateway.controlnet == [f"controlnet:{port['controlnet']}"]
     assert gateway.lora_store == parsed["unet"].lora_store == f"lora-store:{port['lora-store']}"
+    assert parsed["lora-store"].push_to == gateway.unet and parsed["unet"].peers == gateway.controlnet
     # Served by default: the trained model in weights/, its ControlNet preloaded.
     assert "../../weights:/models:ro" in services["unet"]["volumes"]
     assert (REPO / "weights" / "models" / parsed["unet"].model_id).is_dir()

@@ -324,6 +324,11 @@ def test_network_policies_let_through_exactly_the_calls_the_services_make(root):
     calls = {("gateway", service_of[host(t)]) for t in [*gateway.unet, *gateway.controlnet, gateway.lora_store]}
     calls |= {("unet", service_of[host(unet.lora_store)]), ("unet", "controlnet"), ("lora-store", "unet")}
     assert calls >= {("gateway", "unet"), ("gateway", "controlnet"), ("gateway", "lora-store")}
+    # The addresses requests name are the services' configured peers: the workers the gateway
+    # plans onto are the store's --push-to and the UNet workers' --peers.
+    _, store = _service_args(root, _pod(_one(root, "Deployment", "swiftd-lora-store"))["containers"][0])
+    assert set(gateway.unet) <= set(store.push_to)
+    assert set(gateway.controlnet) | set(gateway.unet) <= set(unet.peers)
 
     for source in pods:
         for target in pods:

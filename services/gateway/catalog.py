@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from services.gateway.discovery import WorkerTargets
 from swiftd import rpc, tracing
 from swiftd.device import Device
+from swiftd.discovery import WorkerTargets
 from swiftd.v1 import (
     common_pb2,
     controlnet_pb2,

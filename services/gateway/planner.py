@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from services.gateway.catalog import Listing
-from services.gateway.discovery import WorkerTargets
 from swiftd import rpc, tracing
 from swiftd.device import Device
+from swiftd.discovery import WorkerTargets
 from swiftd.errors import Unavailable
 from swiftd.request import DEFAULT_GUIDANCE_SCALE, LoraKey, LoraSet, LoraSetKey, Request
 from swiftd.v1 import gateway_pb2, unet_pb2, unet_pb2_grpc

@@ -21,10 +21,10 @@ from opentelemetry import trace
 from services.gateway.admission import AdmissionQueue
 from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
-from services.gateway.discovery import WorkerTargets
 from services.gateway.planner import Planner, PlannerConfig, placement_name
 from services.gateway.validation import validate_request
 from swiftd import logs, metrics, rpc, tracing
+from swiftd.discovery import WorkerTargets
 from swiftd.errors import Cancelled, Unavailable, from_rpc_error
 from swiftd.request import CfgSplit, Request, check_conditioning_pixels, check_family
 from swiftd.v1 import (

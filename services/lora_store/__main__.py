@@ -14,6 +14,7 @@ from services.lora_store.servicer import LoraStoreServicer
 from services.lora_store.store import LoraStore
 from swiftd import rpc, tracing
 from swiftd.cliargs import ExtendList
+from swiftd.discovery import AllowedPeers
 from swiftd.loading import DTYPES
 from swiftd.server import (
     add_server_arguments,
@@ -64,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRAs to prepare for every --base-model (default dtype) before serving",
     )
     parser.add_argument(
+        "--push-to",
+        nargs="*",
+        action=ExtendList,
+        default=[],
+        metavar="TARGET",
+        help="the UNet workers PushLoras may send deltas to: host:port or dns:///name:port (a headless "
+        "Service); none: any address a caller names (local runs only)",
+    )
+    parser.add_argument(
         "--max-base-models",
         type=int,
         default=2,
@@ -91,7 +101,8 @@ def main(argv=None) -> None:
         store.bases.pipeline(model_id)
         for lora_id in args.prefetch:
             store.prefetch(lora_id, model_id)
-    servicer = LoraStoreServicer(store, chunk_bytes=chunk_bytes, push_timeout=args.push_timeout)
+    push_to = AllowedPeers(args.push_to, "--push-to")
+    servicer = LoraStoreServicer(store, chunk_bytes=chunk_bytes, push_timeout=args.push_timeout, push_to=push_to)
     serve(
         rpc.LORA_STORE_SERVICE,
         server_config,

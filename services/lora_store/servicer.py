@@ -10,7 +10,8 @@ from opentelemetry import trace
 
 from services.lora_store.store import LoraStore, ServedLora
 from swiftd import codec, metrics, rpc
-from swiftd.errors import Cancelled, InvalidArgument, Unavailable, from_rpc_error
+from swiftd.discovery import AllowedPeers
+from swiftd.errors import Cancelled, InvalidArgument, Unavailable, from_rpc_error, shown
 from swiftd.lora import deltas_to_chunks
 from swiftd.request import LoraSet, check_family
 from swiftd.v1 import lora_store_pb2, lora_store_pb2_grpc, unet_pb2_grpc
@@ -34,10 +35,17 @@ def chunks(served: list[ServedLora], request_id: str, chunk_bytes: int):
 
 
 class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
-    def __init__(self, store: LoraStore, chunk_bytes: int = rpc.LORA_CHUNK_BYTES, push_timeout: float = 300.0):
+    def __init__(
+        self,
+        store: LoraStore,
+        chunk_bytes: int = rpc.LORA_CHUNK_BYTES,
+        push_timeout: float = 300.0,
+        push_to: AllowedPeers | None = None,
+    ):
         self.store = store
         self.chunk_bytes = chunk_bytes
         self.push_timeout = push_timeout
+        self.push_to = push_to or AllowedPeers([], "--push-to")
         self._channels = rpc.ChannelPool()
 
     def RegisterLora(self, request, context):
@@ -78,7 +86,8 @@ class LoraStoreServicer(lora_store_pb2_grpc.LoraStoreServicer):
         address = request.unet_worker_address
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
-            raise InvalidArgument("unet_worker_address", f"{address!r} is not host:port")
+            raise InvalidArgument("unet_worker_address", f"{shown(address)} is not host:port")
+        self.push_to.check("unet_worker_address", address)  # never a caller's arbitrary address
         served = self._served(request)
         stub = unet_pb2_grpc.UNetWorkerStub(self._channels.get(address))
         # The caller's deadline bounds the transfer, and its cancellation stops it (gRPC does not

@@ -11,7 +11,9 @@ from services.unet.lora_inbox import LoraInbox
 from services.unet.pipeline import UNetPipeline
 from services.unet.servicer import UNetWorkerConfig, UNetWorkerServicer
 from swiftd import metrics, rpc, tracing
+from swiftd.cliargs import ExtendList
 from swiftd.controlnet_step import ControlNetStepper
+from swiftd.discovery import AllowedPeers
 from swiftd.loading import DTYPES, controlnet_family, list_ids, load_controlnet, load_pipeline, pipeline_family, resolve
 from swiftd.lora import LoraDeltas, extract_deltas, prepare_deltas
 from swiftd.server import (
@@ -61,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--lora-wait-timeout", type=float, default=120.0, help="longest wait for a LoRA's deltas (seconds)"
+    )
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        action=ExtendList,
+        default=[],
+        metavar="TARGET",
+        help="the ControlNet workers, CFG partners and LoRA stores a request may name: host:port or "
+        "dns:///name:port; none: any address a request names (local runs only)",
     )
     parser.add_argument(
         "--controlnet-step-timeout",
@@ -195,7 +206,8 @@ def main(argv=None) -> None:
         controlnet_step_timeout=args.controlnet_step_timeout,
         cfg_step_timeout=args.cfg_step_timeout,
     )
-    servicer = UNetWorkerServicer(pipeline, config)
+    peers = AllowedPeers(args.peers, "--peers", extra=(args.lora_store,))
+    servicer = UNetWorkerServicer(pipeline, config, peers)
     serve(
         rpc.UNET_SERVICE, server_config, lambda server: unet_pb2_grpc.add_UNetWorkerServicer_to_server(servicer, server)
     )

@@ -14,6 +14,7 @@ from services.unet.guidance import Guidance, LeaderGuidance, PartnerGuidance, do
 from services.unet.pipeline import UNetPipeline
 from services.unet.run import GenerationResult
 from swiftd import codec, device, metrics, rpc, tracing
+from swiftd.discovery import AllowedPeers
 from swiftd.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from swiftd.images import encode_png
 from swiftd.loading import pipeline_family
@@ -49,9 +50,10 @@ class UNetWorkerConfig:
 
 
 class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
-    def __init__(self, pipeline: UNetPipeline, config: UNetWorkerConfig):
+    def __init__(self, pipeline: UNetPipeline, config: UNetWorkerConfig, peers: AllowedPeers | None = None):
         self.pipeline = pipeline
         self.config = config
+        self.peers = peers or AllowedPeers([], "--peers")  # what a request may make this worker dial
         self.limits = config.limits
         self.channels = rpc.ChannelPool()
         self.model_id = config.model_id
@@ -75,6 +77,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             raise NotFound("params.model_id", request.model_id)
         request = self.pipeline.resolve(request)
         validate(request, self.limits, controlnet_field="controlnets[{i}].input")
+        self._check_peers(request)
         if request.cfg_split is not None:
             split = request.cfg_split
             if not request.do_classifier_free_guidance:
@@ -84,6 +87,17 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             # Both halves must see the same weights at every step (services/unet/guidance.py).
             request = replace(request, lora_bound_steps=0)
         return request
+
+    def _check_peers(self, request: Request) -> None:
+        """Every address the request would have this worker dial is a configured peer."""
+        for i, cn in enumerate(request.controlnets):
+            for address in (cn.worker_address, *cn.fallback_workers):
+                self.peers.check(f"controlnets[{i}].worker_address", address)
+        if request.cfg_split is not None:
+            self.peers.check("cfg_split.partner_address", request.cfg_split.partner_address)
+            for address in request.cfg_split.partner_controlnet_workers:
+                self.peers.check("cfg_split.partner_controlnet_workers", address)
+        self.peers.check("lora_store_address", request.lora_store_address)
 
     def _controlnet_opener(self, request: Request, context):
         """Residual sources for this request: remote where the plan names a worker."""

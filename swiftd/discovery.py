@@ -1,4 +1,5 @@
-"""Where the workers are: static addresses, or DNS names re-resolved on every catalog refresh.
+"""Where the workers are: static addresses, or DNS names re-resolved on every catalog refresh;
+and the peers a service may dial when a request names an address (`AllowedPeers`).
 
 A target is `host:port` (one worker, used as given) or `dns:///name:port` (every A/AAAA record of
 `name` is a worker: a Kubernetes headless Service's records are its ready pods). Scaling a worker
@@ -10,6 +11,9 @@ configuration (/etc/resolv.conf and its search domains, as in a pod), or with `-
 from __future__ import annotations
 
 import logging
+import time
+
+from swiftd.errors import PermissionDenied, shown
 
 log = logging.getLogger(__name__)
 DNS_SCHEME = "dns:///"
@@ -63,3 +67,27 @@ class WorkerTargets:
                 continue
             addresses += sorted(form.format(record.address, port) for record in answer)
         return addresses
+
+
+class AllowedPeers:
+    """The only addresses a service dials when a request names one (a ControlNet worker, a CFG
+    partner, a LoRA store, a UNet worker to push deltas to): its configured targets, DNS names
+    re-resolved when an address is not among them (at most once a second). With no targets, any
+    address is dialed, as in a local run, and the service says so at start."""
+
+    def __init__(self, targets: list[str], flag: str, dns_server: str = "", extra: tuple[str, ...] = ()):
+        self.flag = flag
+        self._targets = WorkerTargets([*targets, *[e for e in extra if e]], dns_server) if targets else None
+        self._refreshed = 0.0
+        if not targets:
+            log.warning("no %s given: this service dials any address a request names (fine on one machine only)", flag)
+
+    def check(self, field: str, address: str) -> None:
+        """PermissionDenied naming `field` unless `address` is empty or a configured peer."""
+        if self._targets is None or not address or address in self._targets.addresses():
+            return
+        if time.monotonic() - self._refreshed > 1.0:
+            self._refreshed = time.monotonic()
+            if address in self._targets.refresh():
+                return
+        raise PermissionDenied(f"{field}: {shown(address)} is not a peer of this service ({self.flag})")
