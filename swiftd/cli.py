@@ -11,15 +11,18 @@ message are printed), 2 for bad command-line arguments, 130 on Ctrl-C (the reque
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import grpc
 
+from swiftd import security
 from swiftd.client import Client, Result, format_timings
 from swiftd.request import FAMILIES, WIRE_DTYPES, ControlNet, Lora, scheduler_names
 
 DEFAULT_ADDRESS = "127.0.0.1:50050"
+TOKEN_ENV = "SWIFTD_TOKEN"
 
 
 def parse_lora(text: str) -> Lora:
@@ -71,7 +74,7 @@ def generate(args) -> int:
         controlnet_wire_dtype=args.controlnet_wire_dtype,
     )
     result = None
-    with Client(args.address, timeout=args.timeout) as client:
+    with _client(args, timeout=args.timeout) as client:
         try:
             for event in client.generate_stream(args.prompt, **options):
                 kind = event.WhichOneof("event")
@@ -105,7 +108,7 @@ def describe_plan(plan, lora_applied_at_step: int) -> str:
 
 
 def list_items(args) -> int:
-    with Client(args.address) as client:
+    with _client(args) as client:
         try:
             if args.command == "models":
                 for m in client.list_models():
@@ -124,13 +127,26 @@ def list_items(args) -> int:
     return 0
 
 
+def _client(args, **kwargs) -> Client:
+    if args.tls_dir is not None:  # ca.crt, and tls.crt/tls.key if this client has a certificate
+        security.configure_client(security.TlsConfig(args.tls_dir, args.tls_server_name))
+    return Client(args.address, token=args.token or os.environ.get(TOKEN_ENV, ""), **kwargs)
+
+
+def _connection_arguments(parser) -> None:
+    parser.add_argument("--address", default=DEFAULT_ADDRESS, help="gateway host:port")
+    parser.add_argument("--tls-dir", type=Path, default=None, help="TLS: a folder with ca.crt (and tls.crt/tls.key)")
+    parser.add_argument("--tls-server-name", default="", help="the name in the gateway's certificate, if not the host")
+    parser.add_argument("--token", default="", help=f"bearer token for the gateway (default: ${TOKEN_ENV})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="swiftd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate one image through the gateway")
-    g.add_argument("--address", default=DEFAULT_ADDRESS, help="gateway host:port")
+    _connection_arguments(g)
     g.add_argument("--model", default="", help="model id (empty: the gateway's default)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
@@ -151,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", type=Path, default=Path("out.png"))
     for name in ("models", "loras", "controlnets"):
         p = sub.add_parser(name, help=f"list the {name} the gateway serves")
-        p.add_argument("--address", default=DEFAULT_ADDRESS, help="gateway host:port")
+        _connection_arguments(p)
         if name == "loras":
             p.add_argument("--family", default="", choices=["", *FAMILIES])
     return parser

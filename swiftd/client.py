@@ -75,11 +75,14 @@ def as_request(prompt: str | Request, **fields) -> Request:
 
 
 class Client:
-    def __init__(self, address: str, timeout: float = 600.0):
+    def __init__(self, address: str, timeout: float = 600.0, token: str = ""):
+        """`token`: a bearer token the gateway knows (`--tokens-file`); TLS as `swiftd.security`
+        is configured in this process (`security.configure_client`)."""
         self.address = address
         self.timeout = timeout
         self._channel = rpc.create_channel(address)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._metadata = [("authorization", f"Bearer {token}")] if token else None
 
     def __enter__(self) -> Client:
         return self
@@ -93,7 +96,7 @@ class Client:
     def generate(self, prompt: str | Request, timeout: float | None = None, **fields) -> Result:
         """One image; `fields` are Request fields. Ctrl-C cancels the request."""
         request = as_request(prompt, **fields).to_pb()
-        future = self._stub.Generate.future(request, timeout=timeout or self.timeout)
+        future = self._stub.Generate.future(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             return Result.from_pb(_wait_interruptibly(future))
         except BaseException:
@@ -105,20 +108,26 @@ class Client:
     ) -> Iterator[gateway_pb2.GenerateStreamResponse]:
         """The request's events, the last one `final`; stop iterating to cancel it."""
         request = as_request(prompt, **fields).to_pb()
-        call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             yield from call
         finally:
             call.cancel()  # no-op once the stream has ended
 
     def list_models(self) -> list[common_pb2.ModelInfo]:
-        return list(self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=30).models)
+        return list(self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=30, metadata=self._metadata).models)
 
     def list_loras(self, family: str = "") -> list[common_pb2.LoraInfo]:
-        return list(self._stub.ListLoras(gateway_pb2.ListLorasRequest(family=family), timeout=30).loras)
+        return list(
+            self._stub.ListLoras(gateway_pb2.ListLorasRequest(family=family), timeout=30, metadata=self._metadata).loras
+        )
 
     def list_controlnets(self) -> list[common_pb2.ControlNetInfo]:
-        return list(self._stub.ListControlNets(gateway_pb2.ListControlNetsRequest(), timeout=30).controlnets)
+        return list(
+            self._stub.ListControlNets(
+                gateway_pb2.ListControlNetsRequest(), timeout=30, metadata=self._metadata
+            ).controlnets
+        )
 
 
 def _wait_interruptibly(future):

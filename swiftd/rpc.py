@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from swiftd import tracing
+from swiftd import security, tracing
 from swiftd.v1 import controlnet_pb2, gateway_pb2, lora_store_pb2, unet_pb2
 
 MiB = 1 << 20
@@ -113,11 +113,17 @@ def create_server(
 
 
 def create_channel(address: str, options: Iterable[tuple[str, object]] = ()) -> grpc.Channel:
-    """An insecure channel to ``address`` ("host:port") with GRPC_OPTIONS (``options`` override).
+    """A channel to ``address`` ("host:port") with GRPC_OPTIONS (``options`` override): mutual TLS
+    with this process's certificate where `swiftd.security` is configured, else plaintext.
 
     Calls on it carry the caller's trace context (W3C traceparent metadata) and get CLIENT spans.
     """
-    channel = grpc.insecure_channel(address, options=_merge(options))
+    tls = security.configured()
+    if tls is None:
+        channel = grpc.insecure_channel(address, options=_merge(options))
+    else:
+        credentials, tls_options = security.channel_credentials(tls)
+        channel = grpc.secure_channel(address, credentials, options=_merge([*tls_options, *options]))
     return grpc.intercept_channel(channel, tracing.ClientTracingInterceptor())
 
 

@@ -16,11 +16,13 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2_grpc
 
-from swiftd import logs, metrics, rpc, tracing
+from swiftd import logs, metrics, rpc, security, tracing
 from swiftd.drain import DrainInterceptor
 from swiftd.interceptor import ErrorInterceptor
 from swiftd.request import Limits
@@ -44,6 +46,10 @@ class ServerConfig:
     # Largest request message accepted; None: rpc.MAX_MESSAGE_BYTES (residual tensors). The public
     # gateway takes its largest valid request (Limits.max_request_bytes).
     max_receive_bytes: int | None = None
+    tls_dir: Path | None = None  # swiftd.security: mutual TLS; None: plaintext (local runs)
+    tls_server_name: str = ""
+    health_port: int | None = None  # plaintext health checks only (kubelet probes do not speak TLS)
+    tokens_file: Path | None = None  # the gateway: its clients' bearer tokens
 
 
 def add_server_arguments(parser) -> None:
@@ -59,12 +65,37 @@ def add_server_arguments(parser) -> None:
         help=f"text, or JSON lines with request and trace ids (default: ${logs.FORMAT_ENV}, else text)",
     )
     metrics.add_metrics_argument(parser)
+    parser.add_argument(
+        "--tls-dir",
+        type=Path,
+        default=None,
+        help="mutual TLS: a folder with tls.crt, tls.key and ca.crt (a Kubernetes TLS secret); "
+        "default: plaintext, for local runs only",
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default="",
+        help="the name every service's certificate carries, checked instead of the dialed host",
+    )
+    parser.add_argument(
+        "--health-port", type=int, default=None, help="also serve health checks (only) in plaintext on this port"
+    )
 
 
 def server_config_from_args(args) -> ServerConfig:
     cores = [int(c) for c in args.cpu_cores.split(",") if c.strip()]
     return ServerConfig(
-        args.address, args.max_workers, args.grace_seconds, args.num_threads, cores, args.log_format, args.metrics_port
+        args.address,
+        args.max_workers,
+        args.grace_seconds,
+        args.num_threads,
+        cores,
+        args.log_format,
+        args.metrics_port,
+        tls_dir=args.tls_dir,
+        tls_server_name=args.tls_server_name,
+        health_port=args.health_port,
+        tokens_file=getattr(args, "tokens_file", None),
     )
 
 
@@ -110,6 +141,8 @@ def configure_process(config: ServerConfig) -> None:
     """Tie the process to its launcher, pin cores and threads before any model is loaded (oneDNN
     sizes its pools at first use)."""
     die_with_parent()
+    if config.tls_dir is not None:
+        security.configure(security.TlsConfig(config.tls_dir, config.tls_server_name))
     if config.cpu_cores:
         os.sched_setaffinity(0, set(config.cpu_cores))
     if config.num_threads:
@@ -128,22 +161,49 @@ def serve(
     register: Callable[[grpc.Server], None],
     on_bound: Callable[[int], None] | None = None,
     on_health: Callable[[grpc_health.HealthServicer], None] | None = None,
+    public: bool = False,
 ) -> None:
     """Start the server, report the bound port, block until SIGTERM/SIGINT, then drain.
 
     `on_health` gets the health servicer once the server runs, for a service whose readiness
-    depends on more than having started (the gateway: reachable workers per model).
+    depends on more than having started (the gateway: reachable workers per model). `public`: the
+    gateway's API, whose callers authenticate with a bearer token where `tokens_file` is given
+    (else with a client certificate).
     """
     drain_gate = DrainInterceptor()
+    tls = security.configured()
+    tokens = security.Tokens(config.tokens_file) if config.tokens_file else None
+    authorization = [security.AuthorizationInterceptor(tokens)] if tls or tokens else []
     server = rpc.create_server(
         config.max_workers,
-        interceptors=[metrics.MetricsInterceptor(), drain_gate, *tracing.server_interceptors(), ErrorInterceptor()],
+        interceptors=[
+            metrics.MetricsInterceptor(),
+            drain_gate,
+            *tracing.server_interceptors(),
+            *authorization,  # inside tracing: the caller's identity goes on the server span
+            ErrorInterceptor(),
+        ],
         options=[("grpc.max_receive_message_length", config.max_receive_bytes)] if config.max_receive_bytes else [],
     )
     register(server)
     health = rpc.add_health_and_reflection(server, [service_full_name])
-    port = server.add_insecure_port(config.address)  # raises if the address cannot be bound
+    if tls is not None:
+        credentials = security.server_credentials(tls, require_client_auth=not (public and tokens))
+        port = server.add_secure_port(config.address, credentials)  # raises if the address cannot be bound
+    else:
+        log.warning(
+            "PLAINTEXT: no --tls-dir, so anyone who reaches %s can call every RPC of this service "
+            "(fine on one machine; give --tls-dir everywhere else)",
+            config.address,
+        )
+        port = server.add_insecure_port(config.address)
     server.start()
+    health_server = None
+    if config.health_port is not None:
+        health_server = rpc.create_server(2)
+        health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+        health_server.add_insecure_port(f"{config.address.rsplit(':', 1)[0]}:{config.health_port}")
+        health_server.start()
     host = config.address.rsplit(":", 1)[0]
     metrics.START_SECONDS.set(time.monotonic() - _PROCESS_START)
     metrics.track_device_memory("cpu")  # the process's resident memory; CUDA workers add their device
@@ -178,6 +238,8 @@ def serve(
     if not drain_gate.wait_idle(STOP_WAIT_SECONDS):
         log.error("calls still running %.0f s after they were cancelled: exiting under them", STOP_WAIT_SECONDS)
     server.wait_for_termination()
+    if health_server is not None:
+        health_server.stop(0)
     tracing.shutdown_tracing()  # flush the spans of the last requests
     log.info("%s stopped", service_full_name)
     logging.shutdown()

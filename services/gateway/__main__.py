@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
+from pathlib import Path
 
 from services.gateway.config import GatewayConfig
 from services.gateway.servicer import GatewayServicer
@@ -61,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: split a request's classifier-free guidance halves over two UNet workers on idle devices; "
         "never: one UNet worker per request",
     )
+    parser.add_argument(
+        "--tokens-file",
+        type=Path,
+        default=None,
+        help="clients' bearer tokens, lines `IDENTITY TOKEN` (re-read on change); with --tls-dir and "
+        "no tokens file, clients need a certificate from the CA",
+    )
     add_limit_arguments(parser)
     add_server_arguments(parser)
     # Every queued or running stream holds a server thread; leave room for listings and probes.
@@ -98,6 +106,7 @@ def main(argv=None) -> None:
         server_config,
         lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
         on_health=servicer.keep_health,
+        public=True,
     )
 
 
