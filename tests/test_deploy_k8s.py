@@ -127,7 +127,11 @@ def test_each_workload_starts_a_real_service_with_valid_flags(root):
         module, parsed = _service_args(root, container)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["grpc"] == int(parsed.address.rsplit(":", 1)[1])
-        assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"], "service": SERVICE_NAMES[module]}
+        # Probes on the service's port, or with TLS on its plaintext health port (kubelet probes do not speak TLS).
+        probe_port = parsed.health_port if parsed.tls_dir else ports["grpc"]
+        assert container["readinessProbe"]["grpc"] == {"port": probe_port, "service": SERVICE_NAMES[module]}
+        for probe in ("livenessProbe", "startupProbe"):
+            assert container.get(probe, {"grpc": {"port": probe_port}})["grpc"]["port"] == probe_port, probe
         # A pod leaving drains after its preStop delay; Kubernetes must not kill it before both end.
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
         assert _pod(workload)["terminationGracePeriodSeconds"] > pre_stop + parsed.grace_seconds, workload
@@ -274,6 +278,38 @@ def test_serving_components_survive_drains_and_node_loss(root):
         assert budget["spec"]["maxUnavailable"] == 1
         (spread, *_) = _pod(workload)["topologySpreadConstraints"]
         assert spread["topologyKey"] == "kubernetes.io/hostname" and _selects(spread["labelSelector"], labels)
+
+
+def _secret_at(pod: dict, container: dict, path) -> str:
+    """The Secret mounted at `path` in `container`."""
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == Path(path)]
+    return next(v for v in pod["volumes"] if v["name"] == mount["name"])["secret"]["secretName"]
+
+
+MTLS_ROOTS = [r for r in ROOTS if "../../components/mtls" in (K8S / r / "kustomization.yaml").read_text()]
+
+
+@pytest.mark.parametrize("root", MTLS_ROOTS)
+def test_every_service_speaks_mutual_tls_with_its_own_certificate(root):
+    """Each service mounts its own certificate (Secret swiftd-<service>-tls: its identity in
+    swiftd.security.RULES) where --tls-dir points, all certificates carry the one --tls-server-name,
+    and the gateway reads its clients' tokens from a mounted Secret."""
+    from swiftd import security
+
+    server_names = set()
+    for workload in _all(root, "Deployment", "StatefulSet"):
+        component = workload["spec"]["template"]["metadata"]["labels"]["component"]
+        if component == "otel-collector":
+            continue
+        pod, (container,) = _pod(workload), _pod(workload)["containers"]
+        module, parsed = _service_args(root, container)
+
+        assert _secret_at(pod, container, parsed.tls_dir) == f"swiftd-{component}-tls"
+        assert component in {security.GATEWAY, security.UNET, security.CONTROLNET, security.LORA_STORE}
+        server_names.add(parsed.tls_server_name)
+        if module == "services.gateway":
+            assert _secret_at(pod, container, parsed.tokens_file.parent) == "swiftd-gateway-tokens"
+    assert len(server_names) == 1 and "" not in server_names
 
 
 # -- network policies --------------------------------------------------------------------------------
