@@ -32,7 +32,7 @@ import torch
 
 from swiftd import codec, rpc
 from swiftd.images import edge_image
-from swiftd.launcher import start_gateway, start_lora_store, start_unet
+from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
 from swiftd.request import CfgSplit, ControlNet, Lora, Request
 from swiftd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.reference import SIZE, STEPS, TOLERANCE, assert_close, assert_far, conditioning_image, max_abs_diff
@@ -193,22 +193,40 @@ def test_split_with_a_lora_and_a_guess_mode_controlnet_equals_unsplit(request, s
     assert_far(latents(plain), latents(unsplit))
 
 
-def test_a_failing_partner_fails_the_leader_and_frees_both(request, sd15_pair):
-    """The partner's ControlNet worker cannot be reached: the partner fails while the leader is
-    already denoising; the leader's caller gets UNAVAILABLE naming the partner, nothing hangs."""
+def test_a_failing_partner_fails_the_leader_and_frees_both(request, sd15_pair, tmp_path):
+    """The partner's ControlNet worker does not have the ControlNet: the partner fails while the
+    leader is already denoising; the leader's caller gets that error naming the partner and the
+    ControlNet worker, nothing hangs, and both serve again."""
     fam = request.getfixturevalue("sd15")
-    base = make_request(fam, "ddim", True)
-    broken = replace(base, cfg_split=CfgSplit(sd15_pair.addresses[1], ("127.0.0.1:1",)))
-    t0 = time.monotonic()
-    with pytest.raises(grpc.RpcError) as error:
-        sd15_pair.leader.Denoise(broken.to_denoise_pb(), timeout=120)
-    assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
-    assert f"cfg partner {sd15_pair.addresses[1]}" in error.value.details()
-    assert "127.0.0.1:1" in error.value.details()
-    assert time.monotonic() - t0 < 30
+    (tmp_path / "controlnets").mkdir()
+    empty = start_controlnet(tmp_path, num_threads=1)  # a real worker with no ControlNets at all
+    try:
+        base = make_request(fam, "ddim", True)
+        broken = replace(base, cfg_split=CfgSplit(sd15_pair.addresses[1], (empty.address,)))
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            sd15_pair.leader.Denoise(broken.to_denoise_pb(), timeout=120)
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND, error.value.details()
+        assert f"cfg partner {sd15_pair.addresses[1]}" in error.value.details()
+        assert empty.address in error.value.details()
+        assert time.monotonic() - t0 < 30
+    finally:
+        empty.stop()
     sd15_pair.wait_idle()
     # Both serve again, split.
     assert sd15_pair.leader.Denoise(split(base, sd15_pair).to_denoise_pb(), timeout=120).image_png
+
+
+def test_a_partner_whose_controlnet_worker_is_gone_runs_it_in_process(request, sd15_pair):
+    """The partner's ControlNet worker cannot be reached: the partner runs that ControlNet itself
+    (it has it in its model root), and the split image equals the unsplit one."""
+    fam = request.getfixturevalue("sd15")
+    base = make_request(fam, "ddim", True)
+    unsplit = sd15_pair.leader.Denoise(base.to_denoise_pb(), timeout=120)
+    gone = replace(base, cfg_split=CfgSplit(sd15_pair.addresses[1], ("127.0.0.1:1",)))
+    halves = sd15_pair.leader.Denoise(gone.to_denoise_pb(), timeout=120)
+    assert halves.cfg_partner == sd15_pair.addresses[1]
+    assert_close(latents(halves), latents(unsplit))
 
 
 def test_cancelling_the_leader_stops_the_partner(request, sd15_pair):
