@@ -8,7 +8,8 @@ pipeline (`--log-format json`, or SWIFTD_LOG_FORMAT=json), one object per line:
 The trace and span ids are those of the OpenTelemetry span current where the line was logged, so
 a line leads to its trace. The request id travels with the trace as W3C baggage
 (REQUEST_ID_BAGGAGE): the gateway sets it once per request (`request_scope`), every gRPC call
-carries it, so a worker's lines for that request carry it too.
+carries it, so a worker's lines for that request carry it too; so does the identity of the
+client the gateway authenticated (CALLER_BAGGAGE, set by swiftd.security), as "caller".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ FORMATS = ("text", "json")
 FORMAT_ENV = "SWIFTD_LOG_FORMAT"
 LEVEL_ENV = "SWIFTD_LOG_LEVEL"
 REQUEST_ID_BAGGAGE = "swiftd.request_id"
+CALLER_BAGGAGE = "swiftd.caller"  # the authenticated client of the gateway (swiftd.security)
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
@@ -43,6 +45,9 @@ class JsonFormatter(logging.Formatter):
         request_id = baggage.get_baggage(REQUEST_ID_BAGGAGE)
         if request_id:
             entry["request_id"] = str(request_id)
+        caller = baggage.get_baggage(CALLER_BAGGAGE)
+        if caller:
+            entry["caller"] = str(caller)
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
             entry["trace_id"] = format(span.trace_id, "032x")

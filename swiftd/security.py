@@ -20,7 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from opentelemetry import trace
+from opentelemetry import baggage, trace
+from opentelemetry import context as otel_context
+
+from swiftd.logs import CALLER_BAGGAGE
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +179,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
             return handler
         allowed = None if method.startswith(PUBLIC) else RULES.get(method, frozenset())
 
-        def admit(context) -> None:
+        def admit(context) -> str:
             identity = caller_identity(context, self.tokens)
             if not identity:
                 log.warning("%s: refused an unauthenticated caller from %s", method, context.peer())
@@ -185,18 +188,33 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
                 log.warning("%s: refused %r", method, identity)
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{identity!r} may not call {method}")
             trace.get_current_span().set_attribute("enduser.id", identity)
+            return identity
+
+        def as_caller(identity: str):
+            """The public API's caller on every log line of the call, here and downstream (baggage)."""
+            if allowed is not None:
+                return None
+            return otel_context.attach(baggage.set_baggage(CALLER_BAGGAGE, identity))
 
         def wrap_unary(behavior):
             def call(request_or_iterator, context):
-                admit(context)
-                return behavior(request_or_iterator, context)
+                token = as_caller(admit(context))
+                try:
+                    return behavior(request_or_iterator, context)
+                finally:
+                    if token is not None:
+                        otel_context.detach(token)
 
             return call
 
         def wrap_stream(behavior):
             def call(request_or_iterator, context):
-                admit(context)
-                yield from behavior(request_or_iterator, context)
+                token = as_caller(admit(context))
+                try:
+                    yield from behavior(request_or_iterator, context)
+                finally:
+                    if token is not None:
+                        otel_context.detach(token)
 
             return call
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import socket
 import ssl
 import time
@@ -102,14 +103,14 @@ def secured(zoo_root, tmp_path_factory):
             MODEL,
             lora_store=services["store"].address,
             num_threads=1,
-            extra_args=[*tls(security.UNET), "--health-port", str(health_port)],
+            extra_args=[*tls(security.UNET), "--health-port", str(health_port), "--log-format", "json"],
         )
         services["controlnet"].wait_ready()
         services["gateway"] = start_gateway(
             [services["unet"].address],
             [services["controlnet"].address],
             services["store"].address,
-            extra_args=[*tls(security.GATEWAY), "--tokens-file", str(root / "tokens")],
+            extra_args=[*tls(security.GATEWAY), "--tokens-file", str(root / "tokens"), "--log-format", "json"],
         )
         yield root, ca, services, health_port
     finally:
@@ -172,6 +173,10 @@ def test_a_client_with_a_token_gets_its_image_and_others_are_unauthenticated(sec
             controlnets=[ControlNet(CN, edge_image(64))],
         )
         assert result.image_png and list(result.plan.lora_ids) == [LORA]
+    # The client's identity is on the request's log lines, at the gateway and at the worker.
+    for service in (services["gateway"], services["unet"]):
+        lines = [json.loads(line) for line in service.log_lines if line.startswith("{")]
+        assert any(e.get("caller") == "alice" and e.get("request_id") == result.request_id for e in lines), service.name
     for token in ("", "wrong"):
         with Client(address, token=token) as client, pytest.raises(grpc.RpcError) as refused:
             client.list_models()
