@@ -11,6 +11,7 @@ configuration (/etc/resolv.conf and its search domains, as in a pod), or with `-
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from swiftd.errors import PermissionDenied, shown
@@ -79,6 +80,7 @@ class AllowedPeers:
         self.flag = flag
         self._targets = WorkerTargets([*targets, *[e for e in extra if e]], dns_server) if targets else None
         self._refreshed = 0.0
+        self._lock = threading.Lock()
         if not targets:
             log.warning("no %s given: this service dials any address a request names (fine on one machine only)", flag)
 
@@ -86,7 +88,10 @@ class AllowedPeers:
         """PermissionDenied naming `field` unless `address` is empty or a configured peer."""
         if self._targets is None or not address or address in self._targets.addresses():
             return
-        if time.monotonic() - self._refreshed > 1.0:
+        with self._lock:  # one resolution at a time, at most one a second: a new pod is found, a flood waits
+            if address in self._targets.addresses():
+                return
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - self._refreshed)))
             self._refreshed = time.monotonic()
             if address in self._targets.refresh():
                 return

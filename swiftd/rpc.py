@@ -128,17 +128,23 @@ def create_channel(address: str, options: Iterable[tuple[str, object]] = ()) -> 
 
 
 class ChannelPool:
-    """One channel per worker address, shared by all requests (HTTP/2 multiplexes streams)."""
+    """One channel per worker address, shared by all requests (HTTP/2 multiplexes streams).
+
+    With TLS, a channel is made anew once the process's certificate files change (a renewed
+    certificate), so new connections present it; calls still running keep the old channel."""
 
     def __init__(self):
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[str, tuple[grpc.Channel, object]] = {}
         self._lock = threading.Lock()
 
     def get(self, address: str) -> grpc.Channel:
+        tls = security.configured()
+        stamp = tls.stamp() if tls is not None else None
         with self._lock:
-            if address not in self._channels:
-                self._channels[address] = create_channel(address)
-            return self._channels[address]
+            entry = self._channels.get(address)
+            if entry is None or entry[1] != stamp:
+                entry = self._channels[address] = (create_channel(address), stamp)
+            return entry[0]
 
     def retain(self, addresses: Iterable[str]) -> None:
         """Forget the channels to every other address (workers that left DNS), so a pool that
@@ -151,7 +157,7 @@ class ChannelPool:
 
     def close(self) -> None:
         with self._lock:
-            for channel in self._channels.values():
+            for channel, _ in self._channels.values():
                 channel.close()
             self._channels.clear()
 

@@ -66,8 +66,15 @@ class TlsConfig:
     def read(self) -> tuple[bytes, bytes, bytes]:
         return tuple((self.directory / name).read_bytes() for name in FILES)
 
-    def stamp(self) -> tuple[int, ...]:
-        return tuple(os.stat(self.directory / name).st_mtime_ns for name in FILES)
+    def stamp(self) -> tuple[int | None, ...]:
+        """The files' modification times (None: missing), to tell when they change."""
+        stamps = []
+        for name in FILES:
+            try:
+                stamps.append(os.stat(self.directory / name).st_mtime_ns)
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
 
 
 _tls: TlsConfig | None = None
@@ -104,9 +111,14 @@ def server_credentials(config: TlsConfig, require_client_auth: bool) -> grpc.Ser
         stamp = config.stamp()
         if stamp == seen[0]:
             return None
+        try:
+            fresh = certificates()
+        except OSError as exc:  # mid-rotation: keep serving the old files, try again next handshake
+            log.warning("TLS files in %s not readable yet: %s", config.directory, exc)
+            return None
         seen[0] = stamp
         log.info("TLS files in %s changed: new connections use them", config.directory)
-        return certificates()
+        return fresh
 
     return grpc.dynamic_ssl_server_credentials(certificates(), fetch, require_client_authentication=require_client_auth)
 

@@ -255,3 +255,23 @@ def test_services_dial_only_their_configured_peers(zoo_root, tmp_path):
             channel.close()
         store.stop()
         unet.stop()
+
+
+def test_a_transfer_that_has_not_begun_is_not_dropped_as_stalled():
+    """The stall limit is for transfers that went quiet: a pushed LoRA whose first chunk is late
+    (a store reloading a base model) waits for it, bounded by the request's own wait timeout."""
+    import time
+
+    import torch
+
+    from services.unet.lora_inbox import LoraInbox
+    from swiftd.lora import WeightDelta
+    from swiftd.request import LoraSet
+
+    inbox = LoraInbox(1 << 20, torch.float32, MODEL, wait_timeout=10, stall_timeout=0.2)
+    fetch = inbox.fetch(LoraSet.of([("late", 1.0)]), "r-late", pushed=["late"])
+    time.sleep(0.3)
+    inbox.put("other", 1.0, [("unet.a.weight", WeightDelta(torch.ones(2, 2)))], last=True)  # runs the budget
+    inbox.put("late", 1.0, [("unet.b.weight", WeightDelta(torch.ones(2, 2)))], last=True)  # arrives at last
+    [(lora_id, deltas)] = fetch.unet_deltas()
+    assert lora_id == "late" and list(deltas) == ["unet.b.weight"]

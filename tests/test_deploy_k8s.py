@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from swiftd import rpc
+from swiftd.server import STOP_WAIT_SECONDS
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
@@ -134,7 +135,9 @@ def test_each_workload_starts_a_real_service_with_valid_flags(root):
             assert container.get(probe, {"grpc": {"port": probe_port}})["grpc"]["port"] == probe_port, probe
         # A pod leaving drains after its preStop delay; Kubernetes must not kill it before both end.
         pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-        assert _pod(workload)["terminationGracePeriodSeconds"] > pre_stop + parsed.grace_seconds, workload
+        # ... nor while cancelled calls stop at their next step check (swiftd.server.STOP_WAIT_SECONDS).
+        budget = pre_stop + parsed.grace_seconds + STOP_WAIT_SECONDS
+        assert _pod(workload)["terminationGracePeriodSeconds"] > budget, workload["metadata"]["name"]
         # Prometheus finds /metrics where the service serves it.
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         assert parsed.metrics_port == ports["metrics"] == int(annotations["prometheus.io/port"])

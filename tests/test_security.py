@@ -249,3 +249,20 @@ def test_a_renewed_certificate_is_served_to_new_connections(secured):
         time.sleep(0.2)
     with _channel_as(root, security.GATEWAY, services["unet"].address) as channel:
         assert _call(channel, "/swiftd.v1.UNetWorker/ListModels") == grpc.StatusCode.OK
+
+
+def test_a_renewed_client_certificate_is_presented_on_new_channels(secured):
+    """A service's outgoing channels follow its certificate files too: once they change, the pool
+    makes a new channel (presenting the renewed certificate) for the next call."""
+    root, ca, services, _ = secured
+    pool = rpc.ChannelPool()
+    try:
+        first = pool.get(services["unet"].address)
+        assert pool.get(services["unet"].address) is first
+        time.sleep(0.05)
+        ca.issue(security.OPERATOR, root / security.OPERATOR)  # the test's own identity, renewed
+        renewed = pool.get(services["unet"].address)
+        assert renewed is not first
+        assert _call(renewed, "/swiftd.v1.UNetWorker/ListModels") == grpc.StatusCode.OK
+    finally:
+        pool.close()

@@ -303,7 +303,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except grpc.RpcError as exc:
             if not context.is_active():
                 raise Cancelled("the client cancelled the request") from None
-            if not heard and exc.code() == grpc.StatusCode.UNAVAILABLE:
+            if not heard and exc.code() == grpc.StatusCode.UNAVAILABLE and not any(_failed(p) for p in pushes):
                 cancel_downstream()  # its LoRA pushes too: the new plan sends its own
                 raise _Unreachable(from_rpc_error(exc, f"unet worker {plan.unet_worker}")) from None
             for push in pushes:

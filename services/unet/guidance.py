@@ -203,7 +203,10 @@ def partner_request(request: Request) -> Request:
     workers = split.partner_controlnet_workers or ("",) * len(request.controlnets)
     return replace(
         request,
-        controlnets=[replace(cn, worker_address=w) for cn, w in zip(request.controlnets, workers)],
+        controlnets=[
+            replace(cn, worker_address=w, fallback_workers=tuple(a for a in cn.fallback_workers if a != w))
+            for cn, w in zip(request.controlnets, workers)
+        ],
         pushed_lora_ids=split.partner_pushed_lora_ids,
         cfg_split=None,
         preview_every_n_steps=0,

@@ -53,7 +53,9 @@ class InboxEntry:
         self.error: ServingError | None = None
         # A pushed entry is kept (not evicted) until its request fetches it, or this time passes.
         self.pinned_until = 0.0
-        self.updated_at = time.monotonic()  # last chunk: an incomplete entry idle too long is dropped
+        # Last chunk: a transfer idle too long is dropped. None until its first chunk: a request may
+        # wait longer than that for a transfer to begin (bounded by its own wait_timeout).
+        self.updated_at: float | None = None
         self.changed = threading.Condition()
 
     def add(self, deltas: Iterable[tuple[str, object]], last: bool) -> None:
@@ -264,7 +266,13 @@ class LoraInbox:
                 entry = self._entry(lora.key, create=False)
                 if entry is not None:
                     entry.fail(error)
-        except Exception:  # noqa: BLE001 - already recorded on the entry by receive()
+        except ServingError as error:  # refused here (digest, budget, bad delta): the whole set fails
+            log.warning("pulling lora deltas from %s failed: %s", store, error.message)
+            for lora in loras:
+                entry = self._entry(lora.key, create=False)
+                if entry is not None:
+                    entry.fail(error)
+        except Exception:  # noqa: BLE001 - recorded on the entry by receive()
             log.exception("pulling lora deltas from %s failed", store)
 
     # -- requests ----------------------------------------------------------------------------
@@ -321,7 +329,8 @@ class LoraInbox:
         dropped: list[tuple[InboxEntry, ServingError]] = []
         with self._lock:
             for key, entry in list(self._entries.items()):
-                if not entry.complete and now - entry.updated_at > self.stall_timeout:
+                started = entry.updated_at is not None
+                if not entry.complete and started and now - entry.updated_at > self.stall_timeout:
                     del self._entries[key]
                     message = f"lora {key[0]!r}: no deltas for {self.stall_timeout:.0f} s; transfer dropped"
                     dropped.append((entry, Unavailable(message)))

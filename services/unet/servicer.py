@@ -121,7 +121,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             if not cn.worker_address:
                 return open_at(cn, session, "")
             # If its worker goes away mid-request: the other workers hosting it, then this process.
-            candidates = [cn.worker_address, *cn.fallback_workers]
+            candidates = list(dict.fromkeys([cn.worker_address, *cn.fallback_workers]))  # each once
             if cn.controlnet_id in self.pipeline.local_controlnets():
                 candidates.append("")
             if len(candidates) == 1:
