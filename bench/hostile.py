@@ -9,7 +9,6 @@ start-up) over the hostile inputs.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import threading
 from pathlib import Path
@@ -18,6 +17,7 @@ import grpc
 import PIL.Image
 
 from swiftd import rpc
+from swiftd.images import encode_png
 from swiftd.launcher import start_gateway, start_lora_store, start_unet
 from swiftd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lora_store_pb2, unet_pb2, unet_pb2_grpc
 
@@ -43,12 +43,6 @@ def _refused(call, request) -> str:
     return "OK"
 
 
-def _bomb_png(side: int) -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.new("L", (side, side)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def hostile_inputs(gateway, worker) -> dict[str, str]:
     """Each hostile input and the status it got."""
     params = dict(width=64, height=64, num_inference_steps=2, model_id=MODEL)
@@ -68,7 +62,9 @@ def hostile_inputs(gateway, worker) -> dict[str, str]:
             ),
         ),
     }
-    bomb = common_pb2.ControlNetInput(controlnet_id=f"{MODEL}-cn-edges", image=_bomb_png(12000))
+    bomb = common_pb2.ControlNetInput(
+        controlnet_id=f"{MODEL}-cn-edges", image=encode_png(PIL.Image.new("L", (12000, 12000)))
+    )
     outcomes["PNG declaring 12000x12000 (gateway)"] = _refused(
         gateway.Generate,
         gateway_pb2.GenerateRequest(params=common_pb2.GenerationParams(prompt="a cat", **params), controlnets=[bomb]),

@@ -14,7 +14,7 @@ import pytest
 
 from swiftd import rpc
 from swiftd.errors import MAX_ECHO
-from swiftd.images import edge_image
+from swiftd.images import edge_image, encode_png
 from swiftd.launcher import start_gateway, start_unet
 from swiftd.request import Limits
 from swiftd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, unet_pb2, unet_pb2_grpc
@@ -49,12 +49,6 @@ def _refused(call, request, code=grpc.StatusCode.INVALID_ARGUMENT) -> str:
     return error.value.details()
 
 
-def _png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.new("L", (width, height)).save(buffer, format="PNG")  # zeros compress to almost nothing
-    return buffer.getvalue()
-
-
 def test_over_long_prompts_and_ids_are_refused_naming_the_field_in_a_short_message(suite):
     gateway, unet, _ = suite
     limit = Limits().max_prompt_length
@@ -81,7 +75,7 @@ def test_over_long_prompts_and_ids_are_refused_naming_the_field_in_a_short_messa
 def test_images_are_bounded_by_bytes_and_by_the_pixels_their_header_declares(suite):
     gateway, unet, _ = suite
     limits = Limits()
-    bomb = _png(12000, 12000)  # a few KB declaring 144 M pixels
+    bomb = encode_png(PIL.Image.new("L", (12000, 12000)))  # zeros: a few KB declaring 144 M pixels
     assert len(bomb) < 1024 * 1024
     cn = common_pb2.ControlNetInput(controlnet_id=CN, image=bomb)
     details = _refused(gateway.Generate, gateway_pb2.GenerateRequest(params=_params(), controlnets=[cn]))

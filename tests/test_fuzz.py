@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from swiftd import rpc
-from swiftd.images import edge_image
+from swiftd.images import edge_image, encode_png
 from swiftd.launcher import start_gateway, start_lora_store, start_unet
 from swiftd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -52,12 +52,6 @@ def gateway(zoo_root, tmp_path_factory):
         assert service.process.returncode == 0, service.log_tail()
 
 
-def _png(width: int, height: int) -> bytes:
-    buffer = io.BytesIO()
-    PIL.Image.new("L", (width, height)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 INT32 = st.sampled_from([0, 1, -1, 2, 7, 8, 63, 64, 72, 128, 151, 2049, 2**31 - 1, -(2**31)])
 FLOATS = st.one_of(
     st.sampled_from([0.0, -0.0, 0.5, 1.0, 1.5, 7.5, 30.0, 31.0, -1.0]),
@@ -72,7 +66,15 @@ IDS = st.one_of(
     st.text(max_size=40),
 )
 IMAGES = st.sampled_from(
-    [edge_image(64), edge_image(64, 128), _png(12000, 12000), _png(8, 8), b"", b"\x89PNG\r\n\x1a\n garbage", b"GIF89a"]
+    [
+        edge_image(64),
+        edge_image(64, 128),
+        encode_png(PIL.Image.new("L", (12000, 12000))),
+        encode_png(PIL.Image.new("L", (8, 8))),
+        b"",
+        b"\x89PNG\r\n\x1a\n garbage",
+        b"GIF89a",
+    ]
 )
 # Steps and sizes stay small where they are valid, so that the requests that run are cheap.
 STEPS = st.sampled_from([0, 1, 2, -1, 151, 2**31 - 1])

@@ -5,7 +5,6 @@ name; records are added and removed while it runs."""
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -14,6 +13,7 @@ from dnslib.server import BaseResolver, DNSServer
 
 from swiftd.client import Client
 from swiftd.launcher import start_gateway, start_unet
+from tests.net import free_port
 
 NAME = "unet.swiftd.test."
 MODEL = "tiny-sd15"
@@ -32,12 +32,6 @@ class Records(BaseResolver):
             for ip in self.addresses:
                 reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=0))
         return reply
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _workers_listed(client: Client) -> set[str]:
@@ -59,7 +53,7 @@ def test_the_gateway_follows_its_workers_through_dns(zoo_root):
     dns = DNSServer(records, address="127.0.0.1", port=0)
     dns.start_thread()
     dns_port = dns.server.server_address[1]
-    port = _free_port("127.0.0.2")
+    port = free_port("127.0.0.2")
     first, second = f"127.0.0.2:{port}", f"127.0.0.3:{port}"
     workers = [start_unet(zoo_root, MODEL, num_threads=1, address=address, wait=False) for address in (first, second)]
     records.addresses = ["127.0.0.2"]
@@ -136,7 +130,7 @@ def test_readiness_tells_whether_a_model_can_be_served(zoo_root):
     from swiftd import rpc
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    address = f"127.0.0.1:{_free_port('127.0.0.1')}"
+    address = f"127.0.0.1:{free_port('127.0.0.1')}"
     worker = start_unet(zoo_root, MODEL, num_threads=1, address=address)
     gateway = start_gateway([address], extra_args=["--catalog-ttl", str(TTL)])
     channel = rpc.create_channel(gateway.address)

@@ -396,15 +396,12 @@ def test_idempotent_reads_retry_on_unavailable_and_work_does_not():
     """The channels' service config retries reads (status polls, listings, health checks) on
     UNAVAILABLE, so a peer that is restarting answers the poll once it listens; a call that runs
     work fails at once, for its caller to decide (the gateway re-plans)."""
-    import socket
     import threading
 
     from swiftd.v1 import unet_pb2, unet_pb2_grpc
+    from tests.net import free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    address = f"127.0.0.1:{port}"
+    address = f"127.0.0.1:{free_port()}"
     server = rpc.create_server(4)
     rpc.add_health_and_reflection(server, ["swiftd.test"])
 

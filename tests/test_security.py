@@ -24,6 +24,7 @@ from swiftd.images import edge_image
 from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
 from swiftd.request import ControlNet
 from swiftd.v1 import controlnet_pb2, lora_store_pb2, unet_pb2
+from tests.net import free_port
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -97,7 +98,7 @@ def secured(zoo_root, tmp_path_factory):
         services["controlnet"] = start_controlnet(
             zoo_root, [CN], num_threads=1, extra_args=tls(security.CONTROLNET), wait=False
         )
-        health_port = _free_port()
+        health_port = free_port()
         services["unet"] = start_unet(
             zoo_root,
             MODEL,
@@ -117,12 +118,6 @@ def secured(zoo_root, tmp_path_factory):
         for service in services.values():
             service.stop()
         security.configure_client(None)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _channel_as(root: Path, identity: str | None, address: str) -> grpc.Channel:
