@@ -165,7 +165,7 @@ def serve(
 ) -> None:
     """Start the server, report the bound port, block until SIGTERM/SIGINT, then drain.
 
-    `on_health` gets the health servicer once the server runs, for a service whose readiness
+    `on_health` gets the health servicer before the server starts, for a service whose readiness
     depends on more than having started (the gateway: reachable workers per model). `public`: the
     gateway's API, whose callers authenticate with a bearer token where `tokens_file` is given
     (else with a client certificate).
@@ -187,6 +187,8 @@ def serve(
     )
     register(server)
     health = rpc.add_health_and_reflection(server, [service_full_name])
+    if on_health is not None:
+        on_health(health)  # before start: no caller sees a readiness the service has not decided
     if tls is not None:
         credentials = security.server_credentials(tls, require_client_auth=not (public and tokens))
         port = server.add_secure_port(config.address, credentials)  # raises if the address cannot be bound
@@ -213,8 +215,6 @@ def serve(
     log.info("%s serving on %s:%d", service_full_name, host, port)
     if on_bound is not None:
         on_bound(port)
-    if on_health is not None:
-        on_health(health)
 
     # The handler only records the signal (no lock: it runs wherever the main thread happens to
     # be, maybe holding one); the drain runs here, in the main thread.

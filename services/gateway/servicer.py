@@ -134,7 +134,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def keep_health(self, health) -> None:
         """Readiness that tells the truth, refreshed with the catalog: `swiftd.v1.Gateway/<model>`
         is SERVING while some UNet worker of that model answers, `swiftd.v1.Gateway` while any
-        model is served. ("" stays SERVING: the gateway itself answers; that is liveness.)"""
+        model is served. ("" stays SERVING: the gateway itself answers; that is liveness.) Until
+        the first refresh ends nothing is known to serve, so readiness starts NOT_SERVING, and a
+        model not yet heard of is NOT_FOUND."""
+        health.set(rpc.GATEWAY_SERVICE, _SERVING[False])
 
         def follow():
             known: set[str] = set()
