@@ -256,6 +256,28 @@ def test_every_volume_claim_is_defined_with_an_access_mode_that_fits(root):
 
 
 @pytest.mark.parametrize("root", ROOTS)
+def test_store_replicas_keep_registry_and_disk_tier_on_one_volume_that_outlives_them(root):
+    """The store's --registry and --cache-dir lie on its claim (so registrations and prepared deltas
+    survive a restart), and replicas share that claim (ReadWriteMany) and roll one at a time."""
+    store = _one(root, "Deployment", "swiftd-lora-store")
+    (container,) = _pod(store)["containers"]
+    _, args = _service_args(root, container)
+    assert args.registry is not None and args.cache_dir is not None
+    volumes = {v["name"]: v for v in _pod(store)["volumes"]}
+    claims = {d["metadata"]["name"]: d for d in _all(root, "PersistentVolumeClaim")}
+    for path in (args.registry, args.cache_dir):
+        (mount,) = [m for m in container["volumeMounts"] if path.is_relative_to(m["mountPath"])]
+        assert not mount.get("readOnly") and "persistentVolumeClaim" in volumes[mount["name"]], path
+        claim = claims[volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]]
+        if store["spec"]["replicas"] > 1:
+            assert claim["spec"]["accessModes"] == ["ReadWriteMany"], path
+    if store["spec"]["replicas"] > 1:
+        assert store["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    else:
+        assert store["spec"]["strategy"] == {"type": "Recreate"}  # the new pod needs the old one's volume
+
+
+@pytest.mark.parametrize("root", ROOTS)
 def test_every_pod_runs_restricted_on_a_read_only_root(root):
     for workload in _all(root, *WORKLOADS):
         pod = _pod(workload)

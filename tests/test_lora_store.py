@@ -735,3 +735,94 @@ def test_a_corrupt_disk_entry_is_detected_and_recomputed(root, fused, tmp_path):
     assert tier == "precompute"
     assert_matches_fused(prepared.deltas, fused(lora, 1.0))
     assert LoraStore(root, tmp_path / "cache", 0).entry(lora, BASE)[1] == "disk"  # rewritten whole
+
+
+# -- durability and replicas -------------------------------------------------------------------------
+
+
+def test_two_replicas_share_one_catalog_that_survives_restarts(zoo_root, fused, tmp_path):
+    """Two store processes naming one --registry and one --cache-dir serve one catalog: what one
+    registers or removes the other lists (or refuses) at its next call, an entry one prepared the
+    other reads from disk, and a restart keeps the registrations, not whatever lies in loras/."""
+    root = make_root(zoo_root, tmp_path / "root")
+    registry = tmp_path / "state" / "registry.json"
+    args = ["--model-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--registry", str(registry)]
+    files = sorted(p.stem for p in (root / "loras").glob("*.safetensors"))
+    late, removed = "late-lora", "tiny-sd15-lora-peft-r4"
+
+    def listed(stub) -> list[str]:
+        return [i.lora_id for i in stub.ListLoras(lora_store_pb2.LoraStoreListLorasRequest(), timeout=10).loras]
+
+    def register(stub, lora_id):
+        return stub.RegisterLora(lora_store_pb2.RegisterLoraRequest(lora_id=lora_id), timeout=10)
+
+    a = start_service("lora_store", "services.lora_store", args, num_threads=1)
+    b = start_service("lora_store", "services.lora_store", args, num_threads=1)
+    try:
+        stub_a, stub_b = (lora_store_pb2_grpc.LoraStoreStub(rpc.create_channel(s.address)) for s in (a, b))
+        assert listed(stub_a) == listed(stub_b) == files  # the first start registered the folder
+        shutil.copy(root / "loras" / f"{removed}.safetensors", root / "loras" / f"{late}.safetensors")
+        assert late not in listed(stub_b)  # a file copied in is not served until registered
+
+        assert not register(stub_a, late).already_registered
+        assert late in listed(stub_b) and register(stub_b, late).already_registered
+        [(_, _, deltas)] = decode(stream(stub_b, [(late, 1.0)]), rpc.LORA_CHUNK_BYTES)  # B prepares it ...
+        assert_matches_fused(deltas, fused(removed, 1.0))
+        stub_a.PrefetchLora(lora_store_pb2.PrefetchLoraRequest(lora_id=late, base_model_id=BASE), timeout=60)
+        assert cache_events(a, 1)[0]["tier"] == "disk"  # ... and A reads what B wrote
+
+        stream(stub_a, [(removed, 1.0)])  # held in A's host tier: B's removal must still reach it
+        assert stub_b.RemoveLora(lora_store_pb2.RemoveLoraRequest(lora_id=removed), timeout=10).removed
+        assert removed not in listed(stub_a)
+        error = rpc_error(
+            stub_a.StreamDeltas,
+            lora_store_pb2.StreamDeltasRequest(loras=[common_pb2.LoraRef(lora_id=removed)], base_model_id=BASE),
+        )
+        assert error.code() == grpc.StatusCode.NOT_FOUND and removed in error.details()
+
+        a.stop()
+        a = start_service("lora_store", "services.lora_store", args, num_threads=1)
+        stub_a = lora_store_pb2_grpc.LoraStoreStub(rpc.create_channel(a.address))
+        expected = sorted({*files, late} - {removed})
+        assert listed(stub_a) == listed(stub_b) == expected
+        assert not register(stub_a, removed).already_registered and removed in listed(stub_b)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_concurrent_registry_changes_from_several_processes_are_all_kept(tmp_path):
+    """Read-modify-write under the registry's lock: 3 processes adding 40 ids each at once lose none."""
+    import subprocess
+    import sys
+
+    from services.lora_store.registry import RegistryFile
+
+    path = tmp_path / "registry.json"
+    RegistryFile(path).initialize(lambda: ["seed"])
+    script = (
+        "import sys\nfrom services.lora_store.registry import RegistryFile\n"
+        "r = RegistryFile(sys.argv[1])\n"
+        "for i in range(40):\n    r.update(lambda ids: ids.add(f'{sys.argv[2]}-{i}'))\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(path), f"w{w}"]) for w in range(3)]
+    assert [w.wait(timeout=60) for w in writers] == [0, 0, 0]
+    ids, _ = RegistryFile(path).read()
+    assert ids == {"seed"} | {f"w{w}-{i}" for w in range(3) for i in range(40)}
+    assert not list(tmp_path.glob("*.tmp")), "a temporary file was left behind"
+
+
+def test_disk_tier_removes_only_old_abandoned_writes(tmp_path):
+    """A write a killed process left is removed at start; a recent one may be another replica's."""
+    import os
+
+    from services.lora_store.tiers import DiskTier
+
+    folder = tmp_path / "cache" / BASE / "float32"
+    folder.mkdir(parents=True)
+    old, recent = folder / ".a.safetensors.x.tmp", folder / ".b.safetensors.y.tmp"
+    for path in (old, recent):
+        path.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    DiskTier(tmp_path / "cache")
+    assert not old.exists() and recent.exists()

@@ -1,8 +1,9 @@
 """`python -m services.lora_store --model-root .zoo --cache-dir .lora-cache --host-budget-mib 4096 --address 127.0.0.1:50071`
 
-Serves the LoRA files under `<model-root>/loras/` (all registered at start) for the base models
-under `<model-root>/models/`, with prepared deltas cached in memory (`--host-budget-mib`) and on
-disk (`--cache-dir`; omit it for no disk tier).
+Serves the LoRA files under `<model-root>/loras/` for the base models under `<model-root>/models/`,
+with prepared deltas cached in memory (`--host-budget-mib`) and on disk (`--cache-dir`; omit it for
+no disk tier). Which files are registered: all of them at start, or what `--registry` lists (kept
+across restarts; replicas naming one registry and one cache dir serve one catalog).
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m services.lora_store", description=__doc__)
     parser.add_argument("--model-root", type=Path, required=True, help="model repository with loras/ and models/")
     parser.add_argument("--cache-dir", type=Path, default=None, help="disk tier of prepared deltas (default: none)")
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        default=None,
+        help="JSON file of the registered LoRA ids, kept across restarts and shared by replicas naming it "
+        "(default: none: every file under loras/ registered at start, changes forgotten at exit)",
+    )
     parser.add_argument(
         "--host-budget-mib",
         type=float,
@@ -96,6 +104,7 @@ def main(argv=None) -> None:
         int(args.host_budget_mib * rpc.MiB),
         DTYPES[args.default_dtype],
         max_base_models=args.max_base_models,
+        registry=args.registry,
     )
     for model_id in args.base_model:
         store.bases.pipeline(model_id)

@@ -35,11 +35,13 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 
+from services.lora_store.registry import RegistryFile
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
 from swiftd.request import FAMILY_SD15, FAMILY_SDXL, check_id
 from swiftd.v1 import common_pb2
@@ -216,13 +218,26 @@ def read_lora_file(lora_id: str, path: Path, bases: list[BaseSignature]) -> Lora
 
 
 class LoraCatalog:
-    """Registered LoRA files by id. Thread-safe."""
+    """Registered LoRA files by id. Thread-safe.
 
-    def __init__(self, root: Path):
+    With a `registry` (see registry.py) the registered ids are kept in that file, across restarts
+    and for every replica naming it; each call first catches up with changes made elsewhere, and
+    `on_forgotten(lora_id)` runs for an id another replica removed."""
+
+    def __init__(
+        self,
+        root: Path,
+        registry: RegistryFile | None = None,
+        on_forgotten: Callable[[str], None] | None = None,
+    ):
         self.root = Path(root)
         self.folder = self.root / "loras"
+        self.registry = registry
+        self._on_forgotten = on_forgotten or (lambda lora_id: None)
         self._entries: dict[str, LoraFileInfo] = {}
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._stamp = None  # the registry version the entries follow
 
     def path_of(self, lora_id: str, field: str = "lora_id") -> Path:
         """The file of `lora_id`: InvalidArgument for a non-id, NotFound for no such file."""
@@ -235,15 +250,24 @@ class LoraCatalog:
             raise InvalidArgument(field, f"{lora_id!r} resolves outside the model root")
         return path
 
+    def start(self) -> None:
+        """Register what there is at start: every file under loras/ without a registry (and when
+        the registry is created), else the ids the registry lists."""
+        if self.registry is None:
+            self.scan()
+            return
+        self.registry.initialize(lambda: [*self.scan(), *self._ids()])
+        self._sync()
+
     def scan(self) -> list[str]:
-        """Register every LoRA file present (unreadable ones are logged and skipped)."""
+        """Register every LoRA file present (unreadable ones are logged and skipped) in memory."""
         if not self.folder.is_dir():
             return []
         bases = base_signatures(self.root)
         added = []
         for path in sorted(self.folder.glob(f"*{LORA_SUFFIX}")):
             try:
-                _, already = self.register(path.stem, bases)
+                _, already = self._read(path.stem, bases)
             except (FailedPrecondition, InvalidArgument, NotFound) as exc:
                 log.warning("skipping %s: %s", path.name, exc.message)
                 continue
@@ -251,8 +275,53 @@ class LoraCatalog:
                 added.append(path.stem)
         return added
 
+    def _ids(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def _sync(self) -> None:
+        """Follow the registry file when another process changed it since we last looked."""
+        if self.registry is None or self.registry.stamp() == self._stamp:
+            return
+        with self._sync_lock:
+            current = self.registry.read()
+            if current is None or current[1] == self._stamp:
+                return
+            ids, stamp = current
+            with self._lock:
+                forgotten = [i for i in self._entries if i not in ids]
+                for lora_id in forgotten:
+                    del self._entries[lora_id]
+                new = [i for i in ids if i not in self._entries]
+            bases = base_signatures(self.root) if new else []
+            for lora_id in sorted(new):
+                try:
+                    self._read(lora_id, bases)
+                except (FailedPrecondition, InvalidArgument, NotFound) as exc:
+                    log.warning("registered lora %s cannot be served: %s", lora_id, exc.message)
+            for lora_id in forgotten:
+                log.info("lora %s was removed from the registry elsewhere", lora_id)
+                self._on_forgotten(lora_id)
+            self._stamp = stamp
+
     def register(self, lora_id: str, bases: list[BaseSignature] | None = None) -> tuple[LoraFileInfo, bool]:
         """(entry, was already registered). Re-reads a registered file that changed on disk."""
+        self._sync()
+        info, already = self._read(lora_id, bases)  # a file we cannot serve is never listed
+        if self.registry is not None:
+            listed: list[bool] = []
+            try:
+                self.registry.update(lambda ids: (listed.append(lora_id in ids), ids.add(lora_id)))
+            except BaseException:
+                if not already:  # not registered anywhere, so not here either
+                    with self._lock:
+                        self._entries.pop(lora_id, None)
+                raise
+            already = listed[0]
+        return info, already
+
+    def _read(self, lora_id: str, bases: list[BaseSignature] | None = None) -> tuple[LoraFileInfo, bool]:
+        """Read (or re-read, when it changed) the file's header into the in-memory entries."""
         path = self.path_of(lora_id)
         with self._lock:
             entry = self._entries.get(lora_id)
@@ -276,6 +345,7 @@ class LoraCatalog:
     def get(self, lora_id: str, field: str = "lora_id") -> LoraFileInfo:
         """The registered entry, re-read when the file changed since; NotFound if unregistered/gone."""
         check_id(field, lora_id)
+        self._sync()
         with self._lock:
             entry = self._entries.get(lora_id)
         if entry is None:
@@ -285,7 +355,7 @@ class LoraCatalog:
         except FileNotFoundError:
             raise NotFound(field, f"{lora_id} (its file is gone)") from None
         if stat != entry.stat:
-            entry, _ = self.register(lora_id)
+            entry, _ = self._read(lora_id)
         return entry
 
     def is_current(self, entry: LoraFileInfo) -> bool:
@@ -294,10 +364,15 @@ class LoraCatalog:
 
     def remove(self, lora_id: str) -> bool:
         check_id("lora_id", lora_id)
+        self._sync()
+        listed: list[bool] = []
+        if self.registry is not None:
+            self.registry.update(lambda ids: (listed.append(lora_id in ids), ids.discard(lora_id)))
         with self._lock:
-            return self._entries.pop(lora_id, None) is not None
+            return self._entries.pop(lora_id, None) is not None or any(listed)
 
     def list(self, family: str = "") -> list[LoraFileInfo]:
+        self._sync()
         with self._lock:
             entries = sorted(self._entries.values(), key=lambda e: e.lora_id)
         return [e for e in entries if not family or e.family == family]

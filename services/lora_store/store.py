@@ -29,6 +29,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from services.lora_store.catalog import LoraCatalog, LoraFileInfo, component_of
+from services.lora_store.registry import RegistryFile
 from services.lora_store.tiers import CacheKey, DiskTier, HostTier, PreparedLora
 from swiftd import metrics
 from swiftd.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -194,9 +195,10 @@ class LoraStore:
         default_dtype: torch.dtype = torch.float32,
         pipeline_loader=load_pipeline,
         max_base_models: int = 2,
+        registry: Path | None = None,
     ):
         self.model_root = Path(model_root)
-        self.catalog = LoraCatalog(self.model_root)
+        self.catalog = LoraCatalog(self.model_root, RegistryFile(registry) if registry else None, self._forget)
         self.bases = BaseModels(self.model_root, pipeline_loader, max_base_models)
         self.host = HostTier(host_budget_bytes)
         self.disk = DiskTier(cache_dir)
@@ -206,7 +208,7 @@ class LoraStore:
         self._computing: dict[CacheKey, threading.Lock] = {}
         self._failures: dict[CacheKey, tuple[str, str]] = {}  # key -> (source sha256, error), under its lock
         self._counts = {"precomputes": 0, "disk_hits": 0, "host_hits": 0}
-        self.catalog.scan()
+        self.catalog.start()
 
     # -- catalog -----------------------------------------------------------------------------------
 
@@ -214,15 +216,20 @@ class LoraStore:
         return self.catalog.register(lora_id)
 
     def remove(self, lora_id: str) -> bool:
+        removed = self.catalog.remove(lora_id)  # first: an entry() from now on keeps nothing
+        host = self._forget(lora_id)
         with self._lock:
-            removed = self.catalog.remove(lora_id)
-            host = self.host.drop(lambda key: key[0] == lora_id)
-            for key in [k for k in self._failures if k[0] == lora_id]:
-                self._failures.pop(key, None)
             disk = self.disk.drop_lora(lora_id)
         if removed or host or disk:
             log.info("removed lora %s (%d host, %d disk entries dropped)", lora_id, host, disk)
         return removed
+
+    def _forget(self, lora_id: str) -> int:
+        """Drop what this process holds for `lora_id` (its disk entries are the remover's to drop)."""
+        with self._lock:
+            for key in [k for k in self._failures if k[0] == lora_id]:
+                self._failures.pop(key, None)
+            return self.host.drop(lambda key: key[0] == lora_id)
 
     def list(self, family: str = "") -> list[LoraFileInfo]:
         return self.catalog.list(family)

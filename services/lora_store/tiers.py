@@ -24,7 +24,9 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +137,18 @@ class DiskTier:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._remove_abandoned_writes()
+
+    def _remove_abandoned_writes(self, older_than_s: float = 3600.0) -> None:
+        """Temporary files a killed writer left. Old ones only: a replica may be writing one now."""
+        cutoff = time.time() - older_than_s
+        for tmp in self.cache_dir.glob("*/*/.*.tmp"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    log.info("disk tier: removed %s, left by an interrupted write", tmp)
+            except FileNotFoundError:
+                pass
 
     def path(self, key: CacheKey) -> Path | None:
         if self.cache_dir is None:
@@ -197,15 +211,20 @@ class DiskTier:
             "content_sha256": content_sha256(entry.deltas),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp = None
         try:
+            # A name no other writer has: replicas sharing the folder can have the same pid (1).
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
             save_file(tensors, str(tmp), metadata=meta)
             with open(tmp, "rb") as f:  # on disk before the rename makes it visible: a crash leaves
                 os.fsync(f.fileno())  # the old entry or the new one, never a torn one
             os.replace(tmp, path)
         except OSError as exc:  # a full or read-only disk costs the tier, not the request
             log.warning("disk tier: could not write %s: %s", path, exc)
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
     def drop_lora(self, lora_id: str) -> int:
         if self.cache_dir is None:
