@@ -30,6 +30,9 @@ MAX_MESSAGE_BYTES = 512 * MiB
 #: Target size of the tensor data in one LoraDeltaChunk (a chunk holds whole ParameterDeltas, so
 #: one larger than this travels alone).
 LORA_CHUNK_BYTES = 16 * MiB
+# Initial metadata a UNet worker sends once it has checked and taken a request: from then on the
+# request is that worker's, and a failure is the request's, not a sign the worker is unreachable.
+ACCEPTED = ("swiftd-accepted", "1")
 
 #: Options for both servers and channels (each side ignores the ones that do not apply to it).
 GRPC_OPTIONS: list[tuple[str, int]] = [

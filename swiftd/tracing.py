@@ -48,10 +48,18 @@ def setup_tracing(service_name: str, extra_processor: SpanProcessor | None = Non
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-            log.info(
-                "exporting traces over OTLP to %s",
-                os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the default endpoint"),
-            )
+            endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "the default endpoint")
+            log.info("exporting traces over OTLP to %s", endpoint)
+            from swiftd import security
+
+            if security.configured() is not None and not endpoint.startswith("https://"):
+                # Spans carry prompts' ids, callers and plans: they deserve the calls' protection.
+                log.warning(
+                    "PLAINTEXT: this service speaks TLS but sends its spans to %s unencrypted; give "
+                    "OTEL_EXPORTER_OTLP_ENDPOINT=https://... and OTEL_EXPORTER_OTLP_CERTIFICATE, "
+                    "_CLIENT_CERTIFICATE, _CLIENT_KEY (docs/security.md)",
+                    endpoint,
+                )
         if extra_processor is not None:
             provider.add_span_processor(extra_processor)
         trace.set_tracer_provider(provider)

@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from swiftd import rpc
@@ -40,12 +41,16 @@ def _attributes(pairs) -> dict:
 
 
 class InMemoryCollector(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self):
+    def __init__(self, credentials: grpc.ServerCredentials | None = None):
+        """`credentials`: serve TLS (exporters then need an https endpoint and the CA)."""
         self.spans: list[CollectedSpan] = []
         self._lock = threading.Lock()
         self._server = rpc.create_server(4)
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        if credentials is None:
+            self.port = self._server.add_insecure_port("127.0.0.1:0")
+        else:
+            self.port = self._server.add_secure_port("127.0.0.1:0", credentials)
 
     def start(self) -> InMemoryCollector:
         self._server.start()

@@ -407,6 +407,25 @@ def test_network_policies_let_through_exactly_the_calls_the_services_make(root):
         assert not _allowed(root, {"app": "other"}, pods[target], "grpc")
 
 
+def _collector_config(root: str, pod: dict, container: dict) -> dict:
+    """The collector's configuration as it runs: each --config file, read from the ConfigMap
+    mounted there, merged in order (maps merge key by key, as the collector does)."""
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    merged: dict = {}
+    for arg in container["args"]:
+        path = Path(arg.removeprefix("--config="))
+        (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) == path.parent]
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        merged = merge(merged, yaml.safe_load(_one(root, "ConfigMap", volume["configMap"]["name"])["data"][path.name]))
+    return merged
+
+
 @pytest.mark.parametrize("root", ROOTS)
 def test_every_service_sends_its_spans_to_the_collector_deployed_with_it(root):
     collector = _component(root, "otel-collector")
@@ -415,9 +434,15 @@ def test_every_service_sends_its_spans_to_the_collector_deployed_with_it(root):
     port = service["spec"]["ports"][0]["port"]
     assert collector["ports"]["otlp-grpc"] == port
     deployment = _one(root, "Deployment", "otel-collector")
-    config_map = next(v["configMap"]["name"] for v in _pod(deployment)["volumes"] if "configMap" in v)
-    config = yaml.safe_load(_one(root, "ConfigMap", config_map)["data"]["config.yaml"])
-    assert config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].endswith(f":{port}")
+    pod, (container,) = _pod(deployment), _pod(deployment)["containers"]
+    config = _collector_config(root, pod, container)
+    receiver = config["receivers"]["otlp"]["protocols"]["grpc"]
+    assert receiver["endpoint"].endswith(f":{port}")
+    mtls = root in MTLS_ROOTS
+    if mtls:  # only clients with a certificate of the services' CA send spans
+        tls = receiver["tls"]
+        for key in ("cert_file", "key_file", "client_ca_file"):
+            assert _secret_at(pod, container, Path(tls[key]).parent) == "swiftd-otel-collector-tls", key
     pipeline = config["service"]["pipelines"]["traces"]
     assert pipeline["receivers"] == ["otlp"] and set(pipeline["exporters"]) <= set(config["exporters"])
     assert re.search(r":\d+\.\d+\.\d+$", _pod(deployment)["containers"][0]["image"])  # pinned
@@ -426,7 +451,12 @@ def test_every_service_sends_its_spans_to_the_collector_deployed_with_it(root):
             if container["args"][:2] != ["python", "-m"] or workload["kind"] == "Job":
                 continue
             env = {e["name"]: e["value"] for e in container["env"]}
-            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://otel-collector:{port}"
+            assert len(env) == len(container["env"])  # no variable set twice
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"{'https' if mtls else 'http'}://otel-collector:{port}"
+            if mtls:  # the service's own certificate, as on its gRPC calls
+                _, parsed = _service_args(root, container)
+                for key in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY"):
+                    assert Path(env[f"OTEL_EXPORTER_OTLP_{key}"]).parent == parsed.tls_dir, key
             assert _allowed(root, workload["spec"]["template"]["metadata"]["labels"], collector, "otlp-grpc")
 
 

@@ -40,6 +40,9 @@ def test_the_store_killed_mid_push_fails_the_request_cleanly_and_the_suite_recov
                 assert error.code() in CLEAN, (error.code(), error.details())
             assert time.monotonic() - t0 < 60
             store.process.wait(10)
+            # The worker had taken the request: the store's failure is not the worker's, so the
+            # request is not planned again (which would mark a healthy worker down).
+            assert not [line for line in gateway.log_lines if "planning it again" in line], gateway.log_tail()
 
             # The store comes back at its address; the worker's half-received entry is not used.
             store = start_lora_store(

@@ -25,6 +25,7 @@ from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, s
 from swiftd.request import ControlNet
 from swiftd.v1 import controlnet_pb2, lora_store_pb2, unet_pb2
 from tests.net import free_port
+from tests.otlp_collector import InMemoryCollector
 
 x509 = pytest.importorskip("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -81,11 +82,41 @@ class Authority:
 
 
 @pytest.fixture(scope="module")
-def secured(zoo_root, tmp_path_factory):
+def pki(tmp_path_factory):
     root = tmp_path_factory.mktemp("pki")
     ca = Authority("swiftd test CA")
-    for identity in IDENTITIES:
+    for identity in (*IDENTITIES, "otel-collector"):
         ca.issue(identity, root / identity)
+    return root, ca
+
+
+@pytest.fixture(scope="module")
+def collector(pki):
+    """An OTLP collector that speaks TLS and wants a client certificate of the CA, as deployed by
+    the mtls component; `env` is what each service is given (the standard OTEL_* variables)."""
+    root, _ = pki
+    folder = root / "otel-collector"
+    credentials = grpc.ssl_server_credentials(
+        [((folder / "tls.key").read_bytes(), (folder / "tls.crt").read_bytes())],
+        root_certificates=(folder / "ca.crt").read_bytes(),
+        require_client_auth=True,
+    )
+    collector = InMemoryCollector(credentials).start()
+    env = lambda identity: {  # noqa: E731
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"https://127.0.0.1:{collector.port}",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE": str(root / identity / "ca.crt"),
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE": str(root / identity / "tls.crt"),
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY": str(root / identity / "tls.key"),
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    yield collector, env
+    collector.stop()
+
+
+@pytest.fixture(scope="module")
+def secured(zoo_root, pki, collector):
+    root, ca = pki
+    _, otel_env = collector
     Authority("intruder CA").issue(security.GATEWAY, root / "intruder")
     (root / "tokens").write_text(f"# identity token\nalice {TOKEN}\n")
     security.configure_client(security.TlsConfig(root / security.OPERATOR))  # the test's own channels
@@ -93,10 +124,20 @@ def secured(zoo_root, tmp_path_factory):
     services = {}
     try:
         services["store"] = start_lora_store(
-            zoo_root, root / "cache", [MODEL], num_threads=1, extra_args=tls(security.LORA_STORE)
+            zoo_root,
+            root / "cache",
+            [MODEL],
+            num_threads=1,
+            extra_args=tls(security.LORA_STORE),
+            env=otel_env(security.LORA_STORE),
         )
         services["controlnet"] = start_controlnet(
-            zoo_root, [CN], num_threads=1, extra_args=tls(security.CONTROLNET), wait=False
+            zoo_root,
+            [CN],
+            num_threads=1,
+            extra_args=tls(security.CONTROLNET),
+            wait=False,
+            env=otel_env(security.CONTROLNET),
         )
         health_port = free_port()
         services["unet"] = start_unet(
@@ -105,6 +146,7 @@ def secured(zoo_root, tmp_path_factory):
             lora_store=services["store"].address,
             num_threads=1,
             extra_args=[*tls(security.UNET), "--health-port", str(health_port), "--log-format", "json"],
+            env=otel_env(security.UNET),
         )
         services["controlnet"].wait_ready()
         services["gateway"] = start_gateway(
@@ -112,6 +154,7 @@ def secured(zoo_root, tmp_path_factory):
             [services["controlnet"].address],
             services["store"].address,
             extra_args=[*tls(security.GATEWAY), "--tokens-file", str(root / "tokens"), "--log-format", "json"],
+            env=otel_env(security.GATEWAY),
         )
         yield root, ca, services, health_port
     finally:
@@ -152,10 +195,11 @@ def _call(channel: grpc.Channel, method: str):
     return grpc.StatusCode.OK
 
 
-def test_a_client_with_a_token_gets_its_image_and_others_are_unauthenticated(secured):
+def test_a_client_with_a_token_gets_its_image_and_others_are_unauthenticated(secured, collector):
     from swiftd.client import Client
 
     _, _, services, _ = secured
+    otel = collector
     address = services["gateway"].address
     with Client(address, token=TOKEN) as client:
         result = client.generate(
@@ -168,6 +212,19 @@ def test_a_client_with_a_token_gets_its_image_and_others_are_unauthenticated(sec
             controlnets=[ControlNet(CN, edge_image(64))],
         )
         assert result.image_png and list(result.plan.lora_ids) == [LORA]
+    # Its trace reached the collector over mutual TLS from every service it crossed.
+    collector, _ = otel
+    crossed = {"gateway", "unet", "lora_store"} | ({"controlnet"} if result.plan.controlnets[0].worker else set())
+
+    def arrived(spans) -> bool:  # every service, and the gateway's server span (it ends last)
+        served = any(s.name == "/swiftd.v1.Gateway/Generate" for s in spans)
+        return served and {s.service for s in spans} >= crossed
+
+    spans = collector.wait_for(result.trace_id, arrived)
+    (server,) = [s for s in spans if s.name == "/swiftd.v1.Gateway/Generate"]
+    assert server.attributes["enduser.id"] == "alice"
+    for service in services.values():
+        assert not [line for line in service.log_lines if "unencrypted" in line], service.name
     # The client's identity is on the request's log lines, at the gateway and at the worker.
     for service in (services["gateway"], services["unet"]):
         lines = [json.loads(line) for line in service.log_lines if line.startswith("{")]

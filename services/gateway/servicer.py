@@ -289,7 +289,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             push.add_done_callback(lambda f: stream.cancel() if _failed(f) else None)
 
         result = None
-        heard = False  # anything from the worker yet: after that, it has started and is not replaced
+        heard = False  # the worker accepted the request or sent an event: then it is not replaced
         try:
             for event in stream:
                 heard = True
@@ -306,6 +306,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except grpc.RpcError as exc:
             if not context.is_active():
                 raise Cancelled("the client cancelled the request") from None
+            heard = heard or rpc.ACCEPTED in (exc.initial_metadata() or ())  # it took the request
             if not heard and exc.code() == grpc.StatusCode.UNAVAILABLE and not any(_failed(p) for p in pushes):
                 cancel_downstream()  # its LoRA pushes too: the new plan sends its own
                 raise _Unreachable(from_rpc_error(exc, f"unet worker {plan.unet_worker}")) from None

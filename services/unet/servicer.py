@@ -195,6 +195,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
 
     def DenoiseStream(self, pb, context):
         request = self._check(pb)
+        context.send_initial_metadata((rpc.ACCEPTED,))
         events: queue.Queue = queue.Queue()
         t0 = time.perf_counter()
         every = request.preview_every_n_steps
