@@ -32,10 +32,12 @@ FAMILIES = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
 
 @pytest.fixture(scope="module")
 def suite(zoo_root):
-    """Two ControlNet workers (one per ControlNet of a request) and a UNet worker per family."""
+    """Two ControlNet workers (one per ControlNet of a request) and a UNet worker per family. The
+    first takes the shared-memory ring the UNet workers offer; the second accepts no transport
+    besides inline bytes (as a worker on another host would)."""
     services = {
         "cn_a": start_controlnet(zoo_root, num_threads=1),
-        "cn_b": start_controlnet(zoo_root, num_threads=1),
+        "cn_b": start_controlnet(zoo_root, num_threads=1, extra_args=["--residual-transports"]),
     }
     for family, model in FAMILIES.items():
         services[family] = start_unet(zoo_root, model, num_threads=1, extra_args=["--max-steps", "1000"])
@@ -90,12 +92,13 @@ def denoise_request(model_id, controlnets, addresses, guidance, wire=common_pb2.
     )
 
 
-CASES = {
-    "one": ([(1.0, 0.0, 1.0)], 7.5, False),
-    "one-no-cfg-window": ([(0.6, 0.2, 0.8)], 1.0, False),
-    "two": ([(0.8, 0.0, 0.6), (0.5, 0.4, 1.0)], 7.5, False),
-    "two-guess-mode": ([(1.0, 0.0, 1.0), (0.7, 0.0, 1.0)], 7.5, True),
+CASES = {  # ControlNets (scale, start, end), guidance scale, guess mode, their workers
+    "one": ([(1.0, 0.0, 1.0)], 7.5, False, ["cn_a"]),
+    "one-no-cfg-window": ([(0.6, 0.2, 0.8)], 1.0, False, ["cn_b"]),
+    "two": ([(0.8, 0.0, 0.6), (0.5, 0.4, 1.0)], 7.5, False, ["cn_a", "cn_b"]),
+    "two-guess-mode": ([(1.0, 0.0, 1.0), (0.7, 0.0, 1.0)], 7.5, True, ["cn_b", "cn_a"]),
 }
+TRANSPORT_OF = {"cn_a": common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY, "cn_b": common_pb2.RESIDUAL_TRANSPORT_INLINE}
 
 
 def controlnet_requests(fam, specs, guess):
@@ -110,9 +113,9 @@ def controlnet_requests(fam, specs, guess):
 def test_residuals_over_grpc_match_diffusers(suite, families, family, case):
     services, channels = suite
     fam = families[family]
-    specs, guidance, guess = CASES[case]
+    specs, guidance, guess, workers = CASES[case]
     controlnets = controlnet_requests(fam, specs, guess)
-    addresses = [services["cn_a"].address, services["cn_b"].address][: len(controlnets)]
+    addresses = [services[w].address for w in workers]
     stub = unet_pb2_grpc.UNetWorkerStub(channels[family])
     response = stub.Denoise(denoise_request(FAMILIES[family], controlnets, addresses, guidance), timeout=120)
     ours = codec.tensor_from_proto(response.latents)
@@ -124,7 +127,8 @@ def test_residuals_over_grpc_match_diffusers(suite, families, family, case):
         guidance_scale=guidance,
         generator=torch.Generator().manual_seed(11),
     )
-    assert_bit_identical(ours, reference)  # fp32 on the wire carries the residuals exactly
+    assert_bit_identical(ours, reference)  # fp32 residuals arrive exactly, over every transport
+    assert list(response.controlnet_transports) == [TRANSPORT_OF[w] for w in workers]
     stages = {t.stage for t in response.timings}
     assert any(s.startswith("controlnet.") and s.endswith(".transport") for s in stages)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from services.controlnet.registry import ControlNetRegistry
 from services.controlnet.servicer import ControlNetWorkerServicer
-from swiftd import metrics, rpc, tracing
+from swiftd import metrics, rpc, tracing, transport
 from swiftd.cliargs import ExtendList
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.loading import DTYPES
@@ -18,6 +18,7 @@ from swiftd.server import (
     serve,
     server_config_from_args,
 )
+from swiftd.transport import shm
 from swiftd.v1 import controlnet_pb2_grpc
 
 log = logging.getLogger("services.controlnet")
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="artifact directories from `python -m compiler build --controlnet-id ...` (one per base "
         "model family served): ControlNets of a compiled architecture run compiled, others eagerly",
     )
+    transport.add_argument(parser, "accepts")
     add_server_arguments(parser)
     return parser
 
@@ -116,7 +118,10 @@ def main(argv=None) -> None:
             steps = sum((Counter(artifacts.calls()) for artifacts in compiled), Counter())
             log.info("first session done: steps %s; compilation in this process: %s", dict(steps), compile_activity())
 
-    servicer = ControlNetWorkerServicer(registry, after_first_session=report)
+    shm.remove_abandoned()  # rings of workers on this host killed before their reader mapped them
+    servicer = ControlNetWorkerServicer(
+        registry, after_first_session=report, transports=transport.parse(args.residual_transports)
+    )
     serve(
         rpc.CONTROLNET_SERVICE,
         server_config,

@@ -7,10 +7,12 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 from opentelemetry import trace
 
 from services.controlnet.registry import ControlNetRegistry, SessionRunner
-from swiftd import codec, device
+from services.controlnet.sender import ResidualSender
+from swiftd import codec, device, transport
 from swiftd.controlnet_step import ControlNetSession
 from swiftd.errors import InvalidArgument
 from swiftd.request import check_id
@@ -21,12 +23,20 @@ tracer = trace.get_tracer("swiftd.controlnet")
 
 
 class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
-    def __init__(self, registry: ControlNetRegistry, after_first_session: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        registry: ControlNetRegistry,
+        after_first_session: Callable[[], None] | None = None,
+        transports: tuple[int, ...] = transport.parse(transport.DEFAULT),
+    ):
+        """`transports`: the residual transports besides inline this worker accepts, fastest first."""
         self.registry = registry
+        self.transports = transports
         self._after_first_session = after_first_session  # e.g. log that serving compiled nothing
         self._first_session_lock = threading.Lock()
         # After configure_process pinned the cores: the device as the gateway compares devices.
         self.device, self.host = device.local_device(registry.device), device.local_host()
+        self.device_type = torch.device(registry.device).type
 
     def StreamResiduals(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -34,11 +44,15 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
             raise InvalidArgument("start", "the first message of a residual stream must be a SessionStart")
         start = first.start
         wire_dtype = start.wire_dtype or common_pb2.DTYPE_UNSPECIFIED
+        chosen = transport.choose(start.transports, start.host_identity, self.transports, self.device_type)
         with tracer.start_as_current_span(
-            "controlnet.session_start", attributes={"controlnet.id": start.controlnet_id}
+            "controlnet.session_start",
+            attributes={"controlnet.id": start.controlnet_id, "controlnet.transport": transport.name(chosen)},
         ):
             runner = SessionRunner(self.registry, ControlNetSession.from_pb(start))  # embeds the hint once
-        log.debug("session %s/%s opened", start.request_id, start.controlnet_id)
+        label = f"session {start.request_id}/{start.controlnet_id}"
+        sender = ResidualSender(chosen, wire_dtype, label)
+        log.debug("%s opened (transport %s)", label, transport.name(chosen))
         try:
             for message in request_iterator:
                 if message.WhichOneof("kind") != "step":
@@ -46,20 +60,17 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
                 step = message.step
                 sample = codec.tensor_from_field(step.sample, "step.sample")
                 t0 = time.perf_counter()
-                with tracer.start_as_current_span("controlnet.step", attributes={"step": step.step_index}):
+                with tracer.start_as_current_span("controlnet.step", attributes={"step": step.step_index}) as span:
                     residuals = runner.step(step.timestep, sample)
-                seconds = time.perf_counter() - t0
-                yield controlnet_pb2.ResidualsResponse(
-                    step_index=step.step_index,
-                    down_block_res_samples=[
-                        codec.tensor_to_proto(r, wire_dtype) for r in residuals.down_block_res_samples
-                    ],
-                    mid_block_res_sample=codec.tensor_to_proto(residuals.mid_block_res_sample, wire_dtype),
-                    compute_seconds=seconds,
-                )
+                    seconds = time.perf_counter() - t0
+                    tensors = [*residuals.down_block_res_samples, residuals.mid_block_res_sample]
+                    response = sender.response(step, tensors, seconds)
+                    span.set_attribute("controlnet.transport", transport.name(sender.used))
+                yield response
         finally:
+            sender.close()
             runner.close()
-            log.debug("session %s/%s closed", start.request_id, start.controlnet_id)
+            log.debug("%s closed", label)
             self._report_first_session()
 
     def _report_first_session(self) -> None:
@@ -78,6 +89,7 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
             size_bytes=loaded.get(controlnet_id, 0),
             loaded=controlnet_id in loaded,
             compiled=controlnet_id in compiled,
+            transports=transport.usable(self.transports, self.device_type),
         )
 
     def ListControlNets(self, request, context):

@@ -23,7 +23,7 @@ from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
 from services.gateway.planner import Planner, PlannerConfig, placement_name
 from services.gateway.validation import validate_request
-from swiftd import logs, metrics, rpc, tracing
+from swiftd import logs, metrics, rpc, tracing, transport
 from swiftd.discovery import WorkerTargets
 from swiftd.errors import Cancelled, Unavailable, from_rpc_error
 from swiftd.request import CfgSplit, Request, check_conditioning_pixels, check_family
@@ -322,6 +322,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         metrics.observe_stages(timings)
         if plan.HasField("cfg_partner") and not result.cfg_partner:
             plan = _ran_unsplit(plan)
+        for assignment, used in zip(plan.controlnets, result.controlnet_transports):
+            assignment.transport = used  # negotiated by the workers, known only now
+        if plan.controlnets:
+            trace.get_current_span().set_attribute(
+                "plan.controlnet_transports", [transport.name(a.transport) for a in plan.controlnets]
+            )
         response = gateway_pb2.GenerateResponse(
             image_png=result.image_png,
             seed=result.seed,

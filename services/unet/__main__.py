@@ -10,7 +10,7 @@ from services.unet.backbone import Backbone, EagerBackbone
 from services.unet.lora_inbox import LoraInbox
 from services.unet.pipeline import UNetPipeline
 from services.unet.servicer import UNetWorkerConfig, UNetWorkerServicer
-from swiftd import metrics, rpc, tracing
+from swiftd import metrics, rpc, tracing, transport
 from swiftd.cliargs import ExtendList
 from swiftd.controlnet_step import ControlNetStepper
 from swiftd.discovery import AllowedPeers
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="resolutions --compile-missing builds (default: the model's native size)",
     )
     add_limit_arguments(parser)
+    transport.add_argument(parser, "offers")
     add_server_arguments(parser)
     return parser
 
@@ -205,6 +206,7 @@ def main(argv=None) -> None:
         limits=limits_from_args(args),
         controlnet_step_timeout=args.controlnet_step_timeout,
         cfg_step_timeout=args.cfg_step_timeout,
+        residual_transports=transport.parse(args.residual_transports),
     )
     peers = AllowedPeers(args.peers, "--peers", extra=(args.lora_store,))
     servicer = UNetWorkerServicer(pipeline, config, peers)

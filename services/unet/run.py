@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import PIL.Image
@@ -47,6 +47,8 @@ class GenerationResult:
     timings: dict[str, float]  # stage -> seconds, in pipeline order
     lora_applied_at_step: int = -1  # step before which the LoRA set was in place; -1: no LoRA
     cfg_partner: str = ""  # the worker that computed the other CFG half; empty: none
+    # How each ControlNet's residuals arrived, in request order (swiftd.transport; 0: in-process).
+    controlnet_transports: list[int] = field(default_factory=list)
 
 
 class DenoisingRun:
@@ -65,6 +67,7 @@ class DenoisingRun:
         self.pipeline = pipeline
         self.request = request
         self.addons = addons
+        self.controlnet_transports: list[int] = []  # set by the ControlNet add-on at the end
         self.on_step = on_step
         self.should_stop = should_stop
         self.do_cfg = request.do_classifier_free_guidance  # the step combines two predictions
@@ -132,7 +135,13 @@ class DenoisingRun:
             with self.stage("vae_decode"):
                 image = self.pipeline.decode(latents)
         return GenerationResult(
-            latents, image, self.request.seed, self.timings, self.lora_applied_at_step, self.guidance.partner
+            latents,
+            image,
+            self.request.seed,
+            self.timings,
+            self.lora_applied_at_step,
+            self.guidance.partner,
+            self.controlnet_transports,
         )
 
     def _denoise(self) -> torch.Tensor:

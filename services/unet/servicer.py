@@ -13,7 +13,7 @@ from services.unet.addons.controlnet_stream import FailoverResidualSource, Remot
 from services.unet.guidance import Guidance, LeaderGuidance, PartnerGuidance, done_message
 from services.unet.pipeline import UNetPipeline
 from services.unet.run import GenerationResult
-from swiftd import codec, device, metrics, rpc, tracing
+from swiftd import codec, device, metrics, rpc, tracing, transport
 from swiftd.discovery import AllowedPeers
 from swiftd.errors import Cancelled, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from swiftd.images import encode_png
@@ -32,6 +32,7 @@ def response_from_result(result: GenerationResult, request: Request) -> unet_pb2
         lora_applied_at_step=result.lora_applied_at_step,
         cfg_partner=result.cfg_partner,
         timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in result.timings.items()],
+        controlnet_transports=result.controlnet_transports,
     )
     if request.return_latents:
         response.latents.CopyFrom(codec.tensor_to_proto(result.latents))
@@ -47,6 +48,8 @@ class UNetWorkerConfig:
     # Seconds: longest wait for a CFG split's other half at one exchange. Generous: the other side
     # may be waiting for its LoRA deltas before the first step, or for a ControlNet worker.
     cfg_step_timeout: float = 300.0
+    # Residual transports besides inline offered to ControlNet workers, fastest first.
+    residual_transports: tuple[int, ...] = transport.parse(transport.DEFAULT)
 
 
 class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
@@ -115,6 +118,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
                 step_timeout=self.config.controlnet_step_timeout,
                 out_dtype=self.pipeline.dtype,
                 out_device=self.pipeline.device,
+                transports=self.config.residual_transports,
             )
 
         def open_controlnet(cn, session):

@@ -16,6 +16,13 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_INT64: _ClassVar[DType]
     DTYPE_UINT8: _ClassVar[DType]
 
+class ResidualTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESIDUAL_TRANSPORT_UNSPECIFIED: _ClassVar[ResidualTransport]
+    RESIDUAL_TRANSPORT_INLINE: _ClassVar[ResidualTransport]
+    RESIDUAL_TRANSPORT_SHARED_MEMORY: _ClassVar[ResidualTransport]
+    RESIDUAL_TRANSPORT_CUDA_IPC: _ClassVar[ResidualTransport]
+
 class Scheduler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SCHEDULER_UNSPECIFIED: _ClassVar[Scheduler]
@@ -30,6 +37,10 @@ DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 DTYPE_INT64: DType
 DTYPE_UINT8: DType
+RESIDUAL_TRANSPORT_UNSPECIFIED: ResidualTransport
+RESIDUAL_TRANSPORT_INLINE: ResidualTransport
+RESIDUAL_TRANSPORT_SHARED_MEMORY: ResidualTransport
+RESIDUAL_TRANSPORT_CUDA_IPC: ResidualTransport
 SCHEDULER_UNSPECIFIED: Scheduler
 SCHEDULER_DDIM: Scheduler
 SCHEDULER_EULER: Scheduler
@@ -152,17 +163,19 @@ class LoraInfo(_message.Message):
     def __init__(self, lora_id: _Optional[str] = ..., family: _Optional[str] = ..., rank: _Optional[int] = ..., num_targets: _Optional[int] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ...) -> None: ...
 
 class ControlNetInfo(_message.Message):
-    __slots__ = ("controlnet_id", "family", "size_bytes", "loaded", "workers", "compiled")
+    __slots__ = ("controlnet_id", "family", "size_bytes", "loaded", "workers", "compiled", "transports")
     CONTROLNET_ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     COMPILED_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     controlnet_id: str
     family: str
     size_bytes: int
     loaded: bool
     workers: _containers.RepeatedScalarFieldContainer[str]
     compiled: bool
-    def __init__(self, controlnet_id: _Optional[str] = ..., family: _Optional[str] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., workers: _Optional[_Iterable[str]] = ..., compiled: _Optional[bool] = ...) -> None: ...
+    transports: _containers.RepeatedScalarFieldContainer[ResidualTransport]
+    def __init__(self, controlnet_id: _Optional[str] = ..., family: _Optional[str] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., workers: _Optional[_Iterable[str]] = ..., compiled: _Optional[bool] = ..., transports: _Optional[_Iterable[_Union[ResidualTransport, str]]] = ...) -> None: ...

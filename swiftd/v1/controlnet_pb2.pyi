@@ -16,7 +16,7 @@ class ResidualsRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., step: _Optional[_Union[StepInput, _Mapping]] = ...) -> None: ...
 
 class SessionStart(_message.Message):
-    __slots__ = ("controlnet_id", "controlnet_cond", "encoder_hidden_states", "text_embeds", "time_ids", "conditioning_scale", "guess_mode", "wire_dtype", "request_id")
+    __slots__ = ("controlnet_id", "controlnet_cond", "encoder_hidden_states", "text_embeds", "time_ids", "conditioning_scale", "guess_mode", "wire_dtype", "request_id", "transports", "host_identity")
     CONTROLNET_ID_FIELD_NUMBER: _ClassVar[int]
     CONTROLNET_COND_FIELD_NUMBER: _ClassVar[int]
     ENCODER_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,8 @@ class SessionStart(_message.Message):
     GUESS_MODE_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    HOST_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     controlnet_id: str
     controlnet_cond: _common_pb2.Tensor
     encoder_hidden_states: _common_pb2.Tensor
@@ -35,29 +37,73 @@ class SessionStart(_message.Message):
     guess_mode: bool
     wire_dtype: _common_pb2.DType
     request_id: str
-    def __init__(self, controlnet_id: _Optional[str] = ..., controlnet_cond: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoder_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., time_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., conditioning_scale: _Optional[float] = ..., guess_mode: _Optional[bool] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    transports: _containers.RepeatedScalarFieldContainer[_common_pb2.ResidualTransport]
+    host_identity: str
+    def __init__(self, controlnet_id: _Optional[str] = ..., controlnet_cond: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoder_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., time_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., conditioning_scale: _Optional[float] = ..., guess_mode: _Optional[bool] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., transports: _Optional[_Iterable[_Union[_common_pb2.ResidualTransport, str]]] = ..., host_identity: _Optional[str] = ...) -> None: ...
 
 class StepInput(_message.Message):
-    __slots__ = ("step_index", "timestep", "sample")
+    __slots__ = ("step_index", "timestep", "sample", "transport")
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     step_index: int
     timestep: float
     sample: _common_pb2.Tensor
-    def __init__(self, step_index: _Optional[int] = ..., timestep: _Optional[float] = ..., sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    transport: _common_pb2.ResidualTransport
+    def __init__(self, step_index: _Optional[int] = ..., timestep: _Optional[float] = ..., sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ...) -> None: ...
 
 class ResidualsResponse(_message.Message):
-    __slots__ = ("step_index", "down_block_res_samples", "mid_block_res_sample", "compute_seconds")
+    __slots__ = ("step_index", "down_block_res_samples", "mid_block_res_sample", "compute_seconds", "ring", "slot")
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     DOWN_BLOCK_RES_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MID_BLOCK_RES_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     step_index: int
     down_block_res_samples: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
     mid_block_res_sample: _common_pb2.Tensor
     compute_seconds: float
-    def __init__(self, step_index: _Optional[int] = ..., down_block_res_samples: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mid_block_res_sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    ring: ResidualRing
+    slot: ResidualSlot
+    def __init__(self, step_index: _Optional[int] = ..., down_block_res_samples: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mid_block_res_sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., ring: _Optional[_Union[ResidualRing, _Mapping]] = ..., slot: _Optional[_Union[ResidualSlot, _Mapping]] = ...) -> None: ...
+
+class ResidualRing(_message.Message):
+    __slots__ = ("transport", "name", "slots", "slot_bytes", "header_bytes", "tensors", "cuda_handles")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEADER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    transport: _common_pb2.ResidualTransport
+    name: str
+    slots: int
+    slot_bytes: int
+    header_bytes: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorLayout]
+    cuda_handles: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., name: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., header_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., cuda_handles: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class TensorLayout(_message.Message):
+    __slots__ = ("dtype", "shape", "offset")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    dtype: _common_pb2.DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ResidualSlot(_message.Message):
+    __slots__ = ("index", "sequence")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    sequence: int
+    def __init__(self, index: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class ControlNetWorkerListControlNetsRequest(_message.Message):
     __slots__ = ()

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from swiftd.v1 import common_pb2 as swiftd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17swiftd/v1/gateway.proto\x12\tswiftd.v1\x1a\x16swiftd/v1/common.proto\"\xaa\x02\n\x0fGenerateRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x1b.swiftd.v1.GenerationParams\x12!\n\x05loras\x18\x02 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12/\n\x0b\x63ontrolnets\x18\x03 \x03(\x0b\x32\x1a.swiftd.v1.ControlNetInput\x12\x1d\n\x10lora_bound_steps\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1d\n\x15preview_every_n_steps\x18\x06 \x01(\x05\x12/\n\x15\x63ontrolnet_wire_dtype\x18\x07 \x01(\x0e\x32\x10.swiftd.v1.DTypeB\x13\n\x11_lora_bound_steps\"\x9d\x02\n\x04Plan\x12\x13\n\x0bunet_worker\x18\x01 \x01(\t\x12\x34\n\x0b\x63ontrolnets\x18\x02 \x03(\x0b\x32\x1f.swiftd.v1.ControlNetAssignment\x12\x10\n\x08lora_ids\x18\x03 \x03(\t\x12 \n\x18lora_set_already_applied\x18\x04 \x01(\x08\x12\x17\n\x0fpushed_lora_ids\x18\x05 \x03(\t\x12\'\n\tplacement\x18\x06 \x01(\x0e\x32\x14.swiftd.v1.Placement\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12*\n\x0b\x63\x66g_partner\x18\x08 \x01(\x0b\x32\x15.swiftd.v1.CfgPartner\x12\x18\n\x10\x66\x61iled_over_from\x18\t \x01(\t\"\x92\x01\n\nCfgPartner\x12\x13\n\x0bunet_worker\x18\x01 \x01(\t\x12\x34\n\x0b\x63ontrolnets\x18\x02 \x03(\x0b\x32\x1f.swiftd.v1.ControlNetAssignment\x12 \n\x18lora_set_already_applied\x18\x03 \x01(\x08\x12\x17\n\x0fpushed_lora_ids\x18\x04 \x03(\t\"=\n\x14\x43ontrolNetAssignment\x12\x15\n\rcontrolnet_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\"\xbf\x01\n\x10GenerateResponse\x12\x11\n\timage_png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\'\n\x07timings\x18\x03 \x03(\x0b\x32\x16.swiftd.v1.StageTiming\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1d\n\x04plan\x18\x06 \x01(\x0b\x32\x0f.swiftd.v1.Plan\x12\x1c\n\x14lora_applied_at_step\x18\x07 \x01(\x05\"\xeb\x01\n\x16GenerateStreamResponse\x12#\n\x06queued\x18\x01 \x01(\x0b\x32\x11.swiftd.v1.QueuedH\x00\x12%\n\x07started\x18\x02 \x01(\x0b\x32\x12.swiftd.v1.StartedH\x00\x12\'\n\x08progress\x18\x03 \x01(\x0b\x32\x13.swiftd.v1.ProgressH\x00\x12%\n\x07preview\x18\x04 \x01(\x0b\x32\x12.swiftd.v1.PreviewH\x00\x12,\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1b.swiftd.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"@\n\x07Started\x12\x1d\n\x04plan\x18\x01 \x01(\x0b\x32\x0f.swiftd.v1.Plan\x12\x16\n\x0equeued_seconds\x18\x02 \x01(\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.swiftd.v1.ModelInfo\"\"\n\x10ListLorasRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\"7\n\x11ListLorasResponse\x12\"\n\x05loras\x18\x01 \x03(\x0b\x32\x13.swiftd.v1.LoraInfo\"\x18\n\x16ListControlNetsRequest\"I\n\x17ListControlNetsResponse\x12.\n\x0b\x63ontrolnets\x18\x01 \x03(\x0b\x32\x19.swiftd.v1.ControlNetInfo*i\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x12\n\x0ePLACEMENT_PACK\x10\x01\x12\x14\n\x10PLACEMENT_SPREAD\x10\x02\x12\x17\n\x13PLACEMENT_CFG_SPLIT\x10\x03\x32\x8e\x03\n\x07Gateway\x12\x43\n\x08Generate\x12\x1a.swiftd.v1.GenerateRequest\x1a\x1b.swiftd.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.swiftd.v1.GenerateRequest\x1a!.swiftd.v1.GenerateStreamResponse0\x01\x12I\n\nListModels\x12\x1c.swiftd.v1.ListModelsRequest\x1a\x1d.swiftd.v1.ListModelsResponse\x12\x46\n\tListLoras\x12\x1b.swiftd.v1.ListLorasRequest\x1a\x1c.swiftd.v1.ListLorasResponse\x12X\n\x0fListControlNets\x12!.swiftd.v1.ListControlNetsRequest\x1a\".swiftd.v1.ListControlNetsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17swiftd/v1/gateway.proto\x12\tswiftd.v1\x1a\x16swiftd/v1/common.proto\"\xaa\x02\n\x0fGenerateRequest\x12+\n\x06params\x18\x01 \x01(\x0b\x32\x1b.swiftd.v1.GenerationParams\x12!\n\x05loras\x18\x02 \x03(\x0b\x32\x12.swiftd.v1.LoraRef\x12/\n\x0b\x63ontrolnets\x18\x03 \x03(\x0b\x32\x1a.swiftd.v1.ControlNetInput\x12\x1d\n\x10lora_bound_steps\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1d\n\x15preview_every_n_steps\x18\x06 \x01(\x05\x12/\n\x15\x63ontrolnet_wire_dtype\x18\x07 \x01(\x0e\x32\x10.swiftd.v1.DTypeB\x13\n\x11_lora_bound_steps\"\x9d\x02\n\x04Plan\x12\x13\n\x0bunet_worker\x18\x01 \x01(\t\x12\x34\n\x0b\x63ontrolnets\x18\x02 \x03(\x0b\x32\x1f.swiftd.v1.ControlNetAssignment\x12\x10\n\x08lora_ids\x18\x03 \x03(\t\x12 \n\x18lora_set_already_applied\x18\x04 \x01(\x08\x12\x17\n\x0fpushed_lora_ids\x18\x05 \x03(\t\x12\'\n\tplacement\x18\x06 \x01(\x0e\x32\x14.swiftd.v1.Placement\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12*\n\x0b\x63\x66g_partner\x18\x08 \x01(\x0b\x32\x15.swiftd.v1.CfgPartner\x12\x18\n\x10\x66\x61iled_over_from\x18\t \x01(\t\"\x92\x01\n\nCfgPartner\x12\x13\n\x0bunet_worker\x18\x01 \x01(\t\x12\x34\n\x0b\x63ontrolnets\x18\x02 \x03(\x0b\x32\x1f.swiftd.v1.ControlNetAssignment\x12 \n\x18lora_set_already_applied\x18\x03 \x01(\x08\x12\x17\n\x0fpushed_lora_ids\x18\x04 \x03(\t\"n\n\x14\x43ontrolNetAssignment\x12\x15\n\rcontrolnet_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12/\n\ttransport\x18\x03 \x01(\x0e\x32\x1c.swiftd.v1.ResidualTransport\"\xbf\x01\n\x10GenerateResponse\x12\x11\n\timage_png\x18\x01 \x01(\x0c\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\'\n\x07timings\x18\x03 \x03(\x0b\x32\x16.swiftd.v1.StageTiming\x12\x10\n\x08trace_id\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x1d\n\x04plan\x18\x06 \x01(\x0b\x32\x0f.swiftd.v1.Plan\x12\x1c\n\x14lora_applied_at_step\x18\x07 \x01(\x05\"\xeb\x01\n\x16GenerateStreamResponse\x12#\n\x06queued\x18\x01 \x01(\x0b\x32\x11.swiftd.v1.QueuedH\x00\x12%\n\x07started\x18\x02 \x01(\x0b\x32\x12.swiftd.v1.StartedH\x00\x12\'\n\x08progress\x18\x03 \x01(\x0b\x32\x13.swiftd.v1.ProgressH\x00\x12%\n\x07preview\x18\x04 \x01(\x0b\x32\x12.swiftd.v1.PreviewH\x00\x12,\n\x05\x66inal\x18\x05 \x01(\x0b\x32\x1b.swiftd.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\"@\n\x07Started\x12\x1d\n\x04plan\x18\x01 \x01(\x0b\x32\x0f.swiftd.v1.Plan\x12\x16\n\x0equeued_seconds\x18\x02 \x01(\x01\"\x13\n\x11ListModelsRequest\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.swiftd.v1.ModelInfo\"\"\n\x10ListLorasRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\"7\n\x11ListLorasResponse\x12\"\n\x05loras\x18\x01 \x03(\x0b\x32\x13.swiftd.v1.LoraInfo\"\x18\n\x16ListControlNetsRequest\"I\n\x17ListControlNetsResponse\x12.\n\x0b\x63ontrolnets\x18\x01 \x03(\x0b\x32\x19.swiftd.v1.ControlNetInfo*i\n\tPlacement\x12\x19\n\x15PLACEMENT_UNSPECIFIED\x10\x00\x12\x12\n\x0ePLACEMENT_PACK\x10\x01\x12\x14\n\x10PLACEMENT_SPREAD\x10\x02\x12\x17\n\x13PLACEMENT_CFG_SPLIT\x10\x03\x32\x8e\x03\n\x07Gateway\x12\x43\n\x08Generate\x12\x1a.swiftd.v1.GenerateRequest\x1a\x1b.swiftd.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1a.swiftd.v1.GenerateRequest\x1a!.swiftd.v1.GenerateStreamResponse0\x01\x12I\n\nListModels\x12\x1c.swiftd.v1.ListModelsRequest\x1a\x1d.swiftd.v1.ListModelsResponse\x12\x46\n\tListLoras\x12\x1b.swiftd.v1.ListLorasRequest\x1a\x1c.swiftd.v1.ListLorasResponse\x12X\n\x0fListControlNets\x12!.swiftd.v1.ListControlNetsRequest\x1a\".swiftd.v1.ListControlNetsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swiftd.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLACEMENT']._serialized_start=1664
-  _globals['_PLACEMENT']._serialized_end=1769
+  _globals['_PLACEMENT']._serialized_start=1713
+  _globals['_PLACEMENT']._serialized_end=1818
   _globals['_GENERATEREQUEST']._serialized_start=63
   _globals['_GENERATEREQUEST']._serialized_end=361
   _globals['_PLAN']._serialized_start=364
@@ -41,27 +41,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CFGPARTNER']._serialized_start=652
   _globals['_CFGPARTNER']._serialized_end=798
   _globals['_CONTROLNETASSIGNMENT']._serialized_start=800
-  _globals['_CONTROLNETASSIGNMENT']._serialized_end=861
-  _globals['_GENERATERESPONSE']._serialized_start=864
-  _globals['_GENERATERESPONSE']._serialized_end=1055
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1058
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1293
-  _globals['_QUEUED']._serialized_start=1295
-  _globals['_QUEUED']._serialized_end=1321
-  _globals['_STARTED']._serialized_start=1323
-  _globals['_STARTED']._serialized_end=1387
-  _globals['_LISTMODELSREQUEST']._serialized_start=1389
-  _globals['_LISTMODELSREQUEST']._serialized_end=1408
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1410
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1468
-  _globals['_LISTLORASREQUEST']._serialized_start=1470
-  _globals['_LISTLORASREQUEST']._serialized_end=1504
-  _globals['_LISTLORASRESPONSE']._serialized_start=1506
-  _globals['_LISTLORASRESPONSE']._serialized_end=1561
-  _globals['_LISTCONTROLNETSREQUEST']._serialized_start=1563
-  _globals['_LISTCONTROLNETSREQUEST']._serialized_end=1587
-  _globals['_LISTCONTROLNETSRESPONSE']._serialized_start=1589
-  _globals['_LISTCONTROLNETSRESPONSE']._serialized_end=1662
-  _globals['_GATEWAY']._serialized_start=1772
-  _globals['_GATEWAY']._serialized_end=2170
+  _globals['_CONTROLNETASSIGNMENT']._serialized_end=910
+  _globals['_GENERATERESPONSE']._serialized_start=913
+  _globals['_GENERATERESPONSE']._serialized_end=1104
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1107
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1342
+  _globals['_QUEUED']._serialized_start=1344
+  _globals['_QUEUED']._serialized_end=1370
+  _globals['_STARTED']._serialized_start=1372
+  _globals['_STARTED']._serialized_end=1436
+  _globals['_LISTMODELSREQUEST']._serialized_start=1438
+  _globals['_LISTMODELSREQUEST']._serialized_end=1457
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1459
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1517
+  _globals['_LISTLORASREQUEST']._serialized_start=1519
+  _globals['_LISTLORASREQUEST']._serialized_end=1553
+  _globals['_LISTLORASRESPONSE']._serialized_start=1555
+  _globals['_LISTLORASRESPONSE']._serialized_end=1610
+  _globals['_LISTCONTROLNETSREQUEST']._serialized_start=1612
+  _globals['_LISTCONTROLNETSREQUEST']._serialized_end=1636
+  _globals['_LISTCONTROLNETSRESPONSE']._serialized_start=1638
+  _globals['_LISTCONTROLNETSRESPONSE']._serialized_end=1711
+  _globals['_GATEWAY']._serialized_start=1821
+  _globals['_GATEWAY']._serialized_end=2219
 # @@protoc_insertion_point(module_scope)

@@ -72,12 +72,14 @@ class CfgPartner(_message.Message):
     def __init__(self, unet_worker: _Optional[str] = ..., controlnets: _Optional[_Iterable[_Union[ControlNetAssignment, _Mapping]]] = ..., lora_set_already_applied: _Optional[bool] = ..., pushed_lora_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ControlNetAssignment(_message.Message):
-    __slots__ = ("controlnet_id", "worker")
+    __slots__ = ("controlnet_id", "worker", "transport")
     CONTROLNET_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     controlnet_id: str
     worker: str
-    def __init__(self, controlnet_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+    transport: _common_pb2.ResidualTransport
+    def __init__(self, controlnet_id: _Optional[str] = ..., worker: _Optional[str] = ..., transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("image_png", "seed", "timings", "trace_id", "request_id", "plan", "lora_applied_at_step")

@@ -161,6 +161,11 @@ class ControlNetAddOn(AddOn):
             for key, value in getattr(source, "stats", {}).items():
                 if key != "steps":
                     run.timings[f"controlnet.{cn.controlnet_id}.{key}"] = value
+        # How residuals arrived (a remote source's negotiated transport; 0 = in-process), in request order.
+        run.controlnet_transports = [
+            next((getattr(source, "transport", 0) for c, source in self.sources if c is cn), 0)
+            for cn in self.controlnets
+        ]
 
     def fail(self, run: DenoisingRun) -> None:
         self._close()

@@ -18,11 +18,11 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from swiftd import codec
+from swiftd import codec, transport
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession
 from swiftd.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from swiftd.request import wire_dtype_to_pb
-from swiftd.v1 import controlnet_pb2, controlnet_pb2_grpc
+from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
 _END = object()
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ class RemoteResidualSource:
         step_timeout: float,
         out_dtype: torch.dtype,
         out_device: torch.device,
+        transports: tuple[int, ...] = (),
     ):
+        """`transports`: the residual transports besides inline to offer, fastest first."""
         self.address = address
         self.controlnet_id = session.controlnet_id
         self._step_timeout = step_timeout
@@ -49,8 +51,15 @@ class RemoteResidualSource:
         self._responses: queue.Queue = queue.Queue()
         self._sent_at: dict[int, float] = {}
         self.stats = {"compute": 0.0, "transport": 0.0, "steps": 0}
+        self._ring = None  # the ControlNet worker's residual ring, once mapped
+        self._answer = common_pb2.RESIDUAL_TRANSPORT_UNSPECIFIED  # to its ring offer, sent with each step
+        self.transport = transport.INLINE  # how the last residuals arrived
 
         start = session.to_pb(wire_dtype_to_pb(wire_dtype), request_id)
+        offered = transport.usable(transports, out_device.type)
+        if offered:
+            start.transports.extend(offered)
+            start.host_identity = transport.host_identity()
         self._requests.put(controlnet_pb2.ResidualsRequest(start=start))
         stub = controlnet_pb2_grpc.ControlNetWorkerStub(channel)
         self._call = stub.StreamResiduals(iter(self._requests.get, _END), timeout=timeout)
@@ -60,10 +69,17 @@ class RemoteResidualSource:
     def _read(self) -> None:
         try:
             for response in self._call:
-                residuals = ControlNetResiduals(
-                    tuple(self._decode(t) for t in response.down_block_res_samples),
-                    self._decode(response.mid_block_res_sample),
-                )
+                if response.HasField("ring"):
+                    self._map_ring(response.ring)
+                if response.HasField("slot"):
+                    *down, mid = self._ring.read(response.slot, self._out_device, self._out_dtype)
+                    residuals = ControlNetResiduals(tuple(down), mid)
+                else:
+                    residuals = ControlNetResiduals(
+                        tuple(self._decode(t) for t in response.down_block_res_samples),
+                        self._decode(response.mid_block_res_sample),
+                    )
+                self.transport = self._answer if response.HasField("slot") else transport.INLINE
                 self._responses.put((response.step_index, response.compute_seconds, time.perf_counter(), residuals))
             self._responses.put(Unavailable(f"controlnet {self.controlnet_id!r} on {self.address}: stream ended early"))
         except grpc.RpcError as exc:
@@ -71,13 +87,31 @@ class RemoteResidualSource:
         except Exception as exc:  # noqa: BLE001 - surfaced on the request's thread
             self._responses.put(exc)
 
+    def _map_ring(self, ring) -> None:
+        """Take the worker's ring offer if this process can map it; the answer goes with the next step."""
+        try:
+            self._ring = transport.ring_class(ring.transport).attach(ring)
+            self._answer = ring.transport
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning(
+                "controlnet %r on %s: cannot map its %s ring (%s): inline bytes instead",
+                self.controlnet_id,
+                self.address,
+                transport.name(ring.transport),
+                exc,
+            )
+            self._answer = transport.INLINE
+
     def _decode(self, msg) -> torch.Tensor:
         return codec.tensor_from_proto(msg, device=self._out_device, dtype=self._out_dtype)
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
         self._sent_at[step_index] = time.perf_counter()
         step = controlnet_pb2.StepInput(
-            step_index=step_index, timestep=float(timestep), sample=codec.tensor_to_proto(sample)
+            step_index=step_index,
+            timestep=float(timestep),
+            sample=codec.tensor_to_proto(sample),
+            transport=self._answer,
         )
         self._requests.put(controlnet_pb2.ResidualsRequest(step=step))
 
@@ -100,6 +134,9 @@ class RemoteResidualSource:
     def close(self) -> None:
         self._requests.put(_END)
         self._call.cancel()
+        self._reader.join(timeout=self._step_timeout)  # it may be copying out of the ring
+        if self._ring is not None:
+            self._ring.close()
 
 
 class FailoverResidualSource:
@@ -122,6 +159,11 @@ class FailoverResidualSource:
         source = self._open_at(address)
         self._opened.append(source)
         return address, source
+
+    @property
+    def transport(self) -> int:
+        """How the residuals of the stream in use arrive (0: this process)."""
+        return getattr(self._source, "transport", 0)
 
     @property
     def stats(self) -> dict[str, float]:

@@ -1,0 +1,113 @@
+"""The residual data plane: how a ControlNet worker's residuals reach the UNet worker.
+
+The gRPC residual stream stays the control plane (session, step inputs, which step is ready);
+the residual bytes take the fastest path both workers support, chosen when the stream opens:
+
+    INLINE          bytes in the stream (any two hosts; fp16 on CUDA by default)
+    SHARED_MEMORY   same host, CPU tensors: a ring of residual buffers in /dev/shm (shm.py)
+    CUDA_IPC        same host, CUDA tensors: device buffers shared over CUDA IPC (cuda_ipc.py)
+
+Negotiation, in the stream itself:
+
+1. The UNet worker's SessionStart offers the transports it can read and its `host_identity`.
+2. The ControlNet worker picks the first offered one it can write: same host identity, and a
+   device the transport fits. Its first response carries that step's residuals inline plus the
+   `ring` it will write from then on.
+3. The UNet worker maps the ring and says so in its next StepInput (`transport`), or answers
+   INLINE when it cannot (logged); the ControlNet worker then writes each step into the next slot
+   and sends only `slot` (index and sequence number).
+
+A ring's name is removed from /dev/shm as soon as both sides have it mapped, so a worker killed
+at any later moment leaves nothing behind; one killed before that is cleaned at the next start
+of a ControlNet worker on the host (`shm.remove_abandoned`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from swiftd.v1 import common_pb2
+
+INLINE = common_pb2.RESIDUAL_TRANSPORT_INLINE
+SHARED_MEMORY = common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY
+CUDA_IPC = common_pb2.RESIDUAL_TRANSPORT_CUDA_IPC
+
+NAMES = {INLINE: "inline", SHARED_MEMORY: "shared_memory", CUDA_IPC: "cuda_ipc"}
+BY_NAME = {name: value for value, name in NAMES.items()}
+#: What a worker offers (UNet) or accepts (ControlNet) by default, fastest first.
+DEFAULT = ("cuda_ipc", "shared_memory")
+
+SHM_DIR = Path("/dev/shm")
+
+
+def name(transport: int) -> str:
+    return NAMES.get(transport, "in_process")
+
+
+def parse(names: list[str] | tuple[str, ...]) -> tuple[int, ...]:
+    """Transport enum values from names such as `--residual-transports shared_memory inline`
+    (INLINE is always possible and need not be listed)."""
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown residual transport(s) {unknown}; choose from {sorted(BY_NAME)}")
+    return tuple(BY_NAME[n] for n in names if BY_NAME[n] != INLINE)
+
+
+@functools.cache
+def host_identity() -> str:
+    """Equal for two processes exactly when they can share memory: the same kernel boot and the
+    same /dev/shm mount (pods on one node have their own /dev/shm unless they share one)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        shm = os.stat(SHM_DIR)
+    except OSError:
+        return ""  # no /proc or /dev/shm: nothing to share
+    return f"{boot}/{shm.st_dev}"
+
+
+def usable(transports: tuple[int, ...], device_type: str) -> tuple[int, ...]:
+    """Those of `transports` this process can use with tensors on `device_type`."""
+    out = []
+    for transport in transports:
+        if transport == SHARED_MEMORY and host_identity():
+            out.append(transport)  # CUDA tensors too (a copy through host memory beats protobuf)
+        elif transport == CUDA_IPC and device_type == "cuda":
+            out.append(transport)
+    return tuple(out)
+
+
+def choose(offered, peer_identity: str, accepted: tuple[int, ...], device_type: str) -> int:
+    """The ControlNet worker's pick: the first offered transport it accepts and can use here."""
+    if not peer_identity or peer_identity != host_identity():
+        return INLINE
+    mine = usable(accepted, device_type)
+    return next((t for t in offered if t in mine), INLINE)
+
+
+def ring_class(chosen: int):
+    """The ring type of a transport: ShmRing or CudaIpcRing (same interface: create/attach,
+    to_pb, fits, write/read, unlink, close)."""
+    if chosen == CUDA_IPC:
+        from swiftd.transport.cuda_ipc import CudaIpcRing
+
+        return CudaIpcRing
+    if chosen == SHARED_MEMORY:
+        from swiftd.transport.shm import ShmRing
+
+        return ShmRing
+    raise ValueError(f"no ring for residual transport {chosen}")
+
+
+def add_argument(parser, role: str) -> None:
+    """`--residual-transports`: what a UNet worker offers / a ControlNet worker accepts."""
+    parser.add_argument(
+        "--residual-transports",
+        nargs="*",
+        default=list(DEFAULT),
+        choices=[n for n in BY_NAME if n != "inline"],
+        metavar="NAME",
+        help=f"residual transports this worker {role} besides inline bytes, fastest first: cuda_ipc, "
+        "shared_memory (same host only; chosen per stream). None: always inline",
+    )

@@ -1,0 +1,223 @@
+"""A ring of residual buffers in shared memory (/dev/shm), written by a ControlNet worker in place
+and read by the UNet worker on the same host.
+
+Layout of the segment `/dev/shm/swiftd-res-<creator pid>-<random>`:
+
+    header   one little-endian uint64 per slot: the sequence number of the step the slot holds,
+             0 while the writer fills it (padded to 64 bytes)
+    slot 0   the step's residuals, each at its TensorLayout offset (64-byte aligned)
+    slot 1   ...
+
+The writer fills slots in turn: header 0, tensors, header = sequence, then sends the slot in the
+stream. The reader checks the header holds the sequence it was told, copies the tensors out, and
+checks again: a slot overwritten or half-written is an error, never residuals. (The protocol
+already keeps the writer a full step behind the reader's copy: step k+1's input is sent only after
+step k's residuals were taken, and there are two slots.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import secrets
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from swiftd import codec
+from swiftd.errors import ServingError
+from swiftd.transport import SHARED_MEMORY, SHM_DIR
+from swiftd.v1 import controlnet_pb2
+
+log = logging.getLogger(__name__)
+
+PREFIX = "swiftd-res-"
+ALIGN = 64
+SLOTS = 2
+
+
+class TornRead(ServingError):
+    """A slot did not hold the step it was announced with (overwritten or half-written)."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class Layout:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class ShmRing:
+    """One session's ring; `create` on the writer's side, `attach` on the reader's."""
+
+    def __init__(self, name: str, fd: int, layouts: list[Layout], slots: int, slot_bytes: int, owner: bool):
+        self.name = name
+        self.layouts = layouts
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self.header_bytes = _aligned(8 * slots)
+        self._owner = owner
+        self._linked = owner
+        size = self.header_bytes + slots * slot_bytes
+        try:
+            if owner:
+                os.ftruncate(fd, size)
+            elif os.fstat(fd).st_size < size:
+                raise ValueError(f"shared memory {name} is smaller than its layout says")
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._header = np.frombuffer(self._map, dtype="<u8", count=slots)
+        self._views = [
+            [
+                torch.frombuffer(
+                    self._map,
+                    dtype=layout.dtype,
+                    count=math.prod(layout.shape),
+                    offset=self.header_bytes + i * slot_bytes + layout.offset,
+                ).view(layout.shape)
+                for layout in layouts
+            ]
+            for i in range(slots)
+        ]
+        self._sequence = 0
+
+    # -- writer --------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, tensors: list[torch.Tensor], wire_dtype: torch.dtype | None, slots: int = SLOTS) -> ShmRing:
+        """A ring whose slots fit `tensors` (cast to `wire_dtype`), under a fresh name."""
+        layouts, offset = [], 0
+        for tensor in tensors:
+            layout = Layout(wire_dtype or tensor.dtype, tuple(tensor.shape), offset)
+            layouts.append(layout)
+            offset += _aligned(layout.nbytes)
+        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            return cls(name, fd, layouts, slots, max(offset, ALIGN), owner=True)
+        except BaseException:
+            (SHM_DIR / name).unlink(missing_ok=True)
+            raise
+
+    def fits(self, tensors: list[torch.Tensor]) -> bool:
+        return len(tensors) == len(self.layouts) and all(
+            tuple(t.shape) == layout.shape for t, layout in zip(tensors, self.layouts)
+        )
+
+    def write(self, tensors: list[torch.Tensor]) -> controlnet_pb2.ResidualSlot:
+        """Copy one step's residuals into the next slot (casting to the wire dtype); its address."""
+        self._sequence += 1
+        index = (self._sequence - 1) % self.slots
+        self._header[index] = 0
+        for view, tensor in zip(self._views[index], tensors):
+            view.copy_(tensor)  # on CUDA: one device-to-host copy straight into the slot
+        self._header[index] = self._sequence
+        return controlnet_pb2.ResidualSlot(index=index, sequence=self._sequence)
+
+    def to_pb(self) -> controlnet_pb2.ResidualRing:
+        return controlnet_pb2.ResidualRing(
+            transport=SHARED_MEMORY,
+            name=self.name,
+            slots=self.slots,
+            slot_bytes=self.slot_bytes,
+            header_bytes=self.header_bytes,
+            tensors=[
+                controlnet_pb2.TensorLayout(
+                    dtype=codec.dtype_to_proto(layout.dtype), shape=layout.shape, offset=layout.offset
+                )
+                for layout in self.layouts
+            ],
+        )
+
+    def unlink(self) -> None:
+        """Remove the name (both sides keep their mapping): nothing can be left behind from now on."""
+        if self._linked:
+            self._linked = False
+            (SHM_DIR / self.name).unlink(missing_ok=True)
+
+    # -- reader --------------------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, ring: controlnet_pb2.ResidualRing) -> ShmRing:
+        """Map the writer's ring; OSError or ValueError when it cannot be (another host, bad layout)."""
+        if not ring.name.startswith(PREFIX) or "/" in ring.name or ring.slots < 1:
+            raise ValueError(f"not a residual ring: {ring.name!r}")
+        layouts = []
+        for t in ring.tensors:
+            layout = Layout(codec.dtype_from_proto(t.dtype), tuple(t.shape), t.offset)
+            if layout.offset % ALIGN or layout.offset + layout.nbytes > ring.slot_bytes:
+                raise ValueError(f"tensor at {layout.offset} does not fit a slot of {ring.slot_bytes} bytes")
+            layouts.append(layout)
+        if ring.header_bytes != _aligned(8 * ring.slots):
+            raise ValueError("unexpected ring header size")
+        fd = os.open(SHM_DIR / ring.name, os.O_RDWR)
+        return cls(ring.name, fd, layouts, ring.slots, ring.slot_bytes, owner=False)
+
+    def read(self, slot: controlnet_pb2.ResidualSlot, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Copies of the slot's residuals on `device` in `dtype`; TornRead if the slot changed."""
+        if not 0 <= slot.index < self.slots:
+            raise TornRead(f"residual slot {slot.index} out of range (ring of {self.slots})")
+        if self._header[slot.index] != slot.sequence:
+            raise TornRead(f"residual slot {slot.index} holds step {self._header[slot.index]}, not {slot.sequence}")
+        out = [view.to(device=device, dtype=dtype, copy=True) for view in self._views[slot.index]]
+        if self._header[slot.index] != slot.sequence:
+            raise TornRead(f"residual slot {slot.index} was overwritten while it was read")
+        return out
+
+    # -- both ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap (and, for the writer, remove the name if still there)."""
+        if self._owner:
+            self.unlink()
+        self._views, self._header = [], None
+        try:
+            self._map.close()
+        except BufferError:  # a tensor still views it: the mapping goes with the last of them
+            log.debug("residual ring %s still viewed at close", self.name)
+
+
+def remove_abandoned() -> list[str]:
+    """Remove rings whose creator process is gone (killed before the reader mapped them)."""
+    removed = []
+    try:
+        entries = list(SHM_DIR.glob(f"{PREFIX}*"))
+    except OSError:
+        return removed
+    for path in entries:
+        pid = path.name[len(PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+            removed.append(path.name)
+        except OSError:
+            pass
+    if removed:
+        log.info("removed %d abandoned residual ring(s) from %s", len(removed), SHM_DIR)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
