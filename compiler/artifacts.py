@@ -66,6 +66,15 @@ class ArtifactCorrupt(CompilerError):
     exit_code = 7
 
 
+class ProbeFailed(CompilerError):
+    """`compiler verify` in a child process did not pass: its exit code, or 1 when a signal
+    (a native crash) ended it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 # -- fingerprints ----------------------------------------------------------------------------------
 
 _CONFIG_KEYS_IGNORED = ("_diffusers_version", "_name_or_path", "_use_default_values")

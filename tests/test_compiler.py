@@ -554,9 +554,9 @@ def test_an_evicted_compiled_controlnet_frees_its_weights(zoo_root, sd15_control
 
 @pytest.mark.slow
 def test_controlnet_service_refuses_artifacts_without_controlnets(zoo_root, cold_start):
-    worker = start_controlnet(
-        zoo_root, num_threads=1, wait=False, extra_args=["--compiled-artifacts", str(cold_start[0])]
-    )
+    """Asked to (`--on-unusable-artifacts exit`), the worker stops with the compiler's exit code."""
+    args = ["--compiled-artifacts", str(cold_start[0]), "--on-unusable-artifacts", "exit"]
+    worker = start_controlnet(zoo_root, num_threads=1, wait=False, extra_args=args)
     assert worker.process.wait(timeout=300) == 6
     time.sleep(0.5)  # the log pump drains the last lines
     assert "has no ControlNet part" in worker.log_tail(), worker.log_tail()
@@ -582,13 +582,34 @@ def test_artifacts_for_another_model_are_refused(sdxl, cold_start):
 
 
 @pytest.mark.slow
-def test_service_refuses_artifacts_for_another_model(zoo_root, cold_start):
-    worker = start_unet(
-        zoo_root, "tiny-sdxl", num_threads=1, wait=False, extra_args=["--compiled-artifacts", str(cold_start[0])]
-    )
-    assert worker.process.wait(timeout=300) == 6
-    time.sleep(0.5)  # the log pump drains the last lines
-    assert "compiled artifacts do not fit: model: built for 'tiny-sd15'" in worker.log_tail(), worker.log_tail()
+def test_a_worker_whose_artifacts_do_not_fit_serves_eagerly_and_says_why(zoo_root, cold_start, tmp_path):
+    """Artifacts for another model, or ones that fail their probe in a child process (a corrupt
+    part here; a native crash on CUDA): the worker does not exit (which would restart it in a
+    loop), it serves eagerly, logs why and exports swiftd_compiled 0."""
+    from swiftd import rpc
+    from swiftd.request import Request
+    from swiftd.v1 import unet_pb2_grpc
+    from tests.test_metrics import scrape, value
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(cold_start[0], corrupt)
+    part = next(p for p in corrupt.iterdir() if p.name != "manifest.json" and p.is_file())
+    part.write_bytes(part.read_bytes()[:-16])
+    cases = {
+        "tiny-sdxl": (["--compiled-artifacts", str(cold_start[0])], "do not fit: model: built for 'tiny-sd15'"),
+        "tiny-sd15": (["--compiled-artifacts", str(corrupt), "--probe-artifacts", "always"], "in a child process"),
+    }
+    for model, (args, why) in cases.items():
+        worker = start_unet(zoo_root, model, num_threads=1, timeout=300, extra_args=[*args, "--metrics-port", "0"])
+        try:
+            log = worker.log_tail(400)
+            assert "serving EAGERLY" in log and why in log, log
+            request = Request("a cat", width=64, height=64, num_inference_steps=2, model_id=model)
+            with rpc.create_channel(worker.address) as channel:
+                assert unet_pb2_grpc.UNetWorkerStub(channel).Denoise(request.to_denoise_pb(), timeout=120).image_png
+            assert value(scrape(worker.metrics_address), "swiftd_compiled", part="unet") == 0
+        finally:
+            worker.stop()
 
 
 @pytest.mark.slow

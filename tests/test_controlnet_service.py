@@ -21,9 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.fidelity import psnr
 from services.controlnet.registry import ControlNetRegistry
-from swiftd import codec, rpc, zoo
+from swiftd import codec, rpc, transport, zoo
 from swiftd.launcher import start_controlnet, start_unet
 from swiftd.request import ControlNet, Request
+from swiftd.transport import shm
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.reference import SIZE, STEPS, Family, assert_bit_identical, conditioning_image
 
@@ -224,8 +225,10 @@ def test_dead_controlnet_worker_fails_request_promptly(suite, families, zoo_root
     controlnets = controlnet_requests(fam, CASES["one"][0], False)
     # Killed mid-request: the worker dies while the UNet waits for a step's residuals.
     call = stub.DenoiseStream(denoise_request("tiny-sd15", controlnets, [doomed.address], 7.5, steps=400), timeout=120)
-    next(call)  # first step done
+    next(call)  # first step done: the worker's residual ring is mapped by now
     doomed.process.send_signal(signal.SIGKILL)
+    # Its ring lost its name once mapped: the kill leaves nothing in shared memory.
+    assert not list(transport.SHM_DIR.glob(f"{shm.PREFIX}{doomed.process.pid}-*"))
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         for _ in call:

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="artifact directories from `python -m compiler build --controlnet-id ...` (one per base "
         "model family served): ControlNets of a compiled architecture run compiled, others eagerly",
     )
+    parser.add_argument(
+        "--on-unusable-artifacts",
+        choices=["serve-eagerly", "exit"],
+        default="serve-eagerly",
+        help="when --compiled-artifacts are missing or do not fit: serve eagerly and say so (default), "
+        "or exit with the compiler's exit code",
+    )
     transport.add_argument(parser, "accepts")
     add_server_arguments(parser)
     return parser
@@ -51,8 +58,9 @@ def stepper_factory(args):
     """(make_stepper, compiled artifacts): what the registry makes of a loaded ControlNet, a
     compiled stepper where an artifact of its architecture exists, else an eager one.
 
-    Artifacts that do not fit this dtype, torch/diffusers version or machine stop the worker with
-    the compiler's exit code and the reason, rather than serving something else.
+    Artifacts that are missing or do not fit this dtype, torch/diffusers version or machine: the
+    worker serves eagerly and logs why (`--on-unusable-artifacts exit`: it stops with the
+    compiler's exit code instead).
     """
     if not args.compiled_artifacts:
         log.info("serving eagerly: no --compiled-artifacts given")
@@ -65,8 +73,11 @@ def stepper_factory(args):
         try:
             compiled.append(CompiledControlNets.load(directory, dtype=DTYPES[args.dtype], device=args.device))
         except CompilerError as exc:
-            log.error("cannot serve on %s: %s", directory, exc)
-            raise SystemExit(exc.exit_code) from None
+            if args.on_unusable_artifacts == "exit":
+                log.error("cannot serve on %s: %s", directory, exc)
+                raise SystemExit(exc.exit_code) from None
+            log.error("serving EAGERLY: the compiled artifacts in %s cannot be used here: %s", directory, exc)
+            return ControlNetStepper, []
         log.info("compiled: %s", compiled[-1].describe())
 
     def make_stepper(controlnet) -> ControlNetStepper:

@@ -105,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="resolutions --compile-missing builds (default: the model's native size)",
     )
+    parser.add_argument(
+        "--on-unusable-artifacts",
+        choices=["serve-eagerly", "exit"],
+        default="serve-eagerly",
+        help="when --compiled-artifacts are missing, do not fit or fail their probe: serve eagerly and "
+        "say so (default; a worker never restarts in a loop for want of artifacts), or exit with the "
+        "compiler's exit code",
+    )
+    parser.add_argument(
+        "--probe-artifacts",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="verify the artifacts in a child process before loading them here, so that a native "
+        "crash ends the child, not the worker (auto: on CUDA)",
+    )
     add_limit_arguments(parser)
     transport.add_argument(parser, "offers")
     add_server_arguments(parser)
@@ -115,14 +130,16 @@ def load_backbone(args, pipe) -> Backbone:
     """The compiled backbone from --compiled-artifacts (built first with --compile-missing), or
     the eager one.
 
-    Artifacts that do not fit this model, dtype, torch/diffusers version or machine stop the
-    worker with the compiler's exit code and the reason, rather than serving something else.
+    Artifacts that are missing, do not fit this model, dtype, torch/diffusers version or machine,
+    or fail their probe in a child process: the worker serves eagerly and logs why
+    (`--on-unusable-artifacts exit`: it stops with the compiler's exit code instead).
     """
     if args.compiled_artifacts is None:
         log.info("serving eagerly: no --compiled-artifacts given")
         return EagerBackbone(pipe)
     from compiler.artifacts import MANIFEST, CompilerError
     from compiler.build import build
+    from compiler.probe import probe_artifacts
     from compiler.runtime import CompiledBackbone, compile_activity
 
     try:
@@ -140,10 +157,25 @@ def load_backbone(args, pipe) -> Backbone:
                 device=args.device,
                 force=True,
             )
+        if args.probe_artifacts == "always" or (args.probe_artifacts == "auto" and args.device.startswith("cuda")):
+            seconds = probe_artifacts(
+                args.compiled_artifacts,
+                model_root=args.model_root,
+                model_id=args.model_id,
+                device=args.device,
+                dtype=args.dtype,
+                config=args.config,
+            )
+            log.info(
+                "compiled artifacts %s passed their probe in a child process (%.1f s)", args.compiled_artifacts, seconds
+            )
         compiled = CompiledBackbone.load(args.compiled_artifacts, pipe, device=args.device)
     except CompilerError as exc:
-        log.error("cannot serve on %s: %s", args.compiled_artifacts, exc)
-        raise SystemExit(exc.exit_code) from None
+        if args.on_unusable_artifacts == "exit":
+            log.error("cannot serve on %s: %s", args.compiled_artifacts, exc)
+            raise SystemExit(exc.exit_code) from None
+        log.error("serving EAGERLY: the compiled artifacts in %s cannot be used here: %s", args.compiled_artifacts, exc)
+        return EagerBackbone(pipe)
     log.info("compiled: %s; compilation so far in this process: %s", compiled.describe(), compile_activity())
     return compiled
 

@@ -17,9 +17,10 @@ Negotiation, in the stream itself:
    INLINE when it cannot (logged); the ControlNet worker then writes each step into the next slot
    and sends only `slot` (index and sequence number).
 
-A ring's name is removed from /dev/shm as soon as both sides have it mapped, so a worker killed
-at any later moment leaves nothing behind; one killed before that is cleaned at the next start
-of a ControlNet worker on the host (`shm.remove_abandoned`).
+A ring's name is removed from /dev/shm as soon as the reader has mapped it, so a worker killed at
+any later moment leaves nothing behind; one killed before that is cleaned at the next start of a
+ControlNet worker on the host (`shm.remove_abandoned`), and the writer removes an unanswered
+ring when its stream ends.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ BY_NAME = {name: value for value, name in NAMES.items()}
 #: What a worker offers (UNet) or accepts (ControlNet) by default, fastest first.
 DEFAULT = ("cuda_ipc", "shared_memory")
 
-SHM_DIR = Path("/dev/shm")
+# Where shared-memory rings live: a tmpfs both workers mount. Docker gives a container only 64 MiB
+# of /dev/shm by default, less than one SDXL ring: raise --shm-size, or point both workers at a
+# bigger tmpfs here (an emptyDir with medium: Memory on Kubernetes).
+SHM_DIR = Path(os.environ.get("SWIFTD_SHM_DIR", "/dev/shm"))
 
 
 def name(transport: int) -> str:

@@ -75,7 +75,9 @@ class ShmRing:
         size = self.header_bytes + slots * slot_bytes
         try:
             if owner:
-                os.ftruncate(fd, size)
+                # Reserve the pages now: tmpfs grants a size lazily, and a write past what it can
+                # hold would kill the writer (SIGBUS) instead of failing here (ENOSPC -> inline).
+                os.posix_fallocate(fd, 0, size)
             elif os.fstat(fd).st_size < size:
                 raise ValueError(f"shared memory {name} is smaller than its layout says")
             self._map = mmap.mmap(fd, size)
@@ -166,7 +168,10 @@ class ShmRing:
         if ring.header_bytes != _aligned(8 * ring.slots):
             raise ValueError("unexpected ring header size")
         fd = os.open(SHM_DIR / ring.name, os.O_RDWR)
-        return cls(ring.name, fd, layouts, ring.slots, ring.slot_bytes, owner=False)
+        ring = cls(ring.name, fd, layouts, ring.slots, ring.slot_bytes, owner=False)
+        # Mapped on both sides now: without its name nothing outlives the two processes.
+        (SHM_DIR / ring.name).unlink(missing_ok=True)
+        return ring
 
     def read(self, slot: controlnet_pb2.ResidualSlot, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """Copies of the slot's residuals on `device` in `dtype`; TornRead if the slot changed."""

@@ -1,0 +1,122 @@
+"""The residual data plane (swiftd/transport): a shared-memory ring never hands out a half-written
+or overwritten step, leaves nothing in /dev/shm once mapped or after a crash, and a UNet worker that
+cannot map a ring it was offered gets inline bytes instead, with the same latents, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from swiftd import codec, rpc, transport
+from swiftd.launcher import start_controlnet, start_unet
+from swiftd.request import ControlNet
+from swiftd.transport import shm
+from swiftd.transport.shm import ShmRing, TornRead
+from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
+from tests.reference import conditioning_image
+from tests.test_controlnet_service import denoise_request
+
+pytestmark = pytest.mark.skipif(not transport.host_identity(), reason="no /dev/shm on this machine")
+
+MODEL = "tiny-sd15"
+CN = f"{MODEL}-cn-edges"
+CPU = torch.device("cpu")
+
+
+def residuals(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 8, 16, 16, generator=generator), torch.randn(2, 16, 8, 8, generator=generator)]
+
+
+def test_a_ring_hands_out_exactly_the_step_it_announced():
+    writer = ShmRing.create(residuals(0), torch.float16)
+    reader = ShmRing.attach(writer.to_pb())
+    try:
+        first = writer.write(residuals(1))
+        got = reader.read(first, CPU, torch.float32)
+        assert all(torch.equal(g, r.half().float()) for g, r in zip(got, residuals(1)))  # cast once, to fp16
+        writer.write(residuals(2))
+        writer.write(residuals(3))  # the ring (two slots) came round: step 1's slot holds step 3
+        with pytest.raises(TornRead, match="holds step 3, not 1"):
+            reader.read(first, CPU, torch.float32)
+        being_written = writer.write(residuals(4))
+        writer._header[being_written.index] = 0  # as while the writer fills it
+        with pytest.raises(TornRead):
+            reader.read(being_written, CPU, torch.float32)
+        with pytest.raises(TornRead, match="out of range"):
+            reader.read(controlnet_pb2.ResidualSlot(index=7, sequence=1), CPU, torch.float32)
+    finally:
+        reader.close()
+        writer.close()
+
+
+def test_a_ring_leaves_nothing_in_shared_memory_once_mapped_or_when_its_writer_died():
+    writer = ShmRing.create(residuals(0), None)
+    path = transport.SHM_DIR / writer.name
+    assert path.exists()
+    reader = ShmRing.attach(writer.to_pb())
+    assert not path.exists()  # both sides map it: the name is not needed any more
+    slot = writer.write(residuals(5))
+    assert all(torch.equal(g, r) for g, r in zip(reader.read(slot, CPU, torch.float32), residuals(5)))
+    reader.close()
+    writer.close()
+    # A writer killed before any reader mapped its ring: removed by the next worker's start-up scan.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = transport.SHM_DIR / f"{shm.PREFIX}{int(dead.stdout)}-0123456789abcdef"
+    alive = transport.SHM_DIR / f"{shm.PREFIX}{os.getpid()}-0123456789abcdef"  # ours: in use
+    for leftover in (abandoned, alive):
+        leftover.write_bytes(b"\0" * 64)
+    try:
+        assert abandoned.name in shm.remove_abandoned()
+        assert not abandoned.exists() and alive.exists()
+    finally:
+        alive.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def workers(zoo_root, tmp_path_factory):
+    """A UNet worker and two ControlNet workers on this host: one shares /dev/shm with it, the
+    other keeps its rings in another folder of the same tmpfs (so it offers one the UNet worker
+    cannot open: a misconfigured pod, or files the UNet worker's user may not read)."""
+    elsewhere = transport.SHM_DIR / f"swiftd-test-{os.getpid()}"
+    elsewhere.mkdir()
+    services = {
+        "unet": start_unet(zoo_root, MODEL, num_threads=1, wait=False),
+        "shared": start_controlnet(zoo_root, [CN], num_threads=1, wait=False),
+        "apart": start_controlnet(zoo_root, [CN], num_threads=1, env={"SWIFTD_SHM_DIR": str(elsewhere)}, wait=False),
+    }
+    try:
+        for service in services.values():
+            service.wait_ready()
+        yield services, elsewhere
+    finally:
+        for service in services.values():
+            service.stop()
+        for leftover in elsewhere.iterdir():
+            leftover.unlink()
+        elsewhere.rmdir()
+
+
+def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_same_latents(workers):
+    services, elsewhere = workers
+    controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
+    stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(services["unet"].address))
+
+    def run(worker: str) -> unet_pb2.DenoiseResponse:
+        request = denoise_request(MODEL, controlnets, [services[worker].address], 7.5)
+        return stub.Denoise(request, timeout=120)
+
+    shared, apart = run("shared"), run("apart")
+    assert list(shared.controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]
+    assert list(apart.controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_INLINE]
+    assert torch.equal(codec.tensor_from_proto(shared.latents), codec.tensor_from_proto(apart.latents))
+    assert any("cannot map its shared_memory ring" in line for line in services["unet"].log_lines)
+    assert not list(elsewhere.iterdir())  # the declined ring was removed by its writer
+    listing = controlnet_pb2_grpc.ControlNetWorkerStub(rpc.create_channel(services["shared"].address)).ListControlNets(
+        controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10
+    )
+    assert common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY in listing.controlnets[0].transports
