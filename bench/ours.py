@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from bench.scenarios import GUIDANCE_SCALE, NEGATIVE_PROMPT, PROMPT, SEED, BenchConfig, Scenario
-from swiftd import rpc
+from swiftd import rpc, transport
 from swiftd.launcher import ServiceProcess, start_controlnet, start_lora_store, start_unet
 from swiftd.request import ControlNet, Request
 from swiftd.v1 import common_pb2, lora_store_pb2, lora_store_pb2_grpc, unet_pb2, unet_pb2_grpc
@@ -61,6 +61,7 @@ class OursWorker:
         self.store_channel = rpc.create_channel(self.store.address)
         self.store_stub = lora_store_pb2_grpc.LoraStoreStub(self.store_channel)
         self._prefetched: dict[str, lora_store_pb2.PrefetchLoraResponse] = {}
+        self._inline: ServiceProcess | None = None
 
     def first_prefetch(self, lora_id: str) -> lora_store_pb2.PrefetchLoraResponse:
         """The response of the first prefetch of `lora_id` in this run (the cold precompute)."""
@@ -79,11 +80,26 @@ class OursWorker:
         self._prefetched.setdefault(lora_id, response)
         return response
 
-    def request(self, scenario: Scenario, wire_dtype: str = "float32", lora_bound_steps: int = 0) -> Request:
+    def inline_controlnet(self) -> ServiceProcess:
+        """A ControlNet worker that takes no shared-memory ring (started on first use): residuals
+        as bytes in the stream, as between two hosts, for comparing the transports."""
+        if self._inline is None:
+            self._inline = start_controlnet(
+                self.config.zoo,
+                cpu_cores=[self.config.controlnet_core],
+                num_threads=1,
+                extra_args=["--residual-transports"],
+            )
+        return self._inline
+
+    def request(
+        self, scenario: Scenario, wire_dtype: str = "float32", lora_bound_steps: int = 0, inline: bool = False
+    ) -> Request:
         c = self.config
+        workers = [self.inline_controlnet()] if inline else self.controlnet_services
         controlnets = [
             ControlNet(cn.controlnet_id, cn.image_png, cn.scale, worker_address=worker.address)
-            for cn, worker in zip(scenario.controlnets, self.controlnet_services)
+            for cn, worker in zip(scenario.controlnets, workers)
         ]
         return Request(
             prompt=PROMPT,
@@ -132,12 +148,15 @@ class OursWorker:
             self.prefetch(lora_id)
         self.stub.Denoise(self.request(scenario).to_denoise_pb(), timeout=600)
 
-    def run_once(self, scenario: Scenario, wire_dtype: str = "float32", lora_bound_steps: int = 0) -> dict:
+    def run_once(
+        self, scenario: Scenario, wire_dtype: str = "float32", lora_bound_steps: int = 0, inline: bool = False
+    ) -> dict:
         """One timed request; a LoRA one is cold (the worker starts from the pristine weights) and
-        is followed by the restore of its LoRA set, timed on the worker (`restore_s`)."""
+        is followed by the restore of its LoRA set, timed on the worker (`restore_s`). `inline`:
+        its ControlNet on a worker that sends residual bytes in the stream."""
         if scenario.loras:
             self.reset_loras()
-        latency, response = self.timed(self.request(scenario, wire_dtype, lora_bound_steps))
+        latency, response = self.timed(self.request(scenario, wire_dtype, lora_bound_steps, inline))
         restore_s = self.reset_loras() if scenario.loras else 0.0
         stages = {t.stage: t.seconds for t in response.timings}
         # Outside the engine's stages: gRPC, (de)serialisation, PNG decode/encode, request parsing.
@@ -149,6 +168,7 @@ class OursWorker:
             "image_png": response.image_png,
             "lora_applied_at_step": response.lora_applied_at_step,
             "restore_s": restore_s,
+            "controlnet_transports": [transport.name(t) for t in response.controlnet_transports],
         }
 
     def stream_deltas(self, lora_id: str, scale: float) -> tuple[float, int]:
@@ -175,6 +195,6 @@ class OursWorker:
     def close(self) -> None:
         for channel in (self.channel, self.store_channel):
             channel.close()
-        for service in [self.service, *self.controlnet_services, self.store]:
+        for service in [self.service, *self.controlnet_services, self.store, *filter(None, [self._inline])]:
             service.stop()
         self._cache_dir.cleanup()

@@ -324,7 +324,8 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
     for scenario in (base, cn1):
         baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps)
         ours.warm_up(scenario)
-    runs: dict[str, list] = {"d_base": [], "d_cn1": [], "o_base": [], "o_cn1": []}
+    ours.run_once(cn1, inline=True)  # warms the inline worker up
+    runs: dict[str, list] = {"d_base": [], "d_cn1": [], "o_base": [], "o_cn1": [], "o_cn1_inline": []}
     for i in range(config.repeats):
         config.log(f"[bench] controlnet: timed requests {i + 1}/{config.repeats} ...")
         for side, scenario in (("base", base), ("cn1", cn1)):
@@ -332,25 +333,30 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
                 baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps)
             )
             runs[f"o_{side}"].append(ours.run_once(scenario))
+        runs["o_cn1_inline"].append(ours.run_once(cn1, inline=True))
     fp16 = ours.run_once(cn1, wire_dtype="float16")
+    used = runs["o_cn1"][-1]["controlnet_transports"]
 
     latency = {k: median([r["latency_s"] for r in v]) for k, v in runs.items()}
     steps = config.steps
 
-    def per_step(prefix: str) -> float:
-        return median([sum(v for k, v in r["stages"].items() if k.startswith(prefix)) for r in runs["o_cn1"]]) / steps
+    def per_step(prefix: str, run: str = "o_cn1") -> float:
+        return median([sum(v for k, v in r["stages"].items() if k.startswith(prefix)) for r in runs[run]]) / steps
+
+    def transport_s(run: str) -> float:
+        return (
+            median(
+                [
+                    sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".transport"))
+                    for r in runs[run]
+                ]
+            )
+            / steps
+        )
 
     encoder, decoder = per_step("denoise.encoder_half"), per_step("denoise.decoder_half")
     wait = per_step("denoise.controlnet_wait")
-    transport = (
-        median(
-            [
-                sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".transport"))
-                for r in runs["o_cn1"]
-            ]
-        )
-        / steps
-    )
+    transport, transport_inline = transport_s("o_cn1"), transport_s("o_cn1_inline")
     compute = (
         median(
             [
@@ -366,6 +372,7 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
     psnr_fp16 = psnr(fp16["image_png"], reference_png)
     finite = lambda x: min(x, 999.0)  # noqa: E731 - identical images give inf; JSON wants a number
     overhead_ours = latency["o_cn1"] / latency["o_base"]
+    overhead_inline = latency["o_cn1_inline"] / latency["o_base"]
     overhead_diffusers = latency["d_cn1"] / latency["d_base"]
     hw = hardware(config)
     result = GroupResult(
@@ -373,12 +380,15 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
         figures=[
             Figure("controlnet.addon_overhead", overhead_ours, "x", group),
             Figure("controlnet.addon_overhead.diffusers", overhead_diffusers, "x", group),
+            Figure("controlnet.addon_overhead.inline", overhead_inline, "x", group),
             Figure("controlnet.transport_fraction", transport / (encoder + decoder), "x", group),
+            Figure("controlnet.transport_fraction.inline", transport_inline / (encoder + decoder), "x", group),
             Figure("controlnet.step_s.encoder_half", encoder, "s", group),
             Figure("controlnet.step_s.decoder_half", decoder, "s", group),
             Figure("controlnet.step_s.controlnet", compute, "s", group),
             Figure("controlnet.step_s.wait", wait, "s", group),
             Figure("controlnet.step_s.transport", transport, "s", group),
+            Figure("controlnet.step_s.transport.inline", transport_inline, "s", group),
             Figure("controlnet.latency_s.ours.base", latency["o_base"], "s", group),
             Figure("controlnet.latency_s.ours.cn1", latency["o_cn1"], "s", group),
             Figure("controlnet.latency_s.diffusers.base", latency["d_base"], "s", group),
@@ -393,11 +403,13 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
             f"controlnet: {config.family}, {config.size}x{config.size}, {steps} steps; UNet worker on core "
             f"{config.device_core}, ControlNet worker on core {config.controlnet_core}, 1 thread each; "
             f"Diffusers on core {config.device_core}; median of {config.repeats}",
-            f"  add-on overhead (cn1 / base)   ours {overhead_ours:.3f}x   diffusers {overhead_diffusers:.3f}x",
+            f"  add-on overhead (cn1 / base)   ours {overhead_ours:.3f}x ({used[0]}), {overhead_inline:.3f}x (inline)   "
+            f"diffusers {overhead_diffusers:.3f}x",
             f"  latency cn1                     ours {latency['o_cn1']:.3f} s   diffusers {latency['d_cn1']:.3f} s   "
             f"speedup {latency['d_cn1'] / latency['o_cn1']:.2f}x",
             f"  per step: encoder half {encoder:.3f} s, decoder half {decoder:.3f} s, ControlNet {compute:.3f} s, "
-            f"wait {wait:.3f} s, transport {transport:.3f} s ({transport / (encoder + decoder):.1%} of a UNet step)",
+            f"wait {wait:.3f} s, transport {transport:.4f} s over {used[0]} ({transport / (encoder + decoder):.2%} of "
+            f"a UNet step; inline bytes {transport_inline:.4f} s, {transport_inline / (encoder + decoder):.2%})",
             f"  image PSNR against Diffusers: fp32 wire {psnr_fp32:.1f} dB, fp16 wire {psnr_fp16:.1f} dB",
         ]
     )

@@ -46,8 +46,11 @@ STABLE = {
     "controlnet": [
         "controlnet.addon_overhead",
         "controlnet.addon_overhead.diffusers",
+        "controlnet.addon_overhead.inline",
         "controlnet.transport_fraction",
+        "controlnet.transport_fraction.inline",
         *(f"controlnet.step_s.{part}" for part in ("encoder_half", "decoder_half", "controlnet", "wait", "transport")),
+        "controlnet.step_s.transport.inline",
         "controlnet.speedup.cn1",
         "controlnet.fp32_wire_psnr_db",
         "controlnet.fp16_wire_psnr_db",
