@@ -174,12 +174,21 @@ class ShmRing:
         return ring
 
     def read(self, slot: controlnet_pb2.ResidualSlot, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Copies of the slot's residuals on `device` in `dtype`; TornRead if the slot changed."""
+        """The slot's residuals on `device` in `dtype`; TornRead if the slot does not hold the
+        announced step.
+
+        In the ring's own dtype on the CPU they are the slot itself, not copies (read-only use):
+        valid until the reader has sent the input of the step after next, since the writer fills a
+        slot again only when asked for that step (two slots). Otherwise they are converted
+        copies, and the slot is checked again after the copy."""
         if not 0 <= slot.index < self.slots:
             raise TornRead(f"residual slot {slot.index} out of range (ring of {self.slots})")
         if self._header[slot.index] != slot.sequence:
             raise TornRead(f"residual slot {slot.index} holds step {self._header[slot.index]}, not {slot.sequence}")
-        out = [view.to(device=device, dtype=dtype, copy=True) for view in self._views[slot.index]]
+        views = self._views[slot.index]
+        if torch.device(device).type == "cpu" and all(v.dtype == dtype for v in views):
+            return list(views)
+        out = [view.to(device=device, dtype=dtype, copy=True) for view in views]
         if self._header[slot.index] != slot.sequence:
             raise TornRead(f"residual slot {slot.index} was overwritten while it was read")
         return out
