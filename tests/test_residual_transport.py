@@ -120,3 +120,33 @@ def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_s
         controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10
     )
     assert common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY in listing.controlnets[0].transports
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (runs on a lent GPU machine)")
+def test_cuda_ipc_residuals_equal_inline_ones_on_a_gpu(zoo_root):
+    """UNet and ControlNet workers on one GPU negotiate CUDA IPC; the latents equal those of the
+    same request with its residuals as inline bytes (fp32 on the wire), bit for bit."""
+    device = ["--device", "cuda"]
+    services = {
+        "unet": start_unet(zoo_root, MODEL, num_threads=1, extra_args=device, wait=False),
+        "ipc": start_controlnet(zoo_root, [CN], num_threads=1, extra_args=device, wait=False),
+        "inline": start_controlnet(
+            zoo_root, [CN], num_threads=1, extra_args=[*device, "--residual-transports"], wait=False
+        ),
+    }
+    try:
+        for service in services.values():
+            service.wait_ready()
+        stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(services["unet"].address))
+        controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
+        got = {
+            worker: stub.Denoise(denoise_request(MODEL, controlnets, [services[worker].address], 7.5), timeout=300)
+            for worker in ("ipc", "inline")
+        }
+        assert list(got["ipc"].controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_CUDA_IPC]
+        assert list(got["inline"].controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_INLINE]
+        latents = {w: codec.tensor_from_proto(r.latents) for w, r in got.items()}
+        assert torch.equal(latents["ipc"], latents["inline"])
+    finally:
+        for service in services.values():
+            service.stop()

@@ -9,7 +9,7 @@ import torch
 
 from swiftd import codec, transport
 from swiftd.transport.shm import ShmRing
-from swiftd.v1 import controlnet_pb2
+from swiftd.v1 import common_pb2, controlnet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,11 @@ class ResidualSender:
 
     def _inline(self, response, residuals: list[torch.Tensor]) -> None:
         *down, mid = residuals
-        response.down_block_res_samples.extend(codec.tensor_to_proto(r, self.wire_dtype) for r in down)
-        response.mid_block_res_sample.CopyFrom(codec.tensor_to_proto(mid, self.wire_dtype))
+        wire = self.wire_dtype
+        if wire == common_pb2.DTYPE_UNSPECIFIED and mid.is_cuda:
+            wire = common_pb2.DTYPE_FLOAT16  # GPU residuals through host memory: half the bytes
+        response.down_block_res_samples.extend(codec.tensor_to_proto(r, wire) for r in down)
+        response.mid_block_res_sample.CopyFrom(codec.tensor_to_proto(mid, wire))
         self.used = transport.INLINE
 
     def _offer(self, response, residuals: list[torch.Tensor]) -> None:

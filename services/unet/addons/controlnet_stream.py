@@ -71,8 +71,11 @@ class RemoteResidualSource:
             for response in self._call:
                 if response.HasField("ring"):
                     self._map_ring(response.ring)
+                ready = None  # CUDA IPC: the event the loop's stream waits on before using them
                 if response.HasField("slot"):
-                    *down, mid = self._ring.read(response.slot, self._out_device, self._out_dtype)
+                    tensors = self._ring.read(response.slot, self._out_device, self._out_dtype)
+                    ready = getattr(tensors, "event", None)
+                    *down, mid = tensors
                     residuals = ControlNetResiduals(tuple(down), mid)
                 else:
                     residuals = ControlNetResiduals(
@@ -80,7 +83,8 @@ class RemoteResidualSource:
                         self._decode(response.mid_block_res_sample),
                     )
                 self.transport = self._answer if response.HasField("slot") else transport.INLINE
-                self._responses.put((response.step_index, response.compute_seconds, time.perf_counter(), residuals))
+                received = time.perf_counter()
+                self._responses.put((response.step_index, response.compute_seconds, received, residuals, ready))
             self._responses.put(Unavailable(f"controlnet {self.controlnet_id!r} on {self.address}: stream ended early"))
         except grpc.RpcError as exc:
             self._responses.put(from_rpc_error(exc, f"controlnet {self.controlnet_id!r} on {self.address}"))
@@ -124,7 +128,9 @@ class RemoteResidualSource:
             ) from None
         if isinstance(item, BaseException):
             raise item
-        step_index, compute_seconds, received_at, residuals = item
+        step_index, compute_seconds, received_at, residuals, ready = item
+        if ready is not None:
+            torch.cuda.current_stream().wait_event(ready)
         # Transport: the round trip minus the ControlNet's own compute (serialization, gRPC, decode).
         self.stats["compute"] += compute_seconds
         self.stats["transport"] += max(0.0, received_at - self._sent_at.pop(step_index) - compute_seconds)

@@ -1,0 +1,204 @@
+"""A ring of residual buffers on a GPU, shared with the UNet worker over CUDA IPC.
+
+The ControlNet worker allocates two slots (one flat device buffer each) when its stream has
+negotiated CUDA_IPC, and shares, once, each slot's memory handle and two interprocess events:
+
+    ready[slot]   recorded by the writer after it copied a step's residuals into the slot
+    free[slot]    recorded by the reader after it copied them out
+
+The writer makes its stream wait on free[slot] before it fills the slot again, and the reader's
+copy stream waits on ready[slot] before it copies: the GPUs order the two processes' work, with no
+host synchronisation and no copy through host memory. The reader copies out on a stream of its
+own (device to device, tens of microseconds for an SDXL step's 107 MB) so that the slot is free
+again at once, and hands the copies to the denoising loop's stream behind an event.
+
+The handles travel as JSON (never pickle: they come from another process). Nothing outlives the
+two processes: CUDA frees IPC memory with the last process that maps it, and torch's IPC reference
+counting keeps the writer's buffers until the reader has let go.
+
+Only a GPU exercises this path (tests/test_residual_transport.py skips it elsewhere; the GPU run
+script is bench/gpu_serve.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import torch
+
+from swiftd import codec
+from swiftd.transport import CUDA_IPC
+from swiftd.transport.shm import ALIGN, SLOTS, Layout, _aligned
+from swiftd.v1 import controlnet_pb2
+
+
+def _encode_handle(shared: tuple) -> dict:
+    device, handle, size, offset, ref_handle, ref_offset, event_handle, event_sync = shared
+    b64 = lambda b: None if b is None else base64.b64encode(b).decode()  # noqa: E731  (None stays None)
+    return {
+        "device": device,
+        "handle": b64(handle),
+        "size": size,
+        "offset": offset,
+        "ref_handle": b64(ref_handle),
+        "ref_offset": ref_offset,
+        "event_handle": b64(event_handle),
+        "event_sync": bool(event_sync),
+    }
+
+
+def _decode_handle(entry: dict) -> tuple:
+    raw = lambda s: None if s is None else base64.b64decode(s)  # noqa: E731
+    return (
+        int(entry["device"]),
+        raw(entry["handle"]),
+        int(entry["size"]),
+        int(entry["offset"]),
+        raw(entry["ref_handle"]),
+        int(entry["ref_offset"]),
+        raw(entry["event_handle"]),
+        bool(entry["event_sync"]),
+    )
+
+
+class CudaIpcRing:
+    """One session's device ring; `create` on the writer's side, `attach` on the reader's."""
+
+    def __init__(self, buffers: list[torch.Tensor], layouts: list[Layout], slot_bytes: int, ready, free):
+        self.layouts = layouts
+        self.slots = len(buffers)
+        self.slot_bytes = slot_bytes
+        self._buffers = buffers
+        self._ready, self._free = ready, free
+        self._views = [
+            [
+                buffer[layout.offset : layout.offset + layout.nbytes].view(layout.dtype).view(layout.shape)
+                for layout in layouts
+            ]
+            for buffer in buffers
+        ]
+        self._sequence = 0
+        self._copy_stream = None  # the reader's
+
+    # -- writer --------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, tensors: list[torch.Tensor], wire_dtype: torch.dtype | None, slots: int = SLOTS) -> CudaIpcRing:
+        device = tensors[0].device
+        if device.type != "cuda":
+            raise RuntimeError("a CUDA IPC ring needs CUDA tensors")
+        layouts, offset = [], 0
+        for tensor in tensors:
+            layout = Layout(wire_dtype or tensor.dtype, tuple(tensor.shape), offset)
+            layouts.append(layout)
+            offset += _aligned(layout.nbytes)
+        slot_bytes = max(offset, ALIGN)
+        buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+
+        def events():
+            return [torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True) for _ in range(slots)]
+
+        return cls(buffers, layouts, slot_bytes, events(), events())
+
+    def fits(self, tensors: list[torch.Tensor]) -> bool:
+        return len(tensors) == len(self.layouts) and all(
+            tuple(t.shape) == layout.shape for t, layout in zip(tensors, self.layouts)
+        )
+
+    def write(self, tensors: list[torch.Tensor]) -> controlnet_pb2.ResidualSlot:
+        self._sequence += 1
+        index = (self._sequence - 1) % self.slots
+        stream = torch.cuda.current_stream(self._buffers[index].device)
+        stream.wait_event(self._free[index])  # the reader's copy of what the slot held is done
+        for view, tensor in zip(self._views[index], tensors):
+            view.copy_(tensor, non_blocking=True)
+        self._ready[index].record(stream)
+        return controlnet_pb2.ResidualSlot(index=index, sequence=self._sequence)
+
+    def to_pb(self) -> controlnet_pb2.ResidualRing:
+        handles = []
+        for buffer, ready, free in zip(self._buffers, self._ready, self._free):
+            entry = {
+                "buffer": _encode_handle(buffer.untyped_storage()._share_cuda_()),
+                "storage_offset": buffer.storage_offset(),
+                "ready": base64.b64encode(ready.ipc_handle()).decode(),
+                "free": base64.b64encode(free.ipc_handle()).decode(),
+            }
+            handles.append(json.dumps(entry).encode())
+        return controlnet_pb2.ResidualRing(
+            transport=CUDA_IPC,
+            slots=self.slots,
+            slot_bytes=self.slot_bytes,
+            tensors=[
+                controlnet_pb2.TensorLayout(
+                    dtype=codec.dtype_to_proto(layout.dtype), shape=layout.shape, offset=layout.offset
+                )
+                for layout in self.layouts
+            ],
+            cuda_handles=handles,
+        )
+
+    def unlink(self) -> None:
+        """Nothing to remove: CUDA frees the memory with the last process mapping it."""
+
+    # -- reader --------------------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, ring: controlnet_pb2.ResidualRing) -> CudaIpcRing:
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available in this process")
+        if ring.slots < 1 or len(ring.cuda_handles) != ring.slots:
+            raise ValueError("a CUDA IPC ring needs one handle per slot")
+        layouts = []
+        for t in ring.tensors:
+            layout = Layout(codec.dtype_from_proto(t.dtype), tuple(t.shape), t.offset)
+            if layout.offset % ALIGN or layout.offset + layout.nbytes > ring.slot_bytes:
+                raise ValueError(f"tensor at {layout.offset} does not fit a slot of {ring.slot_bytes} bytes")
+            layouts.append(layout)
+        buffers, ready, free = [], [], []
+        for blob in ring.cuda_handles:
+            entry = json.loads(blob)
+            shared = _decode_handle(entry["buffer"])
+            device = torch.device("cuda", shared[0])
+            storage = torch.UntypedStorage._new_shared_cuda(*shared)
+            base = torch.empty(0, dtype=torch.uint8, device=device)
+            base.set_(storage, int(entry["storage_offset"]), (ring.slot_bytes,), (1,))
+            buffers.append(base)
+            ready.append(torch.cuda.Event.from_ipc_handle(device, base64.b64decode(entry["ready"])))
+            free.append(torch.cuda.Event.from_ipc_handle(device, base64.b64decode(entry["free"])))
+        return cls(buffers, layouts, ring.slot_bytes, ready, free)
+
+    def read(self, slot: controlnet_pb2.ResidualSlot, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Copies of the slot's residuals on `device` in `dtype`, ordered after the writer's
+        copy by its event; the slot is released (free event) as soon as they are made. The
+        consuming stream must wait on the returned list's `event` before using them (the reader
+        thread returns before the copies are done)."""
+        from swiftd.transport.shm import TornRead
+
+        if not 0 <= slot.index < self.slots:
+            raise TornRead(f"residual slot {slot.index} out of range (ring of {self.slots})")
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self._buffers[0].device)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._ready[slot.index])
+            out = [view.to(device=device, dtype=dtype, copy=True) for view in self._views[slot.index]]
+            self._free[slot.index].record(self._copy_stream)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        for tensor in out:  # the loop's stream uses them: the allocator must not reuse them early
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
+        return _Ordered(out, copied)
+
+    # -- both ----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._views, self._buffers = [], []
+
+
+class _Ordered(list):
+    """The copied residuals and `event`, which the consuming stream waits on before using them."""
+
+    def __init__(self, tensors, event):
+        super().__init__(tensors)
+        self.event = event
