@@ -42,7 +42,15 @@ REPLY_PREFIX = "BENCH_REPLY "
 class BaselineProcess:
     """Handle on the pinned Diffusers process, started lazily by the groups that need it."""
 
-    def __init__(self, zoo: Path, family: str, cores: list[int], timeout: float = 900.0):
+    def __init__(
+        self,
+        zoo: Path,
+        family: str,
+        cores: list[int],
+        timeout: float = 900.0,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ):
         cmd = [
             sys.executable,
             "-m",
@@ -53,6 +61,10 @@ class BaselineProcess:
             family,
             "--cores",
             *[str(core) for core in cores],
+            "--device",
+            device,
+            "--dtype",
+            dtype,
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
         repo = Path(__file__).resolve().parent.parent
@@ -113,21 +125,28 @@ def _quiet() -> None:
 
 
 class Baseline:
-    def __init__(self, zoo: Path, family: str):
+    def __init__(self, zoo: Path, family: str, device: str = "cpu", dtype: str = "float32"):
         from diffusers import (
             EulerDiscreteScheduler,
             MultiControlNetModel,
             StableDiffusionControlNetPipeline,
+            StableDiffusionXLControlNetPipeline,
         )
 
         from swiftd import zoo as zoo_lib
-        from swiftd.loading import load_controlnet, load_pipeline
+        from swiftd.loading import DTYPES, load_controlnet, load_pipeline, pipeline_family
 
         self.paths = zoo_lib.zoo_paths(zoo, family)
-        self.pipe = load_pipeline(self.paths.model)
+        self.pipe = load_pipeline(self.paths.model, dtype=DTYPES[dtype], device=device)
         self.pipe.scheduler = EulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
-        self.controlnets = {cid: load_controlnet(path) for cid, path in self.paths.controlnets.items()}
-        self._cn_pipeline_class = StableDiffusionControlNetPipeline
+        self.controlnets = {
+            cid: load_controlnet(path, dtype=DTYPES[dtype], device=device)
+            for cid, path in self.paths.controlnets.items()
+        }
+        self._sdxl = pipeline_family(self.paths.model) == "sdxl"
+        self._cn_pipeline_class = (
+            StableDiffusionXLControlNetPipeline if self._sdxl else StableDiffusionControlNetPipeline
+        )
         self._multi_controlnet_class = MultiControlNetModel
         self._cn_pipes = {}
 
@@ -138,7 +157,8 @@ class Baseline:
         if controlnet_ids not in self._cn_pipes:
             models = [self.controlnets[c] for c in controlnet_ids]
             controlnet = models[0] if len(models) == 1 else self._multi_controlnet_class(models)
-            pipe = self._cn_pipeline_class(**self.pipe.components, controlnet=controlnet, requires_safety_checker=False)
+            extra = {} if self._sdxl else {"requires_safety_checker": False}
+            pipe = self._cn_pipeline_class(**self.pipe.components, controlnet=controlnet, **extra)
             pipe.set_progress_bar_config(disable=True)
             self._cn_pipes[controlnet_ids] = pipe
         return self._cn_pipes[controlnet_ids]
@@ -245,6 +265,8 @@ def child_main(argv=None) -> int:
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--family", required=True)
     parser.add_argument("--cores", type=int, nargs="+", default=[0], help="one torch thread per core")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
     _pin(args.cores)
     _quiet()
@@ -259,7 +281,7 @@ def child_main(argv=None) -> int:
 
     try:
         t0 = time.perf_counter()
-        baseline = Baseline(args.zoo, args.family)
+        baseline = Baseline(args.zoo, args.family, args.device, args.dtype)
         reply({"load_s": time.perf_counter() - t0})
     except Exception:
         reply({"error": traceback.format_exc()})

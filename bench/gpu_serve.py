@@ -1,0 +1,338 @@
+"""Serving on a GPU: the whole suite against Diffusers on the same GPU(s), stage by stage.
+
+    python -m bench.gpu_serve --out gpu_serve.json                          (a CUDA machine)
+    python -m bench.gpu_serve --device cpu --families tiny-sd15 --steps 3 --out x.json
+                                                                            (the CPU rehearsal)
+
+Per family (default: full-size SD1.5 at 512² and SDXL at 1024², 30 steps, fp16, random weights
+made on the box by `swiftd.zoo`, so no checkpoint is needed), for the scenarios base, cn1,
+cn1_lora1 and cn2_lora2 (rank-64 PEFT LoRA over attention and feed-forward, and a kohya one):
+
+  zoo              build the family's model, ControlNets and LoRAs (skipped when present)
+  diffusers        Diffusers the usual way, in a process of its own on the first GPU: one
+                   pipeline (ControlNet pipelines sharing its components), each request loading its
+                   LoRAs from their safetensors files, fusing, generating, unfusing, unloading
+  ours.<layout>    the suite as real processes: the LoRA store (CPU), one ControlNet worker per
+                   ControlNet (on GPUs of their own when there are several, else beside the UNet),
+                   a UNet worker and the gateway; requests through the gateway's public API.
+                   layout `spread`: the UNet worker cannot run ControlNets itself, so every plan
+                   streams residuals from the ControlNet workers (CUDA IPC on one host);
+                   `pack`: the gateway places by load (on one GPU: ControlNets in-process)
+
+Each side gets one untimed request per scenario, then --repeats timed ones (median reported):
+end-to-end latency, add-on overhead (scenario / base), and from our side the per-step parts
+(encoder half, decoder half, wait for residuals, ControlNet compute, transport) and the transport
+each ControlNet's residuals took. Results go to --out after every stage, so a run stopped by a
+time limit keeps what it measured; --budget-s skips what would start after it. The last stage
+writes a Markdown table (`table`) for docs/gpu.md.
+
+The same code runs on the CPU with the tiny models (tests/test_gpu_serve.py), so the first GPU run
+is not the first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+SCENARIOS = ("base", "cn1", "cn1_lora1", "cn2_lora2")
+SIZES = {"sd15": 512, "sdxl": 1024, "bench-sd15": 256}
+
+
+def default_size(family: str) -> int:
+    return SIZES.get(family, 64)
+
+
+class Run:
+    """The results file, rewritten after every stage."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self.data = {**meta, "families": {}}
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+    def stage(self, family: str, name: str, deadline: float, fn) -> dict | None:
+        stages = self.data["families"].setdefault(family, {"stages": {}})["stages"]
+        if time.monotonic() > deadline:
+            stages[name] = {"skipped": "time budget spent"}
+            self.save()
+            return None
+        print(f"[gpu_serve] {family}: {name} ...", flush=True)
+        t0 = time.monotonic()
+        try:
+            stages[name] = {"result": fn(), "seconds": round(time.monotonic() - t0, 2)}
+        except Exception:  # noqa: BLE001 - one failed stage must not cost the others
+            stages[name] = {"error": traceback.format_exc(), "seconds": round(time.monotonic() - t0, 2)}
+            print(stages[name]["error"], file=sys.stderr, flush=True)
+        self.save()
+        return stages[name].get("result")
+
+
+def devices(kind: str) -> list[str]:
+    import torch
+
+    if kind == "cuda":
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def scenarios(family: str, size: int, names: list[str]):
+    from bench.scenarios import baseline_scenarios
+
+    return [s for s in baseline_scenarios(family, size) if s.name in names]
+
+
+# -- Diffusers -------------------------------------------------------------------------------------
+
+
+def diffusers_side(args, family: str, size: int, device: str) -> dict:
+    from bench.baseline_process import BaselineProcess
+
+    cores = sorted(os.sched_getaffinity(0)) if device.startswith("cuda") else [0]
+    baseline = BaselineProcess(args.zoo, family, cores, device=device, dtype=args.dtype)
+    try:
+        out = {"load_s": baseline.ready["load_s"], "device": device, "scenarios": {}}
+        for scenario in scenarios(family, size, args.scenarios):
+            command = dict(scenario=scenario.to_json(), size=size, steps=args.steps)
+            baseline.call("generate", **command)  # warm-up
+            runs = [baseline.call("generate", **command) for _ in range(args.repeats)]
+            out["scenarios"][scenario.name] = {
+                "latency_s": statistics.median(r["latency_s"] for r in runs),
+                "stages": runs[-1]["stages"],
+            }
+        return out
+    finally:
+        baseline.close()
+
+
+# -- ours ------------------------------------------------------------------------------------------
+
+
+def _root_without_controlnets(zoo: Path, into: Path) -> Path:
+    """The zoo's models and LoRAs but no ControlNets: a UNet worker that must stream residuals."""
+    into.mkdir(parents=True, exist_ok=True)
+    for section in ("models", "loras"):
+        (into / section).symlink_to((zoo / section).resolve())
+    return into
+
+
+def ours_side(args, family: str, size: int, layout: str, gpus: list[str]) -> dict:
+    from swiftd import transport
+    from swiftd.client import Client
+    from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
+    from swiftd.request import ControlNet
+
+    on_cpu = gpus == ["cpu"]
+    work = Path(tempfile.mkdtemp(prefix="swiftd-gpu-serve-"))
+    unet_root = _root_without_controlnets(args.zoo, work / "root") if layout == "spread" else args.zoo
+    common = ["--dtype", args.dtype]
+    # On the CPU (the rehearsal) the UNet worker and the ControlNet workers get a core each, as
+    # two devices would be; on CUDA the ControlNets go to the other GPUs when there are some.
+    cn_devices = gpus[1:] or gpus
+    controlnet_ids = [f"{family}-cn-edges", f"{family}-cn-depth"]
+    services = []
+    try:
+        store = start_lora_store(
+            args.zoo, work / "cache", [family], extra_args=["--default-dtype", args.dtype], wait=False
+        )
+        cns = [
+            start_controlnet(
+                args.zoo,
+                [cid],
+                extra_args=[*common, "--device", cn_devices[i % len(cn_devices)]],
+                cpu_cores=[1] if on_cpu else None,
+                num_threads=1 if on_cpu else None,
+                wait=False,
+            )
+            for i, cid in enumerate(controlnet_ids)
+        ]
+        services += [store, *cns]
+        store.wait_ready()
+        unet_args = [*common, "--device", gpus[0]]
+        if args.compiled:
+            unet_args += ["--compiled-artifacts", str(work / "artifacts"), "--compile-missing"]
+            unet_args += ["--compile-resolution", str(size)]
+        unet = start_unet(
+            unet_root,
+            family,
+            store.address,
+            extra_args=unet_args,
+            cpu_cores=[0] if on_cpu else None,
+            num_threads=1 if on_cpu else None,
+            timeout=1800,
+        )
+        services.append(unet)
+        for cn in cns:
+            cn.wait_ready()
+        gateway = start_gateway([unet.address], [c.address for c in cns], store.address)
+        services.append(gateway)
+        out = {"devices": {"unet": gpus[0], "controlnets": [cn_devices[i % len(cn_devices)] for i in range(2)]}}
+        out["scenarios"] = {}
+        with Client(gateway.address, timeout=600) as client:
+            for scenario in scenarios(family, size, args.scenarios):
+                fields = dict(
+                    model_id=family,
+                    width=size,
+                    height=size,
+                    num_inference_steps=args.steps,
+                    seed=7,
+                    loras=list(scenario.loras),
+                    controlnets=[ControlNet(c.controlnet_id, c.image_png, c.scale) for c in scenario.controlnets],
+                )
+                client.generate("a photo of an astronaut riding a horse", **fields)  # warm-up
+                runs = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    result = client.generate("a photo of an astronaut riding a horse", **fields)
+                    runs.append((time.perf_counter() - t0, result))
+                latency = statistics.median(r[0] for r in runs)
+                result = runs[-1][1]
+                out["scenarios"][scenario.name] = {
+                    "latency_s": latency,
+                    "per_step_s": per_step(dict(result.timings), args.steps),
+                    "placement": result.plan.placement,
+                    "reason": result.plan.reason,
+                    "transports": [transport.name(a.transport) for a in result.plan.controlnets],
+                    "lora_applied_at_step": result.lora_applied_at_step,
+                }
+        return out
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+def per_step(timings: dict[str, float], steps: int) -> dict[str, float]:
+    """Seconds per step of each part of a denoising step, from a response's stage timings."""
+    parts = {
+        "encoder_half": "denoise.encoder_half",
+        "decoder_half": "denoise.decoder_half",
+        "controlnet_wait": "denoise.controlnet_wait",
+    }
+    out = {name: sum(v for k, v in timings.items() if k.startswith(prefix)) / steps for name, prefix in parts.items()}
+    for part in ("compute", "transport"):
+        out[f"controlnet_{part}"] = (
+            sum(v for k, v in timings.items() if k.startswith("controlnet.") and k.endswith(f".{part}")) / steps
+        )
+    out["denoise"] = timings.get("denoise", 0.0) / steps
+    return out
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+def table(data: dict) -> str:
+    """Markdown: per family and scenario, both sides' latency, speedup, add-on overhead, per-step
+    transport and the transports used."""
+    lines = [
+        "| family | scenario | Diffusers (s) | ours, layout (s) | speedup | add-on overhead: Diffusers / ours "
+        "| wait / transport per step (ms) | residuals over |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for family, entry in data["families"].items():
+        stages = entry["stages"]
+        theirs = (stages.get("diffusers") or {}).get("result") or {"scenarios": {}}
+        for name, stage in stages.items():
+            if not name.startswith("ours.") or "result" not in stage:
+                continue
+            ours = stage["result"]["scenarios"]
+            for scenario, got in ours.items():
+                d = theirs["scenarios"].get(scenario, {}).get("latency_s")
+                d_base = theirs["scenarios"].get("base", {}).get("latency_s")
+                o_base = ours.get("base", {}).get("latency_s")
+                o = got["latency_s"]
+                speedup = f"{d / o:.2f}x" if d else "n/a"
+                overhead = f"{d / d_base:.2f} / {o / o_base:.2f}" if d and d_base and o_base else "n/a"
+                steps = got["per_step_s"]
+                cells = [
+                    family,
+                    scenario,
+                    f"{d:.3f}" if d else "n/a",
+                    f"{o:.3f} ({name[len('ours.') :]})",
+                    speedup,
+                    overhead,
+                    f"{1e3 * steps['controlnet_wait']:.2f} / {1e3 * steps['controlnet_transport']:.2f}",
+                    ", ".join(got["transports"]) or "-",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_serve", description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--zoo", type=Path, default=Path(".zoo"), help="where the models are (built if missing)")
+    parser.add_argument("--families", nargs="+", default=["sd15", "sdxl"])
+    parser.add_argument("--size", type=int, default=None, help="default: 512 for sd15, 1024 for sdxl, 64 tiny")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on the CPU")
+    parser.add_argument("--layouts", nargs="+", default=["spread", "pack"], choices=["spread", "pack"])
+    parser.add_argument("--compiled", action="store_true", help="the UNet worker on artifacts it compiles at start")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no stage after this many seconds")
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
+    faulthandler.enable()
+    import torch
+
+    gpus = devices(args.device)
+    if not gpus:
+        print("[gpu_serve] no CUDA device", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    deadline = t0 + args.budget_s
+    names = [torch.cuda.get_device_name(i) for i in range(len(gpus))] if args.device == "cuda" else ["cpu"]
+    run = Run(
+        args.out,
+        {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "devices": names,
+            "torch": torch.__version__,
+            "args": {k: str(v) for k, v in vars(args).items()},
+        },
+    )
+    for family in args.families:
+        size = args.size or default_size(family)
+
+        def build(family=family):
+            from swiftd.zoo import build as build_zoo
+
+            t = time.monotonic()
+            build_zoo(args.zoo, only=[family])
+            return {"seconds": round(time.monotonic() - t, 1)}
+
+        if run.stage(family, "zoo", deadline, build) is None:
+            continue
+        run.stage(
+            family, "diffusers", deadline, lambda family=family, size=size: diffusers_side(args, family, size, gpus[0])
+        )
+        for layout in args.layouts:
+            run.stage(
+                family,
+                f"ours.{layout}",
+                deadline,
+                lambda family=family, size=size, layout=layout: ours_side(args, family, size, layout, gpus),
+            )
+    run.data["table"] = table(run.data)
+    run.data["seconds"] = round(time.monotonic() - t0, 1)
+    run.save()
+    print(run.data["table"], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The GPU serving benchmark's CPU rehearsal: `python -m bench.gpu_serve` end to end with the tiny
+model, so the first run on a lent GPU is not the first run (docs/gpu.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow  # ~35 s: Diffusers and the whole suite as processes, four scenarios each
+def test_the_gpu_serving_benchmark_runs_end_to_end_on_the_cpu(zoo_root, tmp_path):
+    out = tmp_path / "gpu_serve.json"
+    argv = [sys.executable, "-m", "bench.gpu_serve", "--device", "cpu", "--families", "tiny-sd15"]
+    argv += ["--zoo", str(zoo_root), "--steps", "3", "--repeats", "1", "--layouts", "spread", "--out", str(out)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    stages = data["families"]["tiny-sd15"]["stages"]
+    assert set(stages) == {"zoo", "diffusers", "ours.spread"}
+    assert all("result" in stage for stage in stages.values()), {k: v.get("error") for k, v in stages.items()}
+    theirs, ours = stages["diffusers"]["result"]["scenarios"], stages["ours.spread"]["result"]["scenarios"]
+    assert set(theirs) == set(ours) == {"base", "cn1", "cn1_lora1", "cn2_lora2"}
+    for name, got in ours.items():
+        assert got["latency_s"] > 0 and theirs[name]["latency_s"] > 0
+        controlnets = {"base": 0, "cn1": 1, "cn1_lora1": 1, "cn2_lora2": 2}[name]
+        # Every ControlNet streamed from its worker, over the shared-memory ring (one host).
+        assert got["transports"] == ["shared_memory"] * controlnets, got
+        if controlnets:
+            parts = got["per_step_s"]
+            assert parts["encoder_half"] > 0 and parts["decoder_half"] > 0 and parts["controlnet_compute"] > 0
+    assert "lora_load_fuse" in theirs["cn1_lora1"]["stages"]  # Diffusers loads the LoRA per request
+    assert len(data["table"].splitlines()) == 2 + 4  # header, rule, a row per scenario
