@@ -154,3 +154,19 @@ def test_write_results_keeps_other_groups(tmp_path):
     bench_run.write_results(out, [bench_run.Figure("b.y", 2.0, "x", "g2")], ["g2"])
     bench_run.write_results(out, [bench_run.Figure("a.z_s", 3.0, "s", "g1")], ["g1"])
     assert [json.loads(line)["figure"] for line in out.read_text().splitlines()] == ["b.y", "a.z_s"]
+
+
+def test_the_projection_lays_a_step_out_as_the_planner_does():
+    """One GPU runs ControlNets in turn; a second hides one behind the encoder half unless it is
+    longer; the CFG split halves the batch; the better layout is the one reported."""
+    from bench.projection import StepParts, project, step_seconds
+
+    parts = StepParts(encoder=0.014, decoder=0.017, controlnet=0.012, transport=0.001, batch1_fraction=0.6)
+    assert step_seconds(parts, 1, 2, split=False) == pytest.approx(0.014 + 2 * 0.012 + 0.017)
+    assert step_seconds(parts, 2, 1, split=False) == pytest.approx(0.014 + 0.017)  # hidden: 0.013 < 0.014
+    assert step_seconds(parts, 2, 2, split=False) == pytest.approx(0.014 + (0.024 + 0.001 - 0.014) + 0.017)
+    assert step_seconds(parts, 2, 1, split=True) == pytest.approx(0.6 * (0.014 + 0.012 + 0.017) + 0.001)
+    rows = project(parts, steps=30, controlnets=1)
+    assert [r["gpus"] for r in rows] == [1, 2, 4, 8] and rows[0]["layout"] == "pack"
+    assert all(r["latency_s"] == min(r["spread_s"], r["split_s"] or r["spread_s"]) for r in rows)
+    assert rows[-1]["latency_s"] <= rows[0]["latency_s"]
