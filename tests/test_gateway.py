@@ -184,13 +184,23 @@ def test_gateway_image_equals_direct_unet_call(suite, case):
         assert [e.preview.step for e in events if e.HasField("preview")] == [2]
         started = next(e.started for e in events if e.HasField("started"))
         response = events[-1].final
-        assert started.plan == response.plan
+        # The final plan adds only how residuals travelled (negotiated by the workers as they ran).
+        negotiated = gateway_pb2.Plan()
+        negotiated.CopyFrom(response.plan)
+        for assignment in negotiated.controlnets:
+            assignment.transport = common_pb2.RESIDUAL_TRANSPORT_UNSPECIFIED
+        assert started.plan == negotiated
     else:
         response = suite["stub"].Generate(request, timeout=120)
 
     plan = response.plan
     assert plan.unet_worker in [u.address for u in suite["unets"]]
     assert [a.controlnet_id for a in plan.controlnets] == [c.controlnet_id for c in request.controlnets]
+    # Residuals from a ControlNet worker on this host cross shared memory; in-process ones nothing.
+    assert [a.transport for a in plan.controlnets] == [
+        common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY if a.worker else common_pb2.RESIDUAL_TRANSPORT_UNSPECIFIED
+        for a in plan.controlnets
+    ]
     if len(plan.controlnets) == 2:  # one worker per ControlNet: they run side by side
         assert len({a.worker for a in plan.controlnets}) == 2
     assert list(plan.lora_ids) == [lora.lora_id for lora in request.loras]
@@ -510,6 +520,7 @@ def test_listings(suite):
         c.address for c in suite["controlnets"]
     )
     assert controlnets["tiny-sdxl-cn-edges"].family == "sdxl" and not controlnets["tiny-sdxl-cn-edges"].loaded
+    assert list(controlnets[EDGES].transports) == [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]  # CPU workers
     with pytest.raises(grpc.RpcError) as error:
         stub.ListLoras(gateway_pb2.ListLorasRequest(family="sd3"), timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "family" in error.value.details()

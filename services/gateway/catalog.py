@@ -147,6 +147,7 @@ class Catalog:
                     entry.loaded = True
                     entry.workers.append(address)
                 entry.compiled = entry.compiled or info.compiled
+                entry.transports.extend(t for t in info.transports if t not in entry.transports)
                 listing.controlnet_hosts.setdefault(info.controlnet_id, []).append(address)
         if store is not None:
             if (response := store.result()) is not None:
