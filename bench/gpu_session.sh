@@ -1,0 +1,26 @@
+#!/bin/bash
+# What a lent GPU machine runs, prepared (docs/gpu.md). Here first: ./bench/gpu_wheels.sh. Then, with
+# the device tool: run(command="bench/gpu_session.sh serve", carry=[".whl"], timeout_s=560), and
+# if time is left, "bench/gpu_session.sh checks". Results land in $OUT (come back with the reply).
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+nvidia-smi -L > "$OUT/device.txt" 2>&1
+python3 -c "import torch, diffusers; print(torch.__version__, diffusers.__version__)" >> "$OUT/device.txt" 2>&1
+case "$1" in
+serve)  # the suite against Diffusers: SD1.5 512² first, then SDXL 1024², as far as 400 s go
+    timeout 540 python3 -m bench.gpu_serve --zoo /tmp/zoo --out "$OUT/gpu_serve.json" --budget-s 400 \
+        2>&1 | tee "$OUT/gpu_serve.log" | tail -40
+    ;;
+checks)  # CUDA IPC equality over real workers, then the AOTInductor diagnosis (docs/gpu.md)
+    timeout 200 python3 -m pytest -q -x tests/test_residual_transport.py -k cuda 2>&1 | tee "$OUT/cuda_ipc.log" | tail -15
+    timeout 300 python3 -m bench.gpu_check --stages eager aoti --out "$OUT/aoti.json" 2>&1 | tee "$OUT/aoti.log" | tail -25
+    ;;
+*)
+    echo "usage: bench/gpu_session.sh serve|checks" >&2
+    exit 2
+    ;;
+esac
