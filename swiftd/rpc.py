@@ -134,15 +134,29 @@ class ChannelPool:
     """One channel per worker address, shared by all requests (HTTP/2 multiplexes streams).
 
     With TLS, a channel is made anew once the process's certificate files change (a renewed
-    certificate), so new connections present it; calls still running keep the old channel."""
+    certificate; looked at once a second at most), so new connections present it; calls still
+    running keep the old channel."""
+
+    STAMP_EVERY_S = 1.0  # how often the certificate files are looked at (three stats), at most
 
     def __init__(self):
         self._channels: dict[str, tuple[grpc.Channel, object]] = {}
         self._lock = threading.Lock()
+        self._stamp: tuple[float, object] = (float("-inf"), None)
+
+    def _tls_stamp(self):
+        tls = security.configured()
+        if tls is None:
+            return None
+        checked_at, stamp = self._stamp
+        now = time.monotonic()
+        if now - checked_at >= self.STAMP_EVERY_S:
+            stamp = tls.stamp()
+            self._stamp = (now, stamp)
+        return stamp
 
     def get(self, address: str) -> grpc.Channel:
-        tls = security.configured()
-        stamp = tls.stamp() if tls is not None else None
+        stamp = self._tls_stamp()
         with self._lock:
             entry = self._channels.get(address)
             if entry is None or entry[1] != stamp:

@@ -329,6 +329,15 @@ def started_plan(stream) -> gateway_pb2.Plan:
     return next(e.started.plan for e in stream if e.HasField("started"))
 
 
+def as_started(final_plan: gateway_pb2.Plan) -> gateway_pb2.Plan:
+    """The final plan less what only the run told: how each ControlNet's residuals travelled."""
+    plan = gateway_pb2.Plan()
+    plan.CopyFrom(final_plan)
+    for assignment in plan.controlnets:
+        assignment.transport = common_pb2.RESIDUAL_TRANSPORT_UNSPECIFIED
+    return plan
+
+
 def test_started_event_and_trace_carry_the_placement_and_its_reason(bench_like_suite):
     stub, unets, controlnet, collector = bench_like_suite
     # Idle: the UNet on core 0, the ControlNet on the ControlNet worker of idle core 1.
@@ -338,7 +347,9 @@ def test_started_event_and_trace_carry_the_placement_and_its_reason(bench_like_s
     assert plan.unet_worker == unets[0].address and [a.worker for a in plan.controlnets] == [controlnet.address]
     assert "idle device cpu:1" in plan.reason and "--cfg-split never" in plan.reason
     final = events[-1].final
-    assert final.plan == plan and final.image_png
+    assert as_started(final.plan) == plan and final.image_png
+    # The worker on the other core is on this host: its residuals crossed shared memory.
+    assert [a.transport for a in final.plan.controlnets] == [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]
 
     spans = collector.wait_for(final.trace_id, lambda spans: any(s.name == "plan" for s in spans))
     plan_span = next(s for s in spans if s.service == "gateway" and s.name == "plan")
@@ -355,6 +366,6 @@ def test_started_event_and_trace_carry_the_placement_and_its_reason(bench_like_s
         assert plan.placement == gateway_pb2.PLACEMENT_PACK, plan.reason
         assert plan.unet_worker == unets[1].address and [a.worker for a in plan.controlnets] == [""]
         assert "no other device idle" in plan.reason
-        assert events[-1].final.plan == plan and events[-1].final.image_png
+        assert as_started(events[-1].final.plan) == plan and events[-1].final.image_png
     finally:
         long.cancel()

@@ -305,7 +305,8 @@ def test_a_renewed_certificate_is_served_to_new_connections(secured):
 
 def test_a_renewed_client_certificate_is_presented_on_new_channels(secured):
     """A service's outgoing channels follow its certificate files too: once they change, the pool
-    makes a new channel (presenting the renewed certificate) for the next call."""
+    makes a new channel (presenting the renewed certificate) for the calls after its next look at
+    them (at most a second later)."""
     root, ca, services, _ = secured
     pool = rpc.ChannelPool()
     try:
@@ -313,6 +314,7 @@ def test_a_renewed_client_certificate_is_presented_on_new_channels(secured):
         assert pool.get(services["unet"].address) is first
         time.sleep(0.05)
         ca.issue(security.OPERATOR, root / security.OPERATOR)  # the test's own identity, renewed
+        time.sleep(rpc.ChannelPool.STAMP_EVERY_S)
         renewed = pool.get(services["unet"].address)
         assert renewed is not first
         assert _call(renewed, "/swiftd.v1.UNetWorker/ListModels") == grpc.StatusCode.OK
