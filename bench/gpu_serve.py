@@ -22,7 +22,8 @@ cn1_lora1 and cn2_lora2 (rank-64 PEFT LoRA over attention and feed-forward, and 
 Each side gets one untimed request per scenario, then --repeats timed ones (median reported):
 end-to-end latency, add-on overhead (scenario / base), and from our side the per-step parts
 (encoder half, decoder half, wait for residuals, ControlNet compute, transport) and the transport
-each ControlNet's residuals took. Results go to --out after every stage, so a run stopped by a
+each ControlNet's residuals took; with --compiled, torch's compile counters on the UNet worker
+after its first request and at the end (LoRA swaps in between must compile nothing). Results go to --out after every stage, so a run stopped by a
 time limit keeps what it measured; --budget-s skips what would start after it. The last stage
 writes a Markdown table (`table`) for docs/gpu.md.
 
@@ -161,7 +162,7 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str]) -> dic
         ]
         services += [store, *cns]
         store.wait_ready()
-        unet_args = [*common, "--device", gpus[0]]
+        unet_args = [*common, "--device", gpus[0], "--metrics-port", "0"]
         if args.compiled:
             unet_args += ["--compiled-artifacts", str(work / "artifacts"), "--compile-missing"]
             unet_args += ["--compile-resolution", str(size)]
@@ -181,6 +182,7 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str]) -> dic
         services.append(gateway)
         out = {"devices": {"unet": gpus[0], "controlnets": [cn_devices[i % len(cn_devices)] for i in range(2)]}}
         out["scenarios"] = {}
+        compilations = {}  # on artifacts: torch's compile counters, after the first request and at the end
         with Client(gateway.address, timeout=600) as client:
             for scenario in scenarios(family, size, args.scenarios):
                 fields = dict(
@@ -193,6 +195,7 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str]) -> dic
                     controlnets=[ControlNet(c.controlnet_id, c.image_png, c.scale) for c in scenario.controlnets],
                 )
                 client.generate("a photo of an astronaut riding a horse", **fields)  # warm-up
+                compilations.setdefault("after_first_request", _compilations(unet.metrics_address))
                 runs = []
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
@@ -208,10 +211,27 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str]) -> dic
                     "transports": [transport.name(a.transport) for a in result.plan.controlnets],
                     "lora_applied_at_step": result.lora_applied_at_step,
                 }
+        compilations["at_end"] = _compilations(unet.metrics_address)  # LoRA swaps in between
+        out["compilations"] = compilations
         return out
     finally:
         for service in reversed(services):
             service.stop()
+
+
+def _compilations(metrics_address: str) -> dict[str, float]:
+    """The worker's `swiftd_compilations` by kind (empty when it serves eagerly)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read().decode()
+    return {
+        sample.labels["kind"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "swiftd_compilations"
+    }
 
 
 def per_step(timings: dict[str, float], steps: int) -> dict[str, float]:

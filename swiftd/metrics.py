@@ -52,6 +52,12 @@ IN_FLIGHT = Gauge("swiftd_in_flight", "requests running", ["model"])
 LORA_LOOKUPS = Counter("swiftd_lora_lookups", "LoRA deltas looked up, by tier", ["tier", "result"])
 LORA_BYTES = Counter("swiftd_lora_bytes", "LoRA delta bytes moved", ["direction"])
 COMPILED = Gauge("swiftd_compiled", "1 where the part runs on compiled artifacts", ["part"])
+COMPILATIONS = Gauge(
+    "swiftd_compilations",
+    "torch compilation work in this process so far, by kind (compiler.runtime.compile_activity; "
+    "a worker on compiled artifacts stays at 0, across LoRA swaps too)",
+    ["kind"],
+)
 START_SECONDS = Gauge("swiftd_start_seconds", "seconds from process start to serving (a warm start is short)")
 DEVICE_MEMORY = Gauge("swiftd_device_memory_bytes", "allocated device memory (CPU: resident memory)", ["device"])
 
@@ -93,6 +99,12 @@ def track_load(model: str, waiting: Callable[[], int], running: Callable[[], int
     """Queue depth and in-flight count of `model`, read at scrape time."""
     QUEUE_DEPTH.labels(model).set_function(waiting)
     IN_FLIGHT.labels(model).set_function(running)
+
+
+def track_compilations(activity: Callable[[], dict[str, int]]) -> None:
+    """Each kind of `activity()` (torch's compile counters), read at scrape time."""
+    for kind in activity():
+        COMPILATIONS.labels(kind).set_function(lambda kind=kind: activity().get(kind, 0))
 
 
 def track_device_memory(device: str) -> None:

@@ -446,10 +446,12 @@ def test_service_on_artifacts_compiles_nothing_and_starts_5x_sooner(zoo_root, co
         "tiny-sd15",
         num_threads=1,
         timeout=300,
-        extra_args=["--compiled-artifacts", str(directory)],
+        extra_args=["--compiled-artifacts", str(directory), "--metrics-port", "0"],
         env={"TORCHINDUCTOR_CACHE_DIR": str(cache)},
     )
     warm_seconds = time.monotonic() - t0
+    from tests.test_metrics import scrape
+
     try:
         with rpc.create_channel(worker.address) as channel:
             stub = unet_pb2_grpc.UNetWorkerStub(channel)
@@ -466,6 +468,11 @@ def test_service_on_artifacts_compiles_nothing_and_starts_5x_sooner(zoo_root, co
                 response = stub.Denoise(unet_pb2.DenoiseRequest(params=params), timeout=120)
                 assert response.image_png
         log = worker.log_tail(400)
+        # The same, as a scraper sees it: every kind of compile work at 0.
+        compilations = {
+            dict(k[1])["kind"]: v for k, v in scrape(worker.metrics_address).items() if k[0] == "swiftd_compilations"
+        }
+        assert compilations and set(compilations.values()) == {0}, compilations
     finally:
         worker.stop()
     assert "'dynamo_frames': 0, 'dynamo_recompiles': 0, 'inductor': 0, 'aot_autograd': 0" in log, log

@@ -35,4 +35,5 @@ def test_the_gpu_serving_benchmark_runs_end_to_end_on_the_cpu(zoo_root, tmp_path
             parts = got["per_step_s"]
             assert parts["encoder_half"] > 0 and parts["decoder_half"] > 0 and parts["controlnet_compute"] > 0
     assert "lora_load_fuse" in theirs["cn1_lora1"]["stages"]  # Diffusers loads the LoRA per request
+    assert stages["ours.spread"]["result"]["compilations"] == {"after_first_request": {}, "at_end": {}}  # eager
     assert len(data["table"].splitlines()) == 2 + 4  # header, rule, a row per scenario

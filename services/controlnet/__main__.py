@@ -119,6 +119,7 @@ def main(argv=None) -> None:
 
         from compiler.runtime import compile_activity
 
+        metrics.track_compilations(compile_activity)
         log.info(
             "ready: compiled %s; compilation so far in this process: %s",
             sorted(registry.compiled()),

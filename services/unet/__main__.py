@@ -177,6 +177,7 @@ def load_backbone(args, pipe) -> Backbone:
         log.error("serving EAGERLY: the compiled artifacts in %s cannot be used here: %s", args.compiled_artifacts, exc)
         return EagerBackbone(pipe)
     log.info("compiled: %s; compilation so far in this process: %s", compiled.describe(), compile_activity())
+    metrics.track_compilations(compile_activity)  # at scrape time: a recompilation would show
     return compiled
 
 
