@@ -3,7 +3,10 @@ far past its budgets, against a gateway, a UNet worker (--lora-cache-mib 64) and
 processes. Reports each service's resident memory before and its peak (VmHWM, reset after
 start-up) over the hostile inputs.
 
-    python -m bench.hostile --zoo .zoo [--out out/hostile.json]
+    python -m bench.hostile --zoo .zoo [--family tiny-sd15] [--out out/hostile.json]
+
+`--family sd15` runs it on the full-size SD1.5 architecture (`python -m swiftd.zoo build --only
+sd15` first: random fp16 weights, served in fp32 on the CPU).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from swiftd.images import encode_png
 from swiftd.launcher import start_gateway, start_lora_store, start_unet
 from swiftd.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, lora_store_pb2, unet_pb2, unet_pb2_grpc
 
-MODEL = "tiny-sd15"
 LORA_BUDGET_MIB = 64
 
 
@@ -43,9 +45,10 @@ def _refused(call, request) -> str:
     return "OK"
 
 
-def hostile_inputs(gateway, worker) -> dict[str, str]:
-    """Each hostile input and the status it got."""
-    params = dict(width=64, height=64, num_inference_steps=2, model_id=MODEL)
+def hostile_inputs(gateway, worker, model: str, conv_in: tuple[int, int]) -> dict[str, str]:
+    """Each hostile input and the status it got (`conv_in`: the UNet's conv_in weight as a matrix,
+    the shape a real delta for it has)."""
+    params = dict(width=64, height=64, num_inference_steps=2, model_id=model)
     outcomes = {
         "16 MiB prompt": _refused(
             gateway.Generate,
@@ -58,12 +61,12 @@ def hostile_inputs(gateway, worker) -> dict[str, str]:
             gateway.Generate,
             gateway_pb2.GenerateRequest(
                 params=common_pb2.GenerationParams(prompt="a cat", **params),
-                controlnets=[common_pb2.ControlNetInput(controlnet_id=f"{MODEL}-cn-edges", image=b"\0" * (300 << 20))],
+                controlnets=[common_pb2.ControlNetInput(controlnet_id=f"{model}-cn-edges", image=b"\0" * (300 << 20))],
             ),
         ),
     }
     bomb = common_pb2.ControlNetInput(
-        controlnet_id=f"{MODEL}-cn-edges", image=encode_png(PIL.Image.new("L", (12000, 12000)))
+        controlnet_id=f"{model}-cn-edges", image=encode_png(PIL.Image.new("L", (12000, 12000)))
     )
     outcomes["PNG declaring 12000x12000 (gateway)"] = _refused(
         gateway.Generate,
@@ -78,9 +81,12 @@ def hostile_inputs(gateway, worker) -> dict[str, str]:
     )
     # Pushes that never finish, each 16 MiB of a real parameter's worth of bytes, past the budget.
     release = threading.Event()
-    chunk = lora_store_pb2.LoraDeltaChunk(lora_id="tiny-sd15-lora-peft-r4", scale=0.5)
+    chunk = lora_store_pb2.LoraDeltaChunk(lora_id=f"{model}-lora-peft-r4", scale=0.5)
     delta = chunk.deltas.add(parameter_name="unet.conv_in.weight")
-    delta.full.CopyFrom(common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[32, 36], data=b"\0" * (32 * 36 * 4)))
+    rows, cols = conv_in
+    delta.full.CopyFrom(
+        common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[rows, cols], data=b"\0" * (rows * cols * 4))
+    )
 
     def endless(scale):
         message = lora_store_pb2.LoraDeltaChunk()
@@ -107,11 +113,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.hostile", description=__doc__)
     parser.add_argument("--zoo", type=Path, default=Path(".zoo"))
     parser.add_argument("--out", type=Path, default=Path("out/hostile.json"))
+    parser.add_argument("--family", default="tiny-sd15", help="zoo family (sd15: the full-size architecture)")
     args = parser.parse_args(argv)
-    store = start_lora_store(args.zoo, args.out.parent / "hostile-cache", [MODEL], num_threads=1)
+    model = args.family
+    unet_config = json.loads((args.zoo / "models" / model / "unet" / "config.json").read_text())
+    conv_in = (unet_config["block_out_channels"][0], unet_config["in_channels"] * 9)
+    store = start_lora_store(args.zoo, args.out.parent / "hostile-cache", [model], num_threads=1)
     unet = start_unet(
         args.zoo,
-        MODEL,
+        model,
         lora_store=store.address,
         num_threads=1,
         extra_args=["--lora-cache-mib", str(LORA_BUDGET_MIB)],
@@ -123,7 +133,9 @@ def main(argv=None) -> int:
         for service in services.values():  # the peak from here on, not the model load's
             Path(f"/proc/{service.process.pid}/clear_refs").write_text("5")
         before = {name: _status(s.process.pid) for name, s in services.items()}
-        outcomes = hostile_inputs(gateway_pb2_grpc.GatewayStub(channels[0]), unet_pb2_grpc.UNetWorkerStub(channels[1]))
+        outcomes = hostile_inputs(
+            gateway_pb2_grpc.GatewayStub(channels[0]), unet_pb2_grpc.UNetWorkerStub(channels[1]), model, conv_in
+        )
         after = {name: _status(s.process.pid) for name, s in services.items()}
     finally:
         for channel in channels:
