@@ -102,17 +102,21 @@ def create_server(
     max_workers: int,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     options: Iterable[tuple[str, object]] = (),
+    max_waiting: int | None = None,
 ) -> grpc.Server:
     """A thread-pool gRPC server with GRPC_OPTIONS (``options`` override them by name).
 
     Each in-flight RPC, a whole stream included, holds one of the ``max_workers`` threads for its
-    duration: size the pool for the concurrent streams the service must carry. Add ports and
-    servicers, then ``start()``.
+    duration: size the pool for the concurrent streams the service must carry. ``max_waiting``:
+    RPCs that may wait for a thread beyond those (None: no limit); more are refused with
+    RESOURCE_EXHAUSTED before their messages pile up in gRPC's buffers. Add ports and servicers,
+    then ``start()``.
     """
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     pool = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server")
-    return grpc.server(pool, interceptors=list(interceptors), options=_merge(options))
+    limit = None if max_waiting is None else max_workers + max_waiting
+    return grpc.server(pool, interceptors=list(interceptors), options=_merge(options), maximum_concurrent_rpcs=limit)
 
 
 def create_channel(address: str, options: Iterable[tuple[str, object]] = ()) -> grpc.Channel:

@@ -50,11 +50,20 @@ class ServerConfig:
     tls_server_name: str = ""
     health_port: int | None = None  # plaintext health checks only (kubelet probes do not speak TLS)
     tokens_file: Path | None = None  # the gateway: its clients' bearer tokens
+    # RPCs that may wait for a worker thread beyond max_workers; more are refused at once with
+    # RESOURCE_EXHAUSTED, so waiting calls' messages (held by gRPC, counted by no budget) stay bounded.
+    max_waiting_rpcs: int | None = None  # None: as many as max_workers
 
 
 def add_server_arguments(parser) -> None:
     parser.add_argument("--address", default="127.0.0.1:0", help="host:port to listen on (port 0 = pick one)")
-    parser.add_argument("--max-workers", type=int, default=16)
+    parser.add_argument("--max-workers", type=int, default=16, help="RPCs served at once (a stream holds one)")
+    parser.add_argument(
+        "--max-waiting-rpcs",
+        type=int,
+        default=None,
+        help="RPCs that may wait for one of those; more get RESOURCE_EXHAUSTED at once (default: --max-workers)",
+    )
     parser.add_argument("--grace-seconds", type=float, default=10.0)
     parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--cpu-cores", default="", help="comma-separated cores to pin this process to")
@@ -96,6 +105,7 @@ def server_config_from_args(args) -> ServerConfig:
         tls_server_name=args.tls_server_name,
         health_port=args.health_port,
         tokens_file=getattr(args, "tokens_file", None),
+        max_waiting_rpcs=args.max_waiting_rpcs,
     )
 
 
@@ -176,6 +186,7 @@ def serve(
     authorization = [security.AuthorizationInterceptor(tokens)] if tls or tokens else []
     server = rpc.create_server(
         config.max_workers,
+        max_waiting=config.max_workers if config.max_waiting_rpcs is None else config.max_waiting_rpcs,
         interceptors=[
             metrics.MetricsInterceptor(),
             drain_gate,

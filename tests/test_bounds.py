@@ -269,3 +269,41 @@ def test_a_transfer_that_has_not_begun_is_not_dropped_as_stalled():
     inbox.put("late", 1.0, [("unet.b.weight", WeightDelta(torch.ones(2, 2)))], last=True)  # arrives at last
     [(lora_id, deltas)] = fetch.unet_deltas()
     assert lora_id == "late" and list(deltas) == ["unet.b.weight"]
+
+
+def test_calls_waiting_for_a_thread_are_bounded_and_the_rest_refused_at_once():
+    """Beyond --max-workers running and --max-waiting-rpcs waiting, a call is RESOURCE_EXHAUSTED at
+    once: calls queued for a thread hold their messages in gRPC's buffers, which no budget counts
+    (64 unfinished LoRA pushes grew a full-size worker by 188 MiB before, bench/hostile.py)."""
+    import threading
+    import time
+
+    release, entered = threading.Event(), threading.Event()
+
+    def hold(request, context):  # a call that keeps its thread until released
+        entered.set()
+        release.wait(30)
+        return request
+
+    server = rpc.create_server(1, max_waiting=1)
+    handler = grpc.unary_unary_rpc_method_handler(hold)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Hold", {"Hold": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    call = channel.unary_unary("/test.Hold/Hold")
+    try:
+        running = call.future(b"a", timeout=30)
+        assert entered.wait(10)  # it holds the one thread
+        waiting = call.future(b"b", timeout=30)
+        time.sleep(0.3)  # at the server by now, queued for the thread
+        with pytest.raises(grpc.RpcError) as refused:
+            call(b"c", timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not running.done() and not waiting.done()
+        release.set()
+        assert (running.result(), waiting.result()) == (b"a", b"b")  # the waiting one got its turn
+    finally:
+        release.set()
+        channel.close()
+        server.stop(None)
