@@ -8,7 +8,6 @@ import logging
 import torch
 
 from swiftd import codec, transport
-from swiftd.transport.shm import ShmRing
 from swiftd.v1 import common_pb2, controlnet_pb2
 
 log = logging.getLogger(__name__)
@@ -21,7 +20,7 @@ class ResidualSender:
         self.chosen = chosen
         self.wire_dtype = wire_dtype
         self.label = label
-        self._ring: ShmRing | None = None
+        self._ring = None  # transport.ring_class(chosen), once offered
         self._offered = chosen == transport.INLINE  # nothing to offer when inline was chosen
         self.used = transport.INLINE  # what the last step went over
 

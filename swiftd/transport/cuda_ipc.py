@@ -27,9 +27,8 @@ import json
 
 import torch
 
-from swiftd import codec
 from swiftd.transport import CUDA_IPC
-from swiftd.transport.shm import ALIGN, SLOTS, Layout, _aligned
+from swiftd.transport.layout import SLOTS, SlotLayout, check_index
 from swiftd.v1 import controlnet_pb2
 
 
@@ -65,16 +64,15 @@ def _decode_handle(entry: dict) -> tuple:
 class CudaIpcRing:
     """One session's device ring; `create` on the writer's side, `attach` on the reader's."""
 
-    def __init__(self, buffers: list[torch.Tensor], layouts: list[Layout], slot_bytes: int, ready, free):
-        self.layouts = layouts
+    def __init__(self, buffers: list[torch.Tensor], layout: SlotLayout, ready, free):
+        self.layout = layout
         self.slots = len(buffers)
-        self.slot_bytes = slot_bytes
         self._buffers = buffers
         self._ready, self._free = ready, free
         self._views = [
             [
-                buffer[layout.offset : layout.offset + layout.nbytes].view(layout.dtype).view(layout.shape)
-                for layout in layouts
+                buffer[tensor.offset : tensor.offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+                for tensor in layout.tensors
             ]
             for buffer in buffers
         ]
@@ -88,23 +86,16 @@ class CudaIpcRing:
         device = tensors[0].device
         if device.type != "cuda":
             raise RuntimeError("a CUDA IPC ring needs CUDA tensors")
-        layouts, offset = [], 0
-        for tensor in tensors:
-            layout = Layout(wire_dtype or tensor.dtype, tuple(tensor.shape), offset)
-            layouts.append(layout)
-            offset += _aligned(layout.nbytes)
-        slot_bytes = max(offset, ALIGN)
-        buffers = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
+        layout = SlotLayout.plan(tensors, wire_dtype)
+        buffers = [torch.empty(layout.slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
 
         def events():
             return [torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True) for _ in range(slots)]
 
-        return cls(buffers, layouts, slot_bytes, events(), events())
+        return cls(buffers, layout, events(), events())
 
     def fits(self, tensors: list[torch.Tensor]) -> bool:
-        return len(tensors) == len(self.layouts) and all(
-            tuple(t.shape) == layout.shape for t, layout in zip(tensors, self.layouts)
-        )
+        return self.layout.fits(tensors)
 
     def write(self, tensors: list[torch.Tensor]) -> controlnet_pb2.ResidualSlot:
         self._sequence += 1
@@ -129,13 +120,8 @@ class CudaIpcRing:
         return controlnet_pb2.ResidualRing(
             transport=CUDA_IPC,
             slots=self.slots,
-            slot_bytes=self.slot_bytes,
-            tensors=[
-                controlnet_pb2.TensorLayout(
-                    dtype=codec.dtype_to_proto(layout.dtype), shape=layout.shape, offset=layout.offset
-                )
-                for layout in self.layouts
-            ],
+            slot_bytes=self.layout.slot_bytes,
+            tensors=self.layout.to_pb(),
             cuda_handles=handles,
         )
 
@@ -148,14 +134,9 @@ class CudaIpcRing:
     def attach(cls, ring: controlnet_pb2.ResidualRing) -> CudaIpcRing:
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available in this process")
-        if ring.slots < 1 or len(ring.cuda_handles) != ring.slots:
+        layout = SlotLayout.from_pb(ring)
+        if len(ring.cuda_handles) != ring.slots:
             raise ValueError("a CUDA IPC ring needs one handle per slot")
-        layouts = []
-        for t in ring.tensors:
-            layout = Layout(codec.dtype_from_proto(t.dtype), tuple(t.shape), t.offset)
-            if layout.offset % ALIGN or layout.offset + layout.nbytes > ring.slot_bytes:
-                raise ValueError(f"tensor at {layout.offset} does not fit a slot of {ring.slot_bytes} bytes")
-            layouts.append(layout)
         buffers, ready, free = [], [], []
         for blob in ring.cuda_handles:
             entry = json.loads(blob)
@@ -167,17 +148,14 @@ class CudaIpcRing:
             buffers.append(base)
             ready.append(torch.cuda.Event.from_ipc_handle(device, base64.b64decode(entry["ready"])))
             free.append(torch.cuda.Event.from_ipc_handle(device, base64.b64decode(entry["free"])))
-        return cls(buffers, layouts, ring.slot_bytes, ready, free)
+        return cls(buffers, layout, ready, free)
 
     def read(self, slot: controlnet_pb2.ResidualSlot, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """Copies of the slot's residuals on `device` in `dtype`, ordered after the writer's
         copy by its event; the slot is released (free event) as soon as they are made. The
         consuming stream must wait on the returned list's `event` before using them (the reader
         thread returns before the copies are done)."""
-        from swiftd.transport.shm import TornRead
-
-        if not 0 <= slot.index < self.slots:
-            raise TornRead(f"residual slot {slot.index} out of range (ring of {self.slots})")
+        check_index(slot, self.slots)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device=self._buffers[0].device)
         with torch.cuda.stream(self._copy_stream):

@@ -22,54 +22,28 @@ import math
 import mmap
 import os
 import secrets
-from dataclasses import dataclass
 
-import grpc
 import numpy as np
 import torch
 
-from swiftd import codec
-from swiftd.errors import ServingError
 from swiftd.transport import SHARED_MEMORY, SHM_DIR
+from swiftd.transport.layout import SLOTS, SlotLayout, TornRead, aligned, check_index
 from swiftd.v1 import controlnet_pb2
 
 log = logging.getLogger(__name__)
 
 PREFIX = "swiftd-res-"
-ALIGN = 64
-SLOTS = 2
-
-
-class TornRead(ServingError):
-    """A slot did not hold the step it was announced with (overwritten or half-written)."""
-
-    code = grpc.StatusCode.DATA_LOSS
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-@dataclass(frozen=True)
-class Layout:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class ShmRing:
     """One session's ring; `create` on the writer's side, `attach` on the reader's."""
 
-    def __init__(self, name: str, fd: int, layouts: list[Layout], slots: int, slot_bytes: int, owner: bool):
+    def __init__(self, name: str, fd: int, layout: SlotLayout, slots: int, owner: bool):
         self.name = name
-        self.layouts = layouts
+        self.layout = layout
         self.slots = slots
-        self.slot_bytes = slot_bytes
-        self.header_bytes = _aligned(8 * slots)
+        slot_bytes = layout.slot_bytes
+        self.header_bytes = aligned(8 * slots)
         self._owner = owner
         self._linked = owner
         size = self.header_bytes + slots * slot_bytes
@@ -88,11 +62,11 @@ class ShmRing:
             [
                 torch.frombuffer(
                     self._map,
-                    dtype=layout.dtype,
-                    count=math.prod(layout.shape),
-                    offset=self.header_bytes + i * slot_bytes + layout.offset,
-                ).view(layout.shape)
-                for layout in layouts
+                    dtype=tensor.dtype,
+                    count=math.prod(tensor.shape),
+                    offset=self.header_bytes + i * slot_bytes + tensor.offset,
+                ).view(tensor.shape)
+                for tensor in layout.tensors
             ]
             for i in range(slots)
         ]
@@ -103,23 +77,16 @@ class ShmRing:
     @classmethod
     def create(cls, tensors: list[torch.Tensor], wire_dtype: torch.dtype | None, slots: int = SLOTS) -> ShmRing:
         """A ring whose slots fit `tensors` (cast to `wire_dtype`), under a fresh name."""
-        layouts, offset = [], 0
-        for tensor in tensors:
-            layout = Layout(wire_dtype or tensor.dtype, tuple(tensor.shape), offset)
-            layouts.append(layout)
-            offset += _aligned(layout.nbytes)
         name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
         fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            return cls(name, fd, layouts, slots, max(offset, ALIGN), owner=True)
+            return cls(name, fd, SlotLayout.plan(tensors, wire_dtype), slots, owner=True)
         except BaseException:
             (SHM_DIR / name).unlink(missing_ok=True)
             raise
 
     def fits(self, tensors: list[torch.Tensor]) -> bool:
-        return len(tensors) == len(self.layouts) and all(
-            tuple(t.shape) == layout.shape for t, layout in zip(tensors, self.layouts)
-        )
+        return self.layout.fits(tensors)
 
     def write(self, tensors: list[torch.Tensor]) -> controlnet_pb2.ResidualSlot:
         """Copy one step's residuals into the next slot (casting to the wire dtype); its address."""
@@ -136,14 +103,9 @@ class ShmRing:
             transport=SHARED_MEMORY,
             name=self.name,
             slots=self.slots,
-            slot_bytes=self.slot_bytes,
+            slot_bytes=self.layout.slot_bytes,
             header_bytes=self.header_bytes,
-            tensors=[
-                controlnet_pb2.TensorLayout(
-                    dtype=codec.dtype_to_proto(layout.dtype), shape=layout.shape, offset=layout.offset
-                )
-                for layout in self.layouts
-            ],
+            tensors=self.layout.to_pb(),
         )
 
     def unlink(self) -> None:
@@ -157,18 +119,13 @@ class ShmRing:
     @classmethod
     def attach(cls, ring: controlnet_pb2.ResidualRing) -> ShmRing:
         """Map the writer's ring; OSError or ValueError when it cannot be (another host, bad layout)."""
-        if not ring.name.startswith(PREFIX) or "/" in ring.name or ring.slots < 1:
+        if not ring.name.startswith(PREFIX) or "/" in ring.name:
             raise ValueError(f"not a residual ring: {ring.name!r}")
-        layouts = []
-        for t in ring.tensors:
-            layout = Layout(codec.dtype_from_proto(t.dtype), tuple(t.shape), t.offset)
-            if layout.offset % ALIGN or layout.offset + layout.nbytes > ring.slot_bytes:
-                raise ValueError(f"tensor at {layout.offset} does not fit a slot of {ring.slot_bytes} bytes")
-            layouts.append(layout)
-        if ring.header_bytes != _aligned(8 * ring.slots):
+        layout = SlotLayout.from_pb(ring)
+        if ring.header_bytes != aligned(8 * ring.slots):
             raise ValueError("unexpected ring header size")
         fd = os.open(SHM_DIR / ring.name, os.O_RDWR)
-        ring = cls(ring.name, fd, layouts, ring.slots, ring.slot_bytes, owner=False)
+        ring = cls(ring.name, fd, layout, ring.slots, owner=False)
         # Mapped on both sides now: without its name nothing outlives the two processes.
         (SHM_DIR / ring.name).unlink(missing_ok=True)
         return ring
@@ -181,8 +138,7 @@ class ShmRing:
         valid until the reader has sent the input of the step after next, since the writer fills a
         slot again only when asked for that step (two slots). Otherwise they are converted
         copies, and the slot is checked again after the copy."""
-        if not 0 <= slot.index < self.slots:
-            raise TornRead(f"residual slot {slot.index} out of range (ring of {self.slots})")
+        check_index(slot, self.slots)
         if self._header[slot.index] != slot.sequence:
             raise TornRead(f"residual slot {slot.index} holds step {self._header[slot.index]}, not {slot.sequence}")
         views = self._views[slot.index]

@@ -77,12 +77,13 @@ class RemoteResidualSource:
                     ready = getattr(tensors, "event", None)
                     *down, mid = tensors
                     residuals = ControlNetResiduals(tuple(down), mid)
+                    self.transport = self._answer
                 else:
                     residuals = ControlNetResiduals(
                         tuple(self._decode(t) for t in response.down_block_res_samples),
                         self._decode(response.mid_block_res_sample),
                     )
-                self.transport = self._answer if response.HasField("slot") else transport.INLINE
+                    self.transport = transport.INLINE
                 received = time.perf_counter()
                 self._responses.put((response.step_index, response.compute_seconds, received, residuals, ready))
             self._responses.put(Unavailable(f"controlnet {self.controlnet_id!r} on {self.address}: stream ended early"))
