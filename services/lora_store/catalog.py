@@ -309,15 +309,13 @@ class LoraCatalog:
         self._sync()
         info, already = self._read(lora_id, bases)  # a file we cannot serve is never listed
         if self.registry is not None:
-            listed: list[bool] = []
             try:
-                self.registry.update(lambda ids: (listed.append(lora_id in ids), ids.add(lora_id)))
+                already = lora_id in self.registry.update(lambda ids: ids.add(lora_id))
             except BaseException:
                 if not already:  # not registered anywhere, so not here either
                     with self._lock:
                         self._entries.pop(lora_id, None)
                 raise
-            already = listed[0]
         return info, already
 
     def _read(self, lora_id: str, bases: list[BaseSignature] | None = None) -> tuple[LoraFileInfo, bool]:
@@ -365,11 +363,9 @@ class LoraCatalog:
     def remove(self, lora_id: str) -> bool:
         check_id("lora_id", lora_id)
         self._sync()
-        listed: list[bool] = []
-        if self.registry is not None:
-            self.registry.update(lambda ids: (listed.append(lora_id in ids), ids.discard(lora_id)))
+        listed = self.registry is not None and lora_id in self.registry.update(lambda ids: ids.discard(lora_id))
         with self._lock:
-            return self._entries.pop(lora_id, None) is not None or any(listed)
+            return self._entries.pop(lora_id, None) is not None or listed
 
     def list(self, family: str = "") -> list[LoraFileInfo]:
         self._sync()

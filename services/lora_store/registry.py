@@ -21,10 +21,11 @@ import fcntl
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
+
+from services.lora_store.atomic import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +76,7 @@ class RegistryFile:
 
     def _write(self, ids: Iterable[str]) -> None:
         body = json.dumps({"format": FORMAT, "lora_ids": sorted(ids)}, indent=1).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself survives a power cut
-        finally:
-            os.close(directory)
+        write_atomically(self.path, lambda tmp: tmp.write_bytes(body))
 
     def initialize(self, first_ids: Callable[[], Iterable[str]]) -> set[str]:
         """The ids in the file; when there is none yet, `first_ids()` written as the first version."""
@@ -103,12 +90,13 @@ class RegistryFile:
             return ids
 
     def update(self, change: Callable[[set[str]], None]) -> set[str]:
-        """Apply `change` to the current ids (in place) and write the result; returns it."""
+        """Apply `change` to the current ids (in place) and write the result; returns the ids as
+        they were before (so a caller learns whether its id was listed)."""
         with self._locked():
             current = self.read()
-            ids = set() if current is None else current[0]
-            before = set(ids)
+            before = set() if current is None else current[0]
+            ids = set(before)
             change(ids)
             if ids != before:
                 self._write(ids)
-            return ids
+            return before

@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from services.lora_store.atomic import write_atomically
 from swiftd.lora import LoraDeltas, WeightDelta
 
 log = logging.getLogger(__name__)
@@ -211,20 +210,10 @@ class DiskTier:
             "content_sha256": content_sha256(entry.deltas),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = None
         try:
-            # A name no other writer has: replicas sharing the folder can have the same pid (1).
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            tmp = Path(name)
-            save_file(tensors, str(tmp), metadata=meta)
-            with open(tmp, "rb") as f:  # on disk before the rename makes it visible: a crash leaves
-                os.fsync(f.fileno())  # the old entry or the new one, never a torn one
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         except OSError as exc:  # a full or read-only disk costs the tier, not the request
             log.warning("disk tier: could not write %s: %s", path, exc)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
 
     def drop_lora(self, lora_id: str) -> int:
         if self.cache_dir is None:
