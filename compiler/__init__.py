@@ -8,5 +8,6 @@ frozen.py     frozen (prepacked) packages kept current: patched weights re-packe
 tensorrt.py   refittable torch-tensorrt engines, refitted after a LoRA patch
 artifacts.py  the artifact directory's manifest, fingerprints, compatibility checks, error codes
 build.py      build + verify against eager; runtime.py: serving on artifacts (services/unet)
+probe.py      a worker's artifacts verified in a child process first; unusable ones: serve eagerly
 cli.py        build / verify / inspect (the GPU-only checks are bench/gpu_check.py)
 """

@@ -1,4 +1,5 @@
-"""Try artifacts in a child process before a worker loads them in its own.
+"""What a worker does with artifacts it may not be able to use: try them in a child process
+first, and when they cannot be used, serve eagerly and say why (or stop, if asked).
 
 A native crash while loading or running compiled parts (seen with AOTInductor packages on CUDA:
 the process ended with no Python exception) cannot be caught in the process it happens in. A
@@ -54,3 +55,24 @@ def probe_artifacts(
         code = child.returncode
     log.error("compiler verify of %s in a child process: %s; its last lines:\n%s", artifacts, cause, "\n".join(tail))
     raise ProbeFailed(f"verifying {artifacts} in a child process failed ({cause})", code)
+
+
+def add_unusable_artifacts_argument(parser, when: str) -> None:
+    """`--on-unusable-artifacts`: `when` says what makes artifacts unusable for this worker."""
+    parser.add_argument(
+        "--on-unusable-artifacts",
+        choices=["serve-eagerly", "exit"],
+        default="serve-eagerly",
+        help=f"when --compiled-artifacts {when}: serve eagerly and say so (default; a worker never restarts "
+        "in a loop for want of artifacts), or exit with the compiler's exit code",
+    )
+
+
+def unusable(args, directory: Path, error) -> None:
+    """The artifacts in `directory` cannot be used (`error`, a CompilerError): stop with the
+    compiler's exit code under `--on-unusable-artifacts exit`; otherwise log that the worker
+    serves eagerly, and return."""
+    if args.on_unusable_artifacts == "exit":
+        log.error("cannot serve on %s: %s", directory, error)
+        raise SystemExit(error.exit_code) from None
+    log.error("serving EAGERLY: the compiled artifacts in %s cannot be used here: %s", directory, error)

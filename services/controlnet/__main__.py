@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from compiler.probe import add_unusable_artifacts_argument
 from services.controlnet.registry import ControlNetRegistry
 from services.controlnet.servicer import ControlNetWorkerServicer
 from swiftd import metrics, rpc, tracing, transport
@@ -42,13 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="artifact directories from `python -m compiler build --controlnet-id ...` (one per base "
         "model family served): ControlNets of a compiled architecture run compiled, others eagerly",
     )
-    parser.add_argument(
-        "--on-unusable-artifacts",
-        choices=["serve-eagerly", "exit"],
-        default="serve-eagerly",
-        help="when --compiled-artifacts are missing or do not fit: serve eagerly and say so (default), "
-        "or exit with the compiler's exit code",
-    )
+    add_unusable_artifacts_argument(parser, "are missing or do not fit")
     transport.add_argument(parser, "accepts")
     add_server_arguments(parser)
     return parser
@@ -66,6 +61,7 @@ def stepper_factory(args):
         log.info("serving eagerly: no --compiled-artifacts given")
         return ControlNetStepper, []
     from compiler.artifacts import CompilerError
+    from compiler.probe import unusable
     from compiler.runtime import CompiledControlNets
 
     compiled = []
@@ -73,10 +69,7 @@ def stepper_factory(args):
         try:
             compiled.append(CompiledControlNets.load(directory, dtype=DTYPES[args.dtype], device=args.device))
         except CompilerError as exc:
-            if args.on_unusable_artifacts == "exit":
-                log.error("cannot serve on %s: %s", directory, exc)
-                raise SystemExit(exc.exit_code) from None
-            log.error("serving EAGERLY: the compiled artifacts in %s cannot be used here: %s", directory, exc)
+            unusable(args, directory, exc)
             return ControlNetStepper, []
         log.info("compiled: %s", compiled[-1].describe())
 

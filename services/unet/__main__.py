@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from compiler.probe import add_unusable_artifacts_argument
 from services.unet.backbone import Backbone, EagerBackbone
 from services.unet.lora_inbox import LoraInbox
 from services.unet.pipeline import UNetPipeline
@@ -105,14 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="resolutions --compile-missing builds (default: the model's native size)",
     )
-    parser.add_argument(
-        "--on-unusable-artifacts",
-        choices=["serve-eagerly", "exit"],
-        default="serve-eagerly",
-        help="when --compiled-artifacts are missing, do not fit or fail their probe: serve eagerly and "
-        "say so (default; a worker never restarts in a loop for want of artifacts), or exit with the "
-        "compiler's exit code",
-    )
+    add_unusable_artifacts_argument(parser, "are missing, do not fit or fail their probe")
     parser.add_argument(
         "--probe-artifacts",
         choices=["auto", "always", "never"],
@@ -139,7 +133,7 @@ def load_backbone(args, pipe) -> Backbone:
         return EagerBackbone(pipe)
     from compiler.artifacts import MANIFEST, CompilerError
     from compiler.build import build
-    from compiler.probe import probe_artifacts
+    from compiler.probe import probe_artifacts, unusable
     from compiler.runtime import CompiledBackbone, compile_activity
 
     try:
@@ -171,10 +165,7 @@ def load_backbone(args, pipe) -> Backbone:
             )
         compiled = CompiledBackbone.load(args.compiled_artifacts, pipe, device=args.device)
     except CompilerError as exc:
-        if args.on_unusable_artifacts == "exit":
-            log.error("cannot serve on %s: %s", args.compiled_artifacts, exc)
-            raise SystemExit(exc.exit_code) from None
-        log.error("serving EAGERLY: the compiled artifacts in %s cannot be used here: %s", args.compiled_artifacts, exc)
+        unusable(args, args.compiled_artifacts, exc)
         return EagerBackbone(pipe)
     log.info("compiled: %s; compilation so far in this process: %s", compiled.describe(), compile_activity())
     metrics.track_compilations(compile_activity)  # at scrape time: a recompilation would show
