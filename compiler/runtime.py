@@ -220,6 +220,7 @@ class CompiledControlNetStepper(ControlNetStepper):
         guess_mode=False,
         text_embeds=None,
         time_ids=None,
+        out=None,
     ) -> ControlNetResiduals:
         cn = self.controlnet
         compiled = None
@@ -236,11 +237,11 @@ class CompiledControlNetStepper(ControlNetStepper):
                 guess_mode,
                 text_embeds,
                 time_ids,
+                out,
             )
         added = () if text_embeds is None else (text_embeds, time_ids)
-        out = compiled(sample, t, encoder_hidden_states, cond_embedding, *added)
-        down, mid = weight_residuals(list(out[:-1]), out[-1], conditioning_scale, guess_mode)
-        return ControlNetResiduals(tuple(down), mid)
+        residuals = compiled(sample, t, encoder_hidden_states, cond_embedding, *added)
+        return weight_residuals(list(residuals[:-1]), residuals[-1], conditioning_scale, guess_mode, out)
 
 
 class CompiledControlNets:

@@ -105,7 +105,10 @@ class ControlNetStepper:
         guess_mode: bool = False,
         text_embeds: torch.Tensor | None = None,
         time_ids: torch.Tensor | None = None,
+        out: list[torch.Tensor] | None = None,
     ) -> ControlNetResiduals:
+        """One step's residuals; `out` (down blocks, then mid block): tensors of their shapes
+        to write them into (a residual ring's slot) instead of fresh ones."""
         cn = self.controlnet
         timesteps = timestep
         if not torch.is_tensor(timesteps):
@@ -131,17 +134,37 @@ class ControlNetStepper:
         down = [block(res) for res, block in zip(down_block_res_samples, cn.controlnet_down_blocks)]
         mid = cn.controlnet_mid_block(sample)
 
-        down, mid = weight_residuals(down, mid, conditioning_scale, guess_mode and not cn.config.global_pool_conditions)
         if cn.config.global_pool_conditions:
-            down = [torch.mean(d, dim=(2, 3), keepdim=True) for d in down]
-            mid = torch.mean(mid, dim=(2, 3), keepdim=True)
-        return ControlNetResiduals(tuple(down), mid)
+            weighted = weight_residuals(down, mid, conditioning_scale, False)
+            down = [torch.mean(d, dim=(2, 3), keepdim=True) for d in weighted.down_block_res_samples]
+            mid = torch.mean(weighted.mid_block_res_sample, dim=(2, 3), keepdim=True)
+            return fill(out, down, mid)
+        return weight_residuals(down, mid, conditioning_scale, guess_mode, out)
 
 
-def weight_residuals(down: list[torch.Tensor], mid: torch.Tensor, conditioning_scale: float, guess_mode: bool):
+def weight_residuals(
+    down: list[torch.Tensor],
+    mid: torch.Tensor,
+    conditioning_scale: float,
+    guess_mode: bool,
+    out: list[torch.Tensor] | None = None,
+) -> ControlNetResiduals:
     """Diffusers' weighting of a ControlNet's residuals: by the conditioning scale; in guess mode
-    shallow residuals weigh less (0.1 .. 1.0 times the scale)."""
+    shallow residuals weigh less (0.1 .. 1.0 times the scale). `out` (down blocks, then mid
+    block; a residual ring's slot): where to write them, the same numbers without a copy."""
+    scales = [conditioning_scale] * (len(down) + 1)
     if guess_mode:
         scales = torch.logspace(-1, 0, len(down) + 1, device=mid.device) * conditioning_scale
-        return [d * s for d, s in zip(down, scales)], mid * scales[-1]
-    return [d * conditioning_scale for d in down], mid * conditioning_scale
+    weighted = [
+        torch.mul(r, s, out=None if out is None else out[i]) for i, (r, s) in enumerate(zip([*down, mid], scales))
+    ]
+    return ControlNetResiduals(tuple(weighted[:-1]), weighted[-1])
+
+
+def fill(out: list[torch.Tensor] | None, down: list[torch.Tensor], mid: torch.Tensor) -> ControlNetResiduals:
+    """The residuals, copied into `out` when given."""
+    if out is None:
+        return ControlNetResiduals(tuple(down), mid)
+    for target, residual in zip(out, [*down, mid]):
+        target.copy_(residual)
+    return ControlNetResiduals(tuple(out[:-1]), out[-1])

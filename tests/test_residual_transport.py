@@ -1,6 +1,8 @@
 """The residual data plane (swiftd/transport): a shared-memory ring never hands out a half-written
-or overwritten step, leaves nothing in /dev/shm once mapped or after a crash, and a UNet worker that
-cannot map a ring it was offered gets inline bytes instead, with the same latents, bit for bit."""
+or overwritten step, leaves nothing in /dev/shm once mapped or after a crash; residuals computed
+straight into a slot are the same numbers; the step socket carries whole messages and ends with its
+peer; and a UNet worker that cannot map a ring it was offered gets inline bytes instead, with the
+same latents, bit for bit."""
 
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import pytest
 import torch
 
 from swiftd import codec, rpc, transport
+from swiftd.controlnet_step import ControlNetStepper
 from swiftd.launcher import start_controlnet, start_unet
+from swiftd.loading import load_controlnet
 from swiftd.request import ControlNet
 from swiftd.transport import shm
 from swiftd.transport.shm import ShmRing, TornRead
+from swiftd.transport.step_socket import StepListener, StepSocket
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
 from tests.reference import conditioning_image
 from tests.test_controlnet_service import denoise_request
@@ -67,14 +72,65 @@ def test_a_ring_leaves_nothing_in_shared_memory_once_mapped_or_when_its_writer_d
     # A writer killed before any reader mapped its ring: removed by the next worker's start-up scan.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     abandoned = transport.SHM_DIR / f"{shm.PREFIX}{int(dead.stdout)}-0123456789abcdef"
+    abandoned_socket = transport.SHM_DIR / f"{shm.PREFIX}{int(dead.stdout)}-0123456789abcdef.sock"
     alive = transport.SHM_DIR / f"{shm.PREFIX}{os.getpid()}-0123456789abcdef"  # ours: in use
-    for leftover in (abandoned, alive):
+    for leftover in (abandoned, abandoned_socket, alive):
         leftover.write_bytes(b"\0" * 64)
     try:
-        assert abandoned.name in shm.remove_abandoned()
-        assert not abandoned.exists() and alive.exists()
+        assert {abandoned.name, abandoned_socket.name} <= set(shm.remove_abandoned())
+        assert not abandoned.exists() and not abandoned_socket.exists() and alive.exists()
     finally:
         alive.unlink(missing_ok=True)
+
+
+def test_residuals_computed_into_a_slot_are_the_numbers_computed_apart(zoo_root):
+    stepper = ControlNetStepper(load_controlnet(zoo_root / "controlnets" / CN, torch.float32, "cpu"))
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=generator)
+    hidden = torch.randn(2, 77, stepper.controlnet.config.cross_attention_dim, generator=generator)
+    embedding = stepper.embed_condition(torch.rand(2, 3, 64, 64, generator=generator))
+    for guess_mode in (False, True):
+        apart = stepper.step(sample, torch.tensor(500.0), hidden, embedding, 0.7, guess_mode)
+        apart = [*apart.down_block_res_samples, apart.mid_block_res_sample]
+        for wire in (None, torch.float16):  # fp32 slots, and fp16 ones (one cast, as inline fp16 bytes)
+            writer = ShmRing.create(apart, wire)
+            reader = ShmRing.attach(writer.to_pb())
+            try:
+                slot = writer.next_slot()
+                stepper.step(sample, torch.tensor(500.0), hidden, embedding, 0.7, guess_mode, out=slot)
+                got = reader.read(writer.commit(), CPU, wire or torch.float32)
+                assert all(torch.equal(g, a.to(wire or torch.float32)) for g, a in zip(got, apart))
+            finally:
+                reader.close()
+                writer.close()
+
+
+def test_step_messages_cross_a_socket_that_leaves_nothing_behind_and_ends_with_its_peer():
+    listener = StepListener()
+    path = transport.SHM_DIR / listener.name
+    assert path.exists()
+    reader = StepSocket.connect(listener.name)
+    assert not path.exists()  # connected: the name is not needed any more
+    writer = listener.accept(timeout=5)
+    listener.close()
+    try:
+        step = controlnet_pb2.StepInput(step_index=3, timestep=981.0, sample=codec.tensor_to_proto(residuals(1)[0]))
+        reader.send(step)
+        assert writer.receive(controlnet_pb2.StepInput, timeout=5) == step
+        with pytest.raises(TimeoutError):
+            writer.receive(controlnet_pb2.StepInput, timeout=0.05)
+        writer.send(
+            controlnet_pb2.ResidualsResponse(step_index=3, slot=controlnet_pb2.ResidualSlot(index=1, sequence=4))
+        )
+        assert reader.receive(controlnet_pb2.ResidualsResponse, timeout=5).slot.sequence == 4
+        reader._sock.sendall((1 << 30).to_bytes(4, "little"))  # a length no step message has
+        with pytest.raises(ValueError, match="bytes"):
+            writer.receive(controlnet_pb2.StepInput, timeout=5)
+        reader.close()  # the peer ends the session, or dies: the other end reads the end at once
+        assert writer.receive(controlnet_pb2.StepInput, timeout=5) is None
+    finally:
+        reader.close()
+        writer.close()
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,12 @@ class SessionRunner:
             raise
         self._closed = False
 
-    def step(self, timestep: float, sample: torch.Tensor) -> ControlNetResiduals:
+    @property
+    def device(self) -> torch.device:
+        return self.stepper.controlnet.device
+
+    def step(self, timestep: float, sample: torch.Tensor, out: list[torch.Tensor] | None = None) -> ControlNetResiduals:
+        """`out`: where to write the residuals (a residual ring's slot), as ControlNetStepper.step."""
         c = self.session
         sample = self._cast(sample)
         if sample.shape[0] != self._hidden.shape[0]:
@@ -203,6 +208,7 @@ class SessionRunner:
             c.guess_mode,
             self._text_embeds,
             self._time_ids,
+            out,
         )
 
     def close(self) -> None:

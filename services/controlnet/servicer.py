@@ -11,7 +11,7 @@ import torch
 from opentelemetry import trace
 
 from services.controlnet.registry import ControlNetRegistry, SessionRunner
-from services.controlnet.sender import ResidualSender
+from services.controlnet.session_channel import SessionChannel
 from swiftd import codec, device, transport
 from swiftd.controlnet_step import ControlNetSession
 from swiftd.errors import InvalidArgument
@@ -55,25 +55,23 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         # its compute_seconds, so that the UNet worker's transport figure is only transport.
         setup_seconds = time.perf_counter() - t_session
         label = f"session {start.request_id}/{start.controlnet_id}"
-        sender = ResidualSender(chosen, wire_dtype, label)
+        channel = SessionChannel(chosen, wire_dtype, label, context)
         log.debug("%s opened (transport %s)", label, transport.name(chosen))
         try:
-            for message in request_iterator:
-                if message.WhichOneof("kind") != "step":
-                    raise InvalidArgument("step", "only StepInput messages may follow the SessionStart")
-                step = message.step
+            for step in channel.step_inputs(request_iterator):
                 sample = codec.tensor_from_field(step.sample, "step.sample")
                 t0 = time.perf_counter()
                 with tracer.start_as_current_span("controlnet.step", attributes={"step": step.step_index}) as span:
-                    residuals = runner.step(step.timestep, sample)
+                    residuals = runner.step(step.timestep, sample, out=channel.slot(step, runner.device))
                     seconds = time.perf_counter() - t0 + setup_seconds
                     setup_seconds = 0.0
                     tensors = [*residuals.down_block_res_samples, residuals.mid_block_res_sample]
-                    response = sender.response(step, tensors, seconds)
-                    span.set_attribute("controlnet.transport", transport.name(sender.used))
-                yield response
+                    response = channel.respond(step, tensors, seconds)
+                    span.set_attribute("controlnet.transport", transport.name(channel.used))
+                if response is not None:  # None: it went over the session's step socket
+                    yield response
         finally:
-            sender.close()
+            channel.close()
             runner.close()
             log.debug("%s closed", label)
             self._report_first_session()

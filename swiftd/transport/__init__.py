@@ -13,9 +13,11 @@ Negotiation, in the stream itself:
 2. The ControlNet worker picks the first offered one it can write: same host identity, and a
    device the transport fits. Its first response carries that step's residuals inline plus the
    `ring` it will write from then on.
-3. The UNet worker maps the ring and says so in its next StepInput (`transport`), or answers
-   INLINE when it cannot (logged); the ControlNet worker then writes each step into the next slot
-   and sends only `slot` (index and sequence number).
+3. The UNet worker maps the ring, connects to the ring's step socket (step_socket.py) and says so
+   in its next StepInput (`transport`), or answers INLINE when it cannot (logged). From then on
+   the ControlNet worker computes each step's residuals straight into the next slot, and the
+   per-step messages (StepInput; ResidualsResponse with only `slot`, its index and sequence
+   number) go over the step socket; the stream stays open as the session's control plane.
 
 A ring's name is removed from /dev/shm as soon as the reader has mapped it, so a worker killed at
 any later moment leaves nothing behind; one killed before that is cleaned at the next start of a
@@ -92,7 +94,7 @@ def choose(offered, peer_identity: str, accepted: tuple[int, ...], device_type: 
 
 def ring_class(chosen: int):
     """The ring type of a transport: ShmRing or CudaIpcRing (same interface: create/attach,
-    to_pb, fits, write/read, unlink, close)."""
+    to_pb, fits, next_slot/commit or write, read, unlink, close)."""
     if chosen == CUDA_IPC:
         from swiftd.transport.cuda_ipc import CudaIpcRing
 

@@ -97,15 +97,24 @@ class CudaIpcRing:
     def fits(self, tensors: list[torch.Tensor]) -> bool:
         return self.layout.fits(tensors)
 
-    def write(self, tensors: list[torch.Tensor]) -> controlnet_pb2.ResidualSlot:
+    def next_slot(self) -> list[torch.Tensor]:
+        """The next slot's tensors: work the current stream queues into them after this call runs
+        after the reader's copy of what the slot held; then `commit`."""
         self._sequence += 1
         index = (self._sequence - 1) % self.slots
-        stream = torch.cuda.current_stream(self._buffers[index].device)
-        stream.wait_event(self._free[index])  # the reader's copy of what the slot held is done
-        for view, tensor in zip(self._views[index], tensors):
-            view.copy_(tensor, non_blocking=True)
-        self._ready[index].record(stream)
+        torch.cuda.current_stream(self._buffers[index].device).wait_event(self._free[index])
+        return self._views[index]
+
+    def commit(self) -> controlnet_pb2.ResidualSlot:
+        """Record the slot's ready event behind the work that filled it; its address."""
+        index = (self._sequence - 1) % self.slots
+        self._ready[index].record(torch.cuda.current_stream(self._buffers[index].device))
         return controlnet_pb2.ResidualSlot(index=index, sequence=self._sequence)
+
+    def write(self, tensors: list[torch.Tensor]) -> controlnet_pb2.ResidualSlot:
+        for view, tensor in zip(self.next_slot(), tensors):
+            view.copy_(tensor, non_blocking=True)
+        return self.commit()
 
     def to_pb(self) -> controlnet_pb2.ResidualRing:
         handles = []

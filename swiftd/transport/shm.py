@@ -88,15 +88,25 @@ class ShmRing:
     def fits(self, tensors: list[torch.Tensor]) -> bool:
         return self.layout.fits(tensors)
 
-    def write(self, tensors: list[torch.Tensor]) -> controlnet_pb2.ResidualSlot:
-        """Copy one step's residuals into the next slot (casting to the wire dtype); its address."""
+    def next_slot(self) -> list[torch.Tensor]:
+        """The next slot's tensors, marked as being written: fill them (the ControlNet step
+        computes its weighted residuals straight into them), then `commit`."""
         self._sequence += 1
         index = (self._sequence - 1) % self.slots
         self._header[index] = 0
-        for view, tensor in zip(self._views[index], tensors):
-            view.copy_(tensor)  # on CUDA: one device-to-host copy straight into the slot
+        return self._views[index]
+
+    def commit(self) -> controlnet_pb2.ResidualSlot:
+        """Mark the slot `next_slot` handed out as holding this step; its address."""
+        index = (self._sequence - 1) % self.slots
         self._header[index] = self._sequence
         return controlnet_pb2.ResidualSlot(index=index, sequence=self._sequence)
+
+    def write(self, tensors: list[torch.Tensor]) -> controlnet_pb2.ResidualSlot:
+        """Copy one step's residuals into the next slot (casting to the wire dtype); its address."""
+        for view, tensor in zip(self.next_slot(), tensors):
+            view.copy_(tensor)  # on CUDA: one device-to-host copy straight into the slot
+        return self.commit()
 
     def to_pb(self) -> controlnet_pb2.ResidualRing:
         return controlnet_pb2.ResidualRing(

@@ -70,7 +70,7 @@ class ResidualsResponse(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., down_block_res_samples: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mid_block_res_sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., ring: _Optional[_Union[ResidualRing, _Mapping]] = ..., slot: _Optional[_Union[ResidualSlot, _Mapping]] = ...) -> None: ...
 
 class ResidualRing(_message.Message):
-    __slots__ = ("transport", "name", "slots", "slot_bytes", "header_bytes", "tensors", "cuda_handles")
+    __slots__ = ("transport", "name", "slots", "slot_bytes", "header_bytes", "tensors", "cuda_handles", "step_socket")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class ResidualRing(_message.Message):
     HEADER_BYTES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     CUDA_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    STEP_SOCKET_FIELD_NUMBER: _ClassVar[int]
     transport: _common_pb2.ResidualTransport
     name: str
     slots: int
@@ -85,7 +86,8 @@ class ResidualRing(_message.Message):
     header_bytes: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorLayout]
     cuda_handles: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., name: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., header_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., cuda_handles: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    step_socket: str
+    def __init__(self, transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., name: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., header_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., cuda_handles: _Optional[_Iterable[bytes]] = ..., step_socket: _Optional[str] = ...) -> None: ...
 
 class TensorLayout(_message.Message):
     __slots__ = ("dtype", "shape", "offset")

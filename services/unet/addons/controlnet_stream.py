@@ -2,9 +2,11 @@
 
 `RemoteResidualSource.start_step` only queues the step's input for gRPC's sender, so the UNet's
 encoder half runs while the ControlNet worker computes; a reader thread receives and decodes the
-residuals meanwhile, and `wait_step` hands them over. A dead worker surfaces as UNAVAILABLE, a
-slow one as DEADLINE_EXCEEDED (the stream carries the request's deadline, and no step waits
-longer than `step_timeout`).
+residuals meanwhile, and `wait_step` hands them over. Once the worker's residual ring is mapped,
+the step inputs (sent by the denoising loop's thread itself) and the announcements of filled
+slots go over the ring's step socket instead (swiftd/transport/step_socket.py). A dead worker
+surfaces as UNAVAILABLE, a slow one as DEADLINE_EXCEEDED (the stream carries the request's
+deadline, and no step waits longer than `step_timeout`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from swiftd import codec, transport
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession
 from swiftd.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from swiftd.request import wire_dtype_to_pb
+from swiftd.transport.step_socket import StepSocket
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
 _END = object()
@@ -52,6 +55,11 @@ class RemoteResidualSource:
         self._sent_at: dict[int, float] = {}
         self.stats = {"compute": 0.0, "transport": 0.0, "steps": 0}
         self._ring = None  # the ControlNet worker's residual ring, once mapped
+        self._socket: StepSocket | None = None  # its step socket, once connected
+        self._on_socket = False  # the answer went out: step inputs go over the socket from now on
+        self._last_input: controlnet_pb2.StepInput | None = None
+        self._closing = threading.Lock()  # held to connect the socket, or to mark the source closed
+        self._closed = False
         self._answer = common_pb2.RESIDUAL_TRANSPORT_UNSPECIFIED  # to its ring offer, sent with each step
         self.transport = transport.INLINE  # how the last residuals arrived
 
@@ -69,35 +77,59 @@ class RemoteResidualSource:
     def _read(self) -> None:
         try:
             for response in self._call:
-                if response.HasField("ring"):
-                    self._map_ring(response.ring)
-                ready = None  # CUDA IPC: the event the loop's stream waits on before using them
-                if response.HasField("slot"):
-                    tensors = self._ring.read(response.slot, self._out_device, self._out_dtype)
-                    ready = getattr(tensors, "event", None)
-                    *down, mid = tensors
-                    residuals = ControlNetResiduals(tuple(down), mid)
-                    self.transport = self._answer
-                else:
-                    residuals = ControlNetResiduals(
-                        tuple(self._decode(t) for t in response.down_block_res_samples),
-                        self._decode(response.mid_block_res_sample),
-                    )
-                    self.transport = transport.INLINE
-                received = time.perf_counter()
-                self._responses.put((response.step_index, response.compute_seconds, received, residuals, ready))
-            self._responses.put(Unavailable(f"controlnet {self.controlnet_id!r} on {self.address}: stream ended early"))
+                if response.HasField("ring") and not self._map_ring(response.ring):
+                    self._requests.put(self._again_inline(response.step_index))
+                    continue
+                self._responses.put(self._unpack(response))
+                if self._socket is not None:
+                    break  # the next steps' residuals are announced on the step socket
+            if self._socket is not None:
+                while (response := self._socket.receive(controlnet_pb2.ResidualsResponse, None)) is not None:
+                    self._responses.put(self._unpack(response))
+                for _ in self._call:  # the socket closed: how the stream ended says why
+                    pass
+            self._responses.put(self._ended_early())
         except grpc.RpcError as exc:
             self._responses.put(from_rpc_error(exc, f"controlnet {self.controlnet_id!r} on {self.address}"))
         except Exception as exc:  # noqa: BLE001 - surfaced on the request's thread
             self._responses.put(exc)
 
-    def _map_ring(self, ring) -> None:
-        """Take the worker's ring offer if this process can map it; the answer goes with the next step."""
+    def _unpack(self, response: controlnet_pb2.ResidualsResponse) -> tuple:
+        ready = None  # CUDA IPC: the event the loop's stream waits on before using them
+        if response.HasField("slot"):
+            tensors = self._ring.read(response.slot, self._out_device, self._out_dtype)
+            ready = getattr(tensors, "event", None)
+            *down, mid = tensors
+            residuals = ControlNetResiduals(tuple(down), mid)
+            self.transport = self._answer
+        else:
+            residuals = ControlNetResiduals(
+                tuple(self._decode(t) for t in response.down_block_res_samples),
+                self._decode(response.mid_block_res_sample),
+            )
+            self.transport = transport.INLINE
+        return response.step_index, response.compute_seconds, time.perf_counter(), residuals, ready
+
+    def _ended_early(self) -> Unavailable:
+        return Unavailable(f"controlnet {self.controlnet_id!r} on {self.address}: stream ended early")
+
+    def _map_ring(self, ring) -> bool:
+        """Take the worker's ring offer if this process can map it and connect to its step
+        socket (the answer goes with the next step); False if it cannot."""
         try:
             self._ring = transport.ring_class(ring.transport).attach(ring)
+            socket = StepSocket.connect(ring.step_socket)
+            with self._closing:
+                if self._closed:  # close() would not see it to shut it down: nobody reads it
+                    socket.close()
+                    raise OSError("the request ended")
+                self._socket = socket
             self._answer = ring.transport
+            return True
         except (OSError, ValueError, RuntimeError) as exc:
+            if self._ring is not None:
+                self._ring.close()
+                self._ring = None
             log.warning(
                 "controlnet %r on %s: cannot map its %s ring (%s): inline bytes instead",
                 self.controlnet_id,
@@ -106,6 +138,18 @@ class RemoteResidualSource:
                 exc,
             )
             self._answer = transport.INLINE
+            return False
+
+    def _again_inline(self, step_index: int) -> controlnet_pb2.ResidualsRequest:
+        """The offer's step asked again, its residuals inline this time (they are in the ring)."""
+        step = controlnet_pb2.StepInput()
+        step.CopyFrom(self._last_input)
+        if step.step_index != step_index:
+            raise Unavailable(
+                f"controlnet {self.controlnet_id!r} on {self.address}: ring offered with step {step_index}"
+            )
+        step.transport = transport.INLINE
+        return controlnet_pb2.ResidualsRequest(step=step)
 
     def _decode(self, msg) -> torch.Tensor:
         return codec.tensor_from_proto(msg, device=self._out_device, dtype=self._out_dtype)
@@ -118,7 +162,15 @@ class RemoteResidualSource:
             sample=codec.tensor_to_proto(sample),
             transport=self._answer,
         )
+        self._last_input = step  # asked again inline if its residuals come in a ring this process cannot map
+        if self._on_socket:
+            try:
+                self._socket.send(step)
+            except OSError:  # the worker is gone: the reader reports how the stream ended
+                pass
+            return
         self._requests.put(controlnet_pb2.ResidualsRequest(step=step))
+        self._on_socket = self._socket is not None  # that was the answer: the socket from now on
 
     def wait_step(self) -> ControlNetResiduals:
         try:
@@ -140,8 +192,14 @@ class RemoteResidualSource:
 
     def close(self) -> None:
         self._requests.put(_END)
+        with self._closing:
+            self._closed = True
+            if self._socket is not None:
+                self._socket.shutdown()  # the worker's session ends; the reader's read returns
         self._call.cancel()
         self._reader.join(timeout=self._step_timeout)  # it may be copying out of the ring
+        if self._socket is not None:
+            self._socket.close()
         if self._ring is not None:
             self._ring.close()
 

@@ -1,0 +1,165 @@
+"""One residual session's transport on the ControlNet worker: how its step inputs arrive and its
+residuals leave, over what the stream negotiated (swiftd/transport).
+
+Inline, everything stays in the gRPC stream. With a ring, the first step's residuals go into the
+ring's first slot, announced with the ring's offer (a UNet worker that cannot map it asks for that
+step again, inline). Once the UNet worker has answered that it mapped the ring and connected to
+its step socket, each step's residuals are computed straight into the next slot, and the per-step
+messages move to the step socket until the UNet worker closes it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from swiftd import codec, transport
+from swiftd.errors import InvalidArgument
+from swiftd.transport.step_socket import StepListener
+from swiftd.v1 import common_pb2, controlnet_pb2
+
+log = logging.getLogger(__name__)
+
+ACCEPT_TIMEOUT_S = 10.0  # the UNet worker connects before it answers the offer: this is never waited
+POLL_S = 1.0  # how often a session waiting for its next step checks that its RPC is still alive
+
+
+class SessionChannel:
+    def __init__(self, chosen: int, wire_dtype: int, label: str, context):
+        """`chosen`: the transport picked for this stream (transport.choose); `wire_dtype`: the
+        session's (DTYPE_UNSPECIFIED keeps the residuals' dtype); `label`: for log lines;
+        `context`: the RPC's (a session waiting on its socket ends when the RPC does)."""
+        self.chosen = chosen
+        self.wire_dtype = wire_dtype
+        self.label = label
+        self._context = context
+        self._ring = None  # transport.ring_class(chosen), once offered
+        self._listener: StepListener | None = None  # the ring's step socket until the peer connects
+        self._socket = None  # connected: the ring is in use and steps go over it
+        self._sample_shape: tuple[int, ...] | None = None  # of the step the ring was planned for
+        self._filling: list[torch.Tensor] | None = None  # the slot the step being computed goes into
+        self._offered = chosen == transport.INLINE  # nothing to offer when inline was chosen
+        self.used = transport.INLINE  # what the last step went over
+
+    # -- step inputs ---------------------------------------------------------------------------
+
+    def step_inputs(self, request_iterator):
+        """The session's StepInputs: from the stream until the UNet worker takes the ring, then
+        from the step socket until it closes that (or the RPC ends)."""
+        for message in request_iterator:
+            if message.WhichOneof("kind") != "step":
+                raise InvalidArgument("step", "only StepInput messages may follow the SessionStart")
+            self._answered(message.step)
+            yield message.step
+            if self._socket is not None:
+                break
+        while self._socket is not None:
+            step = self._receive()
+            if step is None:
+                return
+            yield step
+
+    def _answered(self, step: controlnet_pb2.StepInput) -> None:
+        if self._sample_shape is None:
+            self._sample_shape = tuple(step.sample.shape)
+        if self._ring is None or self._socket is not None:
+            return
+        if step.transport == transport.INLINE:
+            log.warning("%s: the UNet worker could not map the residual ring: inline bytes instead", self.label)
+            self._close_ring()
+        elif step.transport == self.chosen:
+            try:
+                self._socket = self._listener.accept(ACCEPT_TIMEOUT_S)
+            except OSError as exc:
+                raise InvalidArgument(
+                    "step.transport", "the ring was taken without connecting to its step socket"
+                ) from exc
+            self._ring.unlink()  # both sides have it mapped: from now on a kill leaves nothing in /dev/shm
+            self._listener.close()
+            self._listener = None
+
+    def _receive(self) -> controlnet_pb2.StepInput | None:
+        while True:
+            try:
+                return self._socket.receive(controlnet_pb2.StepInput, POLL_S)
+            except TimeoutError:
+                if not self._context.is_active():
+                    return None
+            except ValueError as exc:  # a message that does not parse
+                raise InvalidArgument("step", f"bad message on the step socket: {exc}") from exc
+
+    # -- residuals -----------------------------------------------------------------------------
+
+    def slot(self, step: controlnet_pb2.StepInput, device: torch.device) -> list[torch.Tensor] | None:
+        """Where the step's residuals go (a ring slot, for ControlNetStepper.step's `out`), or
+        None: fresh tensors, sent as `respond` decides."""
+        if self._socket is None or tuple(step.sample.shape) != self._sample_shape:
+            return None
+        self._filling = self._ring.next_slot()
+        if self._filling[0].device != torch.device(device):
+            return None  # CUDA residuals into a host-memory ring: respond copies them in
+        return self._filling
+
+    def respond(
+        self, step: controlnet_pb2.StepInput, residuals: list[torch.Tensor], compute_seconds: float
+    ) -> controlnet_pb2.ResidualsResponse | None:
+        """The step's ResidualsResponse to yield on the stream, or None: sent over the step socket."""
+        response = controlnet_pb2.ResidualsResponse(step_index=step.step_index, compute_seconds=compute_seconds)
+        if self._socket is None:
+            if not self._offered:  # the first step: its residuals in the ring offered with them
+                self._offered = True
+                if self._offer(response, residuals):
+                    response.slot.CopyFrom(self._ring.write(residuals))
+                    self.used = self.chosen
+                    return response
+            self._inline(response, residuals)
+            return response
+        if self._filling is not None:
+            views, self._filling = self._filling, None
+            for view, residual in zip(views, residuals):
+                if view.data_ptr() != residual.data_ptr():
+                    view.copy_(residual)
+            response.slot.CopyFrom(self._ring.commit())
+            self.used = self.chosen
+        elif self._ring.fits(residuals):
+            response.slot.CopyFrom(self._ring.write(residuals))
+            self.used = self.chosen
+        else:
+            self._inline(response, residuals)
+        try:
+            self._socket.send(response)
+        except OSError as exc:  # the UNet worker is gone: the next read ends the session
+            log.debug("%s: step socket closed by the peer (%s)", self.label, exc)
+        return None
+
+    def _inline(self, response, residuals: list[torch.Tensor]) -> None:
+        *down, mid = residuals
+        wire = self.wire_dtype
+        if wire == common_pb2.DTYPE_UNSPECIFIED and mid.is_cuda:
+            wire = common_pb2.DTYPE_FLOAT16  # GPU residuals through host memory: half the bytes
+        response.down_block_res_samples.extend(codec.tensor_to_proto(r, wire) for r in down)
+        response.mid_block_res_sample.CopyFrom(codec.tensor_to_proto(mid, wire))
+        self.used = transport.INLINE
+
+    def _offer(self, response, residuals: list[torch.Tensor]) -> bool:
+        wire = codec.dtype_from_proto(self.wire_dtype, allow_unspecified=True)
+        try:
+            self._ring = transport.ring_class(self.chosen).create(residuals, wire)
+            self._listener = StepListener()
+        except (OSError, RuntimeError) as exc:  # /dev/shm full, CUDA IPC refused: this stream stays inline
+            log.warning("%s: no residual ring (%s): inline bytes", self.label, exc)
+            self._close_ring()
+            return False
+        response.ring.CopyFrom(self._ring.to_pb())
+        response.ring.step_socket = self._listener.name
+        return True
+
+    def _close_ring(self) -> None:
+        for part in (self._socket, self._listener, self._ring):
+            if part is not None:
+                part.close()
+        self._socket = self._listener = self._ring = None
+
+    def close(self) -> None:
+        self._close_ring()
