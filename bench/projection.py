@@ -95,9 +95,11 @@ def from_probe(entry: dict, transport_ms: float, batch1_fraction: float) -> Step
     )
 
 
-def from_results(path: Path) -> tuple[StepParts, int, dict[str, float]]:
-    """The CPU's parts from `make bench` results (bench-sd15: `controlnet` and `baseline` groups),
-    its step count, and the measured latencies to check the projection against."""
+def from_results(path: Path) -> tuple[StepParts, StepParts, int, dict[str, float]]:
+    """The CPU's parts from `make bench` results (bench-sd15: `controlnet` and `baseline` groups):
+    as timed with a ControlNet on the other core, and the UNet's halves as timed without (on a
+    GPU each device is its own; on these two cores the ControlNet slows the UNet's halves); its
+    step count, and the measured latencies to check the projection against."""
     figures = {}
     for line in path.read_text().splitlines():
         item = json.loads(line)
@@ -111,11 +113,17 @@ def from_results(path: Path) -> tuple[StepParts, int, dict[str, float]]:
         transport=figures["controlnet.step_s.transport"],
         fixed=fixed,
     )
+    alone = StepParts(
+        encoder=figures.get("controlnet.step_s.encoder_half.base", parts.encoder),
+        decoder=figures.get("controlnet.step_s.decoder_half.base", parts.decoder),
+        controlnet=parts.controlnet,
+        fixed=fixed,
+    )
     measured = {
         "base, 1 device": figures["controlnet.latency_s.ours.base"],
         "cn1, 2 devices (spread)": figures["controlnet.latency_s.ours.cn1"],
     }
-    return parts, steps, measured
+    return parts, alone, steps, measured
 
 
 def main(argv=None) -> int:
@@ -128,10 +136,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch1-fraction", type=float, nargs="+", default=[0.55, 0.9])
     args = parser.parse_args(argv)
     if args.results:
-        parts, steps, measured = from_results(args.results)
+        parts, alone, steps, measured = from_results(args.results)
         print("CPU check (2 cores as 2 devices): projected against measured")
         checks = {
-            "base, 1 device": parts.fixed + steps * step_seconds(parts, 1, 0, split=False),
+            "base, 1 device": alone.fixed + steps * step_seconds(alone, 1, 0, split=False),
             "cn1, 2 devices (spread)": parts.fixed + steps * step_seconds(parts, 2, 1, split=False),
         }
         for name, value in checks.items():

@@ -326,12 +326,15 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
         ours.warm_up(scenario)
     ours.run_once(cn1, inline=True)  # warms the inline worker up
     runs: dict[str, list] = {"d_base": [], "d_cn1": [], "o_base": [], "o_cn1": [], "o_cn1_inline": []}
+    # Each side's base and cn1 run back to back, and overheads are medians of those pairs' ratios:
+    # this machine's speed drifts over seconds (other tenants), and a pair shares the drift.
     for i in range(config.repeats):
         config.log(f"[bench] controlnet: timed requests {i + 1}/{config.repeats} ...")
         for side, scenario in (("base", base), ("cn1", cn1)):
             runs[f"d_{side}"].append(
                 baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps)
             )
+        for side, scenario in (("base", base), ("cn1", cn1)):
             runs[f"o_{side}"].append(ours.run_once(scenario))
         runs["o_cn1_inline"].append(ours.run_once(cn1, inline=True))
     fp16 = ours.run_once(cn1, wire_dtype="float16")
@@ -355,6 +358,8 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
         )
 
     encoder, decoder = per_step("denoise.encoder_half"), per_step("denoise.decoder_half")
+    # The same halves without a ControlNet running on the other core: what sharing the machine costs.
+    encoder_base, decoder_base = per_step("denoise.encoder_half", "o_base"), per_step("denoise.decoder_half", "o_base")
     wait = per_step("denoise.controlnet_wait")
     transport, transport_inline = transport_s("o_cn1"), transport_s("o_cn1_inline")
     compute = (
@@ -371,9 +376,13 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
     psnr_fp32 = psnr(runs["o_cn1"][-1]["image_png"], reference_png)
     psnr_fp16 = psnr(fp16["image_png"], reference_png)
     finite = lambda x: min(x, 999.0)  # noqa: E731 - identical images give inf; JSON wants a number
-    overhead_ours = latency["o_cn1"] / latency["o_base"]
-    overhead_inline = latency["o_cn1_inline"] / latency["o_base"]
-    overhead_diffusers = latency["d_cn1"] / latency["d_base"]
+
+    def paired(run: str, over: str) -> float:
+        return median([a["latency_s"] / b["latency_s"] for a, b in zip(runs[run], runs[over])])
+
+    overhead_ours = paired("o_cn1", "o_base")
+    overhead_inline = paired("o_cn1_inline", "o_base")
+    overhead_diffusers = paired("d_cn1", "d_base")
     hw = hardware(config)
     result = GroupResult(
         hardware={"ours": hw["ours"], "diffusers": hw["diffusers"]},
@@ -385,6 +394,8 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
             Figure("controlnet.transport_fraction.inline", transport_inline / (encoder + decoder), "x", group),
             Figure("controlnet.step_s.encoder_half", encoder, "s", group),
             Figure("controlnet.step_s.decoder_half", decoder, "s", group),
+            Figure("controlnet.step_s.encoder_half.base", encoder_base, "s", group),
+            Figure("controlnet.step_s.decoder_half.base", decoder_base, "s", group),
             Figure("controlnet.step_s.controlnet", compute, "s", group),
             Figure("controlnet.step_s.wait", wait, "s", group),
             Figure("controlnet.step_s.transport", transport, "s", group),
@@ -402,12 +413,13 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
         [
             f"controlnet: {config.family}, {config.size}x{config.size}, {steps} steps; UNet worker on core "
             f"{config.device_core}, ControlNet worker on core {config.controlnet_core}, 1 thread each; "
-            f"Diffusers on core {config.device_core}; median of {config.repeats}",
+            f"Diffusers on core {config.device_core}; median of {config.repeats} (overheads: of back-to-back pairs)",
             f"  add-on overhead (cn1 / base)   ours {overhead_ours:.3f}x ({used[0]}), {overhead_inline:.3f}x (inline)   "
             f"diffusers {overhead_diffusers:.3f}x",
             f"  latency cn1                     ours {latency['o_cn1']:.3f} s   diffusers {latency['d_cn1']:.3f} s   "
             f"speedup {latency['d_cn1'] / latency['o_cn1']:.2f}x",
-            f"  per step: encoder half {encoder:.3f} s, decoder half {decoder:.3f} s, ControlNet {compute:.3f} s, "
+            f"  per step: encoder half {encoder:.3f} s, decoder half {decoder:.3f} s (without the ControlNet: "
+            f"{encoder_base:.3f} s, {decoder_base:.3f} s), ControlNet {compute:.3f} s, "
             f"wait {wait:.3f} s, transport {transport:.4f} s over {used[0]} ({transport / (encoder + decoder):.2%} of "
             f"a UNet step; inline bytes {transport_inline:.4f} s, {transport_inline / (encoder + decoder):.2%})",
             f"  image PSNR against Diffusers: fp32 wire {psnr_fp32:.1f} dB, fp16 wire {psnr_fp16:.1f} dB",

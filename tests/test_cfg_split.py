@@ -229,6 +229,26 @@ def test_a_partner_whose_controlnet_worker_is_gone_runs_it_in_process(request, s
     assert_close(latents(halves), latents(unsplit))
 
 
+def test_each_half_reports_how_its_controlnet_residuals_arrived(request, sd15_pair, zoo_root):
+    """Both halves stream their ControlNet from a worker on this host: each says shared memory,
+    the partner's through the leader (so that the gateway's final plan shows both halves)."""
+    fam = request.getfixturevalue("sd15")
+    worker = start_controlnet(zoo_root, [fam.ids[0]], num_threads=1)
+    try:
+        base = make_request(fam, "ddim", True)
+        base = replace(base, controlnets=[replace(base.controlnets[0], worker_address=worker.address)])
+        unsplit = sd15_pair.leader.Denoise(base.to_denoise_pb(), timeout=120)
+        halves = sd15_pair.leader.Denoise(
+            replace(base, cfg_split=CfgSplit(sd15_pair.addresses[1], (worker.address,))).to_denoise_pb(), timeout=120
+        )
+    finally:
+        worker.stop()
+    shared = [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]
+    assert list(unsplit.controlnet_transports) == shared and not unsplit.cfg_partner_controlnet_transports
+    assert list(halves.controlnet_transports) == list(halves.cfg_partner_controlnet_transports) == shared
+    assert_close(latents(halves), latents(unsplit))
+
+
 def test_cancelling_the_leader_stops_the_partner(request, sd15_pair):
     fam = request.getfixturevalue("sd15")
     partner_log = sd15_pair.services[1]

@@ -324,9 +324,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             plan = _ran_unsplit(plan)
         for assignment, used in zip(plan.controlnets, result.controlnet_transports):
             assignment.transport = used  # negotiated by the workers, known only now
+        for assignment, used in zip(plan.cfg_partner.controlnets, result.cfg_partner_controlnet_transports):
+            assignment.transport = used
         if plan.controlnets:
             trace.get_current_span().set_attribute(
                 "plan.controlnet_transports", [transport.name(a.transport) for a in plan.controlnets]
+            )
+        if plan.cfg_partner.controlnets:
+            trace.get_current_span().set_attribute(
+                "plan.cfg_partner.controlnet_transports",
+                [transport.name(a.transport) for a in plan.cfg_partner.controlnets],
             )
         response = gateway_pb2.GenerateResponse(
             image_png=result.image_png,

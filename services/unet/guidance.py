@@ -263,6 +263,7 @@ class LeaderGuidance(SplitGuidance):
                 f"{run.lora_applied_at_step} here"
             )
         run.timings.update({f"cfg_partner.{t.stage}": t.seconds for t in done.timings})
+        run.cfg_partner_controlnet_transports = list(done.controlnet_transports)
 
     def close(self) -> None:
         if self._call is not None:
@@ -294,9 +295,11 @@ class PartnerGuidance(SplitGuidance):
         return True
 
 
-def done_message(timings: dict[str, float], lora_applied_at_step: int) -> unet_pb2.GuidanceMessage:
+def done_message(result) -> unet_pb2.GuidanceMessage:
+    """The partner's last message, from its GenerationResult."""
     done = unet_pb2.GuidanceDone(
-        timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in timings.items()],
-        lora_applied_at_step=lora_applied_at_step,
+        timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in result.timings.items()],
+        lora_applied_at_step=result.lora_applied_at_step,
+        controlnet_transports=result.controlnet_transports,
     )
     return unet_pb2.GuidanceMessage(done=done)

@@ -49,6 +49,7 @@ class GenerationResult:
     cfg_partner: str = ""  # the worker that computed the other CFG half; empty: none
     # How each ControlNet's residuals arrived, in request order (swiftd.transport; 0: in-process).
     controlnet_transports: list[int] = field(default_factory=list)
+    cfg_partner_controlnet_transports: list[int] = field(default_factory=list)  # the same, on the partner
 
 
 class DenoisingRun:
@@ -68,6 +69,7 @@ class DenoisingRun:
         self.request = request
         self.addons = addons
         self.controlnet_transports: list[int] = []  # set by the ControlNet add-on at the end
+        self.cfg_partner_controlnet_transports: list[int] = []  # set by a split's guidance at the end
         self.on_step = on_step
         self.should_stop = should_stop
         self.do_cfg = request.do_classifier_free_guidance  # the step combines two predictions
@@ -142,6 +144,7 @@ class DenoisingRun:
             self.lora_applied_at_step,
             self.guidance.partner,
             self.controlnet_transports,
+            self.cfg_partner_controlnet_transports,
         )
 
     def _denoise(self) -> torch.Tensor:

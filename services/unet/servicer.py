@@ -33,6 +33,7 @@ def response_from_result(result: GenerationResult, request: Request) -> unet_pb2
         cfg_partner=result.cfg_partner,
         timings=[common_pb2.StageTiming(stage=k, seconds=v) for k, v in result.timings.items()],
         controlnet_transports=result.controlnet_transports,
+        cfg_partner_controlnet_transports=result.cfg_partner_controlnet_transports,
     )
     if request.return_latents:
         response.latents.CopyFrom(codec.tensor_to_proto(result.latents))
@@ -235,7 +236,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
 
         def work():
             result = self._run(request, context, guidance=guidance, exclusive=True)
-            return done_message(result.timings, result.lora_applied_at_step)
+            return done_message(result)
 
         yield from _streamed(work, events)
 

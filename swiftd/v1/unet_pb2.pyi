@@ -77,12 +77,14 @@ class GuidanceStep(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., noise_pred: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., latents_crc32: _Optional[int] = ...) -> None: ...
 
 class GuidanceDone(_message.Message):
-    __slots__ = ("timings", "lora_applied_at_step")
+    __slots__ = ("timings", "lora_applied_at_step", "controlnet_transports")
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     LORA_APPLIED_AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     timings: _containers.RepeatedCompositeFieldContainer[_common_pb2.StageTiming]
     lora_applied_at_step: int
-    def __init__(self, timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., lora_applied_at_step: _Optional[int] = ...) -> None: ...
+    controlnet_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.ResidualTransport]
+    def __init__(self, timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., lora_applied_at_step: _Optional[int] = ..., controlnet_transports: _Optional[_Iterable[_Union[_common_pb2.ResidualTransport, str]]] = ...) -> None: ...
 
 class ControlNetAttachment(_message.Message):
     __slots__ = ("input", "worker_address", "fallback_worker_addresses")
@@ -95,7 +97,7 @@ class ControlNetAttachment(_message.Message):
     def __init__(self, input: _Optional[_Union[_common_pb2.ControlNetInput, _Mapping]] = ..., worker_address: _Optional[str] = ..., fallback_worker_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DenoiseResponse(_message.Message):
-    __slots__ = ("image_png", "latents", "seed", "timings", "request_id", "lora_applied_at_step", "cfg_partner", "controlnet_transports")
+    __slots__ = ("image_png", "latents", "seed", "timings", "request_id", "lora_applied_at_step", "cfg_partner", "controlnet_transports", "cfg_partner_controlnet_transports")
     IMAGE_PNG_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,7 @@ class DenoiseResponse(_message.Message):
     LORA_APPLIED_AT_STEP_FIELD_NUMBER: _ClassVar[int]
     CFG_PARTNER_FIELD_NUMBER: _ClassVar[int]
     CONTROLNET_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
+    CFG_PARTNER_CONTROLNET_TRANSPORTS_FIELD_NUMBER: _ClassVar[int]
     image_png: bytes
     latents: _common_pb2.Tensor
     seed: int
@@ -112,7 +115,8 @@ class DenoiseResponse(_message.Message):
     lora_applied_at_step: int
     cfg_partner: str
     controlnet_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.ResidualTransport]
-    def __init__(self, image_png: _Optional[bytes] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ..., lora_applied_at_step: _Optional[int] = ..., cfg_partner: _Optional[str] = ..., controlnet_transports: _Optional[_Iterable[_Union[_common_pb2.ResidualTransport, str]]] = ...) -> None: ...
+    cfg_partner_controlnet_transports: _containers.RepeatedScalarFieldContainer[_common_pb2.ResidualTransport]
+    def __init__(self, image_png: _Optional[bytes] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., seed: _Optional[int] = ..., timings: _Optional[_Iterable[_Union[_common_pb2.StageTiming, _Mapping]]] = ..., request_id: _Optional[str] = ..., lora_applied_at_step: _Optional[int] = ..., cfg_partner: _Optional[str] = ..., controlnet_transports: _Optional[_Iterable[_Union[_common_pb2.ResidualTransport, str]]] = ..., cfg_partner_controlnet_transports: _Optional[_Iterable[_Union[_common_pb2.ResidualTransport, str]]] = ...) -> None: ...
 
 class DenoiseStreamResponse(_message.Message):
     __slots__ = ("progress", "preview", "final")
