@@ -204,19 +204,26 @@ def test_stream_reports_progress_previews_and_result(worker):
     assert events[-1].final.image_png
 
 
-def test_a_stream_says_it_accepted_the_request_before_its_first_step(worker):
+def test_a_call_says_it_accepted_the_request_before_its_first_step(worker):
     """The gateway re-plans a request only while its worker has not taken it: the worker says so in
-    its initial metadata as soon as the request passed its checks, before any step; a request it
-    refuses never carries that mark."""
+    its initial metadata as soon as the request passed its checks, before any step (streamed or
+    unary); a request it refuses never carries that mark."""
     stub, _, _ = worker
-    call = stub.DenoiseStream(request(steps=200, size=128, request_id="accepted"), timeout=120)
-    try:
-        assert rpc.ACCEPTED in call.initial_metadata()  # returns once sent: the loop is still at work
-    finally:
-        call.cancel()
+    for call in (
+        stub.DenoiseStream(request(steps=200, size=128, request_id="accepted"), timeout=120),
+        stub.Denoise.future(request(steps=200, size=128, request_id="accepted-unary"), timeout=120),
+    ):
+        try:
+            assert rpc.ACCEPTED in call.initial_metadata()  # returns once sent: the loop is still at work
+        finally:
+            call.cancel()
     refused = stub.DenoiseStream(request(params=dict(model_id="no-such-model")), timeout=60)
     with pytest.raises(grpc.RpcError) as error:
         list(refused)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert rpc.ACCEPTED not in (error.value.initial_metadata() or ())
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Denoise(request(params=dict(model_id="no-such-model")), timeout=60)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert rpc.ACCEPTED not in (error.value.initial_metadata() or ())
 

@@ -196,6 +196,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
 
     def Denoise(self, pb, context):
         request = self._check(pb)
+        context.send_initial_metadata((rpc.ACCEPTED,))  # taken: a failure from here on is not a refusal
         return response_from_result(self._run(request, context), request)
 
     def DenoiseStream(self, pb, context):

@@ -77,7 +77,9 @@ class UNetWorkerServicer:
     """
 
     def Denoise(self, request, context):
-        """Runs one request and returns the image.
+        """Runs one request and returns the image. Once the request has passed its checks, before its
+        first step, the worker sends initial metadata `swiftd-accepted: 1`: a failure after it is not
+        a refusal (the request ran here; do not move it to another worker as if it had not).
         Errors: INVALID_ARGUMENT, NOT_FOUND (model not loaded here), UNAVAILABLE (a ControlNet worker
         or the LoRA deltas failed), DEADLINE_EXCEEDED.
         """
