@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +208,39 @@ def test_cuda_ipc_residuals_equal_inline_ones_on_a_gpu(zoo_root):
     finally:
         for service in services.values():
             service.stop()
+
+
+def ring_mapped(pid: int) -> bool:
+    return shm.PREFIX in (Path(f"/proc/{pid}") / "maps").read_text()
+
+
+def test_a_unet_worker_killed_mid_request_ends_the_controlnet_session_and_its_ring(zoo_root):
+    """The UNet worker dies while its steps travel over the step socket: the ControlNet worker's
+    session sees the socket end, lets go of the ring (nothing of it stays mapped or in /dev/shm)
+    and the worker serves on."""
+    controlnet = start_controlnet(zoo_root, [CN], num_threads=1, wait=False)
+    unet = start_unet(zoo_root, MODEL, num_threads=1, extra_args=["--max-steps", "1000"], wait=False)
+    try:
+        controlnet.wait_ready()
+        unet.wait_ready()
+        stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(unet.address))
+        controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
+        call = stub.DenoiseStream(
+            denoise_request(MODEL, controlnets, [controlnet.address], 7.5, steps=400), timeout=120
+        )
+        for _ in range(3):  # past the ring's offer and answer: steps go over the socket now
+            next(call)
+        assert ring_mapped(controlnet.process.pid)
+        unet.process.kill()
+        deadline = time.monotonic() + 10
+        while ring_mapped(controlnet.process.pid):
+            assert time.monotonic() < deadline, "the ControlNet worker still maps the ring of a dead peer"
+            time.sleep(0.1)
+        assert not list(transport.SHM_DIR.glob(f"{shm.PREFIX}{controlnet.process.pid}-*"))
+        listing = controlnet_pb2_grpc.ControlNetWorkerStub(rpc.create_channel(controlnet.address)).ListControlNets(
+            controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10
+        )
+        assert next(c for c in listing.controlnets if c.controlnet_id == CN).loaded
+    finally:
+        unet.stop()
+        controlnet.stop()
