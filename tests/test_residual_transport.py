@@ -7,11 +7,13 @@ same latents, bit for bit."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -143,7 +145,7 @@ def workers(zoo_root, tmp_path_factory):
     elsewhere = transport.SHM_DIR / f"swiftd-test-{os.getpid()}"
     elsewhere.mkdir()
     services = {
-        "unet": start_unet(zoo_root, MODEL, num_threads=1, wait=False),
+        "unet": start_unet(zoo_root, MODEL, num_threads=1, extra_args=["--max-steps", "1000"], wait=False),
         "shared": start_controlnet(zoo_root, [CN], num_threads=1, wait=False),
         "apart": start_controlnet(zoo_root, [CN], num_threads=1, env={"SWIFTD_SHM_DIR": str(elsewhere)}, wait=False),
     }
@@ -244,3 +246,29 @@ def test_a_unet_worker_killed_mid_request_ends_the_controlnet_session_and_its_ri
     finally:
         unet.stop()
         controlnet.stop()
+
+
+def test_a_controlnet_worker_that_hangs_mid_request_fails_it_at_its_deadline(workers, zoo_root):
+    """Steps go over the step socket, then the ControlNet worker stops answering: the request
+    ends DEADLINE_EXCEEDED at its deadline (the stream's), not at the much longer per-step wait."""
+    services, _ = workers
+    hung = start_controlnet(zoo_root, [CN], num_threads=1)
+    try:
+        stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(services["unet"].address))
+        controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
+        call = stub.DenoiseStream(denoise_request(MODEL, controlnets, [hung.address], 7.5, steps=400), timeout=6)
+        for _ in range(3):  # past the ring's offer and answer
+            next(call)
+        os.kill(hung.process.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The worker let go of the request then too (the caller's deadline alone would not show it).
+        while stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=5).requests_in_flight:
+            assert time.monotonic() - t0 < 10, "the UNet worker still waits for the hung ControlNet worker"
+            time.sleep(0.1)
+    finally:
+        os.kill(hung.process.pid, signal.SIGCONT)
+        hung.stop()

@@ -28,6 +28,7 @@ from swiftd.transport.step_socket import StepSocket
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
 _END = object()
+CALL_CHECK_S = 0.25  # how often a reader waiting on the step socket looks whether its call ended
 log = logging.getLogger(__name__)
 
 
@@ -84,15 +85,28 @@ class RemoteResidualSource:
                 if self._socket is not None:
                     break  # the next steps' residuals are announced on the step socket
             if self._socket is not None:
-                while (response := self._socket.receive(controlnet_pb2.ResidualsResponse, None)) is not None:
-                    self._responses.put(self._unpack(response))
-                for _ in self._call:  # the socket closed: how the stream ended says why
+                self._read_socket()
+                for _ in self._call:  # the socket closed, or the call ended: the stream says why
                     pass
             self._responses.put(self._ended_early())
         except grpc.RpcError as exc:
             self._responses.put(from_rpc_error(exc, f"controlnet {self.controlnet_id!r} on {self.address}"))
         except Exception as exc:  # noqa: BLE001 - surfaced on the request's thread
             self._responses.put(exc)
+
+    def _read_socket(self) -> None:
+        """Residuals announced on the step socket, until it closes or the call ends (its deadline
+        passed, or it was cancelled: a worker that hangs must not hold the request past it)."""
+        while True:
+            try:
+                response = self._socket.receive(controlnet_pb2.ResidualsResponse, CALL_CHECK_S)
+            except TimeoutError:
+                if self._call.done():
+                    return
+                continue
+            if response is None:
+                return
+            self._responses.put(self._unpack(response))
 
     def _unpack(self, response: controlnet_pb2.ResidualsResponse) -> tuple:
         ready = None  # CUDA IPC: the event the loop's stream waits on before using them
