@@ -216,6 +216,18 @@ def ring_mapped(pid: int) -> bool:
     return shm.PREFIX in (Path(f"/proc/{pid}") / "maps").read_text()
 
 
+def steps_on_the_socket(stub, controlnet_address: str, timeout: float):
+    """A long request with its ControlNet on `controlnet_address`, advanced past the ring's offer
+    and answer: its steps go over the step socket now."""
+    controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
+    call = stub.DenoiseStream(
+        denoise_request(MODEL, controlnets, [controlnet_address], 7.5, steps=400), timeout=timeout
+    )
+    for _ in range(3):
+        next(call)
+    return call
+
+
 def test_a_unet_worker_killed_mid_request_ends_the_controlnet_session_and_its_ring(zoo_root):
     """The UNet worker dies while its steps travel over the step socket: the ControlNet worker's
     session sees the socket end, lets go of the ring (nothing of it stays mapped or in /dev/shm)
@@ -226,12 +238,7 @@ def test_a_unet_worker_killed_mid_request_ends_the_controlnet_session_and_its_ri
         controlnet.wait_ready()
         unet.wait_ready()
         stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(unet.address))
-        controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
-        call = stub.DenoiseStream(
-            denoise_request(MODEL, controlnets, [controlnet.address], 7.5, steps=400), timeout=120
-        )
-        for _ in range(3):  # past the ring's offer and answer: steps go over the socket now
-            next(call)
+        _call = steps_on_the_socket(stub, controlnet.address, 120)  # held: a dropped call is cancelled
         assert ring_mapped(controlnet.process.pid)
         unet.process.kill()
         deadline = time.monotonic() + 10
@@ -255,10 +262,7 @@ def test_a_controlnet_worker_that_hangs_mid_request_fails_it_at_its_deadline(wor
     hung = start_controlnet(zoo_root, [CN], num_threads=1)
     try:
         stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(services["unet"].address))
-        controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
-        call = stub.DenoiseStream(denoise_request(MODEL, controlnets, [hung.address], 7.5, steps=400), timeout=6)
-        for _ in range(3):  # past the ring's offer and answer
-            next(call)
+        call = steps_on_the_socket(stub, hung.address, timeout=6)
         os.kill(hung.process.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:

@@ -32,7 +32,18 @@ from swiftd.v1 import controlnet_pb2
 
 log = logging.getLogger(__name__)
 
-PREFIX = "swiftd-res-"
+PREFIX = "swiftd-res-"  # rings and their step sockets (step_socket.py): one start-up sweep removes both
+
+
+def fresh_name(suffix: str = "") -> str:
+    """A new name under SHM_DIR for this process; the pid in it tells the sweep whose it is."""
+    return f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}{suffix}"
+
+
+def check_name(name: str, what: str) -> None:
+    """ValueError for a name a peer sent that is not one of ours (another prefix, a path)."""
+    if not name.startswith(PREFIX) or "/" in name:
+        raise ValueError(f"not a {what}: {name!r}")
 
 
 class ShmRing:
@@ -77,7 +88,7 @@ class ShmRing:
     @classmethod
     def create(cls, tensors: list[torch.Tensor], wire_dtype: torch.dtype | None, slots: int = SLOTS) -> ShmRing:
         """A ring whose slots fit `tensors` (cast to `wire_dtype`), under a fresh name."""
-        name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        name = fresh_name()
         fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             return cls(name, fd, SlotLayout.plan(tensors, wire_dtype), slots, owner=True)
@@ -129,8 +140,7 @@ class ShmRing:
     @classmethod
     def attach(cls, ring: controlnet_pb2.ResidualRing) -> ShmRing:
         """Map the writer's ring; OSError or ValueError when it cannot be (another host, bad layout)."""
-        if not ring.name.startswith(PREFIX) or "/" in ring.name:
-            raise ValueError(f"not a residual ring: {ring.name!r}")
+        check_name(ring.name, "residual ring")
         layout = SlotLayout.from_pb(ring)
         if ring.header_bytes != aligned(8 * ring.slots):
             raise ValueError("unexpected ring header size")

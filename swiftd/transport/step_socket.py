@@ -21,13 +21,12 @@ name as soon as it has connected.
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import struct
 
 from swiftd.transport import SHM_DIR
+from swiftd.transport.shm import check_name, fresh_name
 
-PREFIX = "swiftd-res-"  # shared with the rings: one start-up sweep removes both
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE_BYTES = 256 << 20  # a step input is a latent (an SDXL 1024² CFG batch: 0.5 MB); more is garbage
 
@@ -41,8 +40,7 @@ class StepSocket:
     @classmethod
     def connect(cls, name: str, timeout: float = 5.0) -> StepSocket:
         """The reader's end; OSError or ValueError when it cannot connect (another host, bad name)."""
-        if not name.startswith(PREFIX) or "/" in name:
-            raise ValueError(f"not a step socket: {name!r}")
+        check_name(name, "step socket")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(timeout)
@@ -102,7 +100,7 @@ class StepListener:
     """The writer's side until its peer connects: a listening socket under a fresh name."""
 
     def __init__(self):
-        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}.sock"
+        self.name = fresh_name(".sock")
         self._path = SHM_DIR / self.name
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
