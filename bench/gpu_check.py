@@ -124,6 +124,14 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--lora-strength", type=float, default=0.5, help="LoRA delta size relative to each weight's standard deviation"
     )
+    parser.add_argument(
+        "--aoti-weights",
+        nargs="+",
+        default=["copy", "live"],
+        choices=["copy", "live"],
+        help="weight bindings the aoti stage loads, in this order (one each per process keeps a native "
+        "crash of one from hiding the other)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     # A native crash (the AOTInductor stage on CUDA has ended runs without a Python error) then
@@ -358,13 +366,14 @@ def exported_decoder(unet, encoded, batch: int):
 
 def aoti_stage(unet, split, x, t, hidden, added, patcher, deltas, timer, args, tolerance: float, phase) -> dict:
     """Both halves as AOTInductor packages bound to the module's weights (compiler.inductor.PackagePart),
-    with each weight binding: `copy` first (no user-managed constants), then `live` (the default).
+    with each weight binding of --aoti-weights (by default `copy` first, no user-managed constants,
+    then `live`, the worker's default).
 
     `phase(name)` records (and saves) where the stage is, so a run that dies in it says where.
     """
     import tempfile
 
-    from compiler.inductor import WEIGHT_BINDINGS, PackagePart, build_package
+    from compiler.inductor import PackagePart, build_package
 
     phase("export")
     enc_module, enc_inputs, enc_program = exported_encoder(unet, x, t, hidden, added, args.batch)
@@ -382,7 +391,7 @@ def aoti_stage(unet, split, x, t, hidden, added, patcher, deltas, timer, args, t
             phase(f"build {name}")
             build_s[name], _ = build_package(program, paths[name], module=module)  # no options: weights read in place
         result["build_s"] = {k: round(v, 1) for k, v in build_s.items()}
-        for weights in sorted(WEIGHT_BINDINGS):  # "copy" before "live": the suspect last
+        for weights in args.aoti_weights:  # by default "copy" before "live": the suspect last
             phase(f"load and bind ({weights})")
             enc = PackagePart(paths["encoder"], enc_module, args.device, weights=weights)
             dec = PackagePart(paths["decoder"], dec_module, args.device, weights=weights)

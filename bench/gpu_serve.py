@@ -37,6 +37,7 @@ import argparse
 import faulthandler
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -66,6 +67,9 @@ class Run:
         os.replace(tmp, self.path)
 
     def stage(self, family: str, name: str, deadline: float, fn) -> dict | None:
+        """Run `fn(progress)`; `progress` is a dict the stage fills as it goes and saves with
+        `progress.save()`, so a stage cut off (an error, SIGTERM at a time limit) keeps what it
+        measured under `partial`."""
         stages = self.data["families"].setdefault(family, {"stages": {}})["stages"]
         if time.monotonic() > deadline:
             stages[name] = {"skipped": "time budget spent"}
@@ -73,13 +77,27 @@ class Run:
             return None
         print(f"[gpu_serve] {family}: {name} ...", flush=True)
         t0 = time.monotonic()
-        try:
-            stages[name] = {"result": fn(), "seconds": round(time.monotonic() - t0, 2)}
-        except Exception:  # noqa: BLE001 - one failed stage must not cost the others
-            stages[name] = {"error": traceback.format_exc(), "seconds": round(time.monotonic() - t0, 2)}
-            print(stages[name]["error"], file=sys.stderr, flush=True)
+        progress = _Progress(self.save)
+        stages[name] = {"started_at": round(time.time(), 1), "partial": progress}
         self.save()
+        try:
+            stages[name] = {"result": fn(progress), "seconds": round(time.monotonic() - t0, 2)}
+        except Exception:  # noqa: BLE001 - one failed stage must not cost the others
+            stages[name]["error"] = traceback.format_exc()
+            print(stages[name]["error"], file=sys.stderr, flush=True)
+        finally:  # SystemExit (SIGTERM) too: the stage's services are stopped by then
+            stages[name]["seconds"] = round(time.monotonic() - t0, 2)
+            stages[name]["ended_at"] = round(time.time(), 1)
+            self.save()
         return stages[name].get("result")
+
+
+class _Progress(dict):
+    """What a running stage has measured so far; `save()` writes the results file."""
+
+    def __init__(self, save):
+        super().__init__()
+        self.save = save
 
 
 def devices(kind: str) -> list[str]:
@@ -99,13 +117,13 @@ def scenarios(family: str, size: int, names: list[str]):
 # -- Diffusers -------------------------------------------------------------------------------------
 
 
-def diffusers_side(args, family: str, size: int, device: str) -> dict:
+def diffusers_side(args, family: str, size: int, device: str, out: _Progress) -> dict:
     from bench.baseline_process import BaselineProcess
 
     cores = sorted(os.sched_getaffinity(0)) if device.startswith("cuda") else [0]
     baseline = BaselineProcess(args.zoo, family, cores, device=device, dtype=args.dtype)
     try:
-        out = {"load_s": baseline.ready["load_s"], "device": device, "scenarios": {}}
+        out.update({"load_s": baseline.ready["load_s"], "device": device, "scenarios": {}})
         for scenario in scenarios(family, size, args.scenarios):
             command = dict(scenario=scenario.to_json(), size=size, steps=args.steps)
             baseline.call("generate", **command)  # warm-up
@@ -114,7 +132,8 @@ def diffusers_side(args, family: str, size: int, device: str) -> dict:
                 "latency_s": statistics.median(r["latency_s"] for r in runs),
                 "stages": runs[-1]["stages"],
             }
-        return out
+            out.save()
+        return dict(out)
     finally:
         baseline.close()
 
@@ -130,7 +149,7 @@ def _root_without_controlnets(zoo: Path, into: Path) -> Path:
     return into
 
 
-def ours_side(args, family: str, size: int, layout: str, gpus: list[str]) -> dict:
+def ours_side(args, family: str, size: int, layout: str, gpus: list[str], out: _Progress) -> dict:
     from swiftd import transport
     from swiftd.client import Client
     from swiftd.launcher import start_controlnet, start_gateway, start_lora_store, start_unet
@@ -180,7 +199,7 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str]) -> dic
             cn.wait_ready()
         gateway = start_gateway([unet.address], [c.address for c in cns], store.address)
         services.append(gateway)
-        out = {"devices": {"unet": gpus[0], "controlnets": [cn_devices[i % len(cn_devices)] for i in range(2)]}}
+        out["devices"] = {"unet": gpus[0], "controlnets": [cn_devices[i % len(cn_devices)] for i in range(2)]}
         out["scenarios"] = {}
         compilations = {}  # on artifacts: torch's compile counters, after the first request and at the end
         with Client(gateway.address, timeout=600) as client:
@@ -211,9 +230,10 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str]) -> dic
                     "transports": [transport.name(a.transport) for a in result.plan.controlnets],
                     "lora_applied_at_step": result.lora_applied_at_step,
                 }
+                out.save()
         compilations["at_end"] = _compilations(unet.metrics_address)  # LoRA swaps in between
         out["compilations"] = compilations
-        return out
+        return dict(out)
     finally:
         for service in reversed(services):
             service.stop()
@@ -261,13 +281,18 @@ def table(data: dict) -> str:
         "| wait / transport per step (ms) | residuals over |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
+
+    def measured(stage: dict | None) -> dict:  # a finished stage's result, else what a cut-off one had
+        stage = stage or {}
+        return stage.get("result") or stage.get("partial") or {}
+
     for family, entry in data["families"].items():
         stages = entry["stages"]
-        theirs = (stages.get("diffusers") or {}).get("result") or {"scenarios": {}}
+        theirs = {"scenarios": {}, **measured(stages.get("diffusers"))}
         for name, stage in stages.items():
-            if not name.startswith("ours.") or "result" not in stage:
+            if not name.startswith("ours."):
                 continue
-            ours = stage["result"]["scenarios"]
+            ours = measured(stage).get("scenarios", {})
             for scenario, got in ours.items():
                 d = theirs["scenarios"].get(scenario, {}).get("latency_s")
                 d_base = theirs["scenarios"].get("base", {}).get("latency_s")
@@ -292,7 +317,8 @@ def table(data: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_serve", description=__doc__)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="results file (with --table: the one to read)")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
     parser.add_argument("--zoo", type=Path, default=Path(".zoo"), help="where the models are (built if missing)")
     parser.add_argument("--families", nargs="+", default=["sd15", "sdxl"])
     parser.add_argument("--size", type=int, default=None, help="default: 512 for sd15, 1024 for sdxl, 64 tiny")
@@ -305,8 +331,14 @@ def main(argv=None) -> int:
     parser.add_argument("--compiled", action="store_true", help="the UNet worker on artifacts it compiles at start")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no stage after this many seconds")
     args = parser.parse_args(argv)
+    if args.table:  # e.g. of a run cut off before its last stage wrote the table
+        print(table(json.loads(args.out.read_text())))
+        return 0
     args.dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
     faulthandler.enable()
+    # A time limit's SIGTERM unwinds like an exception: each stage stops its services (no worker
+    # left holding the GPU) and the results file keeps the stage's partial figures.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import torch
 
     gpus = devices(args.device)
@@ -328,7 +360,7 @@ def main(argv=None) -> int:
     for family in args.families:
         size = args.size or default_size(family)
 
-        def build(family=family):
+        def build(progress, family=family):
             from swiftd.zoo import build as build_zoo
 
             t = time.monotonic()
@@ -338,14 +370,19 @@ def main(argv=None) -> int:
         if run.stage(family, "zoo", deadline, build) is None:
             continue
         run.stage(
-            family, "diffusers", deadline, lambda family=family, size=size: diffusers_side(args, family, size, gpus[0])
+            family,
+            "diffusers",
+            deadline,
+            lambda progress, family=family, size=size: diffusers_side(args, family, size, gpus[0], progress),
         )
         for layout in args.layouts:
             run.stage(
                 family,
                 f"ours.{layout}",
                 deadline,
-                lambda family=family, size=size, layout=layout: ours_side(args, family, size, layout, gpus),
+                lambda progress, family=family, size=size, layout=layout: ours_side(
+                    args, family, size, layout, gpus, progress
+                ),
             )
     run.data["table"] = table(run.data)
     run.data["seconds"] = round(time.monotonic() - t0, 1)

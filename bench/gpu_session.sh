@@ -1,7 +1,8 @@
 #!/bin/bash
 # What a lent GPU machine runs, prepared (docs/gpu.md). Here first: ./bench/gpu_wheels.sh. Then, with
 # the device tool: run(command="bench/gpu_session.sh serve", carry=[".whl"], timeout_s=560), and
-# if time is left, "bench/gpu_session.sh checks". Results land in $OUT (come back with the reply).
+# if time is left, "bench/gpu_session.sh checks"; or both at once, run(command="bench/gpu_session.sh
+# lease", carry=[".whl"], timeout_s=580). Results land in $OUT (come back with the reply).
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site || exit 1
@@ -19,8 +20,27 @@ checks)  # CUDA IPC equality over real workers, then the AOTInductor diagnosis (
     timeout 200 python3 -m pytest -q -x tests/test_residual_transport.py -k cuda 2>&1 | tee "$OUT/cuda_ipc.log" | tail -15
     timeout 300 python3 -m bench.gpu_check --stages eager aoti --out "$OUT/aoti.json" 2>&1 | tee "$OUT/aoti.log" | tail -25
     ;;
+lease)  # everything of one lease in one call of at most ~9.5 minutes: the checks in the
+    # background on CPU cores of their own (the AOTInductor builds are CPU-bound), the serving
+    # benchmark in front, SDXL first (the target), SD1.5 as far as the budget goes
+    pin() { if command -v taskset > /dev/null; then taskset -c "$@"; else shift; "$@"; fi; }
+    cores=$(nproc)
+    front=0-$((cores / 2 - 1))
+    ( pin $((cores / 2))-$((cores / 2 + cores / 4 - 1)) timeout 520 python3 -m bench.gpu_check \
+        --stages eager aoti --aoti-weights copy --out "$OUT/aoti_copy.json" > "$OUT/aoti_copy.log" 2>&1 ) &
+    ( pin $((cores / 2 + cores / 4))-$((cores - 1)) timeout 520 python3 -m bench.gpu_check \
+        --stages eager aoti --aoti-weights live --out "$OUT/aoti_live.json" > "$OUT/aoti_live.log" 2>&1 ) &
+    ( pin $front timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_residual_transport.py \
+        -k cuda > "$OUT/cuda_ipc.log" 2>&1 ) &
+    pin $front timeout 530 python3 -m bench.gpu_serve --zoo /tmp/zoo --families sdxl sd15 \
+        --out "$OUT/gpu_serve.json" --budget-s 380 > "$OUT/gpu_serve.log" 2>&1
+    echo "gpu_serve: exit $?" >> "$OUT/device.txt"
+    wait
+    python3 -m bench.gpu_serve --out "$OUT/gpu_serve.json" --table
+    tail -n 5 "$OUT/cuda_ipc.log" "$OUT/aoti_copy.log" "$OUT/aoti_live.log"
+    ;;
 *)
-    echo "usage: bench/gpu_session.sh serve|checks" >&2
+    echo "usage: bench/gpu_session.sh serve|checks|lease" >&2
     exit 2
     ;;
 esac
