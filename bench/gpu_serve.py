@@ -164,6 +164,7 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str], out: _
     cn_devices = gpus[1:] or gpus
     controlnet_ids = [f"{family}-cn-edges", f"{family}-cn-depth"]
     services = []
+    t_start = time.monotonic()
     try:
         store = start_lora_store(
             args.zoo, work / "cache", [family], extra_args=["--default-dtype", args.dtype], wait=False
@@ -182,9 +183,12 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str], out: _
         services += [store, *cns]
         store.wait_ready()
         unet_args = [*common, "--device", gpus[0], "--metrics-port", "0"]
-        if args.compiled:
+        if args.compiled:  # the device's default backend (graphs on CUDA), for what these requests run:
+            # CFG batch 2 at one resolution; the VAE stays eager (SDXL's is upcast to fp32 anyway)
             unet_args += ["--compiled-artifacts", str(work / "artifacts"), "--compile-missing"]
-            unet_args += ["--compile-resolution", str(size)]
+            unet_args += ["--compile-resolution", str(size), "--compile-batch-sizes", "2"]
+            unet_args += ["--compile-parts", "unet_encoder", "unet_decoder"]
+            unet_args += ["--compile-backend", args.backend] if args.backend else []
         unet = start_unet(
             unet_root,
             family,
@@ -195,10 +199,14 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str], out: _
             timeout=1800,
         )
         services.append(unet)
+        # What the worker said about compiling (with --compiled: the build, the warm-up, the cache).
+        out["unet_compile_log"] = [line for line in unet.log_tail(300).splitlines() if "compil" in line][-12:]
+        out.save()
         for cn in cns:
             cn.wait_ready()
         gateway = start_gateway([unet.address], [c.address for c in cns], store.address)
         services.append(gateway)
+        out["unet_ready_s"] = round(time.monotonic() - t_start, 1)
         out["devices"] = {"unet": gpus[0], "controlnets": [cn_devices[i % len(cn_devices)] for i in range(2)]}
         out["scenarios"] = {}
         compilations = {}  # on artifacts: torch's compile counters, after the first request and at the end
@@ -329,6 +337,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on the CPU")
     parser.add_argument("--layouts", nargs="+", default=["spread", "pack"], choices=["spread", "pack"])
     parser.add_argument("--compiled", action="store_true", help="the UNet worker on artifacts it compiles at start")
+    parser.add_argument("--backend", default=None, help="their backend (default: the device's, graphs on CUDA)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no stage after this many seconds")
     args = parser.parse_args(argv)
     if args.table:  # e.g. of a run cut off before its last stage wrote the table

@@ -33,8 +33,15 @@ from compiler.export import export_part
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("inductor", "tensorrt")
-ARTIFACT_SUFFIXES = (".pt2", ".trt.ep", MANIFEST, ".tmp")  # what a build writes into its directory
+BACKENDS = ("inductor", "graphs", "tensorrt")
+ARTIFACT_SUFFIXES = (".pt2", ".trt.ep", ".bin", MANIFEST, ".tmp")  # what a build writes into its directory
+
+
+def default_backend(device: str) -> str:
+    """AOTInductor packages on CPU; on CUDA, where they crash on load (compiler/graphs.py), graphs."""
+    return "graphs" if torch.device(device).type == "cuda" else "inductor"
+
+
 # Compiled vs eager, max abs difference relative to the eager output's magnitude (max(1, max|x|)).
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
@@ -72,7 +79,7 @@ def build(
     out: Path,
     *,
     model_id: str,
-    backend: str = "inductor",
+    backend: str | None = None,  # None: default_backend(device)
     resolutions: Sequence[int] = (512,),
     batch_sizes: Sequence[int] = (1, 2),
     parts: Sequence[str] = (P.UNET_ENCODER, P.UNET_DECODER, P.VAE_DECODER),
@@ -89,6 +96,7 @@ def build(
     `controlnet` part is asked for. Raises a CompilerError subclass on any failure; the manifest is
     written last, so a directory whose build failed is never taken for a complete one.
     """
+    backend = backend or default_backend(device)
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; one of {', '.join(BACKENDS)}")
     unknown = [p for p in parts if p not in P.ALL_PARTS]
@@ -101,6 +109,8 @@ def build(
             raise UsageError(f"resolution {resolution} is not a multiple of {pipe.vae_scale_factor * 8}")
     if not batch_sizes or min(batch_sizes) < 1:
         raise UsageError("batch sizes must be positive")
+    if backend == "graphs" and options:
+        raise UsageError("backend graphs takes no --option: it compiles with torch.compile's mode for the device")
     if backend == "tensorrt":
         from compiler import tensorrt
 
@@ -158,6 +168,14 @@ def build(
                 pipe, out, spec, backend, controlnet, source_id, fingerprint, options, tol, device, progress
             )
             manifest.parts.append(entry)
+    if backend == "graphs":  # one compile cache for every part, written once all are compiled
+        from compiler import graphs
+
+        size = graphs.save_cache(out / graphs.CACHE_FILE)
+        digest = file_sha256(out / graphs.CACHE_FILE)
+        for entry in manifest.parts:
+            entry.sha256 = digest
+        progress(f"[compiler] compile cache: {size / 2**20:.1f} MiB")
     write_manifest(out, manifest)
     progress(f"[compiler] {len(manifest.parts)} parts in {time.perf_counter() - t_build:.0f} s -> {out}")
     return manifest
@@ -171,9 +189,10 @@ def _build_part(
         fingerprint = module_fingerprint(pipe.vae if spec.name == P.VAE_DECODER else pipe.unet)
     suffix = f"-{fingerprint[:8]}" if spec.name == P.CONTROLNET else ""
     label = f"{spec.name}{suffix} at {spec.resolution}px, batch {spec.batch_sizes[0]}..{spec.batch_sizes[-1]}"
-    progress(f"[compiler] exporting {label} ...")
     inputs = P.example_inputs(spec.name, pipe, spec.resolution, max(spec.batch_sizes), controlnet)
-    program = export_part(spec.name, module, inputs, spec.batch_sizes)
+    if backend != "graphs":  # torch.compile traces the module itself
+        progress(f"[compiler] exporting {label} ...")
+        program = export_part(spec.name, module, inputs, spec.batch_sizes)
 
     progress(f"[compiler] compiling {label} ({backend}) ...")
     if backend == "inductor":
@@ -182,6 +201,15 @@ def _build_part(
         filename = f"{spec.key}{suffix}.pt2"
         seconds, recipes = inductor.build_package(program, out / filename, options, module)
         compiled = inductor.PackagePart(out / filename, module, device, recipes)
+    elif backend == "graphs":
+        from compiler import graphs
+
+        filename, recipes = graphs.CACHE_FILE, None
+        compiled = graphs.GraphPart(module, device)
+        t0 = time.perf_counter()
+        for batch in spec.batch_sizes:  # one graph per batch size (dynamic=False)
+            compiled(*P.example_inputs(spec.name, pipe, spec.resolution, batch, controlnet))
+        seconds = time.perf_counter() - t0
     else:
         from compiler import tensorrt
 
@@ -210,7 +238,7 @@ def _build_part(
         batch_min=min(spec.batch_sizes),
         batch_max=max(spec.batch_sizes),
         file=filename,
-        sha256=file_sha256(out / filename),
+        sha256="" if backend == "graphs" else file_sha256(out / filename),  # graphs: set with the cache
         fingerprint=fingerprint,
         compile_seconds=round(seconds, 2),
         max_diff=float(f"{worst:.3g}"),

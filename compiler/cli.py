@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of the split backbone, for the release pipeline.
 
-    python -m compiler build   --model-root .zoo --model-id tiny-sd15 --backend inductor \\
+    python -m compiler build   --model-root .zoo --model-id tiny-sd15 [--backend inductor|graphs|tensorrt] \\
                                --resolution 256 --batch 1 2 [--controlnet-id ID ...] --out DIR
     python -m compiler verify  --artifacts DIR --model-root .zoo --model-id tiny-sd15 [--publish DIR2]
     python -m compiler inspect DIR
@@ -75,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="compile artifacts into --out")
     model_arguments(build)
-    build.add_argument("--backend", choices=BACKENDS, default="inductor")
+    build.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="inductor: AOTInductor packages (the CPU default); graphs: torch.compile with CUDA graphs "
+        "from a saved compile cache (the CUDA default: AOTInductor packages crash on load there, "
+        "docs/gpu.md); tensorrt: refittable engines",
+    )
     build.add_argument(
         "--resolution",
         nargs="+",
@@ -173,8 +180,9 @@ def _options(args) -> dict:
 
 def cmd_build(args) -> int:
     from compiler import parts as P
-    from compiler.build import build
+    from compiler.build import build, default_backend
 
+    args.backend = args.backend or default_backend(args.device)
     parts = args.parts or [P.UNET_ENCODER, P.UNET_DECODER, P.VAE_DECODER] + (
         [P.CONTROLNET] if args.controlnet_id else []
     )

@@ -63,12 +63,25 @@ def compile_activity() -> dict[str, int]:
     }
 
 
+def _inductor_cache_counts() -> tuple[int, int]:
+    """(graphs Inductor took from its cache, graphs it compiled) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    inductor = counters["inductor"]
+    return int(inductor["fxgraph_cache_hit"]), int(inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"])
+
+
 def _load_part(directory: Path, entry: PartEntry, module: torch.nn.Module, backend: str, device: str):
     path = Path(directory) / entry.file
     if backend == "inductor":
         from compiler.inductor import PackagePart
 
         return PackagePart(path, module, device, entry.recipes)
+    if backend == "graphs":
+        from compiler import graphs
+
+        graphs.load_cache(path)
+        return graphs.GraphPart(module, device)
     from compiler.tensorrt import EnginePart
 
     return EnginePart(path, module)
@@ -333,6 +346,7 @@ class CompiledBackbone:
         )
         check_files(directory, manifest)
         backbone = cls(directory, manifest, pipe, device)
+        inductor_before = _inductor_cache_counts()
         modules = {
             P.UNET_ENCODER: (P.graph_module(P.UNET_ENCODER, pipe), backbone.encoder),
             P.UNET_DECODER: (P.graph_module(P.UNET_DECODER, pipe), backbone.decoder),
@@ -341,8 +355,15 @@ class CompiledBackbone:
         for entry in manifest.parts:
             if entry.name in modules:
                 module, dispatch = modules[entry.name]
-                dispatch.parts.append((entry, _load_part(directory, entry, module, manifest.backend, device)))
+                part = _load_part(directory, entry, module, manifest.backend, device)
+                dispatch.parts.append((entry, part))
+                if manifest.backend == "graphs":  # compiled now (from the cache), not at a request
+                    for batch in [b for b in manifest.batch_sizes if entry.serves(entry.resolution, b)]:
+                        part(*P.example_inputs(entry.name, pipe, entry.resolution, batch))
         backbone.load_seconds = time.perf_counter() - t0
+        if manifest.backend == "graphs":
+            hits, misses = (a - b for a, b in zip(_inductor_cache_counts(), inductor_before))
+            log.info("graphs warmed up: %d graphs from the compile cache, %d compiled anew", hits, misses)
         return backbone
 
     def describe(self) -> str:

@@ -33,7 +33,7 @@ from compiler.runtime import CompiledBackbone, compile_activity
 from services.unet.pipeline import UNetPipeline
 from swiftd import codec, rpc, zoo
 from swiftd.controlnet_step import ControlNetStepper
-from swiftd.launcher import start_controlnet, start_unet
+from swiftd.launcher import start_controlnet, start_lora_store, start_unet
 from swiftd.lora import LoraPatcher, extract_deltas
 from swiftd.request import ControlNet, Request
 from swiftd.split_unet import SplitUNet
@@ -410,25 +410,91 @@ def test_copied_weights_binding_follows_lora_swaps(zoo_root, sdxl, sdxl_backbone
 
 
 @pytest.mark.slow
-def test_torch_compile_of_a_half_recompiles_nothing_across_lora_swaps(zoo_root, sd15):
-    """The same property for torch.compile (what the GPU path uses with CUDA graphs): parameters
-    are graph inputs guarded by identity, not value, so in-place patches never fail a guard."""
-    paths = zoo.zoo_paths(zoo_root, "tiny-sd15").loras
-    deltas = extract_deltas(sd15.pipe, paths["tiny-sd15-lora-peft-r64"])
-    patcher = LoraPatcher(sd15.pipe)
-    encoder = SplitUNet(sd15.pipe.unet).encoder_half
-    compiled = torch.compile(encoder)
-    inputs = step_inputs(sd15, 2, seed=6)
-    counters = torch._dynamo.utils.counters
-    with torch.no_grad():
-        assert_matches(compiled(*inputs).sample, encoder(*inputs).sample)
-        frames, recompiles = counters["stats"]["unique_graphs"], sum(counters["recompiles"].values())
-        for swap in range(50):
-            patcher.apply([("r64", 0.2 + 0.02 * swap, deltas)]) if swap % 2 == 0 else patcher.restore()
-            assert_matches(compiled(*inputs).sample, encoder(*inputs).sample)
-        patcher.restore()
-    assert counters["stats"]["unique_graphs"] == frames
-    assert sum(counters["recompiles"].values()) == recompiles
+def test_a_worker_on_graphs_artifacts_matches_eager_over_lora_swaps_and_compiles_nothing_after_start(
+    zoo_root, tmp_path
+):
+    """The CUDA default backend (compiler/graphs.py: torch.compile, CUDA graphs on a GPU) end to
+    end on the CPU. A worker builds it at start, then serves requests with and without a LoRA as an
+    eager worker does, and torch compiles nothing after its start: in-place LoRA patches fail no
+    guard. A second worker on the same artifacts, with an empty Inductor cache, takes every graph
+    from the saved compile cache.
+
+    The deltas come from a LoRA store, as in production: a worker that prepares a LoRA itself
+    loads it into the pipeline through PEFT and unloads it again, which leaves attributes that
+    Dynamo's guards see (one recompilation after such a preparation)."""
+    from tests.test_metrics import scrape
+
+    directory = tmp_path / "graphs"
+    store = start_lora_store(zoo_root, tmp_path / "lora-cache", ["tiny-sd15"])
+    build_args = ["--compile-backend", "graphs", "--compile-resolution", str(SIZE), "--compile-batch-sizes", "2"]
+    build_args += ["--compile-parts", "unet_encoder", "unet_decoder", "--metrics-port", "0"]
+    build_args += ["--lora-store", store.address]
+    eager = start_unet(zoo_root, "tiny-sd15", num_threads=1, wait=False, extra_args=["--lora-store", store.address])
+    compiled = start_unet(
+        zoo_root,
+        "tiny-sd15",
+        num_threads=1,
+        timeout=600,
+        extra_args=["--compiled-artifacts", str(directory), "--compile-missing", *build_args],
+    )
+    lora = "tiny-sd15-lora-peft-r64"
+
+    def denoise(worker, loras):
+        request = unet_pb2.DenoiseRequest(
+            params=common_pb2.GenerationParams(
+                prompt="a cat",
+                width=SIZE,
+                height=SIZE,
+                num_inference_steps=3,
+                guidance_scale=7.5,  # batch 2: the batch size built
+                seed=4,
+                model_id="tiny-sd15",
+            ),
+            loras=[common_pb2.LoraRef(lora_id=i, scale=s) for i, s in loras],
+            return_latents=True,
+        )
+        with rpc.create_channel(worker.address) as channel:
+            response = unet_pb2_grpc.UNetWorkerStub(channel).Denoise(request, timeout=120)
+        return codec.tensor_from_proto(response.latents)
+
+    def compilations(worker):
+        return {
+            dict(k[1])["kind"]: v for k, v in scrape(worker.metrics_address).items() if k[0] == "swiftd_compilations"
+        }
+
+    try:
+        eager.wait_ready()
+        swaps = [(), ((lora, 0.8),), (), ((lora, 0.4),), ((lora, 0.8),)]
+        want = [denoise(eager, loras) for loras in swaps]
+        got = [denoise(compiled, swaps[0])]
+        after_start = compilations(compiled)
+        got += [denoise(compiled, loras) for loras in swaps[1:]]
+        assert compilations(compiled) == after_start and after_start["dynamo_frames"] > 0, after_start
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+        assert (want[1] - want[0]).abs().max() > 1e-2  # the LoRA moves the output: a stale graph would fail
+        log = compiled.log_tail(400)
+        assert "no compiled unet_encoder" not in log and "no compiled unet_decoder" not in log  # (the VAE: eager)
+    finally:
+        eager.stop()
+        compiled.stop()
+        store.stop()
+
+    empty_cache = tmp_path / "inductor-cache"
+    warm = start_unet(
+        zoo_root,
+        "tiny-sd15",
+        num_threads=1,
+        timeout=300,
+        extra_args=["--compiled-artifacts", str(directory), "--metrics-port", "0"],
+        env={"TORCHINDUCTOR_CACHE_DIR": str(empty_cache)},
+    )
+    try:
+        torch.testing.assert_close(denoise(warm, swaps[0]), want[0], atol=1e-4, rtol=1e-4)
+        log = warm.log_tail(400)
+    finally:
+        warm.stop()
+    assert "graphs warmed up: 2 graphs from the compile cache, 0 compiled anew" in log, log
 
 
 # -- warm start: a service on artifacts compiles nothing and is ready >= 5x sooner ----------------

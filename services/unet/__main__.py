@@ -106,6 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="resolutions --compile-missing builds (default: the model's native size)",
     )
+    parser.add_argument(
+        "--compile-backend",
+        choices=["inductor", "graphs", "tensorrt"],
+        default=None,
+        help="backend --compile-missing builds with (default: graphs on CUDA, inductor elsewhere; "
+        "see python -m compiler build --help)",
+    )
+    parser.add_argument(
+        "--compile-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="batch sizes --compile-missing builds: 1 without CFG (or one half of a CFG split), 2 with CFG",
+    )
+    parser.add_argument(
+        "--compile-parts",
+        nargs="+",
+        choices=["unet_encoder", "unet_decoder", "vae_decoder"],
+        default=["unet_encoder", "unet_decoder", "vae_decoder"],
+        help="parts --compile-missing builds",
+    )
     add_unusable_artifacts_argument(parser, "are missing, do not fit or fail their probe")
     parser.add_argument(
         "--probe-artifacts",
@@ -146,12 +167,14 @@ def load_backbone(args, pipe) -> Backbone:
                 pipe,
                 args.compiled_artifacts,
                 model_id=args.model_id,
+                backend=args.compile_backend,
                 resolutions=resolutions,
-                batch_sizes=(1, 2),
+                batch_sizes=args.compile_batch_sizes,
+                parts=args.compile_parts,
                 device=args.device,
                 force=True,
             )
-        if args.probe_artifacts == "always" or (args.probe_artifacts == "auto" and args.device.startswith("cuda")):
+        if args.probe_artifacts == "always" or (args.probe_artifacts == "auto" and native_code_on_cuda(args)):
             seconds = probe_artifacts(
                 args.compiled_artifacts,
                 model_root=args.model_root,
@@ -170,6 +193,15 @@ def load_backbone(args, pipe) -> Backbone:
     log.info("compiled: %s; compilation so far in this process: %s", compiled.describe(), compile_activity())
     metrics.track_compilations(compile_activity)  # at scrape time: a recompilation would show
     return compiled
+
+
+def native_code_on_cuda(args) -> bool:
+    """Whether --probe-artifacts auto probes: artifacts of compiled native code (AOTInductor
+    packages, TensorRT engines) on CUDA, where loading one has ended a process. The graphs
+    backend loads no native code of its own (a probe would only compile it all twice)."""
+    from compiler.artifacts import read_manifest
+
+    return args.device.startswith("cuda") and read_manifest(args.compiled_artifacts).backend != "graphs"
 
 
 def main(argv=None) -> None:
