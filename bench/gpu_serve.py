@@ -169,11 +169,16 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str], out: _
         store = start_lora_store(
             args.zoo, work / "cache", [family], extra_args=["--default-dtype", args.dtype], wait=False
         )
+        cn_args = []
+        if args.compiled:  # as a release pipeline does: the CLI builds them, the workers load them
+            out["controlnet_build_s"] = _build_controlnet_artifacts(args, family, size, controlnet_ids, work)
+            cn_args = ["--compiled-artifacts", str(work / "cn-artifacts")]
+            out.save()
         cns = [
             start_controlnet(
                 args.zoo,
                 [cid],
-                extra_args=[*common, "--device", cn_devices[i % len(cn_devices)]],
+                extra_args=[*common, *cn_args, "--device", cn_devices[i % len(cn_devices)]],
                 cpu_cores=[1] if on_cpu else None,
                 num_threads=1 if on_cpu else None,
                 wait=False,
@@ -204,6 +209,9 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str], out: _
         out.save()
         for cn in cns:
             cn.wait_ready()
+        out["controlnet_compile_log"] = [
+            line for cn in cns for line in cn.log_tail(200).splitlines() if "compil" in line or "warmed" in line
+        ][-12:]
         gateway = start_gateway([unet.address], [c.address for c in cns], store.address)
         services.append(gateway)
         out["unet_ready_s"] = round(time.monotonic() - t_start, 1)
@@ -245,6 +253,25 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str], out: _
     finally:
         for service in reversed(services):
             service.stop()
+
+
+def _build_controlnet_artifacts(args, family: str, size: int, controlnet_ids: list[str], work: Path) -> float:
+    """`python -m compiler build` of the ControlNet part (one per architecture), CFG batch 2, on
+    the first device; seconds."""
+    import subprocess
+
+    device = "cpu" if args.device == "cpu" else "cuda:0"
+    argv = [sys.executable, "-m", "compiler", "build", "--model-root", str(args.zoo), "--model-id", family]
+    argv += ["--device", device, "--dtype", args.dtype, "--resolution", str(size), "--batch", "2"]
+    argv += ["--parts", "controlnet", "--controlnet-id", *controlnet_ids, "--out", str(work / "cn-artifacts")]
+    argv += ["--backend", args.backend] if args.backend else []
+    # The CPU rehearsal's workers run one thread each: Inductor's CPU kernels are keyed by it.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.device == "cpu" else None
+    t0 = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"compiler build exited {done.returncode}: {done.stderr[-2000:]}")
+    return round(time.monotonic() - t0, 1)
 
 
 def _compilations(metrics_address: str) -> dict[str, float]:
@@ -336,7 +363,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on the CPU")
     parser.add_argument("--layouts", nargs="+", default=["spread", "pack"], choices=["spread", "pack"])
-    parser.add_argument("--compiled", action="store_true", help="the UNet worker on artifacts it compiles at start")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="the UNet worker on artifacts it compiles at start, the ControlNet workers on artifacts the CLI builds",
+    )
     parser.add_argument("--backend", default=None, help="their backend (default: the device's, graphs on CUDA)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no stage after this many seconds")
     args = parser.parse_args(argv)

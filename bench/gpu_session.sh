@@ -39,9 +39,9 @@ lease)  # everything of one lease in one call of at most ~9.5 minutes: the check
     python3 -m bench.gpu_serve --out "$OUT/gpu_serve.json" --table
     tail -n 5 "$OUT/cuda_ipc.log" "$OUT/aoti_copy.log" "$OUT/aoti_live.log"
     ;;
-compiled)  # the suite with its UNet worker on the graphs backend (torch.compile, CUDA graphs),
-    # built at start, against Diffusers in the same run: SD1.5 (SDXL's build at start takes longer
-    # than a short lease leaves), spread layout
+compiled)  # the suite on the graphs backend (torch.compile, CUDA graphs): the UNet worker builds
+    # its artifacts at start, the CLI the ControlNet workers'; against Diffusers in the same run:
+    # SD1.5 (SDXL's builds take longer than a short lease leaves), spread layout
     timeout 235 python3 -m bench.gpu_serve --zoo /tmp/zoo --families sd15 --layouts spread --compiled \
         --out "$OUT/gpu_serve_compiled.json" --budget-s 150 \
         > "$OUT/gpu_serve_compiled.log" 2>&1

@@ -20,6 +20,7 @@ import time
 import weakref
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -69,6 +70,20 @@ def _inductor_cache_counts() -> tuple[int, int]:
 
     inductor = counters["inductor"]
     return int(inductor["fxgraph_cache_hit"]), int(inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"])
+
+
+def _warm_up(manifest: Manifest, dispatches: list[_Dispatch], pipe, controlnet=None) -> None:
+    """Graphs backend: compile (from the cache) and record every graph now, at start, rather than
+    at the first request that needs it. `pipe`: what example inputs are shaped after."""
+    if manifest.backend != "graphs":
+        return
+    before = _inductor_cache_counts()
+    for dispatch in dispatches:
+        for entry, part in dispatch.parts:
+            for batch in [b for b in manifest.batch_sizes if entry.serves(entry.resolution, b)]:
+                part(*P.example_inputs(entry.name, pipe, entry.resolution, batch, controlnet))
+    hits, misses = (a - b for a, b in zip(_inductor_cache_counts(), before))
+    log.info("graphs warmed up: %d graphs from the compile cache, %d compiled anew", hits, misses)
 
 
 def _load_part(directory: Path, entry: PartEntry, module: torch.nn.Module, backend: str, device: str):
@@ -304,6 +319,9 @@ class CompiledControlNets:
             dispatch.parts.append(
                 (entry, _load_part(self.directory, entry, module, self.manifest.backend, self.device))
             )
+        # A ControlNet worker has no pipeline: example inputs shaped after the ControlNet itself.
+        shapes = SimpleNamespace(unet=controlnet, vae_scale_factor=self.manifest.vae_scale_factor, tokenizer=None)
+        _warm_up(self.manifest, [dispatch], shapes, controlnet)
         stepper = CompiledControlNetStepper(controlnet, dispatch)
         self.steppers.add(stepper)
         return stepper
@@ -346,7 +364,6 @@ class CompiledBackbone:
         )
         check_files(directory, manifest)
         backbone = cls(directory, manifest, pipe, device)
-        inductor_before = _inductor_cache_counts()
         modules = {
             P.UNET_ENCODER: (P.graph_module(P.UNET_ENCODER, pipe), backbone.encoder),
             P.UNET_DECODER: (P.graph_module(P.UNET_DECODER, pipe), backbone.decoder),
@@ -355,15 +372,9 @@ class CompiledBackbone:
         for entry in manifest.parts:
             if entry.name in modules:
                 module, dispatch = modules[entry.name]
-                part = _load_part(directory, entry, module, manifest.backend, device)
-                dispatch.parts.append((entry, part))
-                if manifest.backend == "graphs":  # compiled now (from the cache), not at a request
-                    for batch in [b for b in manifest.batch_sizes if entry.serves(entry.resolution, b)]:
-                        part(*P.example_inputs(entry.name, pipe, entry.resolution, batch))
+                dispatch.parts.append((entry, _load_part(directory, entry, module, manifest.backend, device)))
+        _warm_up(manifest, [backbone.encoder, backbone.decoder, backbone.vae], pipe)
         backbone.load_seconds = time.perf_counter() - t0
-        if manifest.backend == "graphs":
-            hits, misses = (a - b for a, b in zip(_inductor_cache_counts(), inductor_before))
-            log.info("graphs warmed up: %d graphs from the compile cache, %d compiled anew", hits, misses)
         return backbone
 
     def describe(self) -> str:

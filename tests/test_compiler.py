@@ -56,9 +56,14 @@ def assert_matches(compiled, eager, tolerance=TOLERANCE):
         assert diff <= tolerance * scale, f"max |compiled - eager| {diff:.3g} > {tolerance} x {scale:.3g}"
 
 
-def run_cli(*args, timeout=900) -> subprocess.CompletedProcess:
+def run_cli(*args, timeout=900, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "compiler", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "compiler", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -416,8 +421,8 @@ def test_a_worker_on_graphs_artifacts_matches_eager_over_lora_swaps_and_compiles
     """The CUDA default backend (compiler/graphs.py: torch.compile, CUDA graphs on a GPU) end to
     end on the CPU. A worker builds it at start, then serves requests with and without a LoRA as an
     eager worker does, and torch compiles nothing after its start: in-place LoRA patches fail no
-    guard. A second worker on the same artifacts, with an empty Inductor cache, takes every graph
-    from the saved compile cache.
+    guard. (A worker started on such artifacts takes its graphs from their saved compile cache:
+    the ControlNet worker's test below.)
 
     The deltas come from a LoRA store, as in production: a worker that prepares a LoRA itself
     loads it into the pipeline through PEFT and unloads it again, which leaves attributes that
@@ -479,22 +484,6 @@ def test_a_worker_on_graphs_artifacts_matches_eager_over_lora_swaps_and_compiles
         eager.stop()
         compiled.stop()
         store.stop()
-
-    empty_cache = tmp_path / "inductor-cache"
-    warm = start_unet(
-        zoo_root,
-        "tiny-sd15",
-        num_threads=1,
-        timeout=300,
-        extra_args=["--compiled-artifacts", str(directory), "--metrics-port", "0"],
-        env={"TORCHINDUCTOR_CACHE_DIR": str(empty_cache)},
-    )
-    try:
-        torch.testing.assert_close(denoise(warm, swaps[0]), want[0], atol=1e-4, rtol=1e-4)
-        log = warm.log_tail(400)
-    finally:
-        warm.stop()
-    assert "graphs warmed up: 2 graphs from the compile cache, 0 compiled anew" in log, log
 
 
 # -- warm start: a service on artifacts compiles nothing and is ready >= 5x sooner ----------------
@@ -599,6 +588,52 @@ def test_controlnet_service_on_artifacts_compiles_nothing_and_matches_diffusers(
     ), log
     assert "running it eagerly" not in log
     assert not any(cache.rglob("*")), sorted(str(p) for p in cache.rglob("*"))[:5]
+
+
+@pytest.mark.slow
+def test_controlnet_worker_on_graphs_artifacts_warms_up_at_start_and_matches_diffusers(zoo_root, sd15, tmp_path):
+    """The graphs backend on a ControlNet worker (the CUDA default): the CLI builds it, a worker
+    with an empty Inductor cache compiles every graph from the saved cache while it loads the
+    ControlNet, before any request, and the residuals it streams give Diffusers' latents."""
+    from tests.test_controlnet_service import denoise_request
+
+    artifacts = tmp_path / "cn-graphs"
+    result = run_cli(
+        "build",
+        *("--model-root", zoo_root, "--model-id", "tiny-sd15", "--backend", "graphs", "--resolution", SIZE),
+        *("--batch", 2, "--parts", "controlnet", "--controlnet-id", "tiny-sd15-cn-edges", "--out", artifacts),
+        env={"OMP_NUM_THREADS": "1"},  # as the worker runs: Inductor's CPU kernels are keyed by thread count
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    cn_worker = start_controlnet(
+        zoo_root,
+        preload=["tiny-sd15-cn-edges"],
+        num_threads=1,
+        env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache")},
+        extra_args=["--compiled-artifacts", str(artifacts)],
+    )
+    unet_worker = start_unet(zoo_root, "tiny-sd15", num_threads=1)
+    try:
+        log = cn_worker.log_tail(400)
+        assert "graphs warmed up: 1 graphs from the compile cache, 0 compiled anew" in log, log
+        controlnets = [ControlNet("tiny-sd15-cn-edges", conditioning_image(2), 0.8, 0.0, 1.0)]
+        with rpc.create_channel(unet_worker.address) as channel:
+            response = unet_pb2_grpc.UNetWorkerStub(channel).Denoise(
+                denoise_request("tiny-sd15", controlnets, [cn_worker.address], 7.5), timeout=120
+            )
+        reference = sd15.diffusers_latents(
+            "euler",
+            controlnets,
+            prompt="an astronaut riding a horse",
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(11),
+        )
+        assert (codec.tensor_from_proto(response.latents) - reference).abs().max().item() <= ENGINE_TOLERANCE
+        log = cn_worker.log_tail(400)
+    finally:
+        unet_worker.stop()
+        cn_worker.stop()
+    assert "first session done: steps {'compiled': 5}" in log, log
 
 
 def test_an_evicted_compiled_controlnet_frees_its_weights(zoo_root, sd15_controlnet_artifacts):
