@@ -40,17 +40,20 @@ lease)  # everything of one lease in one call of at most ~9.5 minutes: the check
     tail -n 5 "$OUT/cuda_ipc.log" "$OUT/aoti_copy.log" "$OUT/aoti_live.log"
     ;;
 compiled)  # the suite on the graphs backend (torch.compile, CUDA graphs): the UNet worker builds
-    # its artifacts at start, the CLI the ControlNet workers'; against Diffusers in the same run:
-    # SD1.5 (SDXL's builds take longer than a short lease leaves), spread layout
-    timeout 235 python3 -m bench.gpu_serve --zoo /tmp/zoo --families sd15 --layouts spread --compiled \
-        --out "$OUT/gpu_serve_compiled.json" --budget-s 150 \
-        > "$OUT/gpu_serve_compiled.log" 2>&1
-    echo "gpu_serve --compiled: exit $?" >> "$OUT/device.txt"
+    # its artifacts at start while the CLI builds the ControlNet workers'; against Diffusers in the
+    # same run, spread layout. `compiled` alone: SD1.5 (fits in 4 minutes); `compiled sdxl`: about
+    # 9 minutes (zoo ~75 s, Diffusers ~95 s, builds ~2 min, requests), run(timeout_s=590)
+    family=${2:-sd15}
+    limit=235 budget=150
+    [ "$family" = sdxl ] && limit=560 budget=470
+    timeout $limit python3 -m bench.gpu_serve --zoo /tmp/zoo --families "$family" --layouts spread --compiled \
+        --out "$OUT/gpu_serve_compiled.json" --budget-s $budget > "$OUT/gpu_serve_compiled.log" 2>&1
+    echo "gpu_serve --compiled ($family): exit $?" >> "$OUT/device.txt"
     python3 -m bench.gpu_serve --out "$OUT/gpu_serve_compiled.json" --table
     tail -n 25 "$OUT/gpu_serve_compiled.log"
     ;;
 *)
-    echo "usage: bench/gpu_session.sh serve|checks|lease|compiled" >&2
+    echo "usage: bench/gpu_session.sh serve|checks|lease|compiled [sd15|sdxl]" >&2
     exit 2
     ;;
 esac

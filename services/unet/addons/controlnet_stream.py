@@ -169,6 +169,11 @@ class RemoteResidualSource:
         return codec.tensor_from_proto(msg, device=self._out_device, dtype=self._out_dtype)
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
+        if sample.is_cuda:
+            # Copying the latents out waits for the GPU to finish making them (the previous
+            # step): wait here, so that `transport` counts the handoff, not this process's own
+            # GPU queue (the copy below would wait just as long).
+            torch.cuda.current_stream(sample.device).synchronize()
         self._sent_at[step_index] = time.perf_counter()
         step = controlnet_pb2.StepInput(
             step_index=step_index,
