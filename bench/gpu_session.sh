@@ -16,8 +16,9 @@ serve)  # the suite against Diffusers: SD1.5 512² first, then SDXL 1024², as f
     timeout 540 python3 -m bench.gpu_serve --zoo /tmp/zoo --out "$OUT/gpu_serve.json" --budget-s 400 \
         2>&1 | tee "$OUT/gpu_serve.log" | tail -40
     ;;
-checks)  # CUDA IPC equality over real workers, then the AOTInductor diagnosis (docs/gpu.md)
+checks)  # CUDA IPC equality over real workers and its handoff alone, then the AOTInductor diagnosis
     timeout 200 python3 -m pytest -q -x tests/test_residual_transport.py -k cuda 2>&1 | tee "$OUT/cuda_ipc.log" | tail -15
+    timeout 60 python3 -m bench.ring_handoff --device cuda --out "$OUT/ring_handoff.json" 2>&1 | tail -3
     timeout 300 python3 -m bench.gpu_check --stages eager aoti --out "$OUT/aoti.json" 2>&1 | tee "$OUT/aoti.log" | tail -25
     ;;
 lease)  # everything of one lease in one call of at most ~9.5 minutes: the checks in the
@@ -45,7 +46,9 @@ compiled)  # the suite on the graphs backend (torch.compile, CUDA graphs): the U
     # 9 minutes (zoo ~75 s, Diffusers ~95 s, builds ~2 min, requests), run(timeout_s=590)
     family=${2:-sd15}
     limit=235 budget=150
-    [ "$family" = sdxl ] && limit=560 budget=470
+    [ "$family" = sdxl ] && limit=540 budget=450
+    # The ring's handoff alone first (no model; seconds): the target ≤ 1 ms per step, isolated.
+    timeout 60 python3 -m bench.ring_handoff --device cuda --out "$OUT/ring_handoff.json" > "$OUT/ring_handoff.log" 2>&1
     timeout $limit python3 -m bench.gpu_serve --zoo /tmp/zoo --families "$family" --layouts spread --compiled \
         --out "$OUT/gpu_serve_compiled.json" --budget-s $budget > "$OUT/gpu_serve_compiled.log" 2>&1
     echo "gpu_serve --compiled ($family): exit $?" >> "$OUT/device.txt"

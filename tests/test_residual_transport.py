@@ -276,3 +276,23 @@ def test_a_controlnet_worker_that_hangs_mid_request_fails_it_at_its_deadline(wor
     finally:
         os.kill(hung.process.pid, signal.SIGCONT)
         hung.stop()
+
+
+def test_the_ring_handoff_benchmark_reads_every_step_as_written(sd15):
+    """bench.ring_handoff (the GPU run's measure of the CUDA IPC handoff) on the shared-memory ring:
+    a writer process fills 8 steps, the reader gets each step's values (a stale or torn slot would
+    fail the run), and the residual shapes it plans are those the family's ControlNet makes."""
+    from bench import ring_handoff
+    from swiftd.controlnet_step import ControlNetStepper
+
+    result = ring_handoff.run(transport.SHARED_MEMORY, "tiny-sd15", "cpu", "float32", steps=8)
+    assert result["steps"] == 8 and result["transport"] == "shared_memory"
+    assert result["handoff_ms_median"] > 0
+    stepper, unet = ControlNetStepper(sd15.controlnets[CN]), sd15.pipe.unet
+    size = unet.config.sample_size
+    hint = stepper.embed_condition(torch.rand(2, 3, size * 8, size * 8))
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim)
+    residuals = stepper.step(torch.randn(2, 4, size, size), torch.tensor(500.0), hidden, hint, 1.0)
+    made = [*residuals.down_block_res_samples, residuals.mid_block_res_sample]
+    assert ring_handoff.residual_shapes("tiny-sd15") == [tuple(r.shape) for r in made]
+    assert result["bytes_per_step"] == sum(r.numel() for r in made) * 4
