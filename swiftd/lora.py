@@ -14,6 +14,7 @@ never a subtraction (repeated add/subtract drifts).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -68,10 +69,12 @@ _extract_lock = threading.Lock()
 def extract_deltas(pipe: DiffusionPipeline, lora_path: Path, adapter_name: str = "swiftd_extract") -> LoraDeltas:
     """Parse a LoRA file into factored deltas for `pipe`'s parameters (scale 1.0).
 
-    Leaves the pipeline's weights and modules as they were. Raises FailedPrecondition for a LoRA
-    that does not fit the pipeline (other family, unknown targets, shape mismatch).
+    Leaves the pipeline's weights and modules as they were, `requires_grad` included (PEFT
+    freezes the base weights; a compiled graph guards on that flag and would recompile). Raises
+    FailedPrecondition for a LoRA that does not fit the pipeline (other family, unknown targets,
+    shape mismatch).
     """
-    with _extract_lock:  # adapters are module surgery on the shared pipeline
+    with _extract_lock, _requires_grad_kept(pipe):  # adapters are module surgery on the shared pipeline
         try:
             pipe.load_lora_weights(str(lora_path), adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError) as exc:
@@ -100,6 +103,22 @@ def extract_deltas(pipe: DiffusionPipeline, lora_path: Path, adapter_name: str =
             return deltas
         finally:
             _unload(pipe)
+
+
+@contextlib.contextmanager
+def _requires_grad_kept(pipe: DiffusionPipeline):
+    params = [
+        p
+        for component in LORA_COMPONENTS
+        if getattr(pipe, component, None) is not None
+        for p in getattr(pipe, component).parameters()
+    ]
+    flags = [p.requires_grad for p in params]
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
 
 
 def _unload(pipe: DiffusionPipeline) -> None:

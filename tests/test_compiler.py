@@ -424,9 +424,7 @@ def test_a_worker_on_graphs_artifacts_matches_eager_over_lora_swaps_and_compiles
     guard. (A worker started on such artifacts takes its graphs from their saved compile cache:
     the ControlNet worker's test below.)
 
-    The deltas come from a LoRA store, as in production: a worker that prepares a LoRA itself
-    loads it into the pipeline through PEFT and unloads it again, which leaves attributes that
-    Dynamo's guards see (one recompilation after such a preparation)."""
+    The deltas come from a LoRA store, as in production."""
     from tests.test_metrics import scrape
 
     directory = tmp_path / "graphs"

@@ -104,6 +104,17 @@ def test_patch_keeps_parameter_storage(family):
     patcher.restore()
 
 
+def test_preparing_a_lora_leaves_the_pipeline_as_compiled_graphs_saw_it(zoo_root):
+    """PEFT freezes the weights it wraps; a graph compiled before guards on requires_grad and would
+    compile again (a minute on a GPU) after the first LoRA a worker prepares itself."""
+    paths = zoo.zoo_paths(zoo_root, "tiny-sd15")
+    pipe = load_pipeline(paths.model)
+    flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    assert any(flags.values())
+    extract_deltas(pipe, paths.loras["tiny-sd15-lora-peft-r64"])
+    assert {n: p.requires_grad for n, p in pipe.unet.named_parameters()} == flags
+
+
 def test_lora_for_another_family_is_refused(zoo_root):
     sd15 = load_pipeline(zoo.zoo_paths(zoo_root, "tiny-sd15").model)
     before = weights_digest(sd15)
