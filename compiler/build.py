@@ -189,9 +189,9 @@ def _build_part(
         fingerprint = module_fingerprint(pipe.vae if spec.name == P.VAE_DECODER else pipe.unet)
     suffix = f"-{fingerprint[:8]}" if spec.name == P.CONTROLNET else ""
     label = f"{spec.name}{suffix} at {spec.resolution}px, batch {spec.batch_sizes[0]}..{spec.batch_sizes[-1]}"
-    inputs = P.example_inputs(spec.name, pipe, spec.resolution, max(spec.batch_sizes), controlnet)
     if backend != "graphs":  # torch.compile traces the module itself
         progress(f"[compiler] exporting {label} ...")
+        inputs = P.example_inputs(spec.name, pipe, spec.resolution, max(spec.batch_sizes), controlnet)
         program = export_part(spec.name, module, inputs, spec.batch_sizes)
 
     progress(f"[compiler] compiling {label} ({backend}) ...")
