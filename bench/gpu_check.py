@@ -109,6 +109,8 @@ def lora_deltas(unet, rank: int, seed: int, strength: float = 0.1):
 
 
 def main(argv=None) -> int:
+    from compiler.inductor import WEIGHT_BINDINGS
+
     parser = argparse.ArgumentParser(
         prog="python -m bench.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -127,8 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--aoti-weights",
         nargs="+",
-        default=["copy", "live"],
-        choices=["copy", "live"],
+        default=sorted(WEIGHT_BINDINGS),  # "copy" before "live": the suspect last
+        choices=WEIGHT_BINDINGS,
         help="weight bindings the aoti stage loads, in this order (one each per process keeps a native "
         "crash of one from hiding the other)",
     )
@@ -391,7 +393,7 @@ def aoti_stage(unet, split, x, t, hidden, added, patcher, deltas, timer, args, t
             phase(f"build {name}")
             build_s[name], _ = build_package(program, paths[name], module=module)  # no options: weights read in place
         result["build_s"] = {k: round(v, 1) for k, v in build_s.items()}
-        for weights in args.aoti_weights:  # by default "copy" before "live": the suspect last
+        for weights in args.aoti_weights:
             phase(f"load and bind ({weights})")
             enc = PackagePart(paths["encoder"], enc_module, args.device, weights=weights)
             dec = PackagePart(paths["decoder"], dec_module, args.device, weights=weights)

@@ -23,14 +23,11 @@ the denoising loop still holds (an SDXL step's residuals: ~50 us on an H200).
 
 from __future__ import annotations
 
-import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 CACHE_FILE = "compile-cache.bin"
 _loaded_caches: set[Path] = set()

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from compiler import parts as P
+from compiler.build import BACKENDS
 from compiler.probe import add_unusable_artifacts_argument
 from services.unet.backbone import Backbone, EagerBackbone
 from services.unet.lora_inbox import LoraInbox
@@ -28,6 +30,7 @@ from swiftd.server import (
 from swiftd.v1 import unet_pb2_grpc
 
 log = logging.getLogger("services.unet")
+BACKBONE_PARTS = (P.UNET_ENCODER, P.UNET_DECODER, P.VAE_DECODER)  # what a UNet worker compiles (ControlNets: the CLI)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--compile-backend",
-        choices=["inductor", "graphs", "tensorrt"],
+        choices=BACKENDS,
         default=None,
         help="backend --compile-missing builds with (default: graphs on CUDA, inductor elsewhere; "
         "see python -m compiler build --help)",
@@ -123,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compile-parts",
         nargs="+",
-        choices=["unet_encoder", "unet_decoder", "vae_decoder"],
-        default=["unet_encoder", "unet_decoder", "vae_decoder"],
+        choices=BACKBONE_PARTS,
+        default=list(BACKBONE_PARTS),
         help="parts --compile-missing builds",
     )
     add_unusable_artifacts_argument(parser, "are missing, do not fit or fail their probe")
