@@ -21,7 +21,9 @@ cn1_lora1 and cn2_lora2 (rank-64 PEFT LoRA over attention and feed-forward, and 
 
 Each side gets one untimed request per scenario, then --repeats timed ones (median reported):
 end-to-end latency, add-on overhead (scenario / base), and from our side the per-step parts
-(encoder half, decoder half, wait for residuals, ControlNet compute, transport) and the transport
+(encoder half, decoder half, wait for residuals: GPU time on a GPU, read from CUDA events; the
+ControlNet's compute and the transport, host times: on a GPU, the time to queue its step and hear
+back), every stage of the request and the time outside the denoising loop, and the transport
 each ControlNet's residuals took; with --compiled, torch's compile counters on the UNet worker
 after its first request and at the end (LoRA swaps in between must compile nothing). Results go to --out after every stage, so a run stopped by a
 time limit keeps what it measured; --budget-s skips what would start after it. The last stage
@@ -241,9 +243,14 @@ def ours_side(args, family: str, size: int, layout: str, gpus: list[str], out: _
                     runs.append((time.perf_counter() - t0, result))
                 latency = statistics.median(r[0] for r in runs)
                 result = runs[-1][1]
+                timings = dict(result.timings)
                 out["scenarios"][scenario.name] = {
                     "latency_s": latency,
-                    "per_step_s": per_step(dict(result.timings), args.steps),
+                    "per_step_s": per_step(timings, args.steps),
+                    # Every stage of the last request, the gateway's and the worker's: what the
+                    # time outside the denoising loop went to (text encoding, VAE, PNG, planning).
+                    "stages_s": {k: round(v, 5) for k, v in timings.items()},
+                    "outside_denoising_s": runs[-1][0] - timings.get("denoise", 0.0),
                     "placement": result.plan.placement,
                     "reason": result.plan.reason,
                     "transports": [transport.name(a.transport) for a in result.plan.controlnets],

@@ -11,7 +11,9 @@ step ends), commits, and sends the slot's address with that moment over a pipe. 
 the ring once, then per step reads the slot into tensors of its own, as the UNet worker's reader
 does, and waits until they are usable. Handoff = that moment less the writer's (CLOCK_MONOTONIC,
 one clock for both processes). The reader then asks for the next step, as the next StepInput
-would. Every step's values are checked, so a torn or stale read fails the run.
+would, with that step's sample in the ring's sample buffer (the latents' shape, CFG batch 2); the
+writer copies it out and waits until its copy is usable: the sample handoff, timed the same way the
+other direction. Every step's values are checked both ways, so a torn or stale read fails the run.
 
 This is the target "residual handoff over CUDA IPC <= 1 ms per step" measured without a UNet or
 ControlNet around it; `bench.gpu_serve` measures it inside requests.
@@ -53,20 +55,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _writer(conn, kind: int, shapes, device: str, dtype: str, steps: int) -> None:
+def sample_shape(family: str, batch: int = 2) -> tuple[int, ...]:
+    """The latent model input of `family` at its native resolution."""
+    from swiftd.zoo import SPECS
+
+    unet = SPECS[family].unet
+    return (batch, unet.get("in_channels", 4), unet["sample_size"], unet["sample_size"])
+
+
+def _writer(conn, kind: int, shapes, sample: tuple[int, ...], device: str, dtype: str, steps: int) -> None:
     device, dtype = torch.device(device), getattr(torch, dtype)
     tensors = [torch.zeros(shape, device=device, dtype=dtype) for shape in shapes]
-    ring = transport.ring_class(kind).create(tensors, None)
+    ring = transport.ring_class(kind).create(tensors, None, sample=torch.zeros(sample, dtype=dtype))
     conn.send(ring.to_pb().SerializeToString())
     conn.recv()  # mapped
+    sample_handoffs = []
     for step in range(steps):
         for view in ring.next_slot():
             view.fill_(float(step % 251))  # the reader checks it: a stale or torn slot fails
         _sync(device)
         slot = ring.commit()
         conn.send((slot.SerializeToString(), time.perf_counter()))
-        conn.recv()  # the next step's input
-    conn.send(None)
+        written_at = conn.recv()  # the next step's input: its sample is in the ring
+        got = ring.read_sample(step + 1)
+        _sync(device)
+        sample_handoffs.append(time.perf_counter() - written_at)
+        if got.flatten()[-1].item() != float((step + 1) % 251):
+            raise RuntimeError(f"step {step + 1}: the sample buffer did not hold that step's sample")
+    conn.send(sample_handoffs)
     conn.recv()
     ring.unlink()
     ring.close()
@@ -75,10 +91,10 @@ def _writer(conn, kind: int, shapes, device: str, dtype: str, steps: int) -> Non
 def run(kind: int, family: str, device: str, dtype: str, steps: int) -> dict:
     from swiftd.v1 import controlnet_pb2
 
-    shapes = residual_shapes(family)
+    shapes, sample = residual_shapes(family), sample_shape(family)
     context = multiprocessing.get_context("spawn")  # a CUDA context is not forked
     parent, child = context.Pipe()
-    writer = context.Process(target=_writer, args=(child, kind, shapes, device, dtype, steps), daemon=True)
+    writer = context.Process(target=_writer, args=(child, kind, shapes, sample, device, dtype, steps), daemon=True)
     writer.start()
     try:
         ring_pb = controlnet_pb2.ResidualRing.FromString(parent.recv())
@@ -87,7 +103,8 @@ def run(kind: int, family: str, device: str, dtype: str, steps: int) -> dict:
         parent.send("mapped")
         target, out_dtype = torch.device(device), getattr(torch, dtype)
         handoffs = []
-        while (message := parent.recv()) is not None:
+        next_sample = torch.empty(sample, device=target, dtype=out_dtype)
+        while isinstance(message := parent.recv(), tuple):
             slot_bytes, written_at = message
             slot = controlnet_pb2.ResidualSlot.FromString(slot_bytes)
             tensors = ring.read(slot, target, out_dtype)
@@ -98,7 +115,13 @@ def run(kind: int, family: str, device: str, dtype: str, steps: int) -> dict:
             step = len(handoffs) - 1
             if any(t.flatten()[-1].item() != float(step % 251) for t in (tensors[0], tensors[-1])):
                 raise RuntimeError(f"step {step}: the slot did not hold that step's residuals")
-            parent.send("next")
+            next_sample.fill_(float((step + 1) % 251))  # as the scheduler makes the next input
+            _sync(target)
+            written_at = time.perf_counter()
+            if not ring.write_sample(next_sample, step + 1):
+                raise RuntimeError("the ring has no sample buffer for this sample")
+            parent.send(written_at)
+        sample_handoffs = message
         parent.send("done")
         ring.close()
     finally:
@@ -118,6 +141,8 @@ def run(kind: int, family: str, device: str, dtype: str, steps: int) -> dict:
         "handoff_ms_p90": 1e3 * sorted(warm)[int(0.9 * (len(warm) - 1))],
         "handoff_ms_first": 1e3 * handoffs[0],
         "effective_gb_per_s": nbytes / median / 1e9,
+        "sample_shape": list(sample),
+        "sample_handoff_ms_median": 1e3 * statistics.median(sample_handoffs[2:] or sample_handoffs),
     }
 
 

@@ -47,6 +47,12 @@ CONTROLNET_STEP_SECONDS = Histogram(
     ["part"],
     buckets=STEP_BUCKETS,
 )
+CONTROLNET_SAMPLES = Counter(
+    "swiftd_controlnet_samples",
+    "step inputs a ControlNet worker computed from, by how the sample came: in the residual ring's sample "
+    "buffer, or as bytes (a session's first step, inline sessions)",
+    ["via"],
+)
 QUEUE_DEPTH = Gauge("swiftd_queue_depth", "requests waiting", ["model"])
 IN_FLIGHT = Gauge("swiftd_in_flight", "requests running", ["model"])
 LORA_LOOKUPS = Counter("swiftd_lora_lookups", "LoRA deltas looked up, by tier", ["tier", "result"])

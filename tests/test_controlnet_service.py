@@ -295,6 +295,15 @@ def test_controlnet_worker_errors(suite):
     with pytest.raises(grpc.RpcError) as info:
         list(stub.StreamResiduals(iter([start]), timeout=10))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-cn" in info.value.details()
+    # A step whose sample is said to be in a ring the session does not have (an inline session).
+    start.start.controlnet_id = "tiny-sd15-cn-edges"
+    in_ring = controlnet_pb2.ResidualsRequest(
+        step=controlnet_pb2.StepInput(step_index=0, timestep=1.0, sample_in_ring=True)
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamResiduals(iter([start, in_ring]), timeout=10))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "step.sample_in_ring" in info.value.details()
     # Load/unload are idempotent; listing shows what is resident.
     load = stub.LoadControlNet(controlnet_pb2.LoadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=30)
     again = stub.LoadControlNet(controlnet_pb2.LoadControlNetRequest(controlnet_id="tiny-sd15-cn-depth"), timeout=30)

@@ -34,6 +34,9 @@ def test_the_gpu_serving_benchmark_runs_end_to_end_on_the_cpu(zoo_root, tmp_path
         controlnets = {"base": 0, "cn1": 1, "cn1_lora1": 1, "cn2_lora2": 2}[name]
         # Every ControlNet streamed from its worker, over the shared-memory ring (one host).
         assert got["transports"] == ["shared_memory"] * controlnets, got
+        # Every stage of the request, and what lay outside the denoising loop.
+        assert {"denoise", "text_encode", "vae_decode", "plan"} <= set(got["stages_s"]), got["stages_s"]
+        assert 0 < got["outside_denoising_s"] < got["latency_s"]
         if controlnets:
             parts = got["per_step_s"]
             assert parts["encoder_half"] > 0 and parts["decoder_half"] > 0 and parts["controlnet_compute"] > 0

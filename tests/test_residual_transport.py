@@ -26,8 +26,9 @@ from swiftd.transport import shm
 from swiftd.transport.shm import ShmRing, TornRead
 from swiftd.transport.step_socket import StepListener, StepSocket
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
-from tests.reference import conditioning_image
+from tests.reference import STEPS, conditioning_image
 from tests.test_controlnet_service import denoise_request
+from tests.test_metrics import METRICS, moved, scrape
 
 pytestmark = pytest.mark.skipif(not transport.host_identity(), reason="no /dev/shm on this machine")
 
@@ -61,6 +62,40 @@ def test_a_ring_hands_out_exactly_the_step_it_announced():
     finally:
         reader.close()
         writer.close()
+
+
+def test_step_samples_cross_the_ring_the_other_way_and_a_stale_or_torn_one_is_never_read():
+    """The UNet worker writes each step's sample into the ring's sample buffer; the ControlNet
+    worker reads exactly that step's, or fails (never a stale or half-written sample); a sample the
+    buffer was not planned for goes as bytes."""
+    sample = torch.randn(2, 4, 8, 8)
+    writer = ShmRing.create(residuals(0), None, sample=sample)  # the ControlNet worker's
+    reader = ShmRing.attach(writer.to_pb())  # the UNet worker's
+    try:
+        for step_index in (1, 2):
+            sent = torch.randn(2, 4, 8, 8)
+            assert reader.write_sample(sent, step_index)
+            got = writer.read_sample(step_index)
+            assert torch.equal(got, sent)
+            sent.add_(1.0)
+            assert not torch.equal(got, sent)  # a copy: the next write cannot change what was read
+        with pytest.raises(TornRead, match="holds step 2, not 3"):
+            writer.read_sample(3)  # announced, but the buffer still holds the last step's
+        reader._header[reader.slots] = 0  # as while the UNet worker writes it
+        with pytest.raises(TornRead):
+            writer.read_sample(2)
+        assert not reader.write_sample(torch.randn(1, 4, 8, 8), 3)  # another shape: as bytes
+        assert not reader.write_sample(torch.randn(2, 4, 8, 8, dtype=torch.float64), 3)  # another dtype
+    finally:
+        reader.close()
+        writer.close()
+    without = ShmRing.create(residuals(0), None)  # offered before any sample was seen
+    reader = ShmRing.attach(without.to_pb())
+    try:
+        assert not reader.write_sample(sample, 1)
+    finally:
+        reader.close()
+        without.close()
 
 
 def test_a_ring_leaves_nothing_in_shared_memory_once_mapped_or_when_its_writer_died():
@@ -146,8 +181,10 @@ def workers(zoo_root, tmp_path_factory):
     elsewhere.mkdir()
     services = {
         "unet": start_unet(zoo_root, MODEL, num_threads=1, extra_args=["--max-steps", "1000"], wait=False),
-        "shared": start_controlnet(zoo_root, [CN], num_threads=1, wait=False),
-        "apart": start_controlnet(zoo_root, [CN], num_threads=1, env={"SWIFTD_SHM_DIR": str(elsewhere)}, wait=False),
+        "shared": start_controlnet(zoo_root, [CN], num_threads=1, extra_args=METRICS, wait=False),
+        "apart": start_controlnet(
+            zoo_root, [CN], num_threads=1, extra_args=METRICS, env={"SWIFTD_SHM_DIR": str(elsewhere)}, wait=False
+        ),
     }
     try:
         for service in services.values():
@@ -162,7 +199,10 @@ def workers(zoo_root, tmp_path_factory):
 
 
 def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_same_latents(workers):
+    """And where the ring is mapped, the steps after the offer and its answer send their samples
+    through it (the same latents prove they arrived intact)."""
     services, elsewhere = workers
+    samples = {w: scrape(services[w].metrics_address) for w in ("shared", "apart")}
     controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
     stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(services["unet"].address))
 
@@ -174,6 +214,12 @@ def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_s
     assert list(shared.controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]
     assert list(apart.controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_INLINE]
     assert torch.equal(codec.tensor_from_proto(shared.latents), codec.tensor_from_proto(apart.latents))
+    by_ring = {
+        w: moved(samples[w], scrape(services[w].metrics_address), "swiftd_controlnet_samples_total", via="ring")
+        for w in samples
+    }
+    # Steps 0 (the ring's offer) and 1 (the answer) carry their samples as bytes in the stream.
+    assert by_ring == {"shared": STEPS - 2, "apart": 0}
     assert any("cannot map its shared_memory ring" in line for line in services["unet"].log_lines)
     assert not list(elsewhere.iterdir())  # the declined ring was removed by its writer
     listing = controlnet_pb2_grpc.ControlNetWorkerStub(rpc.create_channel(services["shared"].address)).ListControlNets(
@@ -280,14 +326,15 @@ def test_a_controlnet_worker_that_hangs_mid_request_fails_it_at_its_deadline(wor
 
 def test_the_ring_handoff_benchmark_reads_every_step_as_written(sd15):
     """bench.ring_handoff (the GPU run's measure of the CUDA IPC handoff) on the shared-memory ring:
-    a writer process fills 8 steps, the reader gets each step's values (a stale or torn slot would
-    fail the run), and the residual shapes it plans are those the family's ControlNet makes."""
+    a writer process fills 8 steps, the reader gets each step's values and sends the next step's
+    sample back through the ring (a stale or torn slot or sample would fail the run), and the
+    shapes it plans are those the family's ControlNet makes and takes."""
     from bench import ring_handoff
     from swiftd.controlnet_step import ControlNetStepper
 
     result = ring_handoff.run(transport.SHARED_MEMORY, "tiny-sd15", "cpu", "float32", steps=8)
     assert result["steps"] == 8 and result["transport"] == "shared_memory"
-    assert result["handoff_ms_median"] > 0
+    assert result["handoff_ms_median"] > 0 and result["sample_handoff_ms_median"] > 0
     stepper, unet = ControlNetStepper(sd15.controlnets[CN]), sd15.pipe.unet
     size = unet.config.sample_size
     hint = stepper.embed_condition(torch.rand(2, 3, size * 8, size * 8))
@@ -296,3 +343,4 @@ def test_the_ring_handoff_benchmark_reads_every_step_as_written(sd15):
     made = [*residuals.down_block_res_samples, residuals.mid_block_res_sample]
     assert ring_handoff.residual_shapes("tiny-sd15") == [tuple(r.shape) for r in made]
     assert result["bytes_per_step"] == sum(r.numel() for r in made) * 4
+    assert result["sample_shape"] == [2, unet.config.in_channels, size, size]  # each step's other way

@@ -12,7 +12,7 @@ from opentelemetry import trace
 
 from services.controlnet.registry import ControlNetRegistry, SessionRunner
 from services.controlnet.session_channel import SessionChannel
-from swiftd import codec, device, transport
+from swiftd import device, metrics, transport
 from swiftd.controlnet_step import ControlNetSession
 from swiftd.errors import InvalidArgument
 from swiftd.request import check_id
@@ -59,7 +59,8 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         log.debug("%s opened (transport %s)", label, transport.name(chosen))
         try:
             for step in channel.step_inputs(request_iterator):
-                sample = codec.tensor_from_field(step.sample, "step.sample")
+                sample = channel.sample(step)
+                metrics.CONTROLNET_SAMPLES.labels("ring" if step.sample_in_ring else "bytes").inc()
                 t0 = time.perf_counter()
                 with tracer.start_as_current_span("controlnet.step", attributes={"step": step.step_index}) as span:
                     residuals = runner.step(step.timestep, sample, out=channel.slot(step, runner.device))

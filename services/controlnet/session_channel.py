@@ -4,8 +4,9 @@ residuals leave, over what the stream negotiated (swiftd/transport).
 Inline, everything stays in the gRPC stream. With a ring, the first step's residuals go into the
 ring's first slot, announced with the ring's offer (a UNet worker that cannot map it asks for that
 step again, inline). Once the UNet worker has answered that it mapped the ring and connected to
-its step socket, each step's residuals are computed straight into the next slot, and the per-step
-messages move to the step socket until the UNet worker closes it.
+its step socket, each step's residuals are computed straight into the next slot, each step's
+sample arrives in the ring's sample buffer, and the per-step messages move to the step socket
+until the UNet worker closes it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class SessionChannel:
         self._listener: StepListener | None = None  # the ring's step socket until the peer connects
         self._socket = None  # connected: the ring is in use and steps go over it
         self._sample_shape: tuple[int, ...] | None = None  # of the step the ring was planned for
+        self._first_sample: torch.Tensor | None = None  # the ring's sample buffer is planned after it
         self._filling: list[torch.Tensor] | None = None  # the slot the step being computed goes into
         self._offered = chosen == transport.INLINE  # nothing to offer when inline was chosen
         self.used = transport.INLINE  # what the last step went over
@@ -88,6 +90,18 @@ class SessionChannel:
                     return None
             except ValueError as exc:  # a message that does not parse
                 raise InvalidArgument("step", f"bad message on the step socket: {exc}") from exc
+
+    def sample(self, step: controlnet_pb2.StepInput) -> torch.Tensor:
+        """The step's sample: from the ring's sample buffer when the message says it is there,
+        else from its bytes. INVALID_ARGUMENT naming the field when neither can be."""
+        if step.sample_in_ring:
+            if self._socket is None or self._ring.sample_layout is None:
+                raise InvalidArgument("step.sample_in_ring", "this session has no ring with a sample buffer")
+            return self._ring.read_sample(step.step_index)
+        sample = codec.tensor_from_field(step.sample, "step.sample")
+        if self._first_sample is None:
+            self._first_sample = sample
+        return sample
 
     # -- residuals -----------------------------------------------------------------------------
 
@@ -145,7 +159,7 @@ class SessionChannel:
     def _offer(self, response, residuals: list[torch.Tensor]) -> bool:
         wire = codec.dtype_from_proto(self.wire_dtype, allow_unspecified=True)
         try:
-            self._ring = transport.ring_class(self.chosen).create(residuals, wire)
+            self._ring = transport.ring_class(self.chosen).create(residuals, wire, sample=self._first_sample)
             self._listener = StepListener()
         except (OSError, RuntimeError) as exc:  # /dev/shm full, CUDA IPC refused: this stream stays inline
             log.warning("%s: no residual ring (%s): inline bytes", self.label, exc)

@@ -15,7 +15,6 @@ other on a partner worker (`run.half`), the predictions exchanged every step.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from opentelemetry import trace
 
 from services.unet.addons import AddOn
 from services.unet.guidance import Guidance
+from services.unet.step_clock import PARTS, StepClock
 from swiftd import tracing
 from swiftd.errors import Cancelled
 from swiftd.request import Request
@@ -76,21 +76,22 @@ class DenoisingRun:
         self._use(guidance or Guidance())
         self.generator = torch.Generator(device="cpu").manual_seed(request.seed)
         self.timings: dict[str, float] = {}
-        self.step_times = {
-            "encoder_half": 0.0,
-            "controlnet_wait": 0.0,
-            "decoder_half": 0.0,
-            "guidance": 0.0,  # combining the halves; with CFG split, the exchange with the partner
-            "scheduler": 0.0,
-        }
+        # Seconds per part of a step (step_clock.PARTS; "guidance": combining the CFG halves, with
+        # CFG split the exchange with the partner), summed over the steps; GPU time on a GPU.
+        self.step_times = dict.fromkeys(PARTS, 0.0)
+        self.clock = StepClock(pipeline.device)
         # Filled in as the run goes.
         self.prompt_embeds: torch.Tensor | None = None  # CFG batch: negative first (split: own half)
         self.added_cond_kwargs: dict[str, torch.Tensor] = {}  # SDXL: text_embeds, time_ids
         self.scheduler = None
         self.step_kwargs: dict = {}  # what this scheduler's step() takes besides the model output
         self.timesteps: torch.Tensor | None = None
+        # The same on the host, read once: what is sent to ControlNet workers each step (reading a
+        # GPU tensor's value would wait for the GPU at every step).
+        self.timesteps_on_host: torch.Tensor | None = None
         self.latents: torch.Tensor | None = None
         self.timestep: torch.Tensor | None = None  # of the current step
+        self.timestep_on_host: torch.Tensor | None = None
         self.latent_model_input: torch.Tensor | None = None  # of the current step
         self.lora_applied_at_step = -1  # set by the LoRA add-on: the step before which the set was in place
 
@@ -161,13 +162,15 @@ class DenoisingRun:
             for i, t in enumerate(self.timesteps):
                 if self._stopped():
                     raise Cancelled(f"request cancelled before step {i}")
-                step_start = dict(self.step_times)
                 self.step(i, t)
-                # One event per step (a span each would multiply the trace by the step count).
-                times = {f"{k}_seconds": v - step_start[k] for k, v in self.step_times.items()}
-                denoise_span.add_event("step", {"step": i, **times})
                 if self.on_step is not None:
                     self.on_step(i, self.num_steps, self.latents)
+            # One event per step (a span each would multiply the trace by the step count), read
+            # after the loop: on a GPU the parts are known once it has run them.
+            for i, (started, parts) in enumerate(self.clock.read()):
+                denoise_span.add_event("step", {"step": i, **{f"{k}_seconds": v for k, v in parts.items()}}, started)
+                for part, seconds in parts.items():
+                    self.step_times[part] += seconds
         self.timings.update({f"denoise.{k}": v for k, v in self.step_times.items()})
         for addon in self.addons:
             addon.finish(self)
@@ -178,6 +181,7 @@ class DenoisingRun:
         self.scheduler = self.pipeline.make_scheduler(request.scheduler)
         self.scheduler.set_timesteps(request.num_inference_steps, device=self.pipeline.device)
         self.timesteps = self.scheduler.timesteps
+        self.timesteps_on_host = self.timesteps.cpu()
         scale = self.pipeline.pipe.vae_scale_factor
         shape = (1, unet.config.in_channels, request.height // scale, request.width // scale)
         noise = randn_tensor(
@@ -190,14 +194,14 @@ class DenoisingRun:
         """One denoising step: latents at t -> latents at the next timestep."""
         split_unet = self.pipeline.split_unet
         latent_model_input = torch.cat([self.latents] * 2) if self.cfg_batch else self.latents
-        self.timestep = t
+        self.timestep, self.timestep_on_host = t, self.timesteps_on_host[i]
         self.latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
         for addon in self.addons:
             addon.before_step(self, i)
 
-        t0 = time.perf_counter()
+        self.clock.start_step()
         encoded = split_unet.encoder_half(self.latent_model_input, t, self.prompt_embeds, **self.added_cond_kwargs)
-        t1 = time.perf_counter()
+        self.clock.mark()
         down, mid = None, None
         for addon in self.addons:
             residuals = addon.decoder_residuals(self, i)
@@ -208,15 +212,10 @@ class DenoisingRun:
             else:
                 down = tuple(d + r for d, r in zip(down, residuals.down_block_res_samples))
                 mid = mid + residuals.mid_block_res_sample
-        t2 = time.perf_counter()
+        self.clock.mark()
         noise_pred = split_unet.decoder_half(encoded, down, mid)
-        t3 = time.perf_counter()
+        self.clock.mark()
         noise_pred = self.guidance.combine(self, i, noise_pred)
-        t4 = time.perf_counter()
+        self.clock.mark()
         self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
-        t5 = time.perf_counter()
-        self.step_times["encoder_half"] += t1 - t0
-        self.step_times["controlnet_wait"] += t2 - t1
-        self.step_times["decoder_half"] += t3 - t2
-        self.step_times["guidance"] += t4 - t3
-        self.step_times["scheduler"] += t5 - t4
+        self.clock.mark()

@@ -15,9 +15,11 @@ Negotiation, in the stream itself:
    `ring` it will write from then on.
 3. The UNet worker maps the ring, connects to the ring's step socket (step_socket.py) and says so
    in its next StepInput (`transport`), or answers INLINE when it cannot (logged). From then on
-   the ControlNet worker computes each step's residuals straight into the next slot, and the
-   per-step messages (StepInput; ResidualsResponse with only `slot`, its index and sequence
-   number) go over the step socket; the stream stays open as the session's control plane.
+   the ControlNet worker computes each step's residuals straight into the next slot, the UNet
+   worker writes each step's sample into the ring's sample buffer, and the per-step messages
+   (StepInput with only the step's number and timestep; ResidualsResponse with only `slot`, its
+   index and sequence number) go over the step socket; the stream stays open as the session's
+   control plane. On CUDA nothing in a step waits for a GPU: IPC events order both directions.
 
 A ring's name is removed from /dev/shm as soon as the reader has mapped it, so a worker killed at
 any later moment leaves nothing behind; one killed before that is cleaned at the next start of a

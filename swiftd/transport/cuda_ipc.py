@@ -8,7 +8,11 @@ negotiated CUDA_IPC, and shares, once, each slot's memory handle and two interpr
 
 The writer makes its stream wait on free[slot] before it fills the slot again, and the reader's
 copy stream waits on ready[slot] before it copies: the GPUs order the two processes' work, with no
-host synchronisation and no copy through host memory. The reader copies out on a stream of its
+host synchronisation and no copy through host memory. The step inputs go the other way the same
+way: a sample buffer, shaped as the sample the ring was offered with, that the UNet worker writes
+behind sample_free and marks with sample_ready, and the ControlNet worker copies out behind
+sample_ready and releases with sample_free; the step message then carries only the step's number
+and timestep, so neither side waits for its GPU during a step. The reader copies out on a stream of its
 own (device to device, tens of microseconds for an SDXL step's 107 MB) so that the slot is free
 again at once, and hands the copies to the denoising loop's stream behind an event.
 
@@ -28,7 +32,7 @@ import json
 import torch
 
 from swiftd.transport import CUDA_IPC
-from swiftd.transport.layout import SLOTS, SlotLayout, check_index
+from swiftd.transport.layout import SLOTS, Layout, SlotLayout, check_index, sample_layout
 from swiftd.v1 import controlnet_pb2
 
 
@@ -61,38 +65,77 @@ def _decode_handle(entry: dict) -> tuple:
     )
 
 
+def _share(buffer: torch.Tensor, ready: torch.cuda.Event, free: torch.cuda.Event) -> bytes:
+    """JSON with the IPC handles of a buffer and its two events."""
+    entry = {
+        "buffer": _encode_handle(buffer.untyped_storage()._share_cuda_()),
+        "storage_offset": buffer.storage_offset(),
+        "ready": base64.b64encode(ready.ipc_handle()).decode(),
+        "free": base64.b64encode(free.ipc_handle()).decode(),
+    }
+    return json.dumps(entry).encode()
+
+
+def _open(blob: bytes, nbytes: int) -> tuple[torch.Tensor, torch.cuda.Event, torch.cuda.Event]:
+    """The buffer (`nbytes` long) and its two events that `_share` described."""
+    entry = json.loads(blob)
+    shared = _decode_handle(entry["buffer"])
+    device = torch.device("cuda", shared[0])
+    storage = torch.UntypedStorage._new_shared_cuda(*shared)
+    base = torch.empty(0, dtype=torch.uint8, device=device)
+    base.set_(storage, int(entry["storage_offset"]), (nbytes,), (1,))
+    ready = torch.cuda.Event.from_ipc_handle(device, base64.b64decode(entry["ready"]))
+    free = torch.cuda.Event.from_ipc_handle(device, base64.b64decode(entry["free"]))
+    return base, ready, free
+
+
+def _ipc_event() -> torch.cuda.Event:
+    return torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True)
+
+
+def _view(buffer: torch.Tensor, layout: Layout) -> torch.Tensor:
+    return buffer[layout.offset : layout.offset + layout.nbytes].view(layout.dtype).view(layout.shape)
+
+
 class CudaIpcRing:
     """One session's device ring; `create` on the writer's side, `attach` on the reader's."""
 
-    def __init__(self, buffers: list[torch.Tensor], layout: SlotLayout, ready, free):
+    def __init__(self, buffers: list[torch.Tensor], layout: SlotLayout, ready, free, sample=None):
+        """`sample`: (layout, buffer, ready event, free event) of the sample buffer, or None."""
         self.layout = layout
         self.slots = len(buffers)
         self._buffers = buffers
         self._ready, self._free = ready, free
-        self._views = [
-            [
-                buffer[tensor.offset : tensor.offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-                for tensor in layout.tensors
-            ]
-            for buffer in buffers
-        ]
+        self.sample_layout, self._sample_buffer, self._sample_ready, self._sample_free = sample or (None,) * 4
+        self._sample = None if sample is None else _view(self._sample_buffer, self.sample_layout)
+        self._views = [[_view(buffer, tensor) for tensor in layout.tensors] for buffer in buffers]
         self._sequence = 0
         self._copy_stream = None  # the reader's
 
     # -- writer --------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, tensors: list[torch.Tensor], wire_dtype: torch.dtype | None, slots: int = SLOTS) -> CudaIpcRing:
+    def create(
+        cls,
+        tensors: list[torch.Tensor],
+        wire_dtype: torch.dtype | None,
+        sample: torch.Tensor | None = None,
+        slots: int = SLOTS,
+    ) -> CudaIpcRing:
+        """A ring whose slots fit `tensors` (cast to `wire_dtype`), with a sample buffer on the
+        same device that fits `sample` (the step input the ring is offered with)."""
         device = tensors[0].device
         if device.type != "cuda":
             raise RuntimeError("a CUDA IPC ring needs CUDA tensors")
         layout = SlotLayout.plan(tensors, wire_dtype)
         buffers = [torch.empty(layout.slot_bytes, dtype=torch.uint8, device=device) for _ in range(slots)]
-
-        def events():
-            return [torch.cuda.Event(enable_timing=False, blocking=False, interprocess=True) for _ in range(slots)]
-
-        return cls(buffers, layout, events(), events())
+        ready, free = [_ipc_event() for _ in range(slots)], [_ipc_event() for _ in range(slots)]
+        sample_part = None
+        if sample is not None:
+            sample_layout = Layout(sample.dtype, tuple(sample.shape), 0)
+            buffer = torch.empty(sample_layout.nbytes, dtype=torch.uint8, device=device)
+            sample_part = (sample_layout, buffer, _ipc_event(), _ipc_event())
+        return cls(buffers, layout, ready, free, sample_part)
 
     def fits(self, tensors: list[torch.Tensor]) -> bool:
         return self.layout.fits(tensors)
@@ -116,23 +159,32 @@ class CudaIpcRing:
             view.copy_(tensor, non_blocking=True)
         return self.commit()
 
+    def read_sample(self, step_index: int) -> torch.Tensor:
+        """A copy of the step's sample the UNet worker wrote, on this device, ordered after its
+        write by sample_ready; the buffer is released (sample_free) behind the copy. `step_index`
+        is not checked: the events order the two processes' work."""
+        if self._sample is None:
+            raise ValueError("this ring has no sample buffer")
+        stream = torch.cuda.current_stream(self._sample.device)
+        stream.wait_event(self._sample_ready)
+        sample = self._sample.clone()
+        self._sample_free.record(stream)
+        return sample
+
     def to_pb(self) -> controlnet_pb2.ResidualRing:
-        handles = []
-        for buffer, ready, free in zip(self._buffers, self._ready, self._free):
-            entry = {
-                "buffer": _encode_handle(buffer.untyped_storage()._share_cuda_()),
-                "storage_offset": buffer.storage_offset(),
-                "ready": base64.b64encode(ready.ipc_handle()).decode(),
-                "free": base64.b64encode(free.ipc_handle()).decode(),
-            }
-            handles.append(json.dumps(entry).encode())
-        return controlnet_pb2.ResidualRing(
-            transport=CUDA_IPC,
-            slots=self.slots,
-            slot_bytes=self.layout.slot_bytes,
-            tensors=self.layout.to_pb(),
-            cuda_handles=handles,
-        )
+        # torch creates an event when it is first used: here, on the buffers' device.
+        with torch.cuda.device(self._buffers[0].device):
+            ring = controlnet_pb2.ResidualRing(
+                transport=CUDA_IPC,
+                slots=self.slots,
+                slot_bytes=self.layout.slot_bytes,
+                tensors=self.layout.to_pb(),
+                cuda_handles=[_share(*parts) for parts in zip(self._buffers, self._ready, self._free)],
+            )
+            if self._sample is not None:
+                ring.sample.CopyFrom(self.sample_layout.to_pb())
+                ring.cuda_sample = _share(self._sample_buffer, self._sample_ready, self._sample_free)
+        return ring
 
     def unlink(self) -> None:
         """Nothing to remove: CUDA frees the memory with the last process mapping it."""
@@ -148,16 +200,17 @@ class CudaIpcRing:
             raise ValueError("a CUDA IPC ring needs one handle per slot")
         buffers, ready, free = [], [], []
         for blob in ring.cuda_handles:
-            entry = json.loads(blob)
-            shared = _decode_handle(entry["buffer"])
-            device = torch.device("cuda", shared[0])
-            storage = torch.UntypedStorage._new_shared_cuda(*shared)
-            base = torch.empty(0, dtype=torch.uint8, device=device)
-            base.set_(storage, int(entry["storage_offset"]), (ring.slot_bytes,), (1,))
+            base, ready_event, free_event = _open(blob, ring.slot_bytes)
             buffers.append(base)
-            ready.append(torch.cuda.Event.from_ipc_handle(device, base64.b64decode(entry["ready"])))
-            free.append(torch.cuda.Event.from_ipc_handle(device, base64.b64decode(entry["free"])))
-        return cls(buffers, layout, ready, free)
+            ready.append(ready_event)
+            free.append(free_event)
+        sample = sample_layout(ring)
+        sample_part = None
+        if sample is not None:
+            if not ring.cuda_sample:
+                raise ValueError("a CUDA IPC ring with a sample layout needs the sample buffer's handles")
+            sample_part = (sample, *_open(ring.cuda_sample, sample.offset + sample.nbytes))
+        return cls(buffers, layout, ready, free, sample_part)
 
     def read(self, slot: controlnet_pb2.ResidualSlot, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """Copies of the slot's residuals on `device` in `dtype`, ordered after the writer's
@@ -165,22 +218,45 @@ class CudaIpcRing:
         consuming stream must wait on the returned list's `event` before using them (the reader
         thread returns before the copies are done)."""
         check_index(slot, self.slots)
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(device=self._buffers[0].device)
-        with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_event(self._ready[slot.index])
+        stream = self._stream()
+        with torch.cuda.stream(stream):
+            stream.wait_event(self._ready[slot.index])
             out = [view.to(device=device, dtype=dtype, copy=True) for view in self._views[slot.index]]
-            self._free[slot.index].record(self._copy_stream)
+            self._free[slot.index].record(stream)
             copied = torch.cuda.Event()
-            copied.record(self._copy_stream)
+            copied.record(stream)
         for tensor in out:  # the loop's stream uses them: the allocator must not reuse them early
             tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return _Ordered(out, copied)
 
+    def write_sample(self, sample: torch.Tensor, step_index: int) -> bool:
+        """Queue the step's sample into the sample buffer behind the ControlNet worker's copy of
+        the last one (sample_free), and mark it with sample_ready; no host synchronisation. False
+        when this ring has no sample buffer or the sample does not fit it (another shape, dtype
+        or device: the ControlNet on another GPU of the host): send its bytes."""
+        if self._sample is None or not self.sample_layout.fits(sample) or sample.device != self._sample.device:
+            return False
+        made = torch.cuda.Event()
+        made.record(torch.cuda.current_stream(sample.device))
+        stream = self._stream()
+        with torch.cuda.stream(stream):  # on the buffer's device, where its events belong
+            stream.wait_event(made)
+            stream.wait_event(self._sample_free)
+            self._sample.copy_(sample, non_blocking=True)
+            self._sample_ready.record(stream)
+        sample.record_stream(stream)  # not reused by the allocator before the copy ran
+        return True
+
+    def _stream(self) -> torch.cuda.Stream:
+        """The reader's side stream on the ring's device (copies out, samples in)."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self._buffers[0].device)
+        return self._copy_stream
+
     # -- both ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._views, self._buffers = [], []
+        self._views, self._buffers, self._sample = [], [], None
 
 
 class _Ordered(list):

@@ -1,5 +1,6 @@
 """What both residual rings share: where each residual lies in a slot, as planned by the writer and
-checked by the reader, and the error for a slot that does not hold its announced step."""
+checked by the reader, where the step's sample lies (the other direction), and the error for a slot
+that does not hold its announced step."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ class Layout:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
+    def fits(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` can be written here as it is (same shape and dtype: no cast)."""
+        return tuple(tensor.shape) == self.shape and tensor.dtype == self.dtype
+
+    def to_pb(self) -> controlnet_pb2.TensorLayout:
+        return controlnet_pb2.TensorLayout(dtype=codec.dtype_to_proto(self.dtype), shape=self.shape, offset=self.offset)
+
+    @classmethod
+    def from_pb(cls, t: controlnet_pb2.TensorLayout) -> Layout:
+        return cls(codec.dtype_from_proto(t.dtype), tuple(t.shape), t.offset)
+
 
 @dataclass(frozen=True)
 class SlotLayout:
@@ -60,17 +72,14 @@ class SlotLayout:
             raise ValueError(f"a residual ring needs a slot, not {ring.slots}")
         layouts = []
         for t in ring.tensors:
-            layout = Layout(codec.dtype_from_proto(t.dtype), tuple(t.shape), t.offset)
+            layout = Layout.from_pb(t)
             if layout.offset % ALIGN or layout.offset + layout.nbytes > ring.slot_bytes:
                 raise ValueError(f"tensor at {layout.offset} does not fit a slot of {ring.slot_bytes} bytes")
             layouts.append(layout)
         return cls(tuple(layouts), ring.slot_bytes)
 
     def to_pb(self) -> list[controlnet_pb2.TensorLayout]:
-        return [
-            controlnet_pb2.TensorLayout(dtype=codec.dtype_to_proto(t.dtype), shape=t.shape, offset=t.offset)
-            for t in self.tensors
-        ]
+        return [t.to_pb() for t in self.tensors]
 
     def fits(self, tensors: list[torch.Tensor]) -> bool:
         return len(tensors) == len(self.tensors) and all(
@@ -82,3 +91,14 @@ def check_index(slot: controlnet_pb2.ResidualSlot, slots: int) -> int:
     if not 0 <= slot.index < slots:
         raise TornRead(f"residual slot {slot.index} out of range (ring of {slots})")
     return slot.index
+
+
+def sample_layout(ring: controlnet_pb2.ResidualRing) -> Layout | None:
+    """The reader's view of the ring's sample buffer (None: samples go as bytes); ValueError for
+    one whose offset is not aligned."""
+    if not ring.HasField("sample"):
+        return None
+    layout = Layout.from_pb(ring.sample)
+    if layout.offset % ALIGN or not layout.shape:
+        raise ValueError(f"bad sample layout at offset {layout.offset}, shape {layout.shape}")
+    return layout

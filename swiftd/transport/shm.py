@@ -4,15 +4,20 @@ and read by the UNet worker on the same host.
 Layout of the segment `/dev/shm/swiftd-res-<creator pid>-<random>`:
 
     header   one little-endian uint64 per slot: the sequence number of the step the slot holds,
-             0 while the writer fills it (padded to 64 bytes)
+             0 while the writer fills it; then one for the sample: step_index + 1 of the sample
+             the buffer holds, 0 while the UNet worker writes it (padded to 64 bytes)
     slot 0   the step's residuals, each at its TensorLayout offset (64-byte aligned)
     slot 1   ...
+    sample   the step's input the other way: the UNet worker writes each step's sample here and
+             sends only the step's number and timestep (shaped as the sample of the step the ring
+             was offered with; another shape goes as bytes)
 
 The writer fills slots in turn: header 0, tensors, header = sequence, then sends the slot in the
 stream. The reader checks the header holds the sequence it was told, copies the tensors out, and
 checks again: a slot overwritten or half-written is an error, never residuals. (The protocol
 already keeps the writer a full step behind the reader's copy: step k+1's input is sent only after
-step k's residuals were taken, and there are two slots.)
+step k's residuals were taken, and there are two slots.) The sample buffer is checked the same way
+by its header word.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 
 from swiftd.transport import SHARED_MEMORY, SHM_DIR
-from swiftd.transport.layout import SLOTS, SlotLayout, TornRead, aligned, check_index
+from swiftd.transport.layout import SLOTS, Layout, SlotLayout, TornRead, aligned, check_index, sample_layout
 from swiftd.v1 import controlnet_pb2
 
 log = logging.getLogger(__name__)
@@ -49,15 +54,26 @@ def check_name(name: str, what: str) -> None:
 class ShmRing:
     """One session's ring; `create` on the writer's side, `attach` on the reader's."""
 
-    def __init__(self, name: str, fd: int, layout: SlotLayout, slots: int, owner: bool):
+    def __init__(
+        self, name: str, fd: int, layout: SlotLayout, slots: int, owner: bool, sample: torch.Tensor | Layout | None
+    ):
+        """`sample`: the writer's, an example of the step inputs to plan the sample buffer for;
+        the reader's, the buffer's layout as offered (None: samples go as bytes)."""
         self.name = name
         self.layout = layout
         self.slots = slots
         slot_bytes = layout.slot_bytes
-        self.header_bytes = aligned(8 * slots)
+        self.header_bytes = aligned(8 * (slots + 1))  # one word per slot, one for the sample
         self._owner = owner
         self._linked = owner
         size = self.header_bytes + slots * slot_bytes
+        if isinstance(sample, torch.Tensor):
+            sample = Layout(sample.dtype, tuple(sample.shape), size)
+        self.sample_layout = sample
+        if sample is not None:
+            if sample.offset < size:
+                raise ValueError("the sample buffer overlaps the residual slots")
+            size = sample.offset + aligned(sample.nbytes)
         try:
             if owner:
                 # Reserve the pages now: tmpfs grants a size lazily, and a write past what it can
@@ -68,7 +84,12 @@ class ShmRing:
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self._header = np.frombuffer(self._map, dtype="<u8", count=slots)
+        self._header = np.frombuffer(self._map, dtype="<u8", count=slots + 1)
+        self._sample = None
+        if sample is not None:
+            self._sample = torch.frombuffer(
+                self._map, dtype=sample.dtype, count=math.prod(sample.shape), offset=sample.offset
+            ).view(sample.shape)
         self._views = [
             [
                 torch.frombuffer(
@@ -86,12 +107,19 @@ class ShmRing:
     # -- writer --------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, tensors: list[torch.Tensor], wire_dtype: torch.dtype | None, slots: int = SLOTS) -> ShmRing:
-        """A ring whose slots fit `tensors` (cast to `wire_dtype`), under a fresh name."""
+    def create(
+        cls,
+        tensors: list[torch.Tensor],
+        wire_dtype: torch.dtype | None,
+        sample: torch.Tensor | None = None,
+        slots: int = SLOTS,
+    ) -> ShmRing:
+        """A ring whose slots fit `tensors` (cast to `wire_dtype`), with a sample buffer that
+        fits `sample` (the step input the ring is offered with), under a fresh name."""
         name = fresh_name()
         fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            return cls(name, fd, SlotLayout.plan(tensors, wire_dtype), slots, owner=True)
+            return cls(name, fd, SlotLayout.plan(tensors, wire_dtype), slots, owner=True, sample=sample)
         except BaseException:
             (SHM_DIR / name).unlink(missing_ok=True)
             raise
@@ -119,6 +147,18 @@ class ShmRing:
             view.copy_(tensor)  # on CUDA: one device-to-host copy straight into the slot
         return self.commit()
 
+    def read_sample(self, step_index: int) -> torch.Tensor:
+        """A copy of the step's sample the UNet worker wrote; TornRead if the buffer does not
+        hold that step's (ValueError: this ring has no sample buffer)."""
+        if self._sample is None:
+            raise ValueError("this ring has no sample buffer")
+        if self._header[self.slots] != step_index + 1:
+            raise TornRead(f"the sample buffer holds step {int(self._header[self.slots]) - 1}, not {step_index}")
+        sample = self._sample.clone()
+        if self._header[self.slots] != step_index + 1:
+            raise TornRead(f"the sample of step {step_index} was overwritten while it was read")
+        return sample
+
     def to_pb(self) -> controlnet_pb2.ResidualRing:
         return controlnet_pb2.ResidualRing(
             transport=SHARED_MEMORY,
@@ -127,6 +167,7 @@ class ShmRing:
             slot_bytes=self.layout.slot_bytes,
             header_bytes=self.header_bytes,
             tensors=self.layout.to_pb(),
+            sample=None if self.sample_layout is None else self.sample_layout.to_pb(),
         )
 
     def unlink(self) -> None:
@@ -142,10 +183,10 @@ class ShmRing:
         """Map the writer's ring; OSError or ValueError when it cannot be (another host, bad layout)."""
         check_name(ring.name, "residual ring")
         layout = SlotLayout.from_pb(ring)
-        if ring.header_bytes != aligned(8 * ring.slots):
+        if ring.header_bytes != aligned(8 * (ring.slots + 1)):
             raise ValueError("unexpected ring header size")
         fd = os.open(SHM_DIR / ring.name, os.O_RDWR)
-        ring = cls(ring.name, fd, layout, ring.slots, owner=False)
+        ring = cls(ring.name, fd, layout, ring.slots, owner=False, sample=sample_layout(ring))
         # Mapped on both sides now: without its name nothing outlives the two processes.
         (SHM_DIR / ring.name).unlink(missing_ok=True)
         return ring
@@ -169,13 +210,23 @@ class ShmRing:
             raise TornRead(f"residual slot {slot.index} was overwritten while it was read")
         return out
 
+    def write_sample(self, sample: torch.Tensor, step_index: int) -> bool:
+        """Put the step's sample in the sample buffer (marked as being written meanwhile); False
+        when this ring has none or the sample does not fit it as it is: send its bytes instead."""
+        if self._sample is None or not self.sample_layout.fits(sample):
+            return False
+        self._header[self.slots] = 0
+        self._sample.copy_(sample)  # from a GPU: the copy is done when this returns
+        self._header[self.slots] = step_index + 1
+        return True
+
     # -- both ----------------------------------------------------------------------------------
 
     def close(self) -> None:
         """Unmap (and, for the writer, remove the name if still there)."""
         if self._owner:
             self.unlink()
-        self._views, self._header = [], None
+        self._views, self._header, self._sample = [], None, None
         try:
             self._map.close()
         except BufferError:  # a tensor still views it: the mapping goes with the last of them

@@ -42,16 +42,18 @@ class SessionStart(_message.Message):
     def __init__(self, controlnet_id: _Optional[str] = ..., controlnet_cond: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoder_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., time_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., conditioning_scale: _Optional[float] = ..., guess_mode: _Optional[bool] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., transports: _Optional[_Iterable[_Union[_common_pb2.ResidualTransport, str]]] = ..., host_identity: _Optional[str] = ...) -> None: ...
 
 class StepInput(_message.Message):
-    __slots__ = ("step_index", "timestep", "sample", "transport")
+    __slots__ = ("step_index", "timestep", "sample", "transport", "sample_in_ring")
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IN_RING_FIELD_NUMBER: _ClassVar[int]
     step_index: int
     timestep: float
     sample: _common_pb2.Tensor
     transport: _common_pb2.ResidualTransport
-    def __init__(self, step_index: _Optional[int] = ..., timestep: _Optional[float] = ..., sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ...) -> None: ...
+    sample_in_ring: bool
+    def __init__(self, step_index: _Optional[int] = ..., timestep: _Optional[float] = ..., sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., sample_in_ring: _Optional[bool] = ...) -> None: ...
 
 class ResidualsResponse(_message.Message):
     __slots__ = ("step_index", "down_block_res_samples", "mid_block_res_sample", "compute_seconds", "ring", "slot")
@@ -70,7 +72,7 @@ class ResidualsResponse(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., down_block_res_samples: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mid_block_res_sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., ring: _Optional[_Union[ResidualRing, _Mapping]] = ..., slot: _Optional[_Union[ResidualSlot, _Mapping]] = ...) -> None: ...
 
 class ResidualRing(_message.Message):
-    __slots__ = ("transport", "name", "slots", "slot_bytes", "header_bytes", "tensors", "cuda_handles", "step_socket")
+    __slots__ = ("transport", "name", "slots", "slot_bytes", "header_bytes", "tensors", "cuda_handles", "step_socket", "sample", "cuda_sample")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,8 @@ class ResidualRing(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     CUDA_HANDLES_FIELD_NUMBER: _ClassVar[int]
     STEP_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    CUDA_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     transport: _common_pb2.ResidualTransport
     name: str
     slots: int
@@ -87,7 +91,9 @@ class ResidualRing(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorLayout]
     cuda_handles: _containers.RepeatedScalarFieldContainer[bytes]
     step_socket: str
-    def __init__(self, transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., name: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., header_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., cuda_handles: _Optional[_Iterable[bytes]] = ..., step_socket: _Optional[str] = ...) -> None: ...
+    sample: TensorLayout
+    cuda_sample: bytes
+    def __init__(self, transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., name: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., header_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., cuda_handles: _Optional[_Iterable[bytes]] = ..., step_socket: _Optional[str] = ..., sample: _Optional[_Union[TensorLayout, _Mapping]] = ..., cuda_sample: _Optional[bytes] = ...) -> None: ...
 
 class TensorLayout(_message.Message):
     __slots__ = ("dtype", "shape", "offset")

@@ -34,7 +34,7 @@ class ResidualSource(Protocol):
     """The residuals of one ControlNet of one request, one step at a time.
 
     `start_step` must not block on the ControlNet's computation: the UNet's encoder half runs
-    between `start_step` and `wait_step`.
+    between `start_step` and `wait_step`. Its `timestep` is the scheduler's, on the host.
     """
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None: ...
@@ -135,9 +135,9 @@ class ControlNetAddOn(AddOn):
             if cn.guess_mode and run.cfg_batch:
                 if guess_input is None:
                     guess_input = run.scheduler.scale_model_input(run.latents, run.timestep)
-                source.start_step(step_index, run.timestep, guess_input)
+                source.start_step(step_index, run.timestep_on_host, guess_input)
             else:
-                source.start_step(step_index, run.timestep, run.latent_model_input)
+                source.start_step(step_index, run.timestep_on_host, run.latent_model_input)
 
     def decoder_residuals(self, run: DenoisingRun, step_index: int) -> ControlNetResiduals | None:
         total = None

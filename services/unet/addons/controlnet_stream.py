@@ -169,18 +169,21 @@ class RemoteResidualSource:
         return codec.tensor_from_proto(msg, device=self._out_device, dtype=self._out_dtype)
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
-        if sample.is_cuda:
-            # Copying the latents out waits for the GPU to finish making them (the previous
-            # step): wait here, so that `transport` counts the handoff, not this process's own
-            # GPU queue (the copy below would wait just as long).
-            torch.cuda.current_stream(sample.device).synchronize()
-        self._sent_at[step_index] = time.perf_counter()
-        step = controlnet_pb2.StepInput(
-            step_index=step_index,
-            timestep=float(timestep),
-            sample=codec.tensor_to_proto(sample),
-            transport=self._answer,
-        )
+        """`timestep`: on the host (reading a GPU one would wait for the GPU)."""
+        step = controlnet_pb2.StepInput(step_index=step_index, timestep=float(timestep), transport=self._answer)
+        if self._on_socket and self._ring.write_sample(sample, step_index):
+            # In the ring's sample buffer: on CUDA the copy is queued behind the work that makes
+            # the sample, and nothing here waits for the GPU.
+            step.sample_in_ring = True
+            self._sent_at[step_index] = time.perf_counter()
+        else:
+            if sample.is_cuda:
+                # Copying the latents out waits for the GPU to finish making them (the previous
+                # step): wait here, so that `transport` counts the handoff, not this process's own
+                # GPU queue (the copy below would wait just as long).
+                torch.cuda.current_stream(sample.device).synchronize()
+            self._sent_at[step_index] = time.perf_counter()
+            step.sample.CopyFrom(codec.tensor_to_proto(sample))
         self._last_input = step  # asked again inline if its residuals come in a ring this process cannot map
         if self._on_socket:
             try:
