@@ -47,12 +47,20 @@ compiled)  # the suite on the graphs backend (torch.compile, CUDA graphs): the U
     family=${2:-sd15}
     limit=235 budget=150
     [ "$family" = sdxl ] && limit=540 budget=450
+    # Beside it on CPU cores of their own, CUDA IPC over real workers (tiny model; ~35 s): the
+    # same latents as inline bytes, with each step's sample through the ring as well.
+    upper=$(($(nproc) / 2))-$(($(nproc) - 1))
+    ( if command -v taskset > /dev/null; then pin="taskset -c $upper"; else pin=; fi
+      $pin timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_residual_transport.py -k cuda \
+        > "$OUT/cuda_ipc.log" 2>&1 ) &
     # The ring's handoff alone first (no model; seconds): the target ≤ 1 ms per step, isolated.
     timeout 60 python3 -m bench.ring_handoff --device cuda --out "$OUT/ring_handoff.json" > "$OUT/ring_handoff.log" 2>&1
     timeout $limit python3 -m bench.gpu_serve --zoo /tmp/zoo --families "$family" --layouts spread --compiled \
         --out "$OUT/gpu_serve_compiled.json" --budget-s $budget > "$OUT/gpu_serve_compiled.log" 2>&1
     echo "gpu_serve --compiled ($family): exit $?" >> "$OUT/device.txt"
+    wait
     python3 -m bench.gpu_serve --out "$OUT/gpu_serve_compiled.json" --table
+    tail -n 3 "$OUT/cuda_ipc.log"
     tail -n 25 "$OUT/gpu_serve_compiled.log"
     ;;
 *)
