@@ -228,6 +228,20 @@ def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_s
     assert common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY in listing.controlnets[0].transports
 
 
+def test_a_cuda_ring_names_its_gpu_by_uuid_and_one_this_process_cannot_see_is_declined():
+    """Two workers may number one GPU differently (CUDA_VISIBLE_DEVICES per container): the
+    reader maps a CUDA IPC ring on its own index of the writer's GPU, found by UUID, and declines
+    a ring on a GPU it cannot see (here: none), so the stream takes another transport."""
+    from swiftd.transport.cuda_ipc import gpu_uuid, local_index
+
+    visible = [gpu_uuid(i) for i in range(torch.cuda.device_count())]
+    for index, uuid in enumerate(visible):
+        assert local_index(uuid, 7) == index
+    with pytest.raises(RuntimeError, match="not visible"):
+        local_index("GPU-00000000-0000-0000-0000-000000000000", 0)
+    assert local_index(None, 1) == 1  # a writer that could not tell its GPU's UUID
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (runs on a lent GPU machine)")
 def test_cuda_ipc_residuals_equal_inline_ones_on_a_gpu(zoo_root):
     """UNet and ControlNet workers on one GPU negotiate CUDA IPC; the latents equal those of the

@@ -65,9 +65,30 @@ def _decode_handle(entry: dict) -> tuple:
     )
 
 
+def gpu_uuid(index: int) -> str | None:
+    """The UUID of this process's GPU `index` (None where torch cannot tell)."""
+    try:
+        return str(torch.cuda.get_device_properties(index).uuid)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def local_index(uuid: str | None, index: int) -> int:
+    """This process's index of the GPU the writer calls `index` and whose UUID is `uuid`. The two
+    processes may number their GPUs differently (CUDA_VISIBLE_DEVICES per container); a GPU this
+    process cannot see is a RuntimeError, so the ring is declined and another transport used."""
+    if uuid is None:
+        return index  # a writer that could not tell: assume one numbering
+    for local in range(torch.cuda.device_count()):
+        if gpu_uuid(local) == uuid:
+            return local
+    raise RuntimeError(f"GPU {uuid} is not visible to this process")
+
+
 def _share(buffer: torch.Tensor, ready: torch.cuda.Event, free: torch.cuda.Event) -> bytes:
-    """JSON with the IPC handles of a buffer and its two events."""
+    """JSON with the IPC handles of a buffer and its two events, and its GPU's UUID."""
     entry = {
+        "gpu_uuid": gpu_uuid(buffer.device.index),
         "buffer": _encode_handle(buffer.untyped_storage()._share_cuda_()),
         "storage_offset": buffer.storage_offset(),
         "ready": base64.b64encode(ready.ipc_handle()).decode(),
@@ -80,7 +101,9 @@ def _open(blob: bytes, nbytes: int) -> tuple[torch.Tensor, torch.cuda.Event, tor
     """The buffer (`nbytes` long) and its two events that `_share` described."""
     entry = json.loads(blob)
     shared = _decode_handle(entry["buffer"])
-    device = torch.device("cuda", shared[0])
+    index = local_index(entry.get("gpu_uuid"), shared[0])
+    shared = (index, *shared[1:])
+    device = torch.device("cuda", index)
     storage = torch.UntypedStorage._new_shared_cuda(*shared)
     base = torch.empty(0, dtype=torch.uint8, device=device)
     base.set_(storage, int(entry["storage_offset"]), (nbytes,), (1,))
