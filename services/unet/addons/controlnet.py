@@ -58,7 +58,8 @@ class LocalResidualSource:
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
-        self._pending = (timestep, sample)
+        # To the GPU without waiting for its queue (a blocking copy to a GPU synchronises it).
+        self._pending = (timestep.to(sample.device, non_blocking=True), sample)
 
     def wait_step(self) -> ControlNetResiduals:
         timestep, sample = self._pending
