@@ -47,11 +47,12 @@ CONTROLNET_STEP_SECONDS = Histogram(
     ["part"],
     buckets=STEP_BUCKETS,
 )
-CONTROLNET_SAMPLES = Counter(
-    "swiftd_controlnet_samples",
-    "step inputs a ControlNet worker computed from, by how the sample came: in the residual ring's sample "
-    "buffer, or as bytes (a session's first step, inline sessions)",
-    ["via"],
+CONTROLNET_STEPS = Counter(
+    "swiftd_controlnet_steps",
+    "steps a ControlNet worker computed, by how the sample came (ring: the residual ring's sample buffer; "
+    "bytes: in a message, as for a session's first steps and inline sessions) and how the residuals left "
+    "(in_place: computed straight into a ring slot; copied: into one; bytes: in a message)",
+    ["sample", "residuals"],
 )
 QUEUE_DEPTH = Gauge("swiftd_queue_depth", "requests waiting", ["model"])
 IN_FLIGHT = Gauge("swiftd_in_flight", "requests running", ["model"])

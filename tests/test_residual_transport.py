@@ -200,9 +200,10 @@ def workers(zoo_root, tmp_path_factory):
 
 def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_same_latents(workers):
     """And where the ring is mapped, the steps after the offer and its answer send their samples
-    through it (the same latents prove they arrived intact)."""
+    through it and get their residuals computed straight into its slots (the same latents prove
+    both arrived intact)."""
     services, elsewhere = workers
-    samples = {w: scrape(services[w].metrics_address) for w in ("shared", "apart")}
+    before = {w: scrape(services[w].metrics_address) for w in ("shared", "apart")}
     controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
     stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(services["unet"].address))
 
@@ -214,12 +215,18 @@ def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_s
     assert list(shared.controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]
     assert list(apart.controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_INLINE]
     assert torch.equal(codec.tensor_from_proto(shared.latents), codec.tensor_from_proto(apart.latents))
-    by_ring = {
-        w: moved(samples[w], scrape(services[w].metrics_address), "swiftd_controlnet_samples_total", via="ring")
-        for w in samples
-    }
-    # Steps 0 (the ring's offer) and 1 (the answer) carry their samples as bytes in the stream.
-    assert by_ring == {"shared": STEPS - 2, "apart": 0}
+    after = {w: scrape(services[w].metrics_address) for w in before}
+
+    def steps(worker: str, sample: str, residuals: str) -> float:
+        return moved(before[worker], after[worker], "swiftd_controlnet_steps_total", sample=sample, residuals=residuals)
+
+    # Step 0 (the ring's offer) copies its residuals into the slot offered; step 1 (the answer)
+    # carries its sample as bytes; every later step's sample comes through the ring, and every
+    # step from the answer on computes its residuals straight into a slot.
+    assert steps("shared", "bytes", "copied") == 1 and steps("shared", "bytes", "in_place") == 1
+    assert steps("shared", "ring", "in_place") == STEPS - 2
+    # The ring it offered with step 0 could not be mapped: that step again, and the rest, inline.
+    assert steps("apart", "bytes", "copied") == 1 and steps("apart", "bytes", "bytes") == STEPS
     assert any("cannot map its shared_memory ring" in line for line in services["unet"].log_lines)
     assert not list(elsewhere.iterdir())  # the declined ring was removed by its writer
     listing = controlnet_pb2_grpc.ControlNetWorkerStub(rpc.create_channel(services["shared"].address)).ListControlNets(

@@ -60,14 +60,15 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         try:
             for step in channel.step_inputs(request_iterator):
                 sample = channel.sample(step)
-                metrics.CONTROLNET_SAMPLES.labels("ring" if step.sample_in_ring else "bytes").inc()
                 t0 = time.perf_counter()
                 with tracer.start_as_current_span("controlnet.step", attributes={"step": step.step_index}) as span:
-                    residuals = runner.step(step.timestep, sample, out=channel.slot(step, runner.device))
+                    residuals = runner.step(step.timestep, sample, out=channel.slot(sample, runner.device))
                     seconds = time.perf_counter() - t0 + setup_seconds
                     setup_seconds = 0.0
                     tensors = [*residuals.down_block_res_samples, residuals.mid_block_res_sample]
                     response = channel.respond(step, tensors, seconds)
+                    via = "ring" if step.sample_in_ring else "bytes"
+                    metrics.CONTROLNET_STEPS.labels(via, channel.residuals_via).inc()
                     span.set_attribute("controlnet.transport", transport.name(channel.used))
                 if response is not None:  # None: it went over the session's step socket
                     yield response

@@ -38,11 +38,13 @@ class SessionChannel:
         self._ring = None  # transport.ring_class(chosen), once offered
         self._listener: StepListener | None = None  # the ring's step socket until the peer connects
         self._socket = None  # connected: the ring is in use and steps go over it
-        self._sample_shape: tuple[int, ...] | None = None  # of the step the ring was planned for
-        self._first_sample: torch.Tensor | None = None  # the ring's sample buffer is planned after it
+        self._first_sample: torch.Tensor | None = None  # the ring (slots, sample buffer) is planned for it
         self._filling: list[torch.Tensor] | None = None  # the slot the step being computed goes into
         self._offered = chosen == transport.INLINE  # nothing to offer when inline was chosen
         self.used = transport.INLINE  # what the last step went over
+        # How the last step's residuals left: computed in place in a ring slot, copied into one,
+        # or as bytes in a message.
+        self.residuals_via = "bytes"
 
     # -- step inputs ---------------------------------------------------------------------------
 
@@ -63,8 +65,6 @@ class SessionChannel:
             yield step
 
     def _answered(self, step: controlnet_pb2.StepInput) -> None:
-        if self._sample_shape is None:
-            self._sample_shape = tuple(step.sample.shape)
         if self._ring is None or self._socket is not None:
             return
         if step.transport == transport.INLINE:
@@ -105,10 +105,10 @@ class SessionChannel:
 
     # -- residuals -----------------------------------------------------------------------------
 
-    def slot(self, step: controlnet_pb2.StepInput, device: torch.device) -> list[torch.Tensor] | None:
-        """Where the step's residuals go (a ring slot, for ControlNetStepper.step's `out`), or
-        None: fresh tensors, sent as `respond` decides."""
-        if self._socket is None or tuple(step.sample.shape) != self._sample_shape:
+    def slot(self, sample: torch.Tensor, device: torch.device) -> list[torch.Tensor] | None:
+        """Where the residuals of the step with this `sample` go (a ring slot, for
+        ControlNetStepper.step's `out`), or None: fresh tensors, sent as `respond` decides."""
+        if self._socket is None or sample.shape != self._first_sample.shape:
             return None
         self._filling = self._ring.next_slot()
         if self._filling[0].device != torch.device(device):
@@ -125,20 +125,22 @@ class SessionChannel:
                 self._offered = True
                 if self._offer(response, residuals):
                     response.slot.CopyFrom(self._ring.write(residuals))
-                    self.used = self.chosen
+                    self.used, self.residuals_via = self.chosen, "copied"
                     return response
             self._inline(response, residuals)
             return response
         if self._filling is not None:
             views, self._filling = self._filling, None
+            self.residuals_via = "in_place"
             for view, residual in zip(views, residuals):
                 if view.data_ptr() != residual.data_ptr():
                     view.copy_(residual)
+                    self.residuals_via = "copied"
             response.slot.CopyFrom(self._ring.commit())
             self.used = self.chosen
         elif self._ring.fits(residuals):
             response.slot.CopyFrom(self._ring.write(residuals))
-            self.used = self.chosen
+            self.used, self.residuals_via = self.chosen, "copied"
         else:
             self._inline(response, residuals)
         try:
@@ -154,7 +156,7 @@ class SessionChannel:
             wire = common_pb2.DTYPE_FLOAT16  # GPU residuals through host memory: half the bytes
         response.down_block_res_samples.extend(codec.tensor_to_proto(r, wire) for r in down)
         response.mid_block_res_sample.CopyFrom(codec.tensor_to_proto(mid, wire))
-        self.used = transport.INLINE
+        self.used, self.residuals_via = transport.INLINE, "bytes"
 
     def _offer(self, response, residuals: list[torch.Tensor]) -> bool:
         wire = codec.dtype_from_proto(self.wire_dtype, allow_unspecified=True)

@@ -195,7 +195,9 @@ class DenoisingRun:
         split_unet = self.pipeline.split_unet
         latent_model_input = torch.cat([self.latents] * 2) if self.cfg_batch else self.latents
         self.timestep, self.timestep_on_host = t, self.timesteps_on_host[i]
-        self.latent_model_input = self.scheduler.scale_model_input(latent_model_input, t)
+        # The scheduler takes the host's timestep: DDIM and PNDM index host tensors with it and
+        # compare it, which with a GPU one would wait for the GPU at every step.
+        self.latent_model_input = self.scheduler.scale_model_input(latent_model_input, self.timestep_on_host)
         for addon in self.addons:
             addon.before_step(self, i)
 
@@ -217,5 +219,7 @@ class DenoisingRun:
         self.clock.mark()
         noise_pred = self.guidance.combine(self, i, noise_pred)
         self.clock.mark()
-        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        self.latents = self.scheduler.step(
+            noise_pred, self.timestep_on_host, self.latents, **self.step_kwargs, return_dict=False
+        )[0]
         self.clock.mark()

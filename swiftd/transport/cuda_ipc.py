@@ -32,7 +32,7 @@ import json
 import torch
 
 from swiftd.transport import CUDA_IPC
-from swiftd.transport.layout import SLOTS, Layout, SlotLayout, check_index, sample_layout
+from swiftd.transport.layout import SLOTS, Layout, SlotLayout, TornRead, check_index, sample_layout
 from swiftd.v1 import controlnet_pb2
 
 
@@ -133,6 +133,7 @@ class CudaIpcRing:
         self._sample = None if sample is None else _view(self._sample_buffer, self.sample_layout)
         self._views = [[_view(buffer, tensor) for tensor in layout.tensors] for buffer in buffers]
         self._sequence = 0
+        self._sample_step = -1  # the writer's: the last step whose sample it read
         self._copy_stream = None  # the reader's
 
     # -- writer --------------------------------------------------------------------------------
@@ -184,10 +185,14 @@ class CudaIpcRing:
 
     def read_sample(self, step_index: int) -> torch.Tensor:
         """A copy of the step's sample the UNet worker wrote, on this device, ordered after its
-        write by sample_ready; the buffer is released (sample_free) behind the copy. `step_index`
-        is not checked: the events order the two processes' work."""
+        write by sample_ready; the buffer is released (sample_free) behind the copy. The events
+        order the two processes' work on the GPU, given that each step's sample is asked for once
+        and in order, which is checked here (TornRead otherwise)."""
         if self._sample is None:
             raise ValueError("this ring has no sample buffer")
+        if step_index <= self._sample_step:
+            raise TornRead(f"the sample of step {step_index} after that of step {self._sample_step}")
+        self._sample_step = step_index
         stream = torch.cuda.current_stream(self._sample.device)
         stream.wait_event(self._sample_ready)
         sample = self._sample.clone()

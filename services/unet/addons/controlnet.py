@@ -58,8 +58,8 @@ class LocalResidualSource:
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
-        # To the GPU without waiting for its queue (a blocking copy to a GPU synchronises it).
-        self._pending = (timestep.to(sample.device, non_blocking=True), sample)
+        # Made on the sample's device: a copy from the host could wait for the GPU's queue.
+        self._pending = (torch.full((), float(timestep), dtype=timestep.dtype, device=sample.device), sample)
 
     def wait_step(self) -> ControlNetResiduals:
         timestep, sample = self._pending
@@ -135,7 +135,7 @@ class ControlNetAddOn(AddOn):
         for cn, source in self._active:
             if cn.guess_mode and run.cfg_batch:
                 if guess_input is None:
-                    guess_input = run.scheduler.scale_model_input(run.latents, run.timestep)
+                    guess_input = run.scheduler.scale_model_input(run.latents, run.timestep_on_host)
                 source.start_step(step_index, run.timestep_on_host, guess_input)
             else:
                 source.start_step(step_index, run.timestep_on_host, run.latent_model_input)

@@ -205,7 +205,7 @@ class RemoteResidualSource:
             raise item
         step_index, compute_seconds, received_at, residuals, ready = item
         if ready is not None:
-            torch.cuda.current_stream().wait_event(ready)
+            torch.cuda.current_stream(self._out_device).wait_event(ready)
         # Transport: the round trip minus the ControlNet's own compute (serialization, gRPC, decode).
         self.stats["compute"] += compute_seconds
         self.stats["transport"] += max(0.0, received_at - self._sent_at.pop(step_index) - compute_seconds)
