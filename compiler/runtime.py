@@ -36,7 +36,7 @@ from compiler.artifacts import (
     read_manifest,
 )
 from compiler.build import dtype_name
-from swiftd.controlnet_step import ControlNetResiduals, ControlNetStepper, weight_residuals
+from swiftd.controlnet_step import ControlNetResiduals, ControlNetStepper, timestep_on, weight_residuals
 from swiftd.split_unet import EncoderHalfOutput, SplitUNet
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,10 @@ def _as_float_timestep(timestep, device) -> torch.Tensor | None:
 
     Exact: the UNet and ControlNet turn timesteps into float32 before using them.
     """
-    t = torch.as_tensor(timestep, device=device)
+    t = torch.as_tensor(timestep)
     if t.numel() != 1:
         return None
-    return t.reshape(()).to(torch.float32)
+    return timestep_on(t.reshape(()), device).to(torch.float32)
 
 
 class CompiledEncoderHalf:

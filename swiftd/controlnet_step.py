@@ -114,7 +114,7 @@ class ControlNetStepper:
         if not torch.is_tensor(timesteps):
             timesteps = torch.tensor([timesteps], dtype=torch.int64, device=sample.device)
         elif timesteps.dim() == 0:
-            timesteps = timesteps[None].to(sample.device)
+            timesteps = timestep_on(timesteps, sample.device)[None]
         timesteps = timesteps.expand(sample.shape[0])
         t_emb = cn.time_proj(timesteps).to(dtype=sample.dtype)
         emb = cn.time_embedding(t_emb, None)
@@ -140,6 +140,14 @@ class ControlNetStepper:
             mid = torch.mean(weighted.mid_block_res_sample, dim=(2, 3), keepdim=True)
             return fill(out, down, mid)
         return weight_residuals(down, mid, conditioning_scale, guess_mode, out)
+
+
+def timestep_on(timestep: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A 0-d timestep on `device`, the same number and dtype. One on the host is made there, not
+    copied: a copy from the host to a GPU waits for the GPU's queue, once per step."""
+    if timestep.device == device:
+        return timestep
+    return torch.full((), timestep.item(), dtype=timestep.dtype, device=device)
 
 
 def weight_residuals(

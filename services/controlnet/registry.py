@@ -198,8 +198,7 @@ class SessionRunner:
             raise InvalidArgument(
                 "step.sample", f"batch {sample.shape[0]} != encoder_hidden_states batch {self._hidden.shape[0]}"
             )
-        # Made on the device (torch.tensor would copy it from the host and wait for the GPU).
-        t = torch.full((), timestep, dtype=torch.float32, device=sample.device)
+        t = torch.tensor(timestep, dtype=torch.float32)  # on the host: the stepper makes it on the device
         return self.stepper.step(
             sample,
             t,

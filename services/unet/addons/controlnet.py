@@ -58,8 +58,7 @@ class LocalResidualSource:
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
-        # Made on the sample's device: a copy from the host could wait for the GPU's queue.
-        self._pending = (torch.full((), float(timestep), dtype=timestep.dtype, device=sample.device), sample)
+        self._pending = (timestep, sample)
 
     def wait_step(self) -> ControlNetResiduals:
         timestep, sample = self._pending
