@@ -12,6 +12,10 @@ ListControlNets) and its host, and two workers share a device when they are on o
 
 A worker that reports no device (an older one) is taken to be alone on its own.
 
+Workers also report their host and shared-memory namespace (swiftd.transport.host_identity): a
+ControlNet worker that shares it with a UNet worker hands its residuals over through shared memory
+or CUDA IPC, any other as bytes over the network, so the gateway prefers one that shares it.
+
 No torch import: the gateway uses this module without it.
 """
 
@@ -74,17 +78,22 @@ class Device:
     kind: str
     units: frozenset[str]
     name: str  # as reported, for plans' reasons and logs
+    memory: str = ""  # the worker's host and shared-memory namespace; "" = not reported
 
     @classmethod
-    def of(cls, host: str, device: str, worker: str) -> Device:
+    def of(cls, host: str, device: str, worker: str, memory: str = "") -> Device:
         """The device a worker reported; `worker` (its address) stands in when it reported none."""
         if not device:
-            return cls("", "worker", frozenset([worker]), worker)
+            return cls("", "worker", frozenset([worker]), worker, memory)
         kind, _, units = device.partition(":")
         if kind == "cpu":
             # An unpinned report ("cpu") may run anywhere on the host: it overlaps every core.
-            return cls(host, kind, parse_cores(units) if units else frozenset(["*"]), device)
-        return cls(host, kind, frozenset([units or "0"]), device)
+            return cls(host, kind, parse_cores(units) if units else frozenset(["*"]), device, memory)
+        return cls(host, kind, frozenset([units or "0"]), device, memory)
+
+    def shares_memory_with(self, other: Device) -> bool:
+        """Residuals between workers on the two go through shared memory or CUDA IPC."""
+        return bool(self.memory) and self.memory == other.memory
 
     def shares_with(self, other: Device) -> bool:
         if (self.host, self.kind) != (other.host, other.kind):

@@ -259,6 +259,27 @@ def test_workers_that_report_no_device_are_each_a_device_of_their_own():
     assert decide(Demand(controlnet_ids=(CN,)), unets, cns, slots=1).placement == PACK
 
 
+def test_controlnets_go_where_their_residuals_can_share_memory_with_the_unet_worker():
+    # Two GPU pods, each a UNet worker on one GPU and a ControlNet worker on another, sharing
+    # /dev/shm within the pod (host identity m0, m1). Pod 0's UNet is busy, so pod 1's runs the
+    # request: its own pod's ControlNet worker, not pod 0's (listed first, as idle), whose
+    # residuals would cross the network as bytes.
+    def gpu(pod: int, index: int) -> Device:
+        return Device.of(f"pod{pod}", f"cuda:{index}", "unused", memory=f"m{pod}")
+
+    unets = [UNetWorkerState(f"u{pod}", ["sdxl"], (), set(), load=1 - pod, device=gpu(pod, 0)) for pod in (0, 1)]
+    cns = [ControlNetWorkerState(f"c{pod}", frozenset([CN]), frozenset([CN]), device=gpu(pod, 1)) for pod in (0, 1)]
+    decision = decide(Demand(controlnet_ids=(CN,)), unets, cns, slots=1)
+    assert decision.placement == SPREAD and decision.main.worker.address == "u1"
+    assert decision.main.controlnet_workers == ["c1"]
+    # Two ControlNets: one device each comes first, the UNet's own pod first among them.
+    decision = decide(Demand(controlnet_ids=(CN, CN)), unets, cns, slots=1)
+    assert decision.main.controlnet_workers == ["c1", "c0"]
+    # Workers that report no memory domain share none.
+    assert not Device.of("h", "cpu:0", "a").shares_memory_with(Device.of("h", "cpu:1", "b"))
+    assert dev("cpu:0").shares_memory_with(dev("cpu:1")) is False
+
+
 def test_a_split_pushes_the_lora_set_to_each_half_that_lacks_it():
     unets, cns = bench_machine()
     unets[0].applied = A  # u0 has the set: it leads (affinity), u1 gets the push
@@ -275,8 +296,9 @@ MODEL, EDGES = "tiny-sd15", "tiny-sd15-cn-edges"
 
 
 @pytest.fixture(scope="module")
-def bench_like_suite(zoo_root):
-    """Two UNet workers on cores 0 and 1 and a ControlNet worker on core 1, CFG split off."""
+def bench_like_suite(zoo_root, tmp_path_factory):
+    """Two UNet workers on cores 0 and 1 and a ControlNet worker on core 1, CFG split off (and on
+    core 1 too, a ControlNet worker that cannot share memory with them)."""
     collector = InMemoryCollector().start()
     cores = [0, 1 % os.cpu_count()]
     unets = [
@@ -294,18 +316,22 @@ def bench_like_suite(zoo_root):
     controlnet = start_controlnet(
         zoo_root, preload=[EDGES], cpu_cores=[cores[1]], num_threads=1, env=collector.env, wait=False
     )
-    for service in (*unets, controlnet):
+    # One that shares no memory with the UNet workers (as on another host: its residuals would
+    # cross as bytes), listed first: the gateway must prefer the other.
+    elsewhere = {**collector.env, "SWIFTD_SHM_DIR": str(tmp_path_factory.mktemp("no-shm") / "absent")}
+    far = start_controlnet(zoo_root, preload=[EDGES], cpu_cores=[cores[1]], num_threads=1, env=elsewhere, wait=False)
+    for service in (*unets, controlnet, far):
         service.wait_ready()
     gateway = start_gateway(
         [u.address for u in unets],
-        [controlnet.address],
+        [far.address, controlnet.address],
         extra_args=["--cfg-split", "never", "--max-steps", "1000"],
         env=collector.env,
     )
     channel = rpc.create_channel(gateway.address)
     yield gateway_pb2_grpc.GatewayStub(channel), unets, controlnet, collector
     channel.close()
-    for service in (gateway, *unets, controlnet):
+    for service in (gateway, *unets, controlnet, far):
         service.stop()
     collector.stop()
 
@@ -340,7 +366,8 @@ def as_started(final_plan: gateway_pb2.Plan) -> gateway_pb2.Plan:
 
 def test_started_event_and_trace_carry_the_placement_and_its_reason(bench_like_suite):
     stub, unets, controlnet, collector = bench_like_suite
-    # Idle: the UNet on core 0, the ControlNet on the ControlNet worker of idle core 1.
+    # Idle: the UNet on core 0, the ControlNet on the ControlNet worker of idle core 1 that shares
+    # memory with it.
     events = list(stub.GenerateStream(generate_request(), timeout=120))
     plan = started_plan(iter(events))
     assert plan.placement == gateway_pb2.PLACEMENT_SPREAD, plan.reason

@@ -235,6 +235,25 @@ def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_s
     assert common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY in listing.controlnets[0].transports
 
 
+def test_cuda_ipc_is_chosen_only_for_a_unet_worker_that_sees_the_controlnet_workers_gpu():
+    """With one GPU per container the UNet worker cannot map memory on the ControlNet worker's
+    GPU: the ControlNet worker picks shared memory then (a copy through host memory on each side),
+    not CUDA IPC that would be declined and end in bytes through the stream."""
+    here, offered = transport.host_identity(), (transport.CUDA_IPC, transport.SHARED_MEMORY)
+    accepted = transport.parse(transport.DEFAULT)
+
+    def choose(device_type, peer_gpus, gpu, identity=here):
+        return transport.choose(offered, identity, accepted, device_type, peer_gpus, gpu)
+
+    assert choose("cuda", ["GPU-a", "GPU-b"], "GPU-b") == transport.CUDA_IPC
+    assert choose("cuda", ["GPU-a"], "GPU-b") == transport.SHARED_MEMORY
+    # Unknown on either side (an older UNet worker, a driver that gives no UUID): assumed seen,
+    # and declined by the UNet worker if it is not.
+    assert choose("cuda", [], "GPU-b") == choose("cuda", ["GPU-a"], None) == transport.CUDA_IPC
+    assert choose("cpu", ["GPU-a"], None) == transport.SHARED_MEMORY
+    assert choose("cuda", ["GPU-b"], "GPU-b", identity="another host") == transport.INLINE
+
+
 def test_a_cuda_ring_names_its_gpu_by_uuid_and_one_this_process_cannot_see_is_declined():
     """Two workers may number one GPU differently (CUDA_VISIBLE_DEVICES per container): the
     reader maps a CUDA IPC ring on its own index of the writer's GPU, found by UUID, and declines
@@ -252,13 +271,18 @@ def test_a_cuda_ring_names_its_gpu_by_uuid_and_one_this_process_cannot_see_is_de
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA IPC needs a GPU (runs on a lent GPU machine)")
 def test_cuda_ipc_residuals_equal_inline_ones_on_a_gpu(zoo_root):
     """UNet and ControlNet workers on one GPU negotiate CUDA IPC; the latents equal those of the
-    same request with its residuals as inline bytes (fp32 on the wire), bit for bit."""
+    same request with its residuals as inline bytes (fp32 on the wire), bit for bit, and those of
+    a ControlNet worker that takes shared memory (the transport for a GPU the UNet worker cannot
+    see: GPU tensors through a host-memory ring)."""
     device = ["--device", "cuda"]
     services = {
         "unet": start_unet(zoo_root, MODEL, num_threads=1, extra_args=device, wait=False),
         "ipc": start_controlnet(zoo_root, [CN], num_threads=1, extra_args=device, wait=False),
         "inline": start_controlnet(
             zoo_root, [CN], num_threads=1, extra_args=[*device, "--residual-transports"], wait=False
+        ),
+        "shm": start_controlnet(
+            zoo_root, [CN], num_threads=1, extra_args=[*device, "--residual-transports", "shared_memory"], wait=False
         ),
     }
     try:
@@ -268,12 +292,13 @@ def test_cuda_ipc_residuals_equal_inline_ones_on_a_gpu(zoo_root):
         controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
         got = {
             worker: stub.Denoise(denoise_request(MODEL, controlnets, [services[worker].address], 7.5), timeout=300)
-            for worker in ("ipc", "inline")
+            for worker in ("ipc", "inline", "shm")
         }
         assert list(got["ipc"].controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_CUDA_IPC]
         assert list(got["inline"].controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_INLINE]
+        assert list(got["shm"].controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]
         latents = {w: codec.tensor_from_proto(r.latents) for w, r in got.items()}
-        assert torch.equal(latents["ipc"], latents["inline"])
+        assert torch.equal(latents["ipc"], latents["inline"]) and torch.equal(latents["shm"], latents["inline"])
     finally:
         for service in services.values():
             service.stop()

@@ -37,6 +37,12 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         # After configure_process pinned the cores: the device as the gateway compares devices.
         self.device, self.host = device.local_device(registry.device), device.local_host()
         self.device_type = torch.device(registry.device).type
+        self.host_identity = transport.host_identity()
+        self.gpu_uuid = None  # CUDA IPC is chosen only for a UNet worker that sees this GPU
+        if self.device_type == "cuda":
+            from swiftd.transport.cuda_ipc import gpu_uuid
+
+            self.gpu_uuid = gpu_uuid(torch.device(registry.device).index or 0)
 
     def StreamResiduals(self, request_iterator, context):
         first = next(request_iterator, None)
@@ -44,7 +50,18 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
             raise InvalidArgument("start", "the first message of a residual stream must be a SessionStart")
         start = first.start
         wire_dtype = start.wire_dtype or common_pb2.DTYPE_UNSPECIFIED
-        chosen = transport.choose(start.transports, start.host_identity, self.transports, self.device_type)
+        chosen = transport.choose(
+            start.transports, start.host_identity, self.transports, self.device_type, start.gpu_uuids, self.gpu_uuid
+        )
+        unseen = self.gpu_uuid is not None and start.gpu_uuids and self.gpu_uuid not in start.gpu_uuids
+        if transport.CUDA_IPC in start.transports and unseen:
+            log.info(
+                "session %s/%s: the UNet worker does not see GPU %s: %s instead of CUDA IPC",
+                start.request_id,
+                start.controlnet_id,
+                self.gpu_uuid,
+                transport.name(chosen),
+            )
         t_session = time.perf_counter()
         with tracer.start_as_current_span(
             "controlnet.session_start",
@@ -101,7 +118,10 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         loaded, compiled = self.registry.loaded(), self.registry.compiled()
         ids = sorted(set(self.registry.available()) | set(loaded))
         return controlnet_pb2.ControlNetWorkerListControlNetsResponse(
-            controlnets=[self._info(i, loaded, compiled) for i in ids], device=self.device, host=self.host
+            controlnets=[self._info(i, loaded, compiled) for i in ids],
+            device=self.device,
+            host=self.host,
+            host_identity=self.host_identity,
         )
 
     def LoadControlNet(self, request, context):

@@ -137,7 +137,9 @@ class Catalog:
             if (response := future.result()) is None:
                 listing.incomplete.add("controlnets")
                 continue
-            listing.controlnet_devices[address] = Device.of(response.host, response.device, address)
+            listing.controlnet_devices[address] = Device.of(
+                response.host, response.device, address, response.host_identity
+            )
             for info in response.controlnets:
                 entry = listing.controlnets.setdefault(info.controlnet_id, common_pb2.ControlNetInfo())
                 entry.controlnet_id = info.controlnet_id

@@ -15,9 +15,10 @@ not yet seen finish, whichever is larger; ControlNet sessions this gateway opene
    one batch-of-two UNet pass to one batch-of-one pass per core; a ControlNet spread instead
    would only hide behind the encoder half and still leave the decoder half on one device.
 2. **Spread** (PLACEMENT_SPREAD), when some device other than the UNet worker's is idle: the
-   ControlNets go to ControlNet workers on idle devices (one per device, then one per worker,
-   preferring one that has the model loaded), where they compute while the UNet runs its encoder
-   half. A ControlNet no idle device serves runs in-process if the UNet worker can, else on the
+   ControlNets go to ControlNet workers on idle devices (one per device, then preferring one
+   that shares memory with the UNet worker, so that its residuals need not cross the network,
+   then one per worker, then one that has the model loaded), where they compute while the UNet
+   runs its encoder half. A ControlNet no idle device serves runs in-process if the UNet worker can, else on the
    least busy worker serving it.
 3. **Pack** (PLACEMENT_PACK), when every other device is busy: ControlNets in-process on the
    chosen UNet worker, so no device waits on another, and none takes on a second request's
@@ -180,8 +181,11 @@ def assign_controlnets(
     loaded: dict[str, set[str]],
     busy: Counter,
     devices: dict[str, Device] | None = None,
+    near: Device | None = None,
 ) -> list[str]:
-    """One worker address per ControlNet of a request, spread across devices, then workers."""
+    """One worker address per ControlNet of a request, spread across devices, then preferring
+    workers that share memory with `near` (the UNet worker's device: residuals through shared
+    memory or CUDA IPC, not the network), then spread across workers."""
     devices = devices or {}
     used: Counter = Counter()
     used_devices: list[Device] = []
@@ -195,7 +199,8 @@ def assign_controlnets(
         def rank(a, controlnet_id=controlnet_id, order=order):
             device = devices.get(a)
             on_used_device = sum(device.shares_with(d) for d in used_devices) if device is not None else 0
-            return (on_used_device, used[a], controlnet_id not in loaded.get(a, ()), busy[a], order[a])
+            far = near is not None and not (device is not None and device.shares_memory_with(near))
+            return (on_used_device, far, used[a], controlnet_id not in loaded.get(a, ()), busy[a], order[a])
 
         best = min(candidates, key=rank)
         used[best] += 1
@@ -231,7 +236,7 @@ def decide(
     unplaced = [i for i, cid in enumerate(ids) if i not in spread and cid not in worker.local_controlnets]
     main.controlnet_workers = [""] * len(ids)
     for indices, candidates in ((spread, idle), (unplaced, controlnets)):
-        for i, address in zip(indices, _assign([ids[i] for i in indices], candidates)):
+        for i, address in zip(indices, _assign([ids[i] for i in indices], candidates, worker.device)):
             main.controlnet_workers[i] = address
     if spread:
         used = sorted({str(c.device) for c in idle if c.address in main.controlnet_workers})
@@ -245,11 +250,11 @@ def decide(
     return Decision(SPREAD, f"{reason}; not split: {why_not_split}", main)
 
 
-def _assign(controlnet_ids: list[str], workers: list[ControlNetWorkerState]) -> list[str]:
+def _assign(controlnet_ids: list[str], workers: list[ControlNetWorkerState], near: Device) -> list[str]:
     hosts = {cid: [c.address for c in workers if cid in c.serves] for cid in controlnet_ids}
     loaded = {c.address: set(c.loaded) for c in workers}
     busy = Counter({c.address: c.load for c in workers})
-    return assign_controlnets(controlnet_ids, hosts, loaded, busy, {c.address: c.device for c in workers})
+    return assign_controlnets(controlnet_ids, hosts, loaded, busy, {c.address: c.device for c in workers}, near)
 
 
 def _cfg_split(
@@ -394,7 +399,7 @@ class Planner:
                     cached={lora.key for lora in LoraSet.from_pb(s.cached_loras)},
                     load=max(s.requests_in_flight + s.queue_length, self._outstanding[address]),
                     dtype=s.dtype,
-                    device=Device.of(s.host, s.device, address),
+                    device=Device.of(s.host, s.device, address, s.host_identity),
                     local_controlnets=frozenset(listing.local_controlnets.get(address, ())),
                 )
                 for address, s in statuses.items()

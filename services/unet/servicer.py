@@ -254,6 +254,7 @@ class UNetWorkerServicer(unet_pb2_grpc.UNetWorkerServicer):
             dtype=codec.dtype_to_proto(self.pipeline.dtype),
             device=self.device,
             host=self.host,
+            host_identity=transport.host_identity(),
         )
 
     def ListModels(self, request, context):

@@ -4,14 +4,18 @@ The gRPC residual stream stays the control plane (session, step inputs, which st
 the residual bytes take the fastest path both workers support, chosen when the stream opens:
 
     INLINE          bytes in the stream (any two hosts; fp16 on CUDA by default)
-    SHARED_MEMORY   same host, CPU tensors: a ring of residual buffers in /dev/shm (shm.py)
-    CUDA_IPC        same host, CUDA tensors: device buffers shared over CUDA IPC (cuda_ipc.py)
+    SHARED_MEMORY   same host: a ring of residual buffers in /dev/shm (shm.py); CPU tensors, or
+                    CUDA tensors the peer cannot map (one GPU per container): a copy through
+                    host memory on each side
+    CUDA_IPC        same host, CUDA tensors on a GPU both workers see: device buffers shared
+                    over CUDA IPC (cuda_ipc.py)
 
 Negotiation, in the stream itself:
 
-1. The UNet worker's SessionStart offers the transports it can read and its `host_identity`.
-2. The ControlNet worker picks the first offered one it can write: same host identity, and a
-   device the transport fits. Its first response carries that step's residuals inline plus the
+1. The UNet worker's SessionStart offers the transports it can read, its `host_identity` and
+   the UUIDs of the GPUs it sees.
+2. The ControlNet worker picks the first offered one it can write: same host identity, a device
+   the transport fits, and for CUDA IPC a GPU the UNet worker sees. Its first response carries that step's residuals inline plus the
    `ring` it will write from then on.
 3. The UNet worker maps the ring, connects to the ring's step socket (step_socket.py) and says so
    in its next StepInput (`transport`), or answers INLINE when it cannot (logged). From then on
@@ -86,12 +90,23 @@ def usable(transports: tuple[int, ...], device_type: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def choose(offered, peer_identity: str, accepted: tuple[int, ...], device_type: str) -> int:
-    """The ControlNet worker's pick: the first offered transport it accepts and can use here."""
+def choose(
+    offered, peer_identity: str, accepted: tuple[int, ...], device_type: str, peer_gpus=(), gpu: str | None = None
+) -> int:
+    """The ControlNet worker's pick: the first offered transport it accepts and can use here.
+
+    CUDA_IPC only when the peer sees this worker's GPU (`gpu`, its UUID, among `peer_gpus`): with
+    one GPU per container the UNet worker could not map the ring, and shared memory (a copy
+    through host memory on each side) still beats bytes in the stream. Either list unknown (an
+    older peer, no UUID from the driver): assumed visible, and the peer declines if it is not."""
     if not peer_identity or peer_identity != host_identity():
         return INLINE
     mine = usable(accepted, device_type)
-    return next((t for t in offered if t in mine), INLINE)
+
+    def mappable(t: int) -> bool:
+        return t != CUDA_IPC or not peer_gpus or gpu is None or gpu in peer_gpus
+
+    return next((t for t in offered if t in mine and mappable(t)), INLINE)
 
 
 def ring_class(chosen: int):

@@ -73,6 +73,12 @@ def gpu_uuid(index: int) -> str | None:
         return None
 
 
+def visible_gpus() -> list[str]:
+    """The UUIDs of the GPUs this process sees (where the driver tells them)."""
+    uuids = [gpu_uuid(index) for index in range(torch.cuda.device_count())]
+    return [u for u in uuids if u is not None]
+
+
 def local_index(uuid: str | None, index: int) -> int:
     """This process's index of the GPU the writer calls `index` and whose UUID is `uuid`. The two
     processes may number their GPUs differently (CUDA_VISIBLE_DEVICES per container); a GPU this

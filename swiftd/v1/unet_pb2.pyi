@@ -143,7 +143,7 @@ class GetWorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetWorkerStatusResponse(_message.Message):
-    __slots__ = ("model_ids", "applied_loras", "requests_in_flight", "queue_length", "dtype", "device", "cached_loras", "host")
+    __slots__ = ("model_ids", "applied_loras", "requests_in_flight", "queue_length", "dtype", "device", "cached_loras", "host", "host_identity")
     MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_LORAS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class GetWorkerStatusResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CACHED_LORAS_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
+    HOST_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     model_ids: _containers.RepeatedScalarFieldContainer[str]
     applied_loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraRef]
     requests_in_flight: int
@@ -160,7 +161,8 @@ class GetWorkerStatusResponse(_message.Message):
     device: str
     cached_loras: _containers.RepeatedCompositeFieldContainer[_common_pb2.LoraRef]
     host: str
-    def __init__(self, model_ids: _Optional[_Iterable[str]] = ..., applied_loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., queue_length: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., device: _Optional[str] = ..., cached_loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., host: _Optional[str] = ...) -> None: ...
+    host_identity: str
+    def __init__(self, model_ids: _Optional[_Iterable[str]] = ..., applied_loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., queue_length: _Optional[int] = ..., dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., device: _Optional[str] = ..., cached_loras: _Optional[_Iterable[_Union[_common_pb2.LoraRef, _Mapping]]] = ..., host: _Optional[str] = ..., host_identity: _Optional[str] = ...) -> None: ...
 
 class UNetWorkerListModelsRequest(_message.Message):
     __slots__ = ()

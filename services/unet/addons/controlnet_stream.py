@@ -69,6 +69,10 @@ class RemoteResidualSource:
         if offered:
             start.transports.extend(offered)
             start.host_identity = transport.host_identity()
+        if transport.CUDA_IPC in offered:
+            from swiftd.transport.cuda_ipc import visible_gpus
+
+            start.gpu_uuids.extend(visible_gpus())  # a ControlNet on any other GPU offers shared memory
         self._requests.put(controlnet_pb2.ResidualsRequest(start=start))
         stub = controlnet_pb2_grpc.ControlNetWorkerStub(channel)
         self._call = stub.StreamResiduals(iter(self._requests.get, _END), timeout=timeout)
