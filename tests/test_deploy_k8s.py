@@ -83,6 +83,21 @@ def _service_args(root: str, container: dict):
     return module, build_parser().parse_args(args)  # exits (fails the test) on an unknown or malformed flag
 
 
+def _services(root: str) -> list[tuple[dict, dict, str, object]]:
+    """Every service the root runs: (workload, container, module, parsed args), one per container
+    (a pod may run two: components/colocated-controlnets)."""
+    found = []
+    for workload in _all(root, "Deployment", "StatefulSet"):
+        for container in _pod(workload)["containers"]:
+            if container["args"][:2] == ["python", "-m"]:
+                found.append((workload, container, *_service_args(root, container)))
+    return found
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
 def _directories(compiled_artifacts) -> list:
     """--compiled-artifacts: one directory (UNet worker) or several (ControlNet worker)."""
     if isinstance(compiled_artifacts, list):
@@ -121,15 +136,15 @@ def test_the_validator_rejects_what_a_cluster_would():
 
 @pytest.mark.parametrize("root", ROOTS)
 def test_each_workload_starts_a_real_service_with_valid_flags(root):
-    for workload in _all(root, "Deployment", "StatefulSet"):
-        (container,) = _pod(workload)["containers"]
-        if container["name"] == "otel-collector":
-            continue
-        module, parsed = _service_args(root, container)
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports["grpc"] == int(parsed.address.rsplit(":", 1)[1])
+    listening: dict[str, list[int]] = {}  # per pod: the containers share its network
+    for workload, container, module, parsed in _services(root):
+        ports = {p["containerPort"] for p in container["ports"]}
+        assert {_port(parsed.address), parsed.metrics_port} <= ports, container["name"]
+        listening.setdefault(workload["metadata"]["name"], []).extend(
+            [_port(parsed.address), parsed.metrics_port, *([parsed.health_port] if parsed.health_port else [])]
+        )
         # Probes on the service's port, or with TLS on its plaintext health port (kubelet probes do not speak TLS).
-        probe_port = parsed.health_port if parsed.tls_dir else ports["grpc"]
+        probe_port = parsed.health_port if parsed.tls_dir else _port(parsed.address)
         assert container["readinessProbe"]["grpc"] == {"port": probe_port, "service": SERVICE_NAMES[module]}
         for probe in ("livenessProbe", "startupProbe"):
             assert container.get(probe, {"grpc": {"port": probe_port}})["grpc"]["port"] == probe_port, probe
@@ -138,13 +153,17 @@ def test_each_workload_starts_a_real_service_with_valid_flags(root):
         # ... nor while cancelled calls stop at their next step check (swiftd.server.STOP_WAIT_SECONDS).
         budget = pre_stop + parsed.grace_seconds + STOP_WAIT_SECONDS
         assert _pod(workload)["terminationGracePeriodSeconds"] > budget, workload["metadata"]["name"]
-        # Prometheus finds /metrics where the service serves it.
+        # Prometheus finds /metrics where the pod's first service serves it (a second container's
+        # port is declared, for a PodMonitor).
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
-        assert parsed.metrics_port == ports["metrics"] == int(annotations["prometheus.io/port"])
+        if container is _pod(workload)["containers"][0]:
+            assert parsed.metrics_port == int(annotations["prometheus.io/port"])
         assert annotations["prometheus.io/scrape"] == "true"
         if workload["kind"] == "StatefulSet":  # stable pod names need the governing headless Service
             service = _one(root, "Service", workload["spec"]["serviceName"])
             assert service["spec"]["clusterIP"] == "None"
+    for pod, ports in listening.items():
+        assert len(ports) == len(set(ports)), f"{pod}: two services on one port {sorted(ports)}"
 
 
 @pytest.mark.parametrize("root", ROOTS)
@@ -152,19 +171,27 @@ def test_the_gateway_finds_the_workers_through_their_headless_services_and_outla
     (gateway,) = [w for w in _all(root, "Deployment") if w["metadata"]["name"] == "swiftd-gateway"]
     _, parsed = _service_args(root, _pod(gateway)["containers"][0])
 
-    def headless(name: str) -> tuple[str, float]:
-        sts = _one(root, "StatefulSet", name)
-        service = _one(root, "Service", sts["spec"]["serviceName"])
-        assert service["spec"]["clusterIP"] == "None" and _selects(service["spec"]["selector"], sts["spec"]["selector"])
+    def headless(target: str) -> str:
+        """The service a gateway target reaches: a headless Service's ready pods, on the port of
+        the container that serves it."""
+        name, port = target.removeprefix("dns:///").split(":")
+        service = _one(root, "Service", name)
+        assert service["spec"]["clusterIP"] == "None"
         assert not service["spec"].get("publishNotReadyAddresses", False)  # only ready pods get requests
-        container = _pod(sts)["containers"][0]
+        selected = {"matchLabels": service["spec"]["selector"]}
+        (sts,) = [
+            w for w in _all(root, "StatefulSet") if _selects(selected, w["spec"]["template"]["metadata"]["labels"])
+        ]
+        (container,) = [c for c in _pod(sts)["containers"] if int(port) in {p["containerPort"] for p in c["ports"]}]
         # A worker leaving keeps serving until every gateway has re-resolved the records without it
         # (one catalog refresh, plus CoreDNS's default 5 s record TTL).
         assert container["lifecycle"]["preStop"]["sleep"]["seconds"] >= parsed.catalog_ttl + 5
-        return f"dns:///{service['metadata']['name']}:{container['ports'][0]['containerPort']}"
+        module, serving = _service_args(root, container)
+        assert _port(serving.address) == int(port)
+        return module
 
-    assert parsed.unet == [headless("swiftd-unet")]
-    assert parsed.controlnet == [headless("swiftd-controlnet")]
+    assert [headless(t) for t in parsed.unet] == ["services.unet"]
+    assert [headless(t) for t in parsed.controlnet] == ["services.controlnet"]
     store = _one(root, "Service", parsed.lora_store.split(":")[0])
     assert store["spec"]["ports"][0]["port"] == int(parsed.lora_store.split(":")[1])
 
@@ -322,18 +349,13 @@ def test_every_service_speaks_mutual_tls_with_its_own_certificate(root):
     from swiftd import security
 
     server_names = set()
-    for workload in _all(root, "Deployment", "StatefulSet"):
-        component = workload["spec"]["template"]["metadata"]["labels"]["component"]
-        if component == "otel-collector":
-            continue
-        pod, (container,) = _pod(workload), _pod(workload)["containers"]
-        module, parsed = _service_args(root, container)
-
-        assert _secret_at(pod, container, parsed.tls_dir) == f"swiftd-{component}-tls"
-        assert component in {security.GATEWAY, security.UNET, security.CONTROLNET, security.LORA_STORE}
+    for workload, container, module, parsed in _services(root):
+        identity = module.removeprefix("services.").replace("_", "-")  # services.lora_store: lora-store
+        assert _secret_at(_pod(workload), container, parsed.tls_dir) == f"swiftd-{identity}-tls"
+        assert identity in {security.GATEWAY, security.UNET, security.CONTROLNET, security.LORA_STORE}
         server_names.add(parsed.tls_server_name)
         if module == "services.gateway":
-            assert _secret_at(pod, container, parsed.tokens_file.parent) == "swiftd-gateway-tokens"
+            assert _secret_at(_pod(workload), container, parsed.tokens_file.parent) == "swiftd-gateway-tokens"
     assert len(server_names) == 1 and "" not in server_names
 
 
@@ -341,9 +363,20 @@ def test_every_service_speaks_mutual_tls_with_its_own_certificate(root):
 
 
 def _component(root: str, name: str) -> dict:
-    """Pod labels and named ports of the workload `name` (e.g. swiftd-unet)."""
+    """Pod labels and ports of the workload `name` (e.g. otel-collector): port name -> (name, number)."""
     workload = next(w for w in _all(root, "Deployment", "StatefulSet") if w["metadata"]["name"] == name)
-    ports = {p["name"]: p["containerPort"] for c in _pod(workload)["containers"] for p in c.get("ports", [])}
+    ports = {p["name"]: (p["name"], p["containerPort"]) for c in _pod(workload)["containers"] for p in c["ports"]}
+    return {"labels": workload["spec"]["template"]["metadata"]["labels"], "ports": ports}
+
+
+def _endpoint(root: str, module: str) -> dict:
+    """As _component, for the container running `module`: its pod's labels, and its "grpc" and
+    "metrics" ports whatever they are named (two services in one pod name theirs apart)."""
+    ((workload, container, _, parsed),) = [s for s in _services(root) if s[2] == module]
+    named = {p["containerPort"]: p["name"] for p in container["ports"]}
+    ports = {
+        role: (named[port], port) for role, port in (("grpc", _port(parsed.address)), ("metrics", parsed.metrics_port))
+    }
     return {"labels": workload["spec"]["template"]["metadata"]["labels"], "ports": ports}
 
 
@@ -356,7 +389,7 @@ def _allowed(root: str, source_labels: dict | None, target: dict, port_name: str
     for policy in policies:
         for rule in policy["spec"].get("ingress", []):
             ports = rule.get("ports")
-            if ports and not any(p["port"] in (port_name, target["ports"][port_name]) for p in ports):
+            if ports and not any(p["port"] in target["ports"][port_name] for p in ports):
                 continue
             peers = rule.get("from")
             if not peers:
@@ -373,9 +406,9 @@ def _allowed(root: str, source_labels: dict | None, target: dict, port_name: str
 
 @pytest.mark.parametrize("root", ROOTS)
 def test_network_policies_let_through_exactly_the_calls_the_services_make(root):
-    names = {"gateway": "swiftd-gateway", "unet": "swiftd-unet", "controlnet": "swiftd-controlnet"}
-    names["lora-store"] = "swiftd-lora-store"
-    pods = {short: _component(root, name) for short, name in names.items()}
+    modules = {"gateway": "services.gateway", "unet": "services.unet", "controlnet": "services.controlnet"}
+    modules["lora-store"] = "services.lora_store"
+    pods = {short: _endpoint(root, module) for short, module in modules.items()}
     # Who dials whom: the gateway its flags' targets; a UNet worker its --lora-store and, per
     # request, the ControlNet workers the plan names; the store the UNet workers it pushes to.
     _, gateway = _service_args(root, _pod(_one(root, "Deployment", "swiftd-gateway"))["containers"][0])
@@ -395,7 +428,9 @@ def test_network_policies_let_through_exactly_the_calls_the_services_make(root):
         for target in pods:
             if target == "gateway":
                 continue
-            want = (source, target) in calls
+            # Policies select pods, not containers: a service may reach what any service of its pod calls.
+            pod_mates = [other for other in pods if pods[other]["labels"] == pods[source]["labels"]]
+            want = any((other, target) in calls for other in pod_mates)
             assert _allowed(root, pods[source]["labels"], pods[target], "grpc") == want, (source, target)
     assert _allowed(root, None, pods["gateway"], "grpc")  # the public API
     for target in pods.values():  # Prometheus, from its own namespace
@@ -432,7 +467,7 @@ def test_every_service_sends_its_spans_to_the_collector_deployed_with_it(root):
     service = _one(root, "Service", "otel-collector")
     assert _selects({"matchLabels": service["spec"]["selector"]}, collector["labels"])
     port = service["spec"]["ports"][0]["port"]
-    assert collector["ports"]["otlp-grpc"] == port
+    assert collector["ports"]["otlp-grpc"][1] == port
     deployment = _one(root, "Deployment", "otel-collector")
     pod, (container,) = _pod(deployment), _pod(deployment)["containers"]
     config = _collector_config(root, pod, container)
