@@ -53,8 +53,11 @@ compiled)  # the suite on the graphs backend (torch.compile, CUDA graphs): the U
     ( if command -v taskset > /dev/null; then pin="taskset -c $upper"; else pin=; fi
       $pin timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_residual_transport.py -k cuda \
         > "$OUT/cuda_ipc.log" 2>&1 ) &
-    # The ring's handoff alone first (no model; seconds): the target ≤ 1 ms per step, isolated.
+    # The ring's handoff alone first (no model; seconds): the target ≤ 1 ms per step, isolated;
+    # then GPU tensors through the shared-memory ring (a GPU the UNet worker cannot map).
     timeout 60 python3 -m bench.ring_handoff --device cuda --out "$OUT/ring_handoff.json" > "$OUT/ring_handoff.log" 2>&1
+    timeout 60 python3 -m bench.ring_handoff --device cuda --transport shared_memory \
+        --out "$OUT/ring_handoff_shm.json" > "$OUT/ring_handoff_shm.log" 2>&1
     timeout $limit python3 -m bench.gpu_serve --zoo /tmp/zoo --families "$family" --layouts spread --compiled \
         --out "$OUT/gpu_serve_compiled.json" --budget-s $budget > "$OUT/gpu_serve_compiled.log" 2>&1
     echo "gpu_serve --compiled ($family): exit $?" >> "$OUT/device.txt"

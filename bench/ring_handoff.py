@@ -2,6 +2,9 @@
 process through the ring a residual stream negotiates, timed per step.
 
     python -m bench.ring_handoff --device cuda --family sdxl      (CUDA IPC ring, a GPU)
+    python -m bench.ring_handoff --device cuda --transport shared_memory
+                                  (GPU tensors through the shared-memory ring: a GPU the reader
+                                  cannot map, as in one GPU per container)
     python -m bench.ring_handoff --device cpu --family sd15       (shared-memory ring)
 
 The writer (a child process, as a ControlNet worker is) fills the next slot with a step's
@@ -10,7 +13,8 @@ CUDA), waits until they are made (so the clock starts when the residuals exist, 
 step ends), commits, and sends the slot's address with that moment over a pipe. The reader maps
 the ring once, then per step reads the slot into tensors of its own, as the UNet worker's reader
 does, and waits until they are usable. Handoff = that moment less the writer's (CLOCK_MONOTONIC,
-one clock for both processes). The reader then asks for the next step, as the next StepInput
+one clock for both processes). GPU residuals into a host-memory ring are copied in after that
+moment, as a ControlNet worker's are, so the handoff includes both copies. The reader then asks for the next step, as the next StepInput
 would, with that step's sample in the ring's sample buffer (the latents' shape, CFG batch 2); the
 writer copies it out and waits until its copy is usable: the sample handoff, timed the same way the
 other direction. Every step's values are checked both ways, so a torn or stale read fails the run.
@@ -71,13 +75,19 @@ def _writer(conn, kind: int, shapes, sample: tuple[int, ...], device: str, dtype
     conn.recv()  # mapped
     sample_handoffs = []
     for step in range(steps):
-        for view in ring.next_slot():
-            view.fill_(float(step % 251))  # the reader checks it: a stale or torn slot fails
+        views = ring.next_slot()
+        in_place = views[0].device == device  # else GPU residuals into a host-memory ring
+        for tensor in views if in_place else tensors:
+            tensor.fill_(float(step % 251))  # the reader checks it: a stale or torn slot fails
         _sync(device)
+        made_at = time.perf_counter()
+        if not in_place:
+            for view, tensor in zip(views, tensors):
+                view.copy_(tensor)  # as SessionChannel.respond does
         slot = ring.commit()
-        conn.send((slot.SerializeToString(), time.perf_counter()))
+        conn.send((slot.SerializeToString(), made_at))
         written_at = conn.recv()  # the next step's input: its sample is in the ring
-        got = ring.read_sample(step + 1)
+        got = ring.read_sample(step + 1).to(device)  # on the ControlNet's device, as its step uses it
         _sync(device)
         sample_handoffs.append(time.perf_counter() - written_at)
         if got.flatten()[-1].item() != float((step + 1) % 251):
@@ -149,6 +159,12 @@ def run(kind: int, family: str, device: str, dtype: str, steps: int) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ring_handoff", description=__doc__)
     parser.add_argument("--device", default="cuda", help="cuda (CUDA IPC ring) or cpu (shared-memory ring)")
+    parser.add_argument(
+        "--transport",
+        choices=["cuda_ipc", "shared_memory"],
+        default=None,
+        help="default: cuda_ipc on CUDA, shared_memory on the CPU (on CUDA: GPU tensors through host memory)",
+    )
     parser.add_argument("--family", nargs="+", default=["sd15", "sdxl"])
     parser.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 on the CPU")
     parser.add_argument("--steps", type=int, default=30)
@@ -158,7 +174,9 @@ def main(argv=None) -> int:
     if on_cuda and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    kind = transport.CUDA_IPC if on_cuda else transport.SHARED_MEMORY
+    kind = transport.BY_NAME[args.transport or ("cuda_ipc" if on_cuda else "shared_memory")]
+    if kind == transport.CUDA_IPC and not on_cuda:
+        parser.error("cuda_ipc needs --device cuda")
     dtype = args.dtype or ("float16" if on_cuda else "float32")
     results = []
     for family in args.family:

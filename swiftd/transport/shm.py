@@ -18,6 +18,11 @@ checks again: a slot overwritten or half-written is an error, never residuals. (
 already keeps the writer a full step behind the reader's copy: step k+1's input is sent only after
 step k's residuals were taken, and there are two slots.) The sample buffer is checked the same way
 by its header word.
+
+With GPU tensors (a ControlNet worker on a GPU the UNet worker cannot map: one per container), a
+process page-locks its mapping once (cudaHostRegister, as NCCL's shared-memory transport does),
+so copies in and out run at full PCIe bandwidth, and the reader copies a slot to its GPU on a side
+stream of its own: the copy waits for nothing the UNet has queued, and overlaps its encoder half.
 """
 
 from __future__ import annotations
@@ -103,6 +108,8 @@ class ShmRing:
             for i in range(slots)
         ]
         self._sequence = 0
+        self._pinned = None  # the mapping's address once page-locked for GPU copies (0: refused)
+        self._copy_stream = None  # the reader's, for copies to a GPU
 
     # -- writer --------------------------------------------------------------------------------
 
@@ -119,10 +126,13 @@ class ShmRing:
         name = fresh_name()
         fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            return cls(name, fd, SlotLayout.plan(tensors, wire_dtype), slots, owner=True, sample=sample)
+            ring = cls(name, fd, SlotLayout.plan(tensors, wire_dtype), slots, owner=True, sample=sample)
         except BaseException:
             (SHM_DIR / name).unlink(missing_ok=True)
             raise
+        if tensors[0].is_cuda:
+            ring._pin()  # GPU residuals are copied in every step
+        return ring
 
     def fits(self, tensors: list[torch.Tensor]) -> bool:
         return self.layout.fits(tensors)
@@ -203,9 +213,13 @@ class ShmRing:
         if self._header[slot.index] != slot.sequence:
             raise TornRead(f"residual slot {slot.index} holds step {self._header[slot.index]}, not {slot.sequence}")
         views = self._views[slot.index]
-        if torch.device(device).type == "cpu" and all(v.dtype == dtype for v in views):
+        device = torch.device(device)
+        if device.type == "cpu" and all(v.dtype == dtype for v in views):
             return list(views)
-        out = [view.to(device=device, dtype=dtype, copy=True) for view in views]
+        if device.type == "cuda":
+            out = self._to_gpu(views, device, dtype)
+        else:
+            out = [view.to(device=device, dtype=dtype, copy=True) for view in views]
         if self._header[slot.index] != slot.sequence:
             raise TornRead(f"residual slot {slot.index} was overwritten while it was read")
         return out
@@ -215,10 +229,40 @@ class ShmRing:
         when this ring has none or the sample does not fit it as it is: send its bytes instead."""
         if self._sample is None or not self.sample_layout.fits(sample):
             return False
+        if sample.is_cuda:
+            self._pin()
         self._header[self.slots] = 0
         self._sample.copy_(sample)  # from a GPU: the copy is done when this returns
         self._header[self.slots] = step_index + 1
         return True
+
+    def _to_gpu(self, views: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Copies of `views` on the GPU, done when this returns (the slot may be refilled once the
+        step after next is asked for), made on a side stream that waits for nothing queued on
+        the denoising loop's stream."""
+        self._pin()
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=device)
+        with torch.cuda.stream(self._copy_stream):
+            out = [view.to(device=device, dtype=dtype, non_blocking=True) for view in views]
+        self._copy_stream.synchronize()  # only these copies: the stream is this ring's
+        for tensor in out:  # made on the side stream, used on the loop's: not reused by the allocator early
+            tensor.record_stream(torch.cuda.current_stream(device))
+        return out
+
+    def _pin(self) -> None:
+        """Page-lock this process's mapping for GPU copies, once; if the driver refuses (a
+        locked-memory limit), copies stay pageable, slower but the same."""
+        if self._pinned is not None:
+            return
+        base = torch.frombuffer(self._map, dtype=torch.uint8)
+        address, size = base.data_ptr(), base.numel()
+        del base
+        cudart = torch.cuda.cudart()
+        error = cudart.cudaHostRegister(address, size, 0)
+        self._pinned = address if error == cudart.cudaError.success else 0
+        if not self._pinned:
+            log.warning("residual ring %s: cannot page-lock %d bytes (%s): pageable copies", self.name, size, error)
 
     # -- both ----------------------------------------------------------------------------------
 
@@ -226,6 +270,9 @@ class ShmRing:
         """Unmap (and, for the writer, remove the name if still there)."""
         if self._owner:
             self.unlink()
+        if self._pinned:
+            torch.cuda.cudart().cudaHostUnregister(self._pinned)  # before the pages are unmapped
+        self._pinned = 0
         self._views, self._header, self._sample = [], None, None
         try:
             self._map.close()
