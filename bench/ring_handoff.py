@@ -76,7 +76,7 @@ def _writer(conn, kind: int, shapes, sample: tuple[int, ...], device: str, dtype
     sample_handoffs = []
     for step in range(steps):
         views = ring.next_slot()
-        in_place = views[0].device == device  # else GPU residuals into a host-memory ring
+        in_place = views[0].device == tensors[0].device  # else GPU residuals into a host-memory ring
         for tensor in views if in_place else tensors:
             tensor.fill_(float(step % 251))  # the reader checks it: a stale or torn slot fails
         _sync(device)

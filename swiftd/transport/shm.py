@@ -27,6 +27,7 @@ stream of its own: the copy waits for nothing the UNet has queued, and overlaps 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import mmap
@@ -131,7 +132,7 @@ class ShmRing:
             (SHM_DIR / name).unlink(missing_ok=True)
             raise
         if tensors[0].is_cuda:
-            ring._pin()  # GPU residuals are copied in every step
+            ring._pin(tensors[0].device)  # GPU residuals are copied in every step
         return ring
 
     def fits(self, tensors: list[torch.Tensor]) -> bool:
@@ -230,7 +231,7 @@ class ShmRing:
         if self._sample is None or not self.sample_layout.fits(sample):
             return False
         if sample.is_cuda:
-            self._pin()
+            self._pin(sample.device)
         self._header[self.slots] = 0
         self._sample.copy_(sample)  # from a GPU: the copy is done when this returns
         self._header[self.slots] = step_index + 1
@@ -240,7 +241,7 @@ class ShmRing:
         """Copies of `views` on the GPU, done when this returns (the slot may be refilled once the
         step after next is asked for), made on a side stream that waits for nothing queued on
         the denoising loop's stream."""
-        self._pin()
+        self._pin(device)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device=device)
         with torch.cuda.stream(self._copy_stream):
@@ -250,19 +251,28 @@ class ShmRing:
             tensor.record_stream(torch.cuda.current_stream(device))
         return out
 
-    def _pin(self) -> None:
-        """Page-lock this process's mapping for GPU copies, once; if the driver refuses (a
-        locked-memory limit), copies stay pageable, slower but the same."""
+    def _pin(self, device: torch.device) -> None:
+        """Page-lock this process's mapping for GPU copies, once (portable: pinned for every GPU,
+        as NCCL registers its shared memory); if the driver refuses, copies stay pageable,
+        slower but the same."""
         if self._pinned is not None:
             return
         base = torch.frombuffer(self._map, dtype=torch.uint8)
         address, size = base.data_ptr(), base.numel()
         del base
         cudart = torch.cuda.cudart()
-        error = cudart.cudaHostRegister(address, size, 0)
+        with torch.cuda.device(device):  # no context on another GPU
+            error = cudart.cudaHostRegister(address, size, CUDA_HOST_REGISTER_PORTABLE)
         self._pinned = address if error == cudart.cudaError.success else 0
         if not self._pinned:
-            log.warning("residual ring %s: cannot page-lock %d bytes (%s): pageable copies", self.name, size, error)
+            _clear_last_cuda_error()
+            log.warning(
+                "residual ring %s: cannot page-lock %d bytes (CUDA error %d, %s): pageable copies",
+                self.name,
+                size,
+                int(error),
+                cudart.cudaGetErrorString(error),
+            )
 
     # -- both ----------------------------------------------------------------------------------
 
@@ -278,6 +288,21 @@ class ShmRing:
             self._map.close()
         except BufferError:  # a tensor still views it: the mapping goes with the last of them
             log.debug("residual ring %s still viewed at close", self.name)
+
+
+CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable
+
+
+def _clear_last_cuda_error() -> None:
+    """Reset the CUDA runtime's last error (cudaGetLastError) after a refused registration: torch
+    checks it after each kernel launch, so it would fail the next one on this thread (torch's
+    binding of cudaHostRegister does not clear it). The runtime is the libcudart torch loaded."""
+    try:
+        with open("/proc/self/maps") as maps:
+            path = next((line.split()[-1] for line in maps if "libcudart" in line), None)
+        ctypes.CDLL(path).cudaGetLastError()  # path None: the process's global symbols
+    except (OSError, AttributeError) as exc:
+        log.warning("cannot reset the CUDA runtime's last error (%s): the next kernel launch may fail", exc)
 
 
 def remove_abandoned() -> list[str]:

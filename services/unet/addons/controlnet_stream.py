@@ -176,8 +176,9 @@ class RemoteResidualSource:
         """`timestep`: on the host (reading a GPU one would wait for the GPU)."""
         step = controlnet_pb2.StepInput(step_index=step_index, timestep=float(timestep), transport=self._answer)
         if self._on_socket and self._ring.write_sample(sample, step_index):
-            # In the ring's sample buffer: on CUDA the copy is queued behind the work that makes
-            # the sample, and nothing here waits for the GPU.
+            # In the ring's sample buffer: over CUDA IPC the copy is queued behind the work that
+            # makes the sample, and nothing here waits for the GPU (through a host-memory ring it
+            # must: the sample is copied out once made).
             step.sample_in_ring = True
             self._sent_at[step_index] = time.perf_counter()
         else:
@@ -208,8 +209,12 @@ class RemoteResidualSource:
         if isinstance(item, BaseException):
             raise item
         step_index, compute_seconds, received_at, residuals, ready = item
-        if ready is not None:
-            torch.cuda.current_stream(self._out_device).wait_event(ready)
+        if self._out_device.type == "cuda":
+            stream = torch.cuda.current_stream(self._out_device)  # the denoising loop's
+            if ready is not None:
+                stream.wait_event(ready)
+            for tensor in (*residuals.down_block_res_samples, residuals.mid_block_res_sample):
+                tensor.record_stream(stream)  # copied on a side stream: not reused before the loop is done
         # Transport: the round trip minus the ControlNet's own compute (serialization, gRPC, decode).
         self.stats["compute"] += compute_seconds
         self.stats["transport"] += max(0.0, received_at - self._sent_at.pop(step_index) - compute_seconds)
@@ -226,7 +231,7 @@ class RemoteResidualSource:
         self._reader.join(timeout=self._step_timeout)  # it may be copying out of the ring
         if self._socket is not None:
             self._socket.close()
-        if self._ring is not None:
+        if self._ring is not None and not self._reader.is_alive():  # never under a copy still running
             self._ring.close()
 
 
