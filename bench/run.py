@@ -327,14 +327,17 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
     ours.run_once(cn1, inline=True)  # warms the inline worker up
     runs: dict[str, list] = {"d_base": [], "d_cn1": [], "o_base": [], "o_cn1": [], "o_cn1_inline": []}
     # Each side's base and cn1 run back to back, and overheads are medians of those pairs' ratios:
-    # this machine's speed drifts over seconds (other tenants), and a pair shares the drift.
+    # this machine's speed drifts over seconds (other tenants), and a pair shares the drift. The
+    # order within a pair alternates (base first, then cn1 first), so that a drift in one direction
+    # does not always land on the same scenario.
     for i in range(config.repeats):
         config.log(f"[bench] controlnet: timed requests {i + 1}/{config.repeats} ...")
-        for side, scenario in (("base", base), ("cn1", cn1)):
+        order = (("base", base), ("cn1", cn1))[:: 1 if i % 2 == 0 else -1]
+        for side, scenario in order:
             runs[f"d_{side}"].append(
                 baseline.call("generate", scenario=scenario.to_json(), size=config.size, steps=config.steps)
             )
-        for side, scenario in (("base", base), ("cn1", cn1)):
+        for side, scenario in order:
             runs[f"o_{side}"].append(ours.run_once(scenario))
         runs["o_cn1_inline"].append(ours.run_once(cn1, inline=True))
     fp16 = ours.run_once(cn1, wire_dtype="float16")
