@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from services.unet.pipeline import UNetPipeline
 
 tracer = trace.get_tracer("swiftd.unet")
+MAX_STEPS_AHEAD = 2  # steps the host may queue beyond what the GPU has run (two keep it busy)
 
 StepCallback = Callable[[int, int, torch.Tensor], None]  # (step_index, total_steps, latents)
 
@@ -160,6 +161,10 @@ class DenoisingRun:
             addon.before_denoising(self)
         with self.stage("denoise", steps=self.num_steps) as denoise_span:
             for i, t in enumerate(self.timesteps):
+                # On a GPU the host queues a step and moves on: it stays at most MAX_STEPS_AHEAD
+                # steps ahead of the GPU, so that progress, cancellation and deadlines act within
+                # that many steps of what the GPU has run, while the steps queued keep it busy.
+                self.clock.wait_for_step(i - MAX_STEPS_AHEAD)
                 if self._stopped():
                     raise Cancelled(f"request cancelled before step {i}")
                 self.step(i, t)

@@ -5,6 +5,10 @@ part of a step waits for the GPU: ControlNet samples and residuals are ordered b
 times would say how long queueing took. There each mark is a CUDA event on the loop's stream and
 a part is the GPU time between two marks, the wait for another worker's residuals included. The
 events are read once, after the loop.
+
+The same events bound how far the host runs ahead of the GPU (`wait_for_step`): queueing every
+step at once would keep the GPU no busier, but progress reports, cancellations and deadlines
+would act on steps the GPU has not run yet.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ class StepClock:
             event = torch.cuda.Event(enable_timing=True)
             event.record(self._stream)
             marks.append(event)
+
+    def wait_for_step(self, step: int) -> None:
+        """Block the host until the GPU has run step `step` (its last part); at once on the CPU,
+        where parts run as they are called, or for a step before the first."""
+        if self._stream is not None and step >= 0:
+            self._steps[step][1][-1].synchronize()
 
     def read(self) -> list[tuple[int, dict[str, float]]]:
         """Per step: when it started (ns since the epoch, host clock) and seconds per part. On a
