@@ -112,12 +112,16 @@ def test_a_ring_leaves_nothing_in_shared_memory_once_mapped_or_when_its_writer_d
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     abandoned = transport.SHM_DIR / f"{shm.PREFIX}{int(dead.stdout)}-0123456789abcdef"
     abandoned_socket = transport.SHM_DIR / f"{shm.PREFIX}{int(dead.stdout)}-0123456789abcdef.sock"
-    alive = transport.SHM_DIR / f"{shm.PREFIX}{os.getpid()}-0123456789abcdef"  # ours: in use
-    for leftover in (abandoned, abandoned_socket, alive):
+    alive = transport.SHM_DIR / shm.fresh_name()  # ours: in use
+    # A live process with the dead writer's pid (a restarted container's worker is pid 1 again):
+    # its start time differs from the one in the name.
+    reused = transport.SHM_DIR / f"{shm.PREFIX}{os.getpid()}.1-0123456789abcdef"
+    for leftover in (abandoned, abandoned_socket, alive, reused):
         leftover.write_bytes(b"\0" * 64)
     try:
-        assert {abandoned.name, abandoned_socket.name} <= set(shm.remove_abandoned())
-        assert not abandoned.exists() and not abandoned_socket.exists() and alive.exists()
+        assert {abandoned.name, abandoned_socket.name, reused.name} <= set(shm.remove_abandoned())
+        assert not abandoned.exists() and not abandoned_socket.exists() and not reused.exists()
+        assert alive.exists() and f"{shm.PREFIX}{os.getpid()}." in alive.name
     finally:
         alive.unlink(missing_ok=True)
 

@@ -33,6 +33,7 @@ import math
 import mmap
 import os
 import secrets
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,8 +48,26 @@ PREFIX = "swiftd-res-"  # rings and their step sockets (step_socket.py): one sta
 
 
 def fresh_name(suffix: str = "") -> str:
-    """A new name under SHM_DIR for this process; the pid in it tells the sweep whose it is."""
-    return f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}{suffix}"
+    """A new name under SHM_DIR for this process; the pid and start time in it tell the sweep
+    whose it is."""
+    return f"{PREFIX}{_owner(os.getpid())}-{secrets.token_hex(8)}{suffix}"
+
+
+def _owner(pid: int) -> str:
+    """ "<pid>.<start time>": one process, even where pids are reused (a restarted container's
+    worker is often pid 1 again, on a /dev/shm that outlived the last one); "<pid>" where the
+    start time cannot be read."""
+    started = _start_time(pid)
+    return str(pid) if started is None else f"{pid}.{started}"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat, field 22)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # the fields after the command's ")" start at field 3
 
 
 def check_name(name: str, what: str) -> None:
@@ -313,8 +332,8 @@ def remove_abandoned() -> list[str]:
     except OSError:
         return removed
     for path in entries:
-        pid = path.name[len(PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        pid, _, started = path.name[len(PREFIX) :].split("-", 1)[0].partition(".")
+        if not pid.isdigit() or (_alive(int(pid)) and started in ("", _start_time(int(pid)))):
             continue
         try:
             path.unlink()
