@@ -124,6 +124,11 @@ def test_the_compose_file_starts_real_services_that_find_each_other():
     assert gateway.unet == [f"unet:{port['unet']}"] and gateway.controlnet == [f"controlnet:{port['controlnet']}"]
     assert gateway.lora_store == parsed["unet"].lora_store == f"lora-store:{port['lora-store']}"
     assert parsed["lora-store"].push_to == gateway.unet and parsed["unet"].peers == gateway.controlnet
+    # The ControlNet worker shares the UNet worker's /dev/shm (IPC namespace) and PID namespace,
+    # where CUDA IPC handles open: residuals take the ring, not the network.
+    controlnet, unet = services["controlnet"], services["unet"]
+    assert controlnet["ipc"] == "service:unet" and unet["ipc"] == "shareable"
+    assert controlnet["pid"] == f"container:{unet['container_name']}"
     # Served by default: the trained model in weights/, its ControlNet preloaded.
     assert "../../weights:/models:ro" in services["unet"]["volumes"]
     assert (REPO / "weights" / "models" / parsed["unet"].model_id).is_dir()

@@ -6,6 +6,7 @@ same latents, bit for bit."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -239,23 +240,28 @@ def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_s
     assert common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY in listing.controlnets[0].transports
 
 
-def test_cuda_ipc_is_chosen_only_for_a_unet_worker_that_sees_the_controlnet_workers_gpu():
-    """With one GPU per container the UNet worker cannot map memory on the ControlNet worker's
-    GPU: the ControlNet worker picks shared memory then (a copy through host memory on each side),
-    not CUDA IPC that would be declined and end in bytes through the stream."""
-    here, offered = transport.host_identity(), (transport.CUDA_IPC, transport.SHARED_MEMORY)
-    accepted = transport.parse(transport.DEFAULT)
+def test_cuda_ipc_is_chosen_only_for_a_unet_worker_that_can_map_the_controlnet_workers_gpu():
+    """With one GPU per container, or a PID namespace per container, the UNet worker cannot map
+    memory on the ControlNet worker's GPU: the ControlNet worker picks shared memory then (a copy
+    through host memory on each side), not CUDA IPC that would be declined and end in bytes
+    through the stream."""
+    offered, accepted = (transport.CUDA_IPC, transport.SHARED_MEMORY), transport.parse(transport.DEFAULT)
+    here = transport.Peer(transport.host_identity(), ("GPU-a", "GPU-b"), transport.pid_namespace())
 
-    def choose(device_type, peer_gpus, gpu, identity=here):
-        return transport.choose(offered, identity, accepted, device_type, peer_gpus, gpu)
+    def choose(device_type, gpu, **peer):
+        return transport.choose(offered, dataclasses.replace(here, **peer), accepted, device_type, gpu)
 
-    assert choose("cuda", ["GPU-a", "GPU-b"], "GPU-b") == transport.CUDA_IPC
-    assert choose("cuda", ["GPU-a"], "GPU-b") == transport.SHARED_MEMORY
-    # Unknown on either side (an older UNet worker, a driver that gives no UUID): assumed seen,
-    # and declined by the UNet worker if it is not.
-    assert choose("cuda", [], "GPU-b") == choose("cuda", ["GPU-a"], None) == transport.CUDA_IPC
-    assert choose("cpu", ["GPU-a"], None) == transport.SHARED_MEMORY
-    assert choose("cuda", ["GPU-b"], "GPU-b", identity="another host") == transport.INLINE
+    assert transport.pid_namespace().startswith("pid:[")
+    assert choose("cuda", "GPU-b") == transport.CUDA_IPC
+    assert choose("cuda", "GPU-b", gpus=("GPU-a",)) == transport.SHARED_MEMORY
+    assert choose("cuda", "GPU-b", pid_namespace="pid:[1]") == transport.SHARED_MEMORY
+    # Unknown on either side (an older UNet worker, a driver that gives no UUID): assumed to fit,
+    # and declined by the UNet worker if it does not.
+    assert choose("cuda", "GPU-b", gpus=(), pid_namespace="") == choose("cuda", None) == transport.CUDA_IPC
+    assert choose("cpu", None) == transport.SHARED_MEMORY
+    assert choose("cuda", "GPU-b", host_identity="another host") == transport.INLINE
+    start = controlnet_pb2.SessionStart(host_identity="h", gpu_uuids=["GPU-a"], pid_namespace="pid:[2]")
+    assert transport.Peer.from_pb(start) == transport.Peer("h", ("GPU-a",), "pid:[2]")
 
 
 def test_a_cuda_ring_names_its_gpu_by_uuid_and_one_this_process_cannot_see_is_declined():

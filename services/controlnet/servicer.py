@@ -50,16 +50,17 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
             raise InvalidArgument("start", "the first message of a residual stream must be a SessionStart")
         start = first.start
         wire_dtype = start.wire_dtype or common_pb2.DTYPE_UNSPECIFIED
-        chosen = transport.choose(
-            start.transports, start.host_identity, self.transports, self.device_type, start.gpu_uuids, self.gpu_uuid
-        )
-        unseen = self.gpu_uuid is not None and start.gpu_uuids and self.gpu_uuid not in start.gpu_uuids
-        if transport.CUDA_IPC in start.transports and unseen:
+        peer = transport.Peer.from_pb(start)
+        chosen = transport.choose(start.transports, peer, self.transports, self.device_type, self.gpu_uuid)
+        if transport.CUDA_IPC in start.transports and self.gpu_uuid and not peer.can_map_cuda(self.gpu_uuid):
             log.info(
-                "session %s/%s: the UNet worker does not see GPU %s: %s instead of CUDA IPC",
+                "session %s/%s: the UNet worker cannot map GPU %s (it sees %s; PID namespace %s, here %s): %s",
                 start.request_id,
                 start.controlnet_id,
                 self.gpu_uuid,
+                list(peer.gpus),
+                peer.pid_namespace,
+                transport.pid_namespace(),
                 transport.name(chosen),
             )
         t_session = time.perf_counter()

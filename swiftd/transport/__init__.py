@@ -12,10 +12,10 @@ the residual bytes take the fastest path both workers support, chosen when the s
 
 Negotiation, in the stream itself:
 
-1. The UNet worker's SessionStart offers the transports it can read, its `host_identity` and
-   the UUIDs of the GPUs it sees.
+1. The UNet worker's SessionStart offers the transports it can read and says where it runs
+   (`Peer`): its `host_identity`, the UUIDs of the GPUs it sees, its PID namespace.
 2. The ControlNet worker picks the first offered one it can write: same host identity, a device
-   the transport fits, and for CUDA IPC a GPU the UNet worker sees. Its first response carries that step's residuals inline plus the
+   the transport fits, and for CUDA IPC a GPU the UNet worker sees and the same PID namespace. Its first response carries that step's residuals inline plus the
    `ring` it will write from then on.
 3. The UNet worker maps the ring, connects to the ring's step socket (step_socket.py) and says so
    in its next StepInput (`transport`), or answers INLINE when it cannot (logged). From then on
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from swiftd.v1 import common_pb2
@@ -79,6 +80,34 @@ def host_identity() -> str:
     return f"{boot}/{shm.st_dev}"
 
 
+@functools.cache
+def pid_namespace() -> str:
+    """This process's PID namespace ("pid:[4026531836]"), or "" where /proc cannot tell."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a UNet worker runs, as its SessionStart says: what decides which transports reach it."""
+
+    host_identity: str = ""  # shared memory: the same one (host_identity())
+    gpus: tuple[str, ...] = ()  # CUDA IPC: the UUIDs of the GPUs it sees (empty: not told)
+    pid_namespace: str = ""  # CUDA IPC: handles open only in the exporter's PID namespace ("": not told)
+
+    @classmethod
+    def from_pb(cls, start) -> Peer:
+        return cls(start.host_identity, tuple(start.gpu_uuids), start.pid_namespace)
+
+    def can_map_cuda(self, gpu: str | None) -> bool:
+        """Whether it can open CUDA IPC memory on the GPU with UUID `gpu` of this process.
+        Whatever either side could not tell is assumed to fit (the peer declines if it does not)."""
+        visible = not self.gpus or gpu is None or gpu in self.gpus
+        return visible and (not self.pid_namespace or self.pid_namespace == pid_namespace())
+
+
 def usable(transports: tuple[int, ...], device_type: str) -> tuple[int, ...]:
     """Those of `transports` this process can use with tensors on `device_type`."""
     out = []
@@ -90,23 +119,16 @@ def usable(transports: tuple[int, ...], device_type: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def choose(
-    offered, peer_identity: str, accepted: tuple[int, ...], device_type: str, peer_gpus=(), gpu: str | None = None
-) -> int:
+def choose(offered, peer: Peer, accepted: tuple[int, ...], device_type: str, gpu: str | None = None) -> int:
     """The ControlNet worker's pick: the first offered transport it accepts and can use here.
 
-    CUDA_IPC only when the peer sees this worker's GPU (`gpu`, its UUID, among `peer_gpus`): with
-    one GPU per container the UNet worker could not map the ring, and shared memory (a copy
-    through host memory on each side) still beats bytes in the stream. Either list unknown (an
-    older peer, no UUID from the driver): assumed visible, and the peer declines if it is not."""
-    if not peer_identity or peer_identity != host_identity():
+    CUDA_IPC only when the peer can map memory on this worker's GPU (`gpu`, its UUID): with one
+    GPU per container, or containers with PID namespaces of their own, it could not, and shared
+    memory (a copy through host memory on each side) still beats bytes in the stream."""
+    if not peer.host_identity or peer.host_identity != host_identity():
         return INLINE
     mine = usable(accepted, device_type)
-
-    def mappable(t: int) -> bool:
-        return t != CUDA_IPC or not peer_gpus or gpu is None or gpu in peer_gpus
-
-    return next((t for t in offered if t in mine and mappable(t)), INLINE)
+    return next((t for t in offered if t in mine and (t != CUDA_IPC or peer.can_map_cuda(gpu))), INLINE)
 
 
 def ring_class(chosen: int):

@@ -69,10 +69,11 @@ class RemoteResidualSource:
         if offered:
             start.transports.extend(offered)
             start.host_identity = transport.host_identity()
-        if transport.CUDA_IPC in offered:
+        if transport.CUDA_IPC in offered:  # a ControlNet worker that could not map it offers shared memory
             from swiftd.transport.cuda_ipc import visible_gpus
 
-            start.gpu_uuids.extend(visible_gpus())  # a ControlNet on any other GPU offers shared memory
+            start.gpu_uuids.extend(visible_gpus())
+            start.pid_namespace = transport.pid_namespace()
         self._requests.put(controlnet_pb2.ResidualsRequest(start=start))
         stub = controlnet_pb2_grpc.ControlNetWorkerStub(channel)
         self._call = stub.StreamResiduals(iter(self._requests.get, _END), timeout=timeout)
