@@ -18,8 +18,8 @@ not yet seen finish, whichever is larger; ControlNet sessions this gateway opene
    ControlNets go to ControlNet workers on idle devices (one per device, then preferring one
    that shares memory with the UNet worker, so that its residuals need not cross the network,
    then one per worker, then one that has the model loaded), where they compute while the UNet
-   runs its encoder half. A ControlNet no idle device serves runs in-process if the UNet worker can, else on the
-   least busy worker serving it.
+   runs its encoder half. A ControlNet no idle device serves runs in-process if the UNet worker
+   can, else on the least busy worker serving it.
 3. **Pack** (PLACEMENT_PACK), when every other device is busy: ControlNets in-process on the
    chosen UNet worker, so no device waits on another, and none takes on a second request's
    ControlNet beside its own work. (A request without ControlNets that is not split is packed.)

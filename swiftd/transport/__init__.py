@@ -15,8 +15,9 @@ Negotiation, in the stream itself:
 1. The UNet worker's SessionStart offers the transports it can read and says where it runs
    (`Peer`): its `host_identity`, the UUIDs of the GPUs it sees, its PID namespace.
 2. The ControlNet worker picks the first offered one it can write: same host identity, a device
-   the transport fits, and for CUDA IPC a GPU the UNet worker sees and the same PID namespace. Its first response carries that step's residuals inline plus the
-   `ring` it will write from then on.
+   the transport fits, and for CUDA IPC a GPU the UNet worker sees and the same PID namespace.
+   Its first response carries that step's residuals inline plus the `ring` it will write from
+   then on.
 3. The UNet worker maps the ring, connects to the ring's step socket (step_socket.py) and says so
    in its next StepInput (`transport`), or answers INLINE when it cannot (logged). From then on
    the ControlNet worker computes each step's residuals straight into the next slot, the UNet
