@@ -246,14 +246,17 @@ def test_the_compile_job_publishes_what_the_workers_load(root):
 
     root_dir = str(built.out.parent)
     assert set(claim(pod, root_dir)) == {("swiftd-artifacts", False)}
-    for name in ("swiftd-unet", "swiftd-controlnet"):
-        spec = _pod(_one(root, "StatefulSet", name))
-        _, args = _service_args(root, spec["containers"][0])
-        assert _directories(args.compiled_artifacts) == [verified.publish], name
+    workers = [s for s in _services(root) if s[2] in ("services.unet", "services.controlnet")]
+    assert sorted(module for _, _, module, _ in workers) == ["services.controlnet", "services.unet"]
+    for workload, container, module, args in workers:
+        spec = _pod(workload)
+        assert _directories(args.compiled_artifacts) == [verified.publish], module
         assert args.dtype == built.dtype and args.device == built.device
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == root_dir]
+        assert mount.get("readOnly"), module
         assert set(claim(spec, root_dir)) == {("swiftd-artifacts", True)}
-        assert spec["nodeSelector"] == pod["nodeSelector"], name  # kernels are built per GPU type
-        if name == "swiftd-controlnet":  # the ControlNets it preloads are the ones compiled
+        assert spec["nodeSelector"] == pod["nodeSelector"], module  # kernels are built per GPU type
+        if module == "services.controlnet":  # the ControlNets it preloads are the ones compiled
             assert set(args.preload) == set(built.controlnet_id)
 
 
