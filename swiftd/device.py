@@ -45,6 +45,32 @@ def local_device(device: str) -> str:
     return str(device)
 
 
+# CUDA errors that leave a process's context unusable (the runtime's sticky errors, a lost or
+# failing GPU): every later call fails the same way, and only a new process recovers.
+FATAL_CUDA_ERRORS = (
+    "an illegal memory access was encountered",
+    "unspecified launch failure",
+    "device-side assert triggered",
+    "an illegal instruction was encountered",
+    "misaligned address",
+    "invalid program counter",
+    "hardware stack error",
+    "operation not supported on global/shared address space",
+    "uncorrectable ECC error encountered",
+    "the launch timed out and was terminated",
+    "unknown error",
+)
+
+
+def failure(exc: BaseException) -> str | None:
+    """What made this process's device unusable, when `exc` says so (a CUDA error from the list
+    above, as torch words it); None for anything else, running out of memory included."""
+    message = str(exc)
+    if "CUDA error" not in message and type(exc).__name__ != "AcceleratorError":
+        return None
+    return next((error for error in FATAL_CUDA_ERRORS if error in message), None)
+
+
 def format_cores(cores) -> str:
     """{0, 1, 2, 3, 8} -> "0-3,8"."""
     ordered = sorted(cores)

@@ -4,16 +4,20 @@ Requests are parsed here too, so that bytes that are not the RPC's message are I
 
 `ServingError` subclasses carry their status code and a message meant for the caller. Anything
 else is a bug or an environment failure: the caller gets INTERNAL with a generic message and an
-incident id, the log gets the traceback under the same id. A request never takes a server down.
+incident id, the log gets the traceback under the same id. A request never takes a server down;
+a device that failed under it does (swiftd.device.failure: the caller gets UNAVAILABLE, to retry
+elsewhere, and the server is told, to stop in favour of a new process).
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 
 import grpc
 
+from swiftd import device
 from swiftd.errors import InvalidArgument, ServingError
 
 log = logging.getLogger(__name__)
@@ -33,7 +37,9 @@ def wrap_behavior(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> gr
     return handler
 
 
-def _abort(context: grpc.ServicerContext, method: str, exc: BaseException):
+def _abort(
+    context: grpc.ServicerContext, method: str, exc: BaseException, on_device_failure: Callable[[str], None] | None
+):
     if isinstance(exc, ServingError):
         log.warning("%s -> %s: %s", method, exc.code.name, exc.message)
         context.abort(exc.code, exc.message)
@@ -42,6 +48,13 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException):
         # not a bug here. A UNet worker ends each ControlNet residual stream this way.
         log.info("%s: the caller went away (%s)", method, type(exc).__name__)
         context.abort(grpc.StatusCode.CANCELLED, "the caller cancelled the call")
+    failed = device.failure(exc)
+    if failed is not None and on_device_failure is not None:
+        log.critical("%s: the device failed (%s)", method, failed, exc_info=exc)
+        on_device_failure(failed)
+        context.abort(
+            grpc.StatusCode.UNAVAILABLE, f"this worker's device failed ({failed}); it is restarting: retry elsewhere"
+        )
     incident = uuid.uuid4().hex[:12]
     log.exception("%s failed (incident %s)", method, incident)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)")
@@ -70,6 +83,10 @@ def _parse_here(handler: grpc.RpcMethodHandler) -> tuple[grpc.RpcMethodHandler, 
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
+    def __init__(self, on_device_failure: Callable[[str], None] | None = None):
+        """`on_device_failure(reason)`: called when a call fails because the device did."""
+        self._on_device_failure = on_device_failure
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
@@ -84,7 +101,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001 - mapped to a status here, by design
                     if context.code() is not None and not isinstance(exc, ServingError):
                         raise  # context.abort() already ran inside the handler
-                    _abort(context, method, exc)
+                    _abort(context, method, exc, self._on_device_failure)
 
             return call
 
@@ -95,7 +112,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 except Exception as exc:  # noqa: BLE001
                     if context.code() is not None and not isinstance(exc, ServingError):
                         raise
-                    _abort(context, method, exc)
+                    _abort(context, method, exc, self._on_device_failure)
 
             return call
 

@@ -4,7 +4,10 @@ Every service's `__main__` builds its servicer and calls `serve`. Readiness is t
 grpc.health.v1 status (SERVING once the servicer is registered); liveness is the server answering
 at all. SIGTERM/SIGINT drain: open Health.Watch streams see NOT_SERVING, new RPCs (health checks
 included) are refused with UNAVAILABLE, running ones get `grace_seconds` to finish and are then
-cancelled (their callers see UNAVAILABLE).
+cancelled (their callers see UNAVAILABLE). A call that fails because the device did (a CUDA error
+that leaves the process's context unusable) starts the same drain, and the process then exits
+with EXIT_DEVICE_FAILED: a new process gets a new context (an orchestrator restarts it), where
+this one would fail every request the same way while still answering its health checks.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +36,7 @@ _PROCESS_START = time.monotonic()  # this module is imported first thing by ever
 # After the grace period the running calls are cancelled; how long their loops get to reach their
 # next step check (one step, or one VAE decode) before the process exits anyway.
 STOP_WAIT_SECONDS = 30.0
+EXIT_DEVICE_FAILED = 70  # EX_SOFTWARE: the process's device context is unusable
 
 
 @dataclass
@@ -181,6 +186,7 @@ def serve(
     (else with a client certificate).
     """
     drain_gate = DrainInterceptor()
+    device_failed = threading.Event()  # set by the first call that failed because the device did
     tls = security.configured()
     tokens = security.Tokens(config.tokens_file) if config.tokens_file else None
     authorization = [security.AuthorizationInterceptor(tokens)] if tls or tokens else []
@@ -192,7 +198,7 @@ def serve(
             drain_gate,
             *tracing.server_interceptors(),
             *authorization,  # inside tracing: the caller's identity goes on the server span
-            ErrorInterceptor(),
+            ErrorInterceptor(on_device_failure=lambda reason: device_failed.set()),
         ],
         options=[("grpc.max_receive_message_length", config.max_receive_bytes)] if config.max_receive_bytes else [],
     )
@@ -236,9 +242,12 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not received:
+    while not received and not device_failed.is_set():
         time.sleep(0.2)  # a signal interrupts the sleep, so the drain starts at once
-    log.info("signal %d: draining for up to %.1f s", received[0], config.grace_seconds)
+    if received:
+        log.info("signal %d: draining for up to %.1f s", received[0], config.grace_seconds)
+    else:
+        log.critical("the device failed: draining for up to %.1f s, then exiting", config.grace_seconds)
     drain_gate.start_draining()  # new RPCs: UNAVAILABLE from now on
     health.enter_graceful_shutdown()  # every service reports NOT_SERVING from now on
     if not drain_gate.wait_idle(config.grace_seconds):
@@ -260,4 +269,4 @@ def serve(
     # pulling deltas) still inside torch's or gRPC's C++ code when the interpreter finalizes
     # ends the process with SIGABRT ("terminate called without an active exception") instead
     # of exit code 0. Everything worth keeping is flushed above.
-    os._exit(0)
+    os._exit(EXIT_DEVICE_FAILED if device_failed.is_set() else 0)
