@@ -49,11 +49,12 @@ compiled)  # the suite on the graphs backend (torch.compile, CUDA graphs): the U
     [ "$family" = sdxl ] && limit=540 budget=450
     # Beside it on CPU cores of their own, CUDA IPC over real workers (tiny model; ~35 s): the
     # same latents as inline bytes (and over the shared-memory ring with GPU tensors), with each
-    # step's sample through the ring as well; and the step clock's GPU times and run-ahead bound.
+    # step's sample through the ring as well; the step clock's GPU times and run-ahead bound; a
+    # worker whose GPU hits a device-side assert exiting for a new process.
     upper=$(($(nproc) / 2))-$(($(nproc) - 1))
     ( if command -v taskset > /dev/null; then pin="taskset -c $upper"; else pin=; fi
       $pin timeout 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_residual_transport.py \
-        tests/test_step_clock.py -k "cuda or gpu" > "$OUT/cuda_ipc.log" 2>&1 ) &
+        tests/test_step_clock.py tests/test_device_failure.py -k "cuda or gpu" > "$OUT/cuda_ipc.log" 2>&1 ) &
     # The ring's handoff alone first (no model; seconds): the target ≤ 1 ms per step, isolated;
     # then GPU tensors through the shared-memory ring (a GPU the UNet worker cannot map).
     timeout 60 python3 -m bench.ring_handoff --device cuda --out "$OUT/ring_handoff.json" > "$OUT/ring_handoff.log" 2>&1
