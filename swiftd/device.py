@@ -7,8 +7,9 @@ ListControlNets) and its host, and two workers share a device when they are on o
 
 - on CPU, the sets of cores they may run on overlap (a CPU "device" is the cores a process is
   pinned to, `--cpu-cores`; an unpinned process may run on every core);
-- on a GPU, they name the same physical GPU (`cuda:N`, N through CUDA_VISIBLE_DEVICES, so two
-  processes that each see their GPU as cuda:0 are still told apart).
+- on a GPU, they name the same physical GPU: `cuda:<its UUID>` where the driver tells it, else
+  `cuda:N` with N through CUDA_VISIBLE_DEVICES; so two processes that each see their GPU as
+  cuda:0 (two containers of one pod, each given its GPU by the device plugin) are told apart.
 
 A worker that reports no device (an older one) is taken to be alone on its own.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 
@@ -32,12 +34,16 @@ def local_host() -> str:
 
 def local_device(device: str) -> str:
     """This process's device as reported: "cpu:<cores>" for the cores it may run on (call after
-    pinning), "cuda:<physical index>" for a GPU, other devices as torch names them."""
+    pinning), "cuda:<GPU UUID>" (else "cuda:<physical index>") for a GPU, other devices as torch
+    names them."""
     kind, _, index = str(device).partition(":")
     if kind == "cpu":
         return "cpu:" + format_cores(os.sched_getaffinity(0))
     if kind == "cuda":
         index = index or "0"
+        uuid = gpu_uuid(int(index)) if index.isdigit() else None
+        if uuid is not None:
+            return f"cuda:{uuid}"
         visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
         if index.isdigit() and int(index) < len(visible):
             index = visible[int(index)]  # the physical GPU (an index or a UUID)
@@ -69,6 +75,17 @@ def failure(exc: BaseException) -> str | None:
     if "CUDA error" not in message and type(exc).__name__ != "AcceleratorError":
         return None
     return next((error for error in FATAL_CUDA_ERRORS if error in message), None)
+
+
+def gpu_uuid(index: int) -> str | None:
+    """The UUID of this process's GPU `index`, where torch is loaded (a worker) and can tell it."""
+    torch = sys.modules.get("torch")  # never imported here: the gateway runs without torch
+    if torch is None or not torch.cuda.is_available():
+        return None
+    try:
+        return str(torch.cuda.get_device_properties(index).uuid)
+    except (AttributeError, RuntimeError, AssertionError):
+        return None
 
 
 def format_cores(cores) -> str:

@@ -153,11 +153,18 @@ def test_workers_share_a_device_when_their_cores_or_gpu_coincide_on_one_host():
     assert devices.format_cores({0, 1, 2, 3, 8}) == "0-3,8"
 
 
-def test_a_gpu_is_named_by_its_physical_index(monkeypatch):
+def test_a_gpu_is_named_by_its_uuid_else_its_physical_index(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert devices.local_device("cuda:1") == "cuda:3" and devices.local_device("cuda") == "cuda:2"
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert devices.local_device("cuda:1") == "cuda:1"
+    # Where the driver tells the UUID (here as it would for two containers of one pod, each given
+    # its own GPU by the device plugin, each seeing it as cuda:0): the same name, two devices.
+    for pod_container_gpu in ("GPU-5c1f", "GPU-77ab"):
+        monkeypatch.setattr(devices, "gpu_uuid", lambda index, uuid=pod_container_gpu: uuid if index == 0 else None)
+        assert devices.local_device("cuda") == devices.local_device("cuda:0") == f"cuda:{pod_container_gpu}"
+    assert not dev("cuda:GPU-5c1f", host="pod").shares_with(dev("cuda:GPU-77ab", host="pod"))
+    assert dev("cuda:GPU-5c1f", host="pod").shares_with(dev("cuda:GPU-5c1f", host="pod"))
 
 
 # -- placement under load --------------------------------------------------------------------------

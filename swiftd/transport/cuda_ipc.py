@@ -31,6 +31,7 @@ import json
 
 import torch
 
+from swiftd.device import gpu_uuid
 from swiftd.transport import CUDA_IPC
 from swiftd.transport.layout import SLOTS, Layout, SlotLayout, TornRead, check_index, sample_layout
 from swiftd.v1 import controlnet_pb2
@@ -63,14 +64,6 @@ def _decode_handle(entry: dict) -> tuple:
         raw(entry["event_handle"]),
         bool(entry["event_sync"]),
     )
-
-
-def gpu_uuid(index: int) -> str | None:
-    """The UUID of this process's GPU `index` (None where torch cannot tell)."""
-    try:
-        return str(torch.cuda.get_device_properties(index).uuid)
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def visible_gpus() -> list[str]:
