@@ -68,13 +68,20 @@ FATAL_CUDA_ERRORS = (
 )
 
 
-def failure(exc: BaseException) -> str | None:
-    """What made this process's device unusable, when `exc` says so (a CUDA error from the list
-    above, as torch words it); None for anything else, running out of memory included."""
-    message = str(exc)
-    if "CUDA error" not in message and type(exc).__name__ != "AcceleratorError":
-        return None
-    return next((error for error in FATAL_CUDA_ERRORS if error in message), None)
+def failure(exc: BaseException | None) -> str | None:
+    """What made this process's device unusable, when `exc` or an exception it was raised from or
+    during says so (a CUDA error from the list above, as torch words it; cleanup code that failed
+    after it must not hide it); None for anything else, running out of memory included."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        message = str(exc)
+        if "CUDA error" in message or type(exc).__name__ == "AcceleratorError":
+            found = next((error for error in FATAL_CUDA_ERRORS if error in message), None)
+            if found is not None:
+                return found
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def gpu_uuid(index: int) -> str | None:
@@ -83,9 +90,11 @@ def gpu_uuid(index: int) -> str | None:
     if torch is None or not torch.cuda.is_available():
         return None
     try:
-        return str(torch.cuda.get_device_properties(index).uuid)
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
     except (AttributeError, RuntimeError, AssertionError):
         return None
+    # As nvidia-smi and CUDA_VISIBLE_DEVICES write it (torch gives the bare UUID; MIG ones keep theirs).
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
 
 
 def format_cores(cores) -> str:

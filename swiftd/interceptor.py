@@ -40,6 +40,14 @@ def wrap_behavior(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> gr
 def _abort(
     context: grpc.ServicerContext, method: str, exc: BaseException, on_device_failure: Callable[[str], None] | None
 ):
+    # First: a failed device is the process's end, whatever else the call raised or whoever left.
+    failed = device.failure(exc)
+    if failed is not None and on_device_failure is not None:
+        log.critical("%s: the device failed (%s)", method, failed, exc_info=exc)
+        on_device_failure(failed)
+        context.abort(
+            grpc.StatusCode.UNAVAILABLE, f"this worker's device failed ({failed}); it is restarting: retry elsewhere"
+        )
     if isinstance(exc, ServingError):
         log.warning("%s -> %s: %s", method, exc.code.name, exc.message)
         context.abort(exc.code, exc.message)
@@ -48,13 +56,6 @@ def _abort(
         # not a bug here. A UNet worker ends each ControlNet residual stream this way.
         log.info("%s: the caller went away (%s)", method, type(exc).__name__)
         context.abort(grpc.StatusCode.CANCELLED, "the caller cancelled the call")
-    failed = device.failure(exc)
-    if failed is not None and on_device_failure is not None:
-        log.critical("%s: the device failed (%s)", method, failed, exc_info=exc)
-        on_device_failure(failed)
-        context.abort(
-            grpc.StatusCode.UNAVAILABLE, f"this worker's device failed ({failed}); it is restarting: retry elsewhere"
-        )
     incident = uuid.uuid4().hex[:12]
     log.exception("%s failed (incident %s)", method, incident)
     context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)")

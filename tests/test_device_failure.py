@@ -57,6 +57,16 @@ def test_only_errors_that_break_the_device_count_as_device_failures():
     assert device.failure(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) is None
     assert device.failure(RuntimeError("CUDA error: invalid argument")) is None  # a bad call, not a broken context
     assert device.failure(ValueError("unknown error")) is None  # not a CUDA error at all
+    # Cleanup that fails after the device did (an add-on's `fail`, a stream's close) hides nothing,
+    # whatever it says of its cause: the device stays broken.
+    for suppress in (False, True):
+        try:
+            try:
+                raise RuntimeError("CUDA error: misaligned address")
+            except RuntimeError as cuda:
+                raise KeyError("cleanup failed") from (None if suppress else cuda)
+        except KeyError as exc:
+            assert device.failure(exc) == "misaligned address"
 
 
 @pytest.mark.parametrize(

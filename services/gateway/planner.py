@@ -19,12 +19,14 @@ not yet seen finish, whichever is larger; ControlNet sessions this gateway opene
    that shares memory with the UNet worker, so that its residuals need not cross the network,
    then one per worker, then one that has the model loaded), where they compute while the UNet
    runs its encoder half. A ControlNet no idle device serves runs in-process if the UNet worker
-   can, else on the least busy worker serving it.
+   can, else on a busy worker serving it: one that shares memory with the UNet worker first (a
+   shared device costs less than a step's residuals as bytes over the network), then the least
+   busy.
 3. **Pack** (PLACEMENT_PACK), when every other device is busy: ControlNets in-process on the
    chosen UNet worker, so no device waits on another, and none takes on a second request's
    ControlNet beside its own work. (A request without ControlNets that is not split is packed.)
-   If the UNet worker cannot run a ControlNet in-process, that one goes to the least busy
-   ControlNet worker serving it, and the plan says spread.
+   If the UNet worker cannot run a ControlNet in-process, that one goes to a ControlNet worker
+   serving it (as in 2: sharing memory first, then the least busy), and the plan says spread.
 
 The UNet worker, in every case: among the workers serving the model, the one that already has the
 request's LoRA set patched in (nothing to transfer or patch) if it has a free slot; otherwise the

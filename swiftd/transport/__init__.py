@@ -24,7 +24,8 @@ Negotiation, in the stream itself:
    worker writes each step's sample into the ring's sample buffer, and the per-step messages
    (StepInput with only the step's number and timestep; ResidualsResponse with only `slot`, its
    index and sequence number) go over the step socket; the stream stays open as the session's
-   control plane. On CUDA nothing in a step waits for a GPU: IPC events order both directions.
+   control plane. Over CUDA IPC nothing in a step waits for a GPU: IPC events order both
+   directions (through a shared-memory ring, GPU tensors are copied out once made).
 
 A ring's name is removed from /dev/shm as soon as the reader has mapped it, so a worker killed at
 any later moment leaves nothing behind; one killed before that is cleaned at the next start of a

@@ -1,7 +1,7 @@
 """A ring of residual buffers in shared memory (/dev/shm), written by a ControlNet worker in place
 and read by the UNet worker on the same host.
 
-Layout of the segment `/dev/shm/swiftd-res-<creator pid>-<random>`:
+Layout of the segment `/dev/shm/swiftd-res-<creator pid>.<its start time>-<random>`:
 
     header   one little-endian uint64 per slot: the sequence number of the step the slot holds,
              0 while the writer fills it; then one for the sample: step_index + 1 of the sample
@@ -333,8 +333,8 @@ def remove_abandoned() -> list[str]:
         return removed
     for path in entries:
         pid, _, started = path.name[len(PREFIX) :].split("-", 1)[0].partition(".")
-        if not pid.isdigit() or (_alive(int(pid)) and started in ("", _start_time(int(pid)))):
-            continue
+        if not pid.isdigit() or (_alive(int(pid)) and started in ("", _start_time(int(pid)) or started)):
+            continue  # a live owner (or one whose start time cannot be read here: kept)
         try:
             path.unlink()
             removed.append(path.name)
