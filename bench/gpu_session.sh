@@ -46,7 +46,7 @@ compiled)  # the suite on the graphs backend (torch.compile, CUDA graphs): the U
     # 9 minutes (zoo ~75 s, Diffusers ~95 s, builds ~2 min, requests), run(timeout_s=590)
     family=${2:-sd15}
     limit=235 budget=150
-    [ "$family" = sdxl ] && limit=540 budget=450
+    [ "$family" = sdxl ] && limit=520 budget=440
     # Beside it on CPU cores of their own, CUDA IPC over real workers (tiny model; ~35 s): the
     # same latents as inline bytes (and over the shared-memory ring with GPU tensors), with each
     # step's sample through the ring as well; the step clock's GPU times and run-ahead bound; a
@@ -58,7 +58,7 @@ compiled)  # the suite on the graphs backend (torch.compile, CUDA graphs): the U
     # The ring's handoff alone first (no model; seconds): the target ≤ 1 ms per step, isolated;
     # then GPU tensors through the shared-memory ring (a GPU the UNet worker cannot map).
     timeout 60 python3 -m bench.ring_handoff --device cuda --out "$OUT/ring_handoff.json" > "$OUT/ring_handoff.log" 2>&1
-    timeout 60 python3 -m bench.ring_handoff --device cuda --transport shared_memory \
+    timeout 40 python3 -m bench.ring_handoff --device cuda --transport shared_memory --family sdxl \
         --out "$OUT/ring_handoff_shm.json" > "$OUT/ring_handoff_shm.log" 2>&1
     timeout $limit python3 -m bench.gpu_serve --zoo /tmp/zoo --families "$family" --layouts spread --compiled \
         --out "$OUT/gpu_serve_compiled.json" --budget-s $budget > "$OUT/gpu_serve_compiled.log" 2>&1
