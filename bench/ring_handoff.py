@@ -14,10 +14,11 @@ step ends), commits, and sends the slot's address with that moment over a pipe. 
 the ring once, then per step reads the slot into tensors of its own, as the UNet worker's reader
 does, and waits until they are usable. Handoff = that moment less the writer's (CLOCK_MONOTONIC,
 one clock for both processes). GPU residuals into a host-memory ring are copied in after that
-moment, as a ControlNet worker's are, so the handoff includes both copies. The reader then asks for the next step, as the next StepInput
-would, with that step's sample in the ring's sample buffer (the latents' shape, CFG batch 2); the
-writer copies it out and waits until its copy is usable: the sample handoff, timed the same way the
-other direction. Every step's values are checked both ways, so a torn or stale read fails the run.
+moment, as a ControlNet worker's are, so the handoff includes both copies. The reader then asks
+for the next step, as the next StepInput would, with that step's sample in the ring's sample
+buffer (the latents' shape, CFG batch 2); the writer copies it out and waits until its copy is
+usable: the sample handoff, timed the same way the other direction. Every step's values are
+checked both ways, so a torn or stale read fails the run.
 
 This is the target "residual handoff over CUDA IPC <= 1 ms per step" measured without a UNet or
 ControlNet around it; `bench.gpu_serve` measures it inside requests.

@@ -38,11 +38,9 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         self.device, self.host = device.local_device(registry.device), device.local_host()
         self.device_type = torch.device(registry.device).type
         self.host_identity = transport.host_identity()
-        self.gpu_uuid = None  # CUDA IPC is chosen only for a UNet worker that sees this GPU
-        if self.device_type == "cuda":
-            from swiftd.transport.cuda_ipc import gpu_uuid
-
-            self.gpu_uuid = gpu_uuid(torch.device(registry.device).index or 0)
+        # CUDA IPC is chosen only for a UNet worker that can map this GPU.
+        cuda = torch.device(registry.device)
+        self.gpu_uuid = device.gpu_uuid(cuda.index or 0) if cuda.type == "cuda" else None
 
     def StreamResiduals(self, request_iterator, context):
         first = next(request_iterator, None)

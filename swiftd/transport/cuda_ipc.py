@@ -243,7 +243,8 @@ class CudaIpcRing:
         """Copies of the slot's residuals on `device` in `dtype`, ordered after the writer's
         copy by its event; the slot is released (free event) as soon as they are made. The
         consuming stream must wait on the returned list's `event` before using them (the reader
-        thread returns before the copies are done)."""
+        thread returns before the copies are done), and mark them used there (`record_stream`:
+        they were made on the ring's side stream)."""
         check_index(slot, self.slots)
         stream = self._stream()
         with torch.cuda.stream(stream):
@@ -252,8 +253,6 @@ class CudaIpcRing:
             self._free[slot.index].record(stream)
             copied = torch.cuda.Event()
             copied.record(stream)
-        for tensor in out:  # the loop's stream uses them: the allocator must not reuse them early
-            tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return _Ordered(out, copied)
 
     def write_sample(self, sample: torch.Tensor, step_index: int) -> bool:

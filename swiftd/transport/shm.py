@@ -28,6 +28,7 @@ stream of its own: the copy waits for nothing the UNet has queued, and overlaps 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import mmap
@@ -53,6 +54,7 @@ def fresh_name(suffix: str = "") -> str:
     return f"{PREFIX}{_owner(os.getpid())}-{secrets.token_hex(8)}{suffix}"
 
 
+@functools.cache  # by pid: a forked child names its rings anew
 def _owner(pid: int) -> str:
     """ "<pid>.<start time>": one process, even where pids are reused (a restarted container's
     worker is often pid 1 again, on a /dev/shm that outlived the last one); "<pid>" where the
@@ -259,15 +261,13 @@ class ShmRing:
     def _to_gpu(self, views: list[torch.Tensor], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """Copies of `views` on the GPU, done when this returns (the slot may be refilled once the
         step after next is asked for), made on a side stream that waits for nothing queued on
-        the denoising loop's stream."""
+        the denoising loop's stream; the consumer marks them used on its stream (`record_stream`)."""
         self._pin(device)
         if self._copy_stream is None:
             self._copy_stream = torch.cuda.Stream(device=device)
         with torch.cuda.stream(self._copy_stream):
             out = [view.to(device=device, dtype=dtype, non_blocking=True) for view in views]
         self._copy_stream.synchronize()  # only these copies: the stream is this ring's
-        for tensor in out:  # made on the side stream, used on the loop's: not reused by the allocator early
-            tensor.record_stream(torch.cuda.current_stream(device))
         return out
 
     def _pin(self, device: torch.device) -> None:
@@ -333,8 +333,12 @@ def remove_abandoned() -> list[str]:
         return removed
     for path in entries:
         pid, _, started = path.name[len(PREFIX) :].split("-", 1)[0].partition(".")
-        if not pid.isdigit() or (_alive(int(pid)) and started in ("", _start_time(int(pid)) or started)):
-            continue  # a live owner (or one whose start time cannot be read here: kept)
+        if not pid.isdigit():
+            continue
+        if _alive(int(pid)):
+            now = _start_time(int(pid))
+            if not started or now is None or now == started:
+                continue  # its owner lives (or cannot be told from a newer process here): kept
         try:
             path.unlink()
             removed.append(path.name)

@@ -215,7 +215,7 @@ class RemoteResidualSource:
             if ready is not None:
                 stream.wait_event(ready)
             for tensor in (*residuals.down_block_res_samples, residuals.mid_block_res_sample):
-                tensor.record_stream(stream)  # copied on a side stream: not reused before the loop is done
+                tensor.record_stream(stream)  # made on a ring's side stream: not reused before the loop is done
         # Transport: the round trip minus the ControlNet's own compute (serialization, gRPC, decode).
         self.stats["compute"] += compute_seconds
         self.stats["transport"] += max(0.0, received_at - self._sent_at.pop(step_index) - compute_seconds)
