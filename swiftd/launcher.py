@@ -64,6 +64,16 @@ class ServiceProcess:
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_lines[-n:])
 
+    def stacks(self, settle_seconds: float = 1.0) -> str:
+        """Every thread's stack, as the service writes it on SIGUSR1 (swiftd.server), for a
+        test's failure message; empty if the process is gone."""
+        if self.process.poll() is not None:
+            return ""
+        start = len(self.log_lines)
+        self.process.send_signal(signal.SIGUSR1)
+        time.sleep(settle_seconds)  # the dump arrives through the log pump
+        return "\n".join(self.log_lines[start:])
+
 
 _running: list[ServiceProcess] = []
 

@@ -12,6 +12,7 @@ this one would fail every request the same way while still answering its health 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -156,6 +157,9 @@ def configure_process(config: ServerConfig) -> None:
     """Tie the process to its launcher, pin cores and threads before any model is loaded (oneDNN
     sizes its pools at first use)."""
     die_with_parent()
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: where a stuck call waits, without
+    # a debugger in the container.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if config.tls_dir is not None:
         security.configure(security.TlsConfig(config.tls_dir, config.tls_server_name))
     if config.cpu_cores:

@@ -239,7 +239,7 @@ def test_dead_controlnet_worker_fails_request_promptly(suite, families, zoo_root
     with pytest.raises(grpc.RpcError) as info:
         stub.Denoise(denoise_request("tiny-sd15", controlnets, [doomed.address], 7.5), timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert_worker_healthy(channel, services, fam)
+    assert_worker_healthy(unet, channel, services, fam)
     channel.close()
     unet.stop()
 
@@ -260,21 +260,30 @@ def test_hung_controlnet_worker_hits_the_deadline(suite, families, zoo_root):
     finally:
         os.kill(hung.process.pid, signal.SIGCONT)
         hung.stop()
-    assert_worker_healthy(channels["sd15"], services, fam)
+    assert_worker_healthy(services["sd15"], channels["sd15"], services, fam)
 
 
-def assert_worker_healthy(channel, services, fam):
+def assert_worker_healthy(unet, channel, services, fam):
+    """The UNet worker let go of the failed request within seconds and serves the next one."""
+
+    def logs():
+        return "\n".join(
+            f"--- {s.name} log ---\n{s.log_tail(30)}\n--- {s.name} threads ---\n{s.stacks()}"
+            for s in (unet, services["cn_a"])
+        )
+
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     stub = unet_pb2_grpc.UNetWorkerStub(channel)
     deadline = time.monotonic() + 15
-    while (
-        stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=5).requests_in_flight
-        and time.monotonic() < deadline
-    ):
+    while stub.GetWorkerStatus(unet_pb2.GetWorkerStatusRequest(), timeout=5).requests_in_flight:
+        assert time.monotonic() < deadline, f"the failed request still holds the worker after 15 s\n{logs()}"
         time.sleep(0.1)
     controlnets = controlnet_requests(fam, CASES["one"][0], False)
-    response = stub.Denoise(denoise_request("tiny-sd15", controlnets, [services["cn_a"].address], 7.5), timeout=60)
+    try:
+        response = stub.Denoise(denoise_request("tiny-sd15", controlnets, [services["cn_a"].address], 7.5), timeout=60)
+    except grpc.RpcError as exc:
+        raise AssertionError(f"the next request failed: {exc.code()} {exc.details()}\n{logs()}") from exc
     assert response.image_png
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from swiftd.launcher import DEMO_SCENE
+from swiftd.launcher import DEMO_SCENE, start_gateway, wait_serving
 from swiftd.shapeworld.data import held_out_scenes
 from swiftd.shapeworld.render import edge_map
 from swiftd.shapeworld.score import score
@@ -89,3 +89,15 @@ def test_make_run_writes_a_picture_of_its_prompt_and_scores_it(tmp_path):
     assert verdict.describe(scene) in done.stdout  # what it printed is the scorer's verdict on that file
     # The picture means something: the shapes asked for, where the edges are, in the LoRA's style.
     assert verdict.prompt_adherence == 1.0 and verdict.control_iou >= 0.6 and verdict.style["pastel"], done.stdout
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_service_serves_on():
+    gateway = start_gateway(["127.0.0.1:9"], wait=True)
+    try:
+        dump = gateway.stacks()
+        assert "Current thread" in dump or "Thread 0x" in dump, gateway.log_tail()
+        assert 'swiftd/server.py", line' in dump  # the main thread, waiting in serve()
+        assert gateway.process.poll() is None
+        wait_serving(gateway.address, 10)
+    finally:
+        gateway.stop()

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -167,6 +168,15 @@ def test_step_messages_cross_a_socket_that_leaves_nothing_behind_and_ends_with_i
             controlnet_pb2.ResidualsResponse(step_index=3, slot=controlnet_pb2.ResidualSlot(index=1, sequence=4))
         )
         assert reader.receive(controlnet_pb2.ResidualsResponse, timeout=5).slot.sequence == 4
+        # A message that arrives in parts, the rest later than the wait for one to begin: read
+        # whole, not cut at the timeout (which would leave every later message misframed).
+        payload = step.SerializeToString()
+        framed = len(payload).to_bytes(4, "little") + payload
+        reader._sock.sendall(framed[:3])
+        threading.Timer(0.3, reader._sock.sendall, [framed[3:]]).start()
+        assert writer.receive(controlnet_pb2.StepInput, timeout=0.05) == step
+        reader.send(step)
+        assert writer.receive(controlnet_pb2.StepInput, timeout=5) == step
         reader._sock.sendall((1 << 30).to_bytes(4, "little"))  # a length no step message has
         with pytest.raises(ValueError, match="bytes"):
             writer.receive(controlnet_pb2.StepInput, timeout=5)

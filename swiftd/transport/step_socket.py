@@ -29,6 +29,7 @@ from swiftd.transport.shm import check_name, fresh_name
 
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE_BYTES = 256 << 20  # a step input is a latent (an SDXL 1024² CFG batch: 0.5 MB); more is garbage
+REST_OF_MESSAGE_S = 30.0  # a message begun but not finished within this: the peer is taken as gone
 
 
 class StepSocket:
@@ -58,15 +59,30 @@ class StepSocket:
 
     def receive(self, message_type, timeout: float | None):
         """The next message, or None when the peer closed its end (it ended the session or died).
-        TimeoutError when none came within `timeout` seconds."""
+        TimeoutError when none began within `timeout` seconds.
+
+        The timeout is for a message to begin only: once its first byte is in, the rest is read
+        to the end (the peer sends each message whole), so a timeout never drops part of one and
+        leaves the stream out of step. A peer that stops mid-message for REST_OF_MESSAGE_S is
+        taken as gone."""
         self._sock.settimeout(timeout)
-        header = self._exactly(_LENGTH.size)
-        if header is None:
+        try:
+            first = self._sock.recv(1)
+        except ConnectionResetError:
             return None
-        (length,) = _LENGTH.unpack(header)
-        if length > MAX_MESSAGE_BYTES:
-            raise ValueError(f"step socket message of {length} bytes")
-        payload = self._exactly(length) if length else b""
+        if not first:
+            return None
+        self._sock.settimeout(REST_OF_MESSAGE_S)
+        try:
+            rest = self._exactly(_LENGTH.size - 1)
+            if rest is None:
+                return None
+            (length,) = _LENGTH.unpack(first + rest)
+            if length > MAX_MESSAGE_BYTES:
+                raise ValueError(f"step socket message of {length} bytes")
+            payload = self._exactly(length) if length else b""
+        except TimeoutError:
+            return None
         if payload is None:
             return None
         return message_type.FromString(payload)
