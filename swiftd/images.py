@@ -41,9 +41,15 @@ def decode_image(data: bytes, field: str, max_side: int | None = None) -> PIL.Im
     return image.convert("RGB")
 
 
+#: zlib level for the PNGs the services return. PIL's default (6) spends 440 ms on a smooth 1024²
+#: image on this project's CPU; level 1 takes 120 ms for 17% more bytes (noise: 160 vs 140 ms,
+#: the same size). The pixels are the same: PNG is lossless at every level.
+PNG_COMPRESS_LEVEL = 1
+
+
 def encode_png(image: PIL.Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
