@@ -29,6 +29,7 @@ from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
 _END = object()
 CALL_CHECK_S = 0.25  # how often a reader waiting on the step socket looks whether its call ended
+READER_STOP_S = 5.0  # longest wait at close for the reader to stop (else the ring goes to the GC)
 log = logging.getLogger(__name__)
 
 
@@ -229,7 +230,16 @@ class RemoteResidualSource:
             if self._socket is not None:
                 self._socket.shutdown()  # the worker's session ends; the reader's read returns
         self._call.cancel()
-        self._reader.join(timeout=self._step_timeout)  # it may be copying out of the ring
+        # Cancelled, the reader ends within CALL_CHECK_S, or once a copy out of the ring is done
+        # (milliseconds). Bounded: the request holds the worker until this returns.
+        self._reader.join(timeout=READER_STOP_S)
+        if self._reader.is_alive():
+            log.warning(
+                "controlnet %r on %s: the residual reader is still busy %.0f s after the request ended",
+                self.controlnet_id,
+                self.address,
+                READER_STOP_S,
+            )
         if self._socket is not None:
             self._socket.close()
         if self._ring is not None and not self._reader.is_alive():  # never under a copy still running
