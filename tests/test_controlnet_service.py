@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
+import threading
 import time
 
 import grpc
@@ -21,7 +23,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.fidelity import psnr
 from services.controlnet.registry import ControlNetRegistry
+from services.unet.addons.controlnet_stream import RemoteResidualSource
 from swiftd import codec, rpc, transport, zoo
+from swiftd.controlnet_step import ControlNetSession
+from swiftd.errors import ServingError
 from swiftd.launcher import start_controlnet, start_unet
 from swiftd.request import ControlNet, Request
 from swiftd.transport import shm
@@ -228,7 +233,7 @@ def test_dead_controlnet_worker_fails_request_promptly(suite, families, zoo_root
     next(call)  # first step done: the worker's residual ring is mapped by now
     doomed.process.send_signal(signal.SIGKILL)
     # Its ring lost its name once mapped: the kill leaves nothing in shared memory.
-    assert not list(transport.SHM_DIR.glob(f"{shm.PREFIX}{doomed.process.pid}-*"))
+    assert not list(transport.SHM_DIR.glob(f"{shm.PREFIX}{doomed.process.pid}[.-]*"))
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
         for _ in call:
@@ -261,6 +266,46 @@ def test_hung_controlnet_worker_hits_the_deadline(suite, families, zoo_root):
         os.kill(hung.process.pid, signal.SIGCONT)
         hung.stop()
     assert_worker_healthy(services["sd15"], channels["sd15"], services, fam)
+
+
+class ReaderThatNeverHears(RemoteResidualSource):
+    """gRPC's lost receive: the call ends (status set, done callbacks run) and the iterator the
+    reader waits in never returns, as grpcio 1.85 does now and then when the worker's GOAWAY comes
+    during connection set-up (what CI hit after the hung worker above was stopped)."""
+
+    def _read(self):
+        threading.Event().wait()
+
+
+@pytest.mark.parametrize("peer", ["refuses", "never answers"])
+def test_a_residual_stream_that_ends_fails_its_step_even_if_grpc_never_completes_the_receive(peer):
+    """The step fails with the call's own status at once (UNAVAILABLE: failover can act; its
+    deadline: the request ends), not after the step timeout, and closing does not wait."""
+    listener = socket.create_server(("127.0.0.1", 0))  # listens, never accepts: no HTTP/2 handshake
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    if peer == "refuses":
+        listener.close()
+    session = ControlNetSession(
+        "tiny-sd15-cn-edges", torch.zeros(1, 3, 8, 8), torch.zeros(1, 77, 32), None, None, 1.0, False
+    )
+    channel = rpc.create_channel(address)
+    t0 = time.monotonic()
+    source = ReaderThatNeverHears(
+        channel, address, session, "", "never-hears", 2.0, 60.0, torch.float32, torch.device("cpu")
+    )
+    try:
+        source.start_step(0, torch.tensor(999.0), torch.zeros(1, 4, 8, 8))
+        with pytest.raises(ServingError) as info:
+            source.wait_step()
+        expected = grpc.StatusCode.UNAVAILABLE if peer == "refuses" else grpc.StatusCode.DEADLINE_EXCEEDED
+        assert info.value.code == expected, info.value.message
+        assert time.monotonic() - t0 < 10
+    finally:
+        t1 = time.monotonic()
+        source.close()
+        assert time.monotonic() - t1 < 1
+        channel.close()
+        listener.close()
 
 
 def assert_worker_healthy(unet, channel, services, fam):

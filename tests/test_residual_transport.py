@@ -356,7 +356,7 @@ def test_a_unet_worker_killed_mid_request_ends_the_controlnet_session_and_its_ri
         while ring_mapped(controlnet.process.pid):
             assert time.monotonic() < deadline, "the ControlNet worker still maps the ring of a dead peer"
             time.sleep(0.1)
-        assert not list(transport.SHM_DIR.glob(f"{shm.PREFIX}{controlnet.process.pid}-*"))
+        assert not list(transport.SHM_DIR.glob(f"{shm.PREFIX}{controlnet.process.pid}[.-]*"))
         listing = controlnet_pb2_grpc.ControlNetWorkerStub(rpc.create_channel(controlnet.address)).ListControlNets(
             controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10
         )

@@ -78,8 +78,17 @@ class RemoteResidualSource:
         self._requests.put(controlnet_pb2.ResidualsRequest(start=start))
         stub = controlnet_pb2_grpc.ControlNetWorkerStub(channel)
         self._call = stub.StreamResiduals(iter(self._requests.get, _END), timeout=timeout)
+        # gRPC can end a call (status set, done callbacks run) without ever completing the receive
+        # its iterator waits in: grpcio 1.85 does, now and then, when the worker's GOAWAY comes
+        # while the connection is being set up. The reader would then wait past the deadline, and
+        # the step for `step_timeout`, the worker held all along; so the status also comes from here.
+        self._call.add_done_callback(self._call_ended)
         self._reader = threading.Thread(target=self._read, name=f"residuals-{self.controlnet_id}", daemon=True)
         self._reader.start()
+
+    def _call_ended(self, call: grpc.Future) -> None:
+        if call.code() != grpc.StatusCode.OK:  # a normal end is the reader's to tell (it may have more)
+            self._responses.put(from_rpc_error(call, f"controlnet {self.controlnet_id!r} on {self.address}"))
 
     def _read(self) -> None:
         try:
@@ -230,20 +239,23 @@ class RemoteResidualSource:
             if self._socket is not None:
                 self._socket.shutdown()  # the worker's session ends; the reader's read returns
         self._call.cancel()
-        # Cancelled, the reader ends within CALL_CHECK_S, or once a copy out of the ring is done
-        # (milliseconds). Bounded: the request holds the worker until this returns.
-        self._reader.join(timeout=READER_STOP_S)
-        if self._reader.is_alive():
+        if self._ring is not None:
+            # It may be copying out of the ring, which must not be closed under it. Cancelled, it
+            # ends within CALL_CHECK_S, or once the copy is done (milliseconds). Bounded: the
+            # request holds the worker until this returns.
+            self._reader.join(timeout=READER_STOP_S)
+        stopped = not self._reader.is_alive()  # then it changes nothing any more
+        if self._socket is not None:
+            self._socket.close()
+        if stopped and self._ring is not None:
+            self._ring.close()
+        elif self._ring is not None:  # left to the GC, never closed under a copy still running
             log.warning(
                 "controlnet %r on %s: the residual reader is still busy %.0f s after the request ended",
                 self.controlnet_id,
                 self.address,
                 READER_STOP_S,
             )
-        if self._socket is not None:
-            self._socket.close()
-        if self._ring is not None and not self._reader.is_alive():  # never under a copy still running
-            self._ring.close()
 
 
 class FailoverResidualSource:
