@@ -110,7 +110,7 @@ class Client:
         request = as_request(prompt, **fields).to_pb()
         call = self._stub.GenerateStream(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
-            yield from call
+            yield from rpc.responses(call)
         finally:
             call.cancel()  # no-op once the stream has ended
 

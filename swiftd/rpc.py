@@ -7,9 +7,10 @@ Every service builds its server with ``create_server`` and every client its chan
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
 
 import grpc
@@ -231,3 +232,52 @@ def time_left(context: grpc.ServicerContext, cap: float) -> Callable[[], float]:
     client = context.time_remaining()
     end = time.monotonic() + (cap if client is None else min(client, cap))
     return lambda: max(0.0, end - time.monotonic())
+
+
+_END = object()
+
+
+def responses(call, poll_seconds: float = 0.25, ahead: int = 4) -> Iterator:
+    """The messages of a call that streams responses, ending as iterating the call would (its
+    RpcError raised at the end), and also when the call fails while gRPC never completes the
+    receive that the call's iterator waits in: grpcio 1.85 ends such a call now and then (status
+    set, done callbacks run) when the server's GOAWAY comes during connection set-up, and the
+    iterator then blocks for good, past the deadline. Read on a thread of its own, at most
+    `ahead` messages ahead of the consumer (gRPC's flow control still holds)."""
+    items: queue.Queue = queue.Queue(maxsize=ahead)
+    consumer_gone = threading.Event()
+
+    def put(item) -> bool:
+        while not consumer_gone.is_set():
+            try:
+                items.put(item, timeout=poll_seconds)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump():
+        try:
+            for message in call:
+                if not put(message):
+                    return
+            put(_END)
+        except grpc.RpcError as exc:
+            put(exc)
+
+    threading.Thread(target=pump, name="grpc-responses", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=poll_seconds)
+            except queue.Empty:
+                if call.done() and call.code() != grpc.StatusCode.OK and items.empty():
+                    raise call from None  # failed, and its receive never completed
+                continue
+            if item is _END:
+                return
+            if isinstance(item, grpc.RpcError):
+                raise item
+            yield item
+    finally:
+        consumer_gone.set()

@@ -291,7 +291,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         result = None
         heard = False  # the worker accepted the request or sent an event: then it is not replaced
         try:
-            for event in stream:
+            for event in rpc.responses(stream):
                 heard = True
                 kind = event.WhichOneof("event")
                 if kind == "progress":

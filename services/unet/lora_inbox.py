@@ -259,7 +259,8 @@ class LoraInbox:
             request_id=request_id,
         )
         try:
-            self.receive(lora_store_pb2_grpc.LoraStoreStub(channel).StreamDeltas(request, timeout=self.wait_timeout))
+            call = lora_store_pb2_grpc.LoraStoreStub(channel).StreamDeltas(request, timeout=self.wait_timeout)
+            self.receive(rpc.responses(call))
         except grpc.RpcError as exc:
             error = from_rpc_error(exc, f"lora store {store}")
             for lora in loras:

@@ -103,7 +103,8 @@ def _one(stub, entry: TraceEntry, t0: float, config: ReplayConfig) -> RequestRec
     due = t0 + entry.at_s
     record.send_lag_s = max(0.0, time.monotonic() - due)
     try:
-        for event in stub.GenerateStream(request, timeout=config.deadline_s or entry.deadline_s):
+        call = stub.GenerateStream(request, timeout=config.deadline_s or entry.deadline_s)
+        for event in rpc.responses(call):
             kind = event.WhichOneof("event")
             if kind == "started":
                 record.queue_s = event.started.queued_seconds
