@@ -64,14 +64,21 @@ class ServiceProcess:
     def log_tail(self, n: int = 40) -> str:
         return "\n".join(self.log_lines[-n:])
 
-    def stacks(self, settle_seconds: float = 1.0) -> str:
+    def stacks(self, timeout: float = 10.0) -> str:
         """Every thread's stack, as the service writes it on SIGUSR1 (swiftd.server), for a
         test's failure message; empty if the process is gone."""
         if self.process.poll() is not None:
             return ""
         start = len(self.log_lines)
         self.process.send_signal(signal.SIGUSR1)
-        time.sleep(settle_seconds)  # the dump arrives through the log pump
+        # The dump arrives through the log pump: taken as whole once no line came for 0.5 s.
+        deadline, seen, quiet_since = time.monotonic() + timeout, start, time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            if len(self.log_lines) != seen:
+                seen, quiet_since = len(self.log_lines), time.monotonic()
+            elif seen > start and time.monotonic() - quiet_since >= 0.5:
+                break
         return "\n".join(self.log_lines[start:])
 
 

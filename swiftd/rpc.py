@@ -267,11 +267,14 @@ def responses(call, poll_seconds: float = 0.25, ahead: int = 4) -> Iterator:
 
     threading.Thread(target=pump, name="grpc-responses", daemon=True).start()
     try:
+        failed_polls = 0  # polls that found the call failed and nothing to read
         while True:
             try:
                 item = items.get(timeout=poll_seconds)
             except queue.Empty:
-                if call.done() and call.code() != grpc.StatusCode.OK and items.empty():
+                failed = call.done() and call.code() != grpc.StatusCode.OK
+                failed_polls = failed_polls + 1 if failed else 0
+                if failed_polls >= 2:  # twice: a message the reader holds has had time to arrive
                     raise call from None  # failed, and its receive never completed
                 continue
             if item is _END:

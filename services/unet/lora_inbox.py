@@ -258,9 +258,10 @@ class LoraInbox:
             dtype=codec.dtype_to_proto(self.dtype),
             request_id=request_id,
         )
+        call = lora_store_pb2_grpc.LoraStoreStub(channel).StreamDeltas(request, timeout=self.wait_timeout)
+        chunks = rpc.responses(call)
         try:
-            call = lora_store_pb2_grpc.LoraStoreStub(channel).StreamDeltas(request, timeout=self.wait_timeout)
-            self.receive(rpc.responses(call))
+            self.receive(chunks)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc, f"lora store {store}")
             for lora in loras:
@@ -275,6 +276,11 @@ class LoraInbox:
                     entry.fail(error)
         except Exception:  # noqa: BLE001 - recorded on the entry by receive()
             log.exception("pulling lora deltas from %s failed", store)
+        finally:
+            # The entries keep the error, and its traceback the stream: end the stream's reader
+            # and the call now rather than at the call's deadline.
+            chunks.close()
+            call.cancel()
 
     # -- requests ----------------------------------------------------------------------------
 

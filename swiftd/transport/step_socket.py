@@ -21,6 +21,7 @@ name as soon as it has connected.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import struct
 
@@ -29,13 +30,17 @@ from swiftd.transport.shm import check_name, fresh_name
 
 _LENGTH = struct.Struct("<I")
 MAX_MESSAGE_BYTES = 256 << 20  # a step input is a latent (an SDXL 1024² CFG batch: 0.5 MB); more is garbage
-REST_OF_MESSAGE_S = 30.0  # a message begun but not finished within this: the peer is taken as gone
+# Longest a send, or the rest of a message begun, may take: a peer that stalls that long is taken
+# as gone. One fixed timeout on the socket: the two directions run on different threads, and a
+# socket has one timeout (a receive's wait for a message is a select, not the socket's timeout).
+IO_TIMEOUT_S = 30.0
 
 
 class StepSocket:
     """One end of a connected session socket: whole protobuf messages in and out."""
 
     def __init__(self, sock: socket.socket):
+        sock.settimeout(IO_TIMEOUT_S)
         self._sock = sock
 
     @classmethod
@@ -46,7 +51,6 @@ class StepSocket:
         try:
             sock.settimeout(timeout)
             sock.connect(str(SHM_DIR / name))
-            sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
@@ -54,30 +58,25 @@ class StepSocket:
         return cls(sock)
 
     def send(self, message) -> None:
+        """OSError (TimeoutError included) when the peer is gone or stalled IO_TIMEOUT_S."""
         payload = message.SerializeToString()
         self._sock.sendall(_LENGTH.pack(len(payload)) + payload)
 
     def receive(self, message_type, timeout: float | None):
         """The next message, or None when the peer closed its end (it ended the session or died).
-        TimeoutError when none began within `timeout` seconds.
+        TimeoutError when none began within `timeout` seconds (None: wait for one).
 
-        The timeout is for a message to begin only: once its first byte is in, the rest is read
-        to the end (the peer sends each message whole), so a timeout never drops part of one and
-        leaves the stream out of step. A peer that stops mid-message for REST_OF_MESSAGE_S is
-        taken as gone."""
-        self._sock.settimeout(timeout)
+        The timeout is for a message to begin only: once it has, the rest is read to the end (the
+        peer sends each message whole), so a timeout never drops part of one and leaves the
+        stream out of step. A peer that stalls mid-message for IO_TIMEOUT_S is taken as gone."""
+        readable, _, _ = select.select([self._sock], [], [], timeout)
+        if not readable:
+            raise TimeoutError(f"no step message within {timeout} s")
         try:
-            first = self._sock.recv(1)
-        except ConnectionResetError:
-            return None
-        if not first:
-            return None
-        self._sock.settimeout(REST_OF_MESSAGE_S)
-        try:
-            rest = self._exactly(_LENGTH.size - 1)
-            if rest is None:
+            header = self._exactly(_LENGTH.size)
+            if header is None:
                 return None
-            (length,) = _LENGTH.unpack(first + rest)
+            (length,) = _LENGTH.unpack(header)
             if length > MAX_MESSAGE_BYTES:
                 raise ValueError(f"step socket message of {length} bytes")
             payload = self._exactly(length) if length else b""
@@ -131,7 +130,6 @@ class StepListener:
         """The peer's connection (made before it answered the ring offer); TimeoutError if none."""
         self._sock.settimeout(timeout)
         conn, _ = self._sock.accept()
-        conn.settimeout(None)
         return StepSocket(conn)
 
     def close(self) -> None:

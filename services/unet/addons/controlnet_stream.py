@@ -62,6 +62,9 @@ class RemoteResidualSource:
         self._last_input: controlnet_pb2.StepInput | None = None
         self._closing = threading.Lock()  # held to connect the socket, or to mark the source closed
         self._closed = False
+        # Set once the reader will copy nothing more out of the ring (it may still wait on the
+        # stream, where a gRPC receive can hang: see _call_ended), so close() may close the ring.
+        self._done_with_ring = threading.Event()
         self._answer = common_pb2.RESIDUAL_TRANSPORT_UNSPECIFIED  # to its ring offer, sent with each step
         self.transport = transport.INLINE  # how the last residuals arrived
 
@@ -101,6 +104,7 @@ class RemoteResidualSource:
                     break  # the next steps' residuals are announced on the step socket
             if self._socket is not None:
                 self._read_socket()
+                self._done_with_ring.set()  # what is left reads the stream only
                 for _ in self._call:  # the socket closed, or the call ended: the stream says why
                     pass
             self._responses.put(self._ended_early())
@@ -108,6 +112,8 @@ class RemoteResidualSource:
             self._responses.put(from_rpc_error(exc, f"controlnet {self.controlnet_id!r} on {self.address}"))
         except Exception as exc:  # noqa: BLE001 - surfaced on the request's thread
             self._responses.put(exc)
+        finally:
+            self._done_with_ring.set()
 
     def _read_socket(self) -> None:
         """Residuals announced on the step socket, until it closes or the call ends (its deadline
@@ -240,14 +246,14 @@ class RemoteResidualSource:
                 self._socket.shutdown()  # the worker's session ends; the reader's read returns
         self._call.cancel()
         if self._ring is not None:
-            # It may be copying out of the ring, which must not be closed under it. Cancelled, it
-            # ends within CALL_CHECK_S, or once the copy is done (milliseconds). Bounded: the
-            # request holds the worker until this returns.
-            self._reader.join(timeout=READER_STOP_S)
-        stopped = not self._reader.is_alive()  # then it changes nothing any more
+            # The reader may be copying out of the ring, which must not be closed under it.
+            # Cancelled, it is done with the ring within CALL_CHECK_S, or once the copy is done
+            # (milliseconds). Bounded: the request holds the worker until this returns.
+            self._done_with_ring.wait(timeout=READER_STOP_S)
+        done = self._done_with_ring.is_set()  # then the reader changes nothing here any more
         if self._socket is not None:
             self._socket.close()
-        if stopped and self._ring is not None:
+        if done and self._ring is not None:
             self._ring.close()
         elif self._ring is not None:  # left to the GC, never closed under a copy still running
             log.warning(
