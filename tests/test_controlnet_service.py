@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -31,6 +30,7 @@ from swiftd.launcher import start_controlnet, start_unet
 from swiftd.request import ControlNet, Request
 from swiftd.transport import shm
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
+from tests.net import FAILING_PEERS, failing_peer
 from tests.reference import SIZE, STEPS, Family, assert_bit_identical, conditioning_image
 
 FAMILIES = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
@@ -277,35 +277,28 @@ class ReaderThatNeverHears(RemoteResidualSource):
         threading.Event().wait()
 
 
-@pytest.mark.parametrize("peer", ["refuses", "never answers"])
+@pytest.mark.parametrize("peer", list(FAILING_PEERS))
 def test_a_residual_stream_that_ends_fails_its_step_even_if_grpc_never_completes_the_receive(peer):
     """The step fails with the call's own status at once (UNAVAILABLE: failover can act; its
     deadline: the request ends), not after the step timeout, and closing does not wait."""
-    listener = socket.create_server(("127.0.0.1", 0))  # listens, never accepts: no HTTP/2 handshake
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
-    if peer == "refuses":
-        listener.close()
     session = ControlNetSession(
         "tiny-sd15-cn-edges", torch.zeros(1, 3, 8, 8), torch.zeros(1, 77, 32), None, None, 1.0, False
     )
-    channel = rpc.create_channel(address)
-    t0 = time.monotonic()
-    source = ReaderThatNeverHears(
-        channel, address, session, "", "never-hears", 2.0, 60.0, torch.float32, torch.device("cpu")
-    )
-    try:
-        source.start_step(0, torch.tensor(999.0), torch.zeros(1, 4, 8, 8))
-        with pytest.raises(ServingError) as info:
-            source.wait_step()
-        expected = grpc.StatusCode.UNAVAILABLE if peer == "refuses" else grpc.StatusCode.DEADLINE_EXCEEDED
-        assert info.value.code == expected, info.value.message
-        assert time.monotonic() - t0 < 10
-    finally:
-        t1 = time.monotonic()
-        source.close()
-        assert time.monotonic() - t1 < 1
-        channel.close()
-        listener.close()
+    with failing_peer(peer) as address, rpc.create_channel(address) as channel:
+        t0 = time.monotonic()
+        source = ReaderThatNeverHears(
+            channel, address, session, "", "never-hears", 2.0, 60.0, torch.float32, torch.device("cpu")
+        )
+        try:
+            source.start_step(0, torch.tensor(999.0), torch.zeros(1, 4, 8, 8))
+            with pytest.raises(ServingError) as info:
+                source.wait_step()
+            assert info.value.code == FAILING_PEERS[peer], info.value.message
+            assert time.monotonic() - t0 < 10
+        finally:
+            t1 = time.monotonic()
+            source.close()
+            assert time.monotonic() - t1 < 1
 
 
 def assert_worker_healthy(unet, channel, services, fam):

@@ -3,7 +3,6 @@ completes the receive the call's own iterator waits in (real calls on loopback).
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -12,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swiftd import rpc
+from tests.net import FAILING_PEERS, failing_peer
 
 
 class StuckOnFailure(grpc.RpcError):  # as gRPC's own call objects are: an iterator and an RpcError
@@ -63,20 +63,12 @@ def test_messages_arrive_in_order_and_the_call_ends_with_its_status(health_serve
 
 
 @pytest.mark.timeout(60)  # a regression hangs: fail it here, not at the suite's limit
-@pytest.mark.parametrize("peer", ["refuses", "never answers"])
+@pytest.mark.parametrize("peer", list(FAILING_PEERS))
 def test_a_failed_call_ends_the_stream_even_if_its_receive_never_completes(peer):
-    listener = socket.create_server(("127.0.0.1", 0))  # listens, never accepts: no HTTP/2 handshake
-    address = f"127.0.0.1:{listener.getsockname()[1]}"
-    if peer == "refuses":
-        listener.close()
-    try:
-        with rpc.create_channel(address) as channel:
-            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=1)
-            t0 = time.monotonic()
-            with pytest.raises(grpc.RpcError) as info:
-                list(rpc.responses(StuckOnFailure(call)))
-            expected = grpc.StatusCode.UNAVAILABLE if peer == "refuses" else grpc.StatusCode.DEADLINE_EXCEEDED
-            assert info.value.code() == expected
-            assert time.monotonic() - t0 < 5
-    finally:
-        listener.close()
+    with failing_peer(peer) as address, rpc.create_channel(address) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=1)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(rpc.responses(StuckOnFailure(call)))
+        assert info.value.code() == FAILING_PEERS[peer]
+        assert time.monotonic() - t0 < 5

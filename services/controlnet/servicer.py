@@ -36,11 +36,11 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         self._first_session_lock = threading.Lock()
         # After configure_process pinned the cores: the device as the gateway compares devices.
         self.device, self.host = device.local_device(registry.device), device.local_host()
-        self.device_type = torch.device(registry.device).type
+        torch_device = torch.device(registry.device)
+        self.device_type = torch_device.type
         self.host_identity = transport.host_identity()
         # CUDA IPC is chosen only for a UNet worker that can map this GPU.
-        cuda = torch.device(registry.device)
-        self.gpu_uuid = device.gpu_uuid(cuda.index or 0) if cuda.type == "cuda" else None
+        self.gpu_uuid = device.gpu_uuid(torch_device.index or 0) if self.device_type == "cuda" else None
 
     def StreamResiduals(self, request_iterator, context):
         first = next(request_iterator, None)

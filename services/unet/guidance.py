@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from swiftd import codec
+from swiftd import codec, rpc
 from swiftd.errors import Cancelled, DeadlineExceeded, FailedPrecondition, ServingError, Unavailable, from_rpc_error
 from swiftd.request import Request
 from swiftd.v1 import common_pb2, unet_pb2, unet_pb2_grpc
@@ -140,16 +140,6 @@ class _Link:
                 self._incoming.put(exc)
 
         threading.Thread(target=read, name="cfg-exchange", daemon=True).start()
-
-    def watch(self, call: grpc.Future, on_error: Callable[[grpc.RpcError], Exception]) -> None:
-        """Learn a failed call's status from its done callback too: gRPC can end a call without
-        completing the receive that `pump`'s iterator waits in (see controlnet_stream.py)."""
-
-        def ended(call):
-            if call.code() != grpc.StatusCode.OK:
-                self._incoming.put(on_error(call))
-
-        call.add_done_callback(ended)
 
     def send(self, message: unet_pb2.GuidanceMessage) -> None:
         self._send(message)
@@ -252,8 +242,7 @@ class LeaderGuidance(SplitGuidance):
         self._requests.put(unet_pb2.GuidanceMessage(start=start))
         stub = unet_pb2_grpc.UNetWorkerStub(self._channel)
         self._call = stub.ExchangeGuidance(iter(self._requests.get, _END), timeout=self._timeout)
-        self.link.pump(self._call, lambda exc: from_rpc_error(exc, self.link.where))
-        self.link.watch(self._call, lambda exc: from_rpc_error(exc, self.link.where))
+        self.link.pump(rpc.responses(self._call), lambda exc: from_rpc_error(exc, self.link.where))
         try:
             self.link.receive("accepted", run.should_stop)
         except ServingError as exc:

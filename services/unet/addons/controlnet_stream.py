@@ -50,6 +50,7 @@ class RemoteResidualSource:
         """`transports`: the residual transports besides inline to offer, fastest first."""
         self.address = address
         self.controlnet_id = session.controlnet_id
+        self.where = f"controlnet {self.controlnet_id!r} on {address}"  # for errors and log lines
         self._step_timeout = step_timeout
         self._out_dtype, self._out_device = out_dtype, out_device
         self._requests: queue.Queue = queue.Queue()
@@ -91,7 +92,7 @@ class RemoteResidualSource:
 
     def _call_ended(self, call: grpc.Future) -> None:
         if call.code() != grpc.StatusCode.OK:  # a normal end is the reader's to tell (it may have more)
-            self._responses.put(from_rpc_error(call, f"controlnet {self.controlnet_id!r} on {self.address}"))
+            self._responses.put(from_rpc_error(call, self.where))
 
     def _read(self) -> None:
         try:
@@ -109,7 +110,7 @@ class RemoteResidualSource:
                     pass
             self._responses.put(self._ended_early())
         except grpc.RpcError as exc:
-            self._responses.put(from_rpc_error(exc, f"controlnet {self.controlnet_id!r} on {self.address}"))
+            self._responses.put(from_rpc_error(exc, self.where))
         except Exception as exc:  # noqa: BLE001 - surfaced on the request's thread
             self._responses.put(exc)
         finally:
@@ -146,7 +147,7 @@ class RemoteResidualSource:
         return response.step_index, response.compute_seconds, time.perf_counter(), residuals, ready
 
     def _ended_early(self) -> Unavailable:
-        return Unavailable(f"controlnet {self.controlnet_id!r} on {self.address}: stream ended early")
+        return Unavailable(f"{self.where}: stream ended early")
 
     def _map_ring(self, ring) -> bool:
         """Take the worker's ring offer if this process can map it and connect to its step
@@ -166,11 +167,7 @@ class RemoteResidualSource:
                 self._ring.close()
                 self._ring = None
             log.warning(
-                "controlnet %r on %s: cannot map its %s ring (%s): inline bytes instead",
-                self.controlnet_id,
-                self.address,
-                transport.name(ring.transport),
-                exc,
+                "%s: cannot map its %s ring (%s): inline bytes instead", self.where, transport.name(ring.transport), exc
             )
             self._answer = transport.INLINE
             return False
@@ -180,9 +177,7 @@ class RemoteResidualSource:
         step = controlnet_pb2.StepInput()
         step.CopyFrom(self._last_input)
         if step.step_index != step_index:
-            raise Unavailable(
-                f"controlnet {self.controlnet_id!r} on {self.address}: ring offered with step {step_index}"
-            )
+            raise Unavailable(f"{self.where}: ring offered with step {step_index}")
         step.transport = transport.INLINE
         return controlnet_pb2.ResidualsRequest(step=step)
 
@@ -220,9 +215,7 @@ class RemoteResidualSource:
         try:
             item = self._responses.get(timeout=self._step_timeout)
         except queue.Empty:
-            raise DeadlineExceeded(
-                f"controlnet {self.controlnet_id!r} on {self.address}: no residuals within {self._step_timeout:.0f} s"
-            ) from None
+            raise DeadlineExceeded(f"{self.where}: no residuals within {self._step_timeout:.0f} s") from None
         if isinstance(item, BaseException):
             raise item
         step_index, compute_seconds, received_at, residuals, ready = item
@@ -257,10 +250,7 @@ class RemoteResidualSource:
             self._ring.close()
         elif self._ring is not None:  # left to the GC, never closed under a copy still running
             log.warning(
-                "controlnet %r on %s: the residual reader is still busy %.0f s after the request ended",
-                self.controlnet_id,
-                self.address,
-                READER_STOP_S,
+                "%s: the residual reader is still busy %.0f s after the request ended", self.where, READER_STOP_S
             )
 
 
