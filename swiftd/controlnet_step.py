@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from diffusers import ControlNetModel
 
@@ -20,6 +21,11 @@ from swiftd.request import check_id, or_one
 from swiftd.split_unet import run_down_and_mid_blocks
 from swiftd.v1 import controlnet_pb2
 
+# Diffusers' control-image preprocessing ends in `uint8 pixels / 255.0` in float32
+# (VaeImageProcessor.pil_to_numpy), so each value of a prepared image is one of these 256: the image
+# travels as one byte per value instead of four, and this table gives back the very same floats.
+PIXEL_VALUES = torch.from_numpy(np.arange(256, dtype=np.uint8).astype(np.float32) / 255.0)
+
 
 @dataclass
 class ControlNetSession:
@@ -28,12 +34,22 @@ class ControlNetSession:
     ControlNet worker reads `from_pb()`; an in-process ControlNet uses it as it is."""
 
     controlnet_id: str
-    controlnet_cond: torch.Tensor  # preprocessed image, CFG-duplicated exactly as Diffusers does
+    # The preprocessed image (NCHW, [0, 1]) once: `conditioning()` repeats it to the batch of
+    # encoder_hidden_states, as Diffusers duplicates it for CFG.
+    controlnet_cond: torch.Tensor
     encoder_hidden_states: torch.Tensor
     text_embeds: torch.Tensor | None  # SDXL added conditioning
     time_ids: torch.Tensor | None
     conditioning_scale: float
     guess_mode: bool
+
+    def conditioning(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The conditioning image as Diffusers' `prepare_image` hands it to the ControlNet: moved,
+        cast, contiguous NCHW (preprocess gives a channels-last view, on which the hint encoder's
+        convolutions round differently), then `torch.cat` up to the batch of encoder_hidden_states."""
+        cond = self.controlnet_cond.to(device=device, dtype=dtype).contiguous()
+        copies = self.encoder_hidden_states.shape[0] // cond.shape[0]
+        return torch.cat([cond] * copies) if copies > 1 else cond
 
     def to_pb(self, wire_dtype: int = 0, request_id: str = "") -> controlnet_pb2.SessionStart:
         """`wire_dtype`: DType of the residuals in responses (DTYPE_UNSPECIFIED: the sample's)."""
@@ -43,7 +59,7 @@ class ControlNetSession:
 
         return controlnet_pb2.SessionStart(
             controlnet_id=self.controlnet_id,
-            controlnet_cond=tensor(self.controlnet_cond),
+            controlnet_cond=tensor(_as_pixels(self.controlnet_cond)),
             encoder_hidden_states=tensor(self.encoder_hidden_states),
             text_embeds=tensor(self.text_embeds),
             time_ids=tensor(self.time_ids),
@@ -69,7 +85,30 @@ class ControlNetSession:
         cond = session.controlnet_cond
         if cond.dim() != 4 or cond.shape[1] != 3:
             raise InvalidArgument("start.controlnet_cond", f"expected NCHW with 3 channels, got {tuple(cond.shape)}")
+        if cond.dtype == torch.uint8:
+            session.controlnet_cond = PIXEL_VALUES[cond.long()]
+        elif not cond.is_floating_point():
+            raise InvalidArgument("start.controlnet_cond", f"expected a float or uint8 tensor, got {cond.dtype}")
+        hidden = session.encoder_hidden_states
+        if hidden.dim() != 3:
+            raise InvalidArgument(
+                "start.encoder_hidden_states", f"expected [batch, tokens, dim], got {tuple(hidden.shape)}"
+            )
+        batch = hidden.shape[0]
+        if cond.shape[0] == 0 or batch % cond.shape[0]:
+            raise InvalidArgument(
+                "start.controlnet_cond", f"batch {cond.shape[0]} does not divide encoder_hidden_states batch {batch}"
+            )
         return session
+
+
+def _as_pixels(cond: torch.Tensor) -> torch.Tensor:
+    """`cond` as uint8 pixel values when PIXEL_VALUES gives it back exactly (a prepared image),
+    else as it is."""
+    if cond.dtype != torch.float32 or cond.device.type != "cpu":
+        return cond
+    pixels = (cond * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return pixels if torch.equal(PIXEL_VALUES[pixels.long()], cond) else cond
 
 
 @dataclass

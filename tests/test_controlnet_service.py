@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import StableDiffusionControlNetPipeline
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.fidelity import psnr
@@ -325,6 +326,40 @@ def assert_worker_healthy(unet, channel, services, fam):
     assert response.image_png
 
 
+@pytest.mark.parametrize("cfg, guess_mode", [(True, False), (True, True), (False, False)])
+def test_the_conditioning_image_crosses_once_as_pixels_and_reaches_the_controlnet_as_diffusers_prepares_it(
+    families, cfg, guess_mode
+):
+    """A session carries the prepared image once as one byte per value (a quarter of float32's
+    bytes, an eighth of what CFG duplication sent before), and the ControlNet worker rebuilds the
+    very tensor Diffusers' `prepare_image` feeds the ControlNet: values, dtype and layout."""
+    fam = families["sd15"]
+    image = PIL.Image.fromarray(np.random.default_rng(3).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    cond = fam.engine.prepare_control_image(image, SIZE, SIZE)
+    batch = 2 if cfg and not guess_mode else 1  # guess mode with CFG: the conditional half only
+    session = ControlNetSession("tiny-sd15-cn-edges", cond, torch.zeros(batch, 77, 32), None, None, 1.0, guess_mode)
+
+    wire = session.to_pb()
+    assert wire.controlnet_cond.dtype == common_pb2.DTYPE_UINT8
+    assert list(wire.controlnet_cond.shape) == [1, 3, SIZE, SIZE] and len(wire.controlnet_cond.data) == 3 * SIZE**2
+    received = ControlNetSession.from_pb(controlnet_pb2.SessionStart.FromString(wire.SerializeToString()))
+
+    reference = StableDiffusionControlNetPipeline(**fam.pipe.components, controlnet=fam.controlnets[fam.ids[0]])
+    for dtype in (torch.float32, torch.float16):
+        expected = reference.prepare_image(
+            image, SIZE, SIZE, 1, 1, torch.device("cpu"), dtype, do_classifier_free_guidance=cfg, guess_mode=guess_mode
+        )
+        ours = received.conditioning(torch.device("cpu"), dtype)
+        assert ours.dtype == expected.dtype and ours.stride() == expected.stride()
+        assert torch.equal(ours, expected)
+        assert torch.equal(session.conditioning(torch.device("cpu"), dtype), expected)  # in-process
+
+    # Anything else (not 8-bit pixel values) crosses as it is.
+    odd = ControlNetSession("x", torch.rand(1, 3, 8, 8), torch.zeros(2, 77, 32), None, None, 1.0, False)
+    assert odd.to_pb().controlnet_cond.dtype == common_pb2.DTYPE_FLOAT32
+    assert torch.equal(ControlNetSession.from_pb(odd.to_pb()).controlnet_cond, odd.controlnet_cond)
+
+
 def test_controlnet_worker_errors(suite):
     services, channels = suite
     stub = controlnet_pb2_grpc.ControlNetWorkerStub(channels["cn_a"])
@@ -342,8 +377,20 @@ def test_controlnet_worker_errors(suite):
     with pytest.raises(grpc.RpcError) as info:
         list(stub.StreamResiduals(iter([start]), timeout=10))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-cn" in info.value.details()
-    # A step whose sample is said to be in a ring the session does not have (an inline session).
+    # A conditioning image the worker cannot use: its batch does not divide the prompt's; not an image.
     start.start.controlnet_id = "tiny-sd15-cn-edges"
+    for cond, why in (
+        (torch.zeros(3, 3, 64, 64, dtype=torch.uint8), "batch 3"),
+        (torch.zeros(1, 3, 64, 64).long(), "int64"),
+    ):
+        bad = controlnet_pb2.ResidualsRequest()
+        bad.CopyFrom(start)
+        bad.start.controlnet_cond.CopyFrom(codec.tensor_to_proto(cond))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.StreamResiduals(iter([bad]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "start.controlnet_cond" in info.value.details() and why in info.value.details()
+    # A step whose sample is said to be in a ring the session does not have (an inline session).
     in_ring = controlnet_pb2.ResidualsRequest(
         step=controlnet_pb2.StepInput(step_index=0, timestep=1.0, sample_in_ring=True)
     )

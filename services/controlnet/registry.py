@@ -177,7 +177,7 @@ class SessionRunner:
                     f"controlnet {session.controlnet_id!r} cross_attention_dim {expected}",
                 )
             self._cast = lambda t: None if t is None else t.to(device=model.device, dtype=model.dtype)
-            self.cond_embedding = self.stepper.embed_condition(self._cast(session.controlnet_cond))
+            self.cond_embedding = self.stepper.embed_condition(session.conditioning(model.device, model.dtype))
             self._hidden = self._cast(session.encoder_hidden_states)
             self._text_embeds = self._cast(session.text_embeds)
             self._time_ids = self._cast(session.time_ids)

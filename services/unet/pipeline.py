@@ -204,15 +204,10 @@ class UNetPipeline:
             time_ids = torch.cat([time_ids, time_ids])
         return prompt_embeds, {"text_embeds": text_embeds.to(self.device), "time_ids": time_ids.to(self.device)}
 
-    def prepare_control_image(
-        self, image: PIL.Image.Image, height: int, width: int, duplicate_for_cfg: bool
-    ) -> torch.Tensor:
-        """Diffusers' ControlNet preprocessing: RGB, resize to the output size, range [0, 1]."""
-        cond = self.control_image_processor.preprocess(image, height=height, width=width).to(torch.float32)
-        # Contiguous NCHW, as Diffusers' repeat_interleave leaves it: preprocess gives a channels-last
-        # view, on which the hint encoder's convolutions round differently.
-        cond = cond.to(device=self.device, dtype=self.dtype).contiguous()
-        return torch.cat([cond] * 2) if duplicate_for_cfg else cond
+    def prepare_control_image(self, image: PIL.Image.Image, height: int, width: int) -> torch.Tensor:
+        """Diffusers' ControlNet preprocessing: RGB, resize to the output size, range [0, 1]; float32
+        on the host, once (ControlNetSession.conditioning moves, casts and repeats it for CFG)."""
+        return self.control_image_processor.preprocess(image, height=height, width=width).to(torch.float32)
 
     def decode(self, latents: torch.Tensor) -> PIL.Image.Image:
         """VAE decode as the Diffusers pipelines do (SDXL: fp16 upcast, latents mean/std)."""

@@ -54,7 +54,8 @@ class LocalResidualSource:
     def __init__(self, stepper: ControlNetStepper, session: ControlNetSession):
         self._stepper = stepper
         self._session = session
-        self._cond_embedding = stepper.embed_condition(session.controlnet_cond)
+        model = stepper.controlnet
+        self._cond_embedding = stepper.embed_condition(session.conditioning(model.device, model.dtype))
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start_step(self, step_index: int, timestep: torch.Tensor, sample: torch.Tensor) -> None:
@@ -87,7 +88,7 @@ class ControlNetAddOn(AddOn):
         prepare_image: Callable[..., torch.Tensor],
     ):
         """`check_local(controlnet_id)` raises unless an in-process ControlNet can run;
-        `prepare_image(image, height, width, duplicate_for_cfg)` is Diffusers' preprocessing."""
+        `prepare_image(image, height, width)` is Diffusers' preprocessing (once; the session repeats it for CFG)."""
         self.controlnets = controlnets
         self._open_source = open_source
         self._check_local = check_local
@@ -117,10 +118,9 @@ class ControlNetAddOn(AddOn):
         def batch(tensor):
             return tensor.chunk(2)[1] if tensor is not None and conditional_only else tensor
 
-        duplicate = run.cfg_batch and not cn.guess_mode
         return ControlNetSession(
             controlnet_id=cn.controlnet_id,
-            controlnet_cond=self._prepare_image(cn.decoded_image(), request.height, request.width, duplicate),
+            controlnet_cond=self._prepare_image(cn.decoded_image(), request.height, request.width),
             encoder_hidden_states=batch(run.prompt_embeds),
             text_embeds=batch(run.added_cond_kwargs.get("text_embeds")),
             time_ids=batch(run.added_cond_kwargs.get("time_ids")),
