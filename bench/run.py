@@ -349,31 +349,24 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
     def per_step(prefix: str, run: str = "o_cn1") -> float:
         return median([sum(v for k, v in r["stages"].items() if k.startswith(prefix)) for r in runs[run]]) / steps
 
-    def transport_s(run: str) -> float:
-        return (
-            median(
-                [
-                    sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".transport"))
-                    for r in runs[run]
-                ]
-            )
-            / steps
+    def controlnet_s(run: str, part: str) -> float:
+        """Median over the run's requests of its ControlNets' `part`, summed (seconds per request)."""
+        return median(
+            [
+                sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(f".{part}"))
+                for r in runs[run]
+            ]
         )
+
+    def transport_s(run: str) -> float:
+        return controlnet_s(run, "transport") / steps
 
     encoder, decoder = per_step("denoise.encoder_half"), per_step("denoise.decoder_half")
     # The same halves without a ControlNet running on the other core: what sharing the machine costs.
     encoder_base, decoder_base = per_step("denoise.encoder_half", "o_base"), per_step("denoise.decoder_half", "o_base")
     wait = per_step("denoise.controlnet_wait")
     transport, transport_inline = transport_s("o_cn1"), transport_s("o_cn1_inline")
-    compute = (
-        median(
-            [
-                sum(v for k, v in r["stages"].items() if k.startswith("controlnet.") and k.endswith(".compute"))
-                for r in runs["o_cn1"]
-            ]
-        )
-        / steps
-    )
+    compute = controlnet_s("o_cn1", "compute") / steps
     reference_png = base64.b64decode(runs["d_cn1"][-1]["image_png"])
     check_same_image(reference_png, runs["o_cn1"][-1]["image_png"], "controlnet cn1 (fp32 wire)")
     psnr_fp32 = psnr(runs["o_cn1"][-1]["image_png"], reference_png)
@@ -403,6 +396,8 @@ def group_controlnet(config: BenchConfig, session: Session) -> GroupResult:
             Figure("controlnet.step_s.wait", wait, "s", group),
             Figure("controlnet.step_s.transport", transport, "s", group),
             Figure("controlnet.step_s.transport.inline", transport_inline, "s", group),
+            # Included in step_s.transport: the offer step's, with the ring's creation and mapping.
+            Figure("controlnet.first_step_s.transport", controlnet_s("o_cn1", "first_step_transport"), "s", group),
             Figure("controlnet.latency_s.ours.base", latency["o_base"], "s", group),
             Figure("controlnet.latency_s.ours.cn1", latency["o_cn1"], "s", group),
             Figure("controlnet.latency_s.diffusers.base", latency["d_base"], "s", group),

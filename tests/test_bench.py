@@ -51,6 +51,7 @@ STABLE = {
         "controlnet.transport_fraction.inline",
         *(f"controlnet.step_s.{part}" for part in ("encoder_half", "decoder_half", "controlnet", "wait", "transport")),
         "controlnet.step_s.transport.inline",
+        "controlnet.first_step_s.transport",
         "controlnet.speedup.cn1",
         "controlnet.fp32_wire_psnr_db",
         "controlnet.fp16_wire_psnr_db",

@@ -40,6 +40,8 @@ def test_the_gpu_serving_benchmark_runs_end_to_end_on_the_cpu(zoo_root, tmp_path
         if controlnets:
             parts = got["per_step_s"]
             assert parts["encoder_half"] > 0 and parts["decoder_half"] > 0 and parts["controlnet_compute"] > 0
+            # The first step's transport (with the session's set-up) is part of all steps' (3 steps).
+            assert 0 < parts["controlnet_first_step_transport"] <= parts["controlnet_transport"] * 3 + 1e-9, parts
     assert "lora_load_fuse" in theirs["cn1_lora1"]["stages"]  # Diffusers loads the LoRA per request
     ours_run = stages["ours.spread"]["result"]
     # Compiled at start; the LoRA swaps of the later scenarios compile nothing.
@@ -49,3 +51,4 @@ def test_the_gpu_serving_benchmark_runs_end_to_end_on_the_cpu(zoo_root, tmp_path
     warmed = [line for line in ours_run["controlnet_compile_log"] if "graphs warmed up" in line]
     assert len(warmed) == 2 and all("0 compiled anew" in line for line in warmed), warmed
     assert len(data["table"].splitlines()) == 2 + 4  # header, rule, a row per scenario
+    assert all(len(row.split("|")) == 11 for row in data["table"].splitlines())  # 9 columns each

@@ -56,7 +56,9 @@ class RemoteResidualSource:
         self._requests: queue.Queue = queue.Queue()
         self._responses: queue.Queue = queue.Queue()
         self._sent_at: dict[int, float] = {}
-        self.stats = {"compute": 0.0, "transport": 0.0, "steps": 0}
+        # Summed over steps; the first step's transport also alone: it carries the session's set-up
+        # (the SessionStart's decoding, the ring's creation and mapping), later ones only handoffs.
+        self.stats = {"compute": 0.0, "transport": 0.0, "first_step_transport": 0.0, "steps": 0}
         self._ring = None  # the ControlNet worker's residual ring, once mapped
         self._socket: StepSocket | None = None  # its step socket, once connected
         self._on_socket = False  # the answer went out: step inputs go over the socket from now on
@@ -226,8 +228,11 @@ class RemoteResidualSource:
             for tensor in (*residuals.down_block_res_samples, residuals.mid_block_res_sample):
                 tensor.record_stream(stream)  # made on a ring's side stream: not reused before the loop is done
         # Transport: the round trip minus the ControlNet's own compute (serialization, gRPC, decode).
+        transport_seconds = max(0.0, received_at - self._sent_at.pop(step_index) - compute_seconds)
+        if not self.stats["steps"]:
+            self.stats["first_step_transport"] = transport_seconds
         self.stats["compute"] += compute_seconds
-        self.stats["transport"] += max(0.0, received_at - self._sent_at.pop(step_index) - compute_seconds)
+        self.stats["transport"] += transport_seconds
         self.stats["steps"] += 1
         return residuals
 
