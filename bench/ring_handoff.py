@@ -107,15 +107,25 @@ def run(kind: int, family: str, device: str, dtype: str, steps: int) -> dict:
     parent, child = context.Pipe()
     writer = context.Process(target=_writer, args=(child, kind, shapes, sample, device, dtype, steps), daemon=True)
     writer.start()
+    child.close()  # the writer's end: if the writer dies, receiving fails instead of waiting for good
+
+    def receive():
+        """The writer's next message; RuntimeError, not a hang, once it has died (a CUDA error,
+        /dev/shm too small for the ring)."""
+        while not parent.poll(1.0):
+            if not writer.is_alive():
+                raise RuntimeError(f"the writer process ended (exit code {writer.exitcode}); its stderr says why")
+        return parent.recv()
+
     try:
-        ring_pb = controlnet_pb2.ResidualRing.FromString(parent.recv())
+        ring_pb = controlnet_pb2.ResidualRing.FromString(receive())
         ring = transport.ring_class(kind).attach(ring_pb)
         ring.unlink()  # both sides have it: nothing left behind whatever happens next
         parent.send("mapped")
         target, out_dtype = torch.device(device), getattr(torch, dtype)
         handoffs = []
         next_sample = torch.empty(sample, device=target, dtype=out_dtype)
-        while isinstance(message := parent.recv(), tuple):
+        while isinstance(message := receive(), tuple):
             slot_bytes, written_at = message
             slot = controlnet_pb2.ResidualSlot.FromString(slot_bytes)
             tensors = ring.read(slot, target, out_dtype)

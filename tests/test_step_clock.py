@@ -55,3 +55,16 @@ def test_on_a_gpu_parts_are_gpu_time_and_the_host_stays_within_the_allowed_steps
     decoder = [parts["decoder_half"] for _, parts in steps]
     others = [parts[p] for _, parts in steps for p in PARTS if p != "decoder_half"]
     assert min(decoder) > 10 * max(others), (decoder, others)  # GPU time, not the host's queueing
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events need a GPU (runs on a lent GPU machine)")
+def test_on_a_gpu_a_stopped_request_stops_waiting_for_steps_the_gpu_has_not_run():
+    """A cancelled request or a passed deadline ends the wait for the GPU (a peer's event that is
+    never reached must not hold the request); an unstopped wait returns once the GPU is there."""
+    clock = StepClock(torch.device("cuda"))
+    run_steps(clock, 1, lambda part: torch.cuda._sleep(2_000_000_000) if part == "decoder_half" else None)
+    t0 = time.monotonic()
+    clock.wait_for_step(0, stop=lambda: True)
+    assert clock.read(stop=lambda: True) is None
+    assert time.monotonic() - t0 < 0.2 and not clock._steps[0][1][-1].query()  # the GPU is still at it
+    assert clock.read() is not None and clock._steps[0][1][-1].query()

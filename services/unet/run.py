@@ -164,7 +164,7 @@ class DenoisingRun:
                 # On a GPU the host queues a step and moves on: it stays at most MAX_STEPS_AHEAD
                 # steps ahead of the GPU, so that progress, cancellation and deadlines act within
                 # that many steps of what the GPU has run, while the steps queued keep it busy.
-                self.clock.wait_for_step(i - MAX_STEPS_AHEAD)
+                self.clock.wait_for_step(i - MAX_STEPS_AHEAD, self._stopped)
                 if self._stopped():
                     raise Cancelled(f"request cancelled before step {i}")
                 self.step(i, t)
@@ -172,7 +172,10 @@ class DenoisingRun:
                     self.on_step(i, self.num_steps, self.latents)
             # One event per step (a span each would multiply the trace by the step count), read
             # after the loop: on a GPU the parts are known once it has run them.
-            for i, (started, parts) in enumerate(self.clock.read()):
+            steps = self.clock.read(self._stopped)
+            if steps is None:
+                raise Cancelled("request cancelled while the GPU ran its last steps")
+            for i, (started, parts) in enumerate(steps):
                 denoise_span.add_event("step", {"step": i, **{f"{k}_seconds": v for k, v in parts.items()}}, started)
                 for part, seconds in parts.items():
                     self.step_times[part] += seconds

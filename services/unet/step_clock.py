@@ -14,11 +14,27 @@ would act on steps the GPU has not run yet.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 #: A step's parts, in order: the time between consecutive marks.
 PARTS = ("encoder_half", "controlnet_wait", "decoder_half", "guidance", "scheduler")
+POLL_S = 0.0005  # between looks at a GPU event (the host waits for steps queued milliseconds long)
+STOP_EVERY = 20  # looks between calls of `stop` (it may do work: a cancelled RPC, a deadline)
+
+
+def wait_for(event: torch.cuda.Event, stop: Callable[[], bool] | None = None) -> bool:
+    """Until the GPU has passed `event` (True), or `stop()` says to give up (False). Polled: a
+    synchronising wait spins a core all along and cannot be given up (a GPU that never gets
+    there, waiting on a dead peer's event, would hold the request past its deadline)."""
+    looks = 0
+    while not event.query():
+        looks += 1
+        if stop is not None and looks % STOP_EVERY == 0 and stop():
+            return False
+        time.sleep(POLL_S)
+    return True
 
 
 class StepClock:
@@ -40,17 +56,17 @@ class StepClock:
             event.record(self._stream)
             marks.append(event)
 
-    def wait_for_step(self, step: int) -> None:
-        """Block the host until the GPU has run step `step` (its last part); at once on the CPU,
-        where parts run as they are called, or for a step before the first."""
+    def wait_for_step(self, step: int, stop: Callable[[], bool] | None = None) -> None:
+        """Block the host until the GPU has run step `step` (its last part), or until `stop()`;
+        at once on the CPU, where parts run as they are called, or for a step before the first."""
         if self._stream is not None and step >= 0:
-            self._steps[step][1][-1].synchronize()
+            wait_for(self._steps[step][1][-1], stop)
 
-    def read(self) -> list[tuple[int, dict[str, float]]]:
+    def read(self, stop: Callable[[], bool] | None = None) -> list[tuple[int, dict[str, float]]] | None:
         """Per step: when it started (ns since the epoch, host clock) and seconds per part. On a
-        GPU this waits until the GPU has done the last step."""
-        if self._stream is not None and self._steps:
-            self._steps[-1][1][-1].synchronize()
+        GPU this waits until the GPU has done the last step; None if `stop()` said to give up first."""
+        if self._stream is not None and self._steps and not wait_for(self._steps[-1][1][-1], stop):
+            return None
         out = []
         for started, marks in self._steps:
             if self._stream is None:

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import time
 
 import torch
 
@@ -35,6 +37,10 @@ from swiftd.device import gpu_uuid
 from swiftd.transport import CUDA_IPC
 from swiftd.transport.layout import SLOTS, Layout, SlotLayout, TornRead, check_index, sample_layout
 from swiftd.v1 import controlnet_pb2
+
+log = logging.getLogger(__name__)
+CLOSE_WAIT_S = 5.0  # for the reader's queued copies before its ring's memory is let go
+_kept: list = []  # rings whose queued copies never ran: never unmapped under them
 
 
 def _encode_handle(shared: tuple) -> dict:
@@ -282,7 +288,24 @@ class CudaIpcRing:
     # -- both ----------------------------------------------------------------------------------
 
     def close(self) -> None:
+        """Let go of the memory and events. The reader's side stream may still hold queued copies
+        out of a slot or into the sample buffer (a request cancelled or failed over with steps
+        queued): unmapping IPC memory under them would be an illegal access, which breaks the
+        GPU context, so this waits for them, a bounded time (then keeps the ring mapped)."""
+        stream = self._copy_stream
+        if stream is not None:
+            deadline = time.monotonic() + CLOSE_WAIT_S
+            while not stream.query():
+                if time.monotonic() > deadline:
+                    log.warning(
+                        "CUDA IPC ring: copies still queued %.0f s after its session: kept mapped", CLOSE_WAIT_S
+                    )
+                    _kept.append((self._buffers, self._sample_buffer))
+                    break
+                time.sleep(0.001)
         self._views, self._buffers, self._sample = [], [], None
+        self._sample_buffer = self._ready = self._free = self._sample_ready = self._sample_free = None
+        self._copy_stream = None
 
 
 class _Ordered(list):
