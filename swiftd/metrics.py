@@ -54,6 +54,12 @@ CONTROLNET_STEPS = Counter(
     "(in_place: computed straight into a ring slot; copied: into one; bytes: in a message)",
     ["sample", "residuals"],
 )
+RESIDUAL_RINGS = Counter(
+    "swiftd_residual_rings",
+    "residual rings a ControlNet worker offered, by transport, new or kept from an earlier session with the "
+    "same UNet worker (reused)",
+    ["transport", "ring"],
+)
 QUEUE_DEPTH = Gauge("swiftd_queue_depth", "requests waiting", ["model"])
 IN_FLIGHT = Gauge("swiftd_in_flight", "requests running", ["model"])
 LORA_LOOKUPS = Counter("swiftd_lora_lookups", "LoRA deltas looked up, by tier", ["tier", "result"])

@@ -25,10 +25,11 @@ from swiftd.launcher import start_controlnet, start_unet
 from swiftd.loading import load_controlnet
 from swiftd.request import ControlNet
 from swiftd.transport import shm
+from swiftd.transport.idle import IdleRings
 from swiftd.transport.shm import ShmRing, TornRead
 from swiftd.transport.step_socket import StepListener, StepSocket
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc, unet_pb2, unet_pb2_grpc
-from tests.reference import STEPS, conditioning_image
+from tests.reference import SIZE, STEPS, conditioning_image
 from tests.test_controlnet_service import denoise_request
 from tests.test_metrics import METRICS, moved, scrape
 
@@ -187,6 +188,53 @@ def test_step_messages_cross_a_socket_that_leaves_nothing_behind_and_ends_with_i
         writer.close()
 
 
+def mapped(ring: ShmRing) -> bool:
+    """Whether this process still maps the ring's memory (its name is gone once both sides map it)."""
+    return ring.name in Path("/proc/self/maps").read_text()
+
+
+def test_idle_rings_hand_each_ring_out_once_and_let_go_of_the_oldest_and_of_those_idle_too_long():
+    rings = [ShmRing.create(residuals(i), None) for i in range(3)]
+    idle = IdleRings(max_idle=2, idle_s=0.5)
+    for ring in rings:
+        idle.put(ring)
+    assert idle.names() == [rings[1].name, rings[2].name]
+    assert not mapped(rings[0])  # beyond max_idle: the oldest was closed
+    assert idle.take(rings[1].name) is rings[1] and idle.take(rings[1].name) is None  # once
+    assert idle.take_first(["unknown", rings[2].name], lambda ring: False) is None  # does not fit
+    assert idle.take_first(["unknown", rings[2].name], lambda ring: True) is rings[2]
+    idle.put(rings[2])
+    time.sleep(1.0)  # idle for longer than idle_s: closed by the timer, with nobody asking
+    assert not mapped(rings[2]) and len(idle) == 0
+    assert mapped(rings[1])  # handed out: not the store's to close
+    rings[1].close()
+
+
+def test_a_kept_ring_is_offered_again_only_for_residuals_and_samples_it_was_planned_for():
+    tensors, sample = residuals(0), torch.zeros(2, 4, 8, 8)
+    writer = ShmRing.create(tensors, None, sample=sample)
+    reader = ShmRing.attach(writer.to_pb())
+    try:
+        assert writer.serves(residuals(1), None, sample)  # other values, the same plan
+        assert not writer.serves(residuals(1), torch.float16, sample)  # another wire dtype
+        assert not writer.serves([t[:1] for t in tensors], None, sample[:1])  # another batch
+        assert not writer.serves(tensors, None, None)  # no sample buffer wanted
+        assert reader.is_offered_as(writer.to_pb())
+        other = ShmRing.create(residuals(1), None, sample=sample)
+        assert not reader.is_offered_as(other.to_pb())  # another ring (name)
+        other.close()
+        # A new session on the kept ring: sequence numbers run on, no slot holds a step yet.
+        slot = writer.write(tensors)
+        writer.reuse(tensors)
+        with pytest.raises(TornRead):
+            reader.read(slot, CPU, torch.float32)
+        slot = writer.write(residuals(2))
+        assert slot.sequence == 2 and torch.equal(reader.read(slot, CPU, torch.float32)[1], residuals(2)[1])
+    finally:
+        reader.close()
+        writer.close()
+
+
 @pytest.fixture(scope="module")
 def workers(zoo_root, tmp_path_factory):
     """A UNet worker and two ControlNet workers on this host: one shares /dev/shm with it, the
@@ -248,6 +296,38 @@ def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_s
         controlnet_pb2.ControlNetWorkerListControlNetsRequest(), timeout=10
     )
     assert common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY in listing.controlnets[0].transports
+
+
+def test_the_next_request_of_the_same_workers_reuses_the_ring_of_the_last_one(workers):
+    """A ring costs its session more than a step does (reserved, mapped, page-locked with GPU
+    tensors): a session that got every step keeps it on both sides, and the next request's session
+    with the same workers is offered it again, with the same latents; one of another size gets a
+    ring of its own and leaves the kept one be."""
+    services, _ = workers
+    stub = unet_pb2_grpc.UNetWorkerStub(rpc.create_channel(services["unet"].address))
+    controlnets = [ControlNet(CN, conditioning_image(0), 1.0, 0.0, 1.0)]
+
+    def run(size: int = SIZE) -> tuple[unet_pb2.DenoiseResponse, dict]:
+        before = scrape(services["shared"].metrics_address)
+        request = denoise_request(MODEL, controlnets, [services["shared"].address], 7.5)
+        request.params.width = request.params.height = size
+        response = stub.Denoise(request, timeout=120)
+        assert list(response.controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]
+        after = scrape(services["shared"].metrics_address)
+        rings = {
+            kind: moved(before, after, "swiftd_residual_rings_total", transport="shared_memory", ring=kind)
+            for kind in ("new", "reused")
+        }
+        return response, rings
+
+    first, _ = run()
+    second, rings = run()
+    assert rings == {"new": 0, "reused": 1}
+    assert torch.equal(codec.tensor_from_proto(first.latents), codec.tensor_from_proto(second.latents))
+    _, rings = run(SIZE * 2)
+    assert rings == {"new": 1, "reused": 0}
+    _, rings = run()
+    assert rings == {"new": 0, "reused": 1}
 
 
 def test_cuda_ipc_is_chosen_only_for_a_unet_worker_that_can_map_the_controlnet_workers_gpu():

@@ -16,6 +16,7 @@ from swiftd import device, metrics, transport
 from swiftd.controlnet_step import ControlNetSession
 from swiftd.errors import InvalidArgument
 from swiftd.request import check_id
+from swiftd.transport.idle import IdleRings
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         torch_device = torch.device(registry.device)
         self.device_type = torch_device.type
         self.host_identity = transport.host_identity()
+        self.idle_rings = IdleRings()  # shared-memory rings kept between sessions (swiftd/transport/idle.py)
         # CUDA IPC is chosen only for a UNet worker that can map this GPU.
         self.gpu_uuid = device.gpu_uuid(torch_device.index or 0) if self.device_type == "cuda" else None
 
@@ -71,7 +73,7 @@ class ControlNetWorkerServicer(controlnet_pb2_grpc.ControlNetWorkerServicer):
         # its compute_seconds, so that the UNet worker's transport figure is only transport.
         setup_seconds = time.perf_counter() - t_session
         label = f"session {start.request_id}/{start.controlnet_id}"
-        channel = SessionChannel(chosen, wire_dtype, label, context)
+        channel = SessionChannel(chosen, wire_dtype, label, context, self.idle_rings, start.idle_rings)
         log.debug("%s opened (transport %s)", label, transport.name(chosen))
         try:
             for step in channel.step_inputs(request_iterator):

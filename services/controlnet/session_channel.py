@@ -6,7 +6,8 @@ ring's first slot, announced with the ring's offer (a UNet worker that cannot ma
 step again, inline). Once the UNet worker has answered that it mapped the ring and connected to
 its step socket, each step's residuals are computed straight into the next slot, each step's
 sample arrives in the ring's sample buffer, and the per-step messages move to the step socket
-until the UNet worker closes it.
+until the UNet worker closes it. A shared-memory ring whose session ended cleanly is kept for the
+next session with the same UNet worker (swiftd/transport/idle.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import logging
 
 import torch
 
-from swiftd import codec, transport
+from swiftd import codec, metrics, transport
 from swiftd.errors import InvalidArgument
+from swiftd.transport.idle import IdleRings
 from swiftd.transport.step_socket import StepListener
 from swiftd.v1 import common_pb2, controlnet_pb2
 
@@ -27,14 +29,20 @@ POLL_S = 1.0  # how often a session waiting for its next step checks that its RP
 
 
 class SessionChannel:
-    def __init__(self, chosen: int, wire_dtype: int, label: str, context):
+    def __init__(self, chosen: int, wire_dtype: int, label: str, context, idle: IdleRings | None = None, idle_names=()):
         """`chosen`: the transport picked for this stream (transport.choose); `wire_dtype`: the
         session's (DTYPE_UNSPECIFIED keeps the residuals' dtype); `label`: for log lines;
-        `context`: the RPC's (a session waiting on its socket ends when the RPC does)."""
+        `context`: the RPC's (a session waiting on its socket ends when the RPC does); `idle`:
+        this worker's rings kept from earlier sessions, `idle_names` those the UNet worker keeps
+        (SessionStart.idle_rings): one in both that fits is offered instead of a new one."""
         self.chosen = chosen
         self.wire_dtype = wire_dtype
         self.label = label
         self._context = context
+        self._idle = idle if chosen == transport.SHARED_MEMORY else None
+        self._idle_names = list(idle_names)
+        self.reused = False  # the ring offered was kept from an earlier session
+        self._keep = False  # the UNet worker got every step and keeps the ring mapped
         self._ring = None  # transport.ring_class(chosen), once offered
         self._listener: StepListener | None = None  # the ring's step socket until the peer connects
         self._socket = None  # connected: the ring is in use and steps go over it
@@ -61,6 +69,9 @@ class SessionChannel:
         while self._socket is not None:
             step = self._receive()
             if step is None:
+                return
+            if step.keep_ring:  # the session's last message: no step
+                self._keep = True
                 return
             yield step
 
@@ -160,8 +171,14 @@ class SessionChannel:
 
     def _offer(self, response, residuals: list[torch.Tensor]) -> bool:
         wire = codec.dtype_from_proto(self.wire_dtype, allow_unspecified=True)
+        kept = None
+        if self._idle is not None:
+            kept = self._idle.take_first(self._idle_names, lambda r: r.serves(residuals, wire, self._first_sample))
         try:
-            self._ring = transport.ring_class(self.chosen).create(residuals, wire, sample=self._first_sample)
+            if kept is not None:
+                self._ring, self.reused = kept.reuse(residuals), True
+            else:
+                self._ring = transport.ring_class(self.chosen).create(residuals, wire, sample=self._first_sample)
             self._listener = StepListener()
         except (OSError, RuntimeError) as exc:  # /dev/shm full, CUDA IPC refused: this stream stays inline
             log.warning("%s: no residual ring (%s): inline bytes", self.label, exc)
@@ -169,6 +186,7 @@ class SessionChannel:
             return False
         response.ring.CopyFrom(self._ring.to_pb())
         response.ring.step_socket = self._listener.name
+        metrics.RESIDUAL_RINGS.labels(transport.name(self.chosen), "reused" if self.reused else "new").inc()
         return True
 
     def _close_ring(self) -> None:
@@ -178,4 +196,9 @@ class SessionChannel:
         self._socket = self._listener = self._ring = None
 
     def close(self) -> None:
+        """End the session's transport; a ring the UNet worker keeps is kept here too (after the
+        session's last write: nothing writes it until it is offered again)."""
+        if self._keep and self._idle is not None and self._ring is not None:
+            ring, self._ring = self._ring, None
+            self._idle.put(ring)
         self._close_ring()

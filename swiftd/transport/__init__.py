@@ -30,7 +30,8 @@ Negotiation, in the stream itself:
 A ring's name is removed from /dev/shm as soon as the reader has mapped it, so a worker killed at
 any later moment leaves nothing behind; one killed before that is cleaned at the next start of a
 ControlNet worker on the host (`shm.remove_abandoned`), and the writer removes an unanswered
-ring when its stream ends.
+ring when its stream ends. A shared-memory ring whose session ended cleanly stays mapped on both
+sides for the next session of the same two workers (idle.py).
 """
 
 from __future__ import annotations

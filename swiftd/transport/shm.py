@@ -159,6 +159,21 @@ class ShmRing:
     def fits(self, tensors: list[torch.Tensor]) -> bool:
         return self.layout.fits(tensors)
 
+    def serves(self, tensors: list[torch.Tensor], wire_dtype: torch.dtype | None, sample: torch.Tensor | None) -> bool:
+        """Whether `create(tensors, wire_dtype, sample)` would plan this very ring (idle.py: a ring
+        kept from an earlier session, offered again)."""
+        if self.layout != SlotLayout.plan(tensors, wire_dtype) or (sample is None) != (self.sample_layout is None):
+            return False
+        return sample is None or self.sample_layout.fits(sample)
+
+    def reuse(self, tensors: list[torch.Tensor]) -> ShmRing:
+        """This ring, kept idle after an earlier session, for a new one: no slot or sample marked
+        as holding a step (the sequence numbers run on)."""
+        self._header[:] = 0
+        if tensors[0].is_cuda:
+            self._pin(tensors[0].device)
+        return self
+
     def next_slot(self) -> list[torch.Tensor]:
         """The next slot's tensors, marked as being written: fill them (the ControlNet step
         computes its weighted residuals straight into them), then `commit`."""
@@ -222,6 +237,16 @@ class ShmRing:
         # Mapped on both sides now: without its name nothing outlives the two processes.
         (SHM_DIR / ring.name).unlink(missing_ok=True)
         return ring
+
+    def is_offered_as(self, ring: controlnet_pb2.ResidualRing) -> bool:
+        """Whether the writer's offer `ring` describes this ring (kept mapped from an earlier
+        session, under the same name) as it is mapped here."""
+        try:
+            layout, sample = SlotLayout.from_pb(ring), sample_layout(ring)
+        except ValueError:
+            return False
+        same_slots = ring.slots == self.slots and ring.header_bytes == self.header_bytes
+        return ring.name == self.name and same_slots and layout == self.layout and sample == self.sample_layout
 
     def read(self, slot: controlnet_pb2.ResidualSlot, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """The slot's residuals on `device` in `dtype`; TornRead if the slot does not hold the
@@ -300,7 +325,11 @@ class ShmRing:
         if self._owner:
             self.unlink()
         if self._pinned:
-            torch.cuda.cudart().cudaHostUnregister(self._pinned)  # before the pages are unmapped
+            cudart = torch.cuda.cudart()
+            error = cudart.cudaHostUnregister(self._pinned)  # before the pages are unmapped
+            if error != cudart.cudaError.success:  # left set, it would fail this thread's next kernel
+                _clear_last_cuda_error()
+                log.warning("residual ring %s: cannot unpin it (CUDA error %d)", self.name, int(error))
         self._pinned = 0
         self._views, self._header, self._sample = [], None, None
         try:

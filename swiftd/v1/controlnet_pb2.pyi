@@ -16,7 +16,7 @@ class ResidualsRequest(_message.Message):
     def __init__(self, start: _Optional[_Union[SessionStart, _Mapping]] = ..., step: _Optional[_Union[StepInput, _Mapping]] = ...) -> None: ...
 
 class SessionStart(_message.Message):
-    __slots__ = ("controlnet_id", "controlnet_cond", "encoder_hidden_states", "text_embeds", "time_ids", "conditioning_scale", "guess_mode", "wire_dtype", "request_id", "transports", "host_identity", "gpu_uuids", "pid_namespace")
+    __slots__ = ("controlnet_id", "controlnet_cond", "encoder_hidden_states", "text_embeds", "time_ids", "conditioning_scale", "guess_mode", "wire_dtype", "request_id", "transports", "host_identity", "gpu_uuids", "pid_namespace", "idle_rings")
     CONTROLNET_ID_FIELD_NUMBER: _ClassVar[int]
     CONTROLNET_COND_FIELD_NUMBER: _ClassVar[int]
     ENCODER_HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class SessionStart(_message.Message):
     HOST_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     GPU_UUIDS_FIELD_NUMBER: _ClassVar[int]
     PID_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_RINGS_FIELD_NUMBER: _ClassVar[int]
     controlnet_id: str
     controlnet_cond: _common_pb2.Tensor
     encoder_hidden_states: _common_pb2.Tensor
@@ -43,21 +44,24 @@ class SessionStart(_message.Message):
     host_identity: str
     gpu_uuids: _containers.RepeatedScalarFieldContainer[str]
     pid_namespace: str
-    def __init__(self, controlnet_id: _Optional[str] = ..., controlnet_cond: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoder_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., time_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., conditioning_scale: _Optional[float] = ..., guess_mode: _Optional[bool] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., transports: _Optional[_Iterable[_Union[_common_pb2.ResidualTransport, str]]] = ..., host_identity: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., pid_namespace: _Optional[str] = ...) -> None: ...
+    idle_rings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, controlnet_id: _Optional[str] = ..., controlnet_cond: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., encoder_hidden_states: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., text_embeds: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., time_ids: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., conditioning_scale: _Optional[float] = ..., guess_mode: _Optional[bool] = ..., wire_dtype: _Optional[_Union[_common_pb2.DType, str]] = ..., request_id: _Optional[str] = ..., transports: _Optional[_Iterable[_Union[_common_pb2.ResidualTransport, str]]] = ..., host_identity: _Optional[str] = ..., gpu_uuids: _Optional[_Iterable[str]] = ..., pid_namespace: _Optional[str] = ..., idle_rings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepInput(_message.Message):
-    __slots__ = ("step_index", "timestep", "sample", "transport", "sample_in_ring")
+    __slots__ = ("step_index", "timestep", "sample", "transport", "sample_in_ring", "keep_ring")
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     TIMESTEP_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IN_RING_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RING_FIELD_NUMBER: _ClassVar[int]
     step_index: int
     timestep: float
     sample: _common_pb2.Tensor
     transport: _common_pb2.ResidualTransport
     sample_in_ring: bool
-    def __init__(self, step_index: _Optional[int] = ..., timestep: _Optional[float] = ..., sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., sample_in_ring: _Optional[bool] = ...) -> None: ...
+    keep_ring: bool
+    def __init__(self, step_index: _Optional[int] = ..., timestep: _Optional[float] = ..., sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., sample_in_ring: _Optional[bool] = ..., keep_ring: _Optional[bool] = ...) -> None: ...
 
 class ResidualsResponse(_message.Message):
     __slots__ = ("step_index", "down_block_res_samples", "mid_block_res_sample", "compute_seconds", "ring", "slot")

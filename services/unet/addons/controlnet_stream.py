@@ -4,7 +4,9 @@
 encoder half runs while the ControlNet worker computes; a reader thread receives and decodes the
 residuals meanwhile, and `wait_step` hands them over. Once the worker's residual ring is mapped,
 the step inputs (sent by the denoising loop's thread itself) and the announcements of filled
-slots go over the ring's step socket instead (swiftd/transport/step_socket.py). A dead worker
+slots go over the ring's step socket instead (swiftd/transport/step_socket.py); a shared-memory
+ring whose session got every step stays mapped for the next session with the same worker
+(swiftd/transport/idle.py). A dead worker
 surfaces as UNAVAILABLE, a slow one as DEADLINE_EXCEEDED (the stream carries the request's
 deadline, and no step waits longer than `step_timeout`).
 """
@@ -24,6 +26,8 @@ from swiftd import codec, transport
 from swiftd.controlnet_step import ControlNetResiduals, ControlNetSession
 from swiftd.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from swiftd.request import wire_dtype_to_pb
+from swiftd.transport.idle import IdleRings
+from swiftd.transport.shm import ShmRing
 from swiftd.transport.step_socket import StepSocket
 from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 
@@ -31,6 +35,8 @@ _END = object()
 CALL_CHECK_S = 0.25  # how often a reader waiting on the step socket looks whether its call ended
 READER_STOP_S = 5.0  # longest wait at close for the reader to stop (else the ring goes to the GC)
 log = logging.getLogger(__name__)
+#: This process's shared-memory rings kept mapped between sessions, offered again by their writers.
+IDLE_RINGS = IdleRings()
 
 
 class RemoteResidualSource:
@@ -69,6 +75,7 @@ class RemoteResidualSource:
         # stream, where a gRPC receive can hang: see _call_ended), so close() may close the ring.
         self._done_with_ring = threading.Event()
         self._answer = common_pb2.RESIDUAL_TRANSPORT_UNSPECIFIED  # to its ring offer, sent with each step
+        self._failed = False  # a step failed: the ring is not kept for another session
         self.transport = transport.INLINE  # how the last residuals arrived
 
         start = session.to_pb(wire_dtype_to_pb(wire_dtype), request_id)
@@ -76,6 +83,8 @@ class RemoteResidualSource:
         if offered:
             start.transports.extend(offered)
             start.host_identity = transport.host_identity()
+        if transport.SHARED_MEMORY in offered:
+            start.idle_rings.extend(IDLE_RINGS.names())
         if transport.CUDA_IPC in offered:  # a ControlNet worker that could not map it offers shared memory
             from swiftd.transport.cuda_ipc import visible_gpus
 
@@ -155,7 +164,11 @@ class RemoteResidualSource:
         """Take the worker's ring offer if this process can map it and connect to its step
         socket (the answer goes with the next step); False if it cannot."""
         try:
-            self._ring = transport.ring_class(ring.transport).attach(ring)
+            kept = IDLE_RINGS.take(ring.name) if ring.transport == transport.SHARED_MEMORY else None
+            if kept is not None and not kept.is_offered_as(ring):
+                kept.close()
+                kept = None
+            self._ring = kept or transport.ring_class(ring.transport).attach(ring)
             socket = StepSocket.connect(ring.step_socket)
             with self._closing:
                 if self._closed:  # close() would not see it to shut it down: nobody reads it
@@ -217,8 +230,10 @@ class RemoteResidualSource:
         try:
             item = self._responses.get(timeout=self._step_timeout)
         except queue.Empty:
+            self._failed = True
             raise DeadlineExceeded(f"{self.where}: no residuals within {self._step_timeout:.0f} s") from None
         if isinstance(item, BaseException):
+            self._failed = True
             raise item
         step_index, compute_seconds, received_at, residuals, ready = item
         if self._out_device.type == "cuda":
@@ -238,9 +253,16 @@ class RemoteResidualSource:
 
     def close(self) -> None:
         self._requests.put(_END)
+        # Every step sent got its residuals: keep the shared-memory ring for the next session.
+        keep = isinstance(self._ring, ShmRing) and not self._failed and not self._sent_at
         with self._closing:
             self._closed = True
             if self._socket is not None:
+                if keep:
+                    try:
+                        self._socket.send(controlnet_pb2.StepInput(keep_ring=True))
+                    except OSError:  # the worker is gone: nothing to keep
+                        keep = False
                 self._socket.shutdown()  # the worker's session ends; the reader's read returns
         self._call.cancel()
         if self._ring is not None:
@@ -251,7 +273,9 @@ class RemoteResidualSource:
         done = self._done_with_ring.is_set()  # then the reader changes nothing here any more
         if self._socket is not None:
             self._socket.close()
-        if done and self._ring is not None:
+        if done and self._ring is not None and keep and self._socket is not None:
+            IDLE_RINGS.put(self._ring)
+        elif done and self._ring is not None:
             self._ring.close()
         elif self._ring is not None:  # left to the GC, never closed under a copy still running
             log.warning(
