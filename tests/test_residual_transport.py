@@ -19,8 +19,9 @@ import grpc
 import pytest
 import torch
 
+from services.unet.addons import controlnet_stream
 from swiftd import codec, rpc, transport
-from swiftd.controlnet_step import ControlNetStepper
+from swiftd.controlnet_step import ControlNetSession, ControlNetStepper
 from swiftd.launcher import start_controlnet, start_unet
 from swiftd.loading import load_controlnet
 from swiftd.request import ControlNet
@@ -328,6 +329,57 @@ def test_the_next_request_of_the_same_workers_reuses_the_ring_of_the_last_one(wo
     assert rings == {"new": 1, "reused": 0}
     _, rings = run()
     assert rings == {"new": 0, "reused": 1}
+
+
+def test_a_ring_is_kept_only_for_a_session_that_got_every_step_and_once_whatever_closes_it(workers):
+    """This process as the UNet worker's reader, against the real ControlNet worker: a session of
+    one step (the ring offered, never answered) keeps nothing; a full one keeps its ring once,
+    however often it is closed (a request that fails after its ControlNets finished closes them
+    again), and the next session gets the same residuals through it."""
+    services, _ = workers
+    address = services["shared"].address
+    for ring in controlnet_stream.IDLE_RINGS.take_all(address):  # this test's own start
+        ring.close()
+    generator = torch.Generator().manual_seed(5)
+    sample = torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=generator)
+    session = ControlNetSession(
+        CN,
+        torch.rand(1, 3, SIZE, SIZE, generator=generator),
+        torch.randn(2, 77, 32, generator=generator),
+        None,
+        None,
+        1.0,
+        False,
+    )
+
+    def run(steps: int) -> tuple[list[torch.Tensor], dict]:
+        before = scrape(services["shared"].metrics_address)
+        with rpc.create_channel(address) as channel:
+            source = controlnet_stream.RemoteResidualSource(
+                channel, address, session, "", "kept-once", 60.0, 30.0, torch.float32, CPU, (transport.SHARED_MEMORY,)
+            )
+            out = []
+            for i in range(steps):
+                source.start_step(i, torch.tensor(999.0 - 10 * i), sample)
+                got = source.wait_step()
+                out += [t.clone() for t in (*got.down_block_res_samples, got.mid_block_res_sample)]
+            source.close()
+            source.close()
+        after = scrape(services["shared"].metrics_address)
+        kinds = ("new", "reused")
+        return out, {
+            k: moved(before, after, "swiftd_residual_rings_total", transport="shared_memory", ring=k) for k in kinds
+        }
+
+    run(1)
+    assert controlnet_stream.IDLE_RINGS.take_all(address) == []  # never answered: not kept
+    first, rings = run(4)
+    assert rings == {"new": 1, "reused": 0}
+    second, rings = run(4)
+    assert rings == {"new": 0, "reused": 1}
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    for ring in controlnet_stream.IDLE_RINGS.take_all(address):
+        ring.close()
 
 
 def test_cuda_ipc_is_chosen_only_for_a_unet_worker_that_can_map_the_controlnet_workers_gpu():

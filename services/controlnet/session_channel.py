@@ -178,7 +178,7 @@ class SessionChannel:
             if kept is not None:
                 self._ring, self.reused = kept.reuse(residuals), True
             else:
-                self._ring = transport.ring_class(self.chosen).create(residuals, wire, sample=self._first_sample)
+                self._ring = self._new_ring(residuals, wire)
             self._listener = StepListener()
         except (OSError, RuntimeError) as exc:  # /dev/shm full, CUDA IPC refused: this stream stays inline
             log.warning("%s: no residual ring (%s): inline bytes", self.label, exc)
@@ -186,8 +186,25 @@ class SessionChannel:
             return False
         response.ring.CopyFrom(self._ring.to_pb())
         response.ring.step_socket = self._listener.name
+        if self._idle is not None:
+            response.ring.keepable = True
+            held = set(self._idle.names())
+            response.ring.not_kept.extend(n for n in self._idle_names if n not in held and n != self._ring.name)
         metrics.RESIDUAL_RINGS.labels(transport.name(self.chosen), "reused" if self.reused else "new").inc()
         return True
+
+    def _new_ring(self, residuals: list[torch.Tensor], wire: torch.dtype | None):
+        ring_class = transport.ring_class(self.chosen)
+        try:
+            return ring_class.create(residuals, wire, sample=self._first_sample)
+        except OSError:
+            if self._idle is None or not len(self._idle):
+                raise
+            # /dev/shm full: let go of the rings kept idle here (those the UNet worker still maps
+            # are freed once it hears they are not kept) and try once more.
+            log.info("%s: no room for a new ring: letting go of %d idle ring(s)", self.label, len(self._idle))
+            self._idle.clear()
+            return ring_class.create(residuals, wire, sample=self._first_sample)
 
     def _close_ring(self) -> None:
         for part in (self._socket, self._listener, self._ring):
@@ -196,9 +213,15 @@ class SessionChannel:
         self._socket = self._listener = self._ring = None
 
     def close(self) -> None:
-        """End the session's transport; a ring the UNet worker keeps is kept here too (after the
-        session's last write: nothing writes it until it is offered again)."""
+        """End the session's transport. A ring the UNet worker asked to keep is kept (after the
+        session's last write: nothing writes it until it is offered again), and the UNet worker
+        told so (`ring_kept`: it keeps its mapping only then)."""
         if self._keep and self._idle is not None and self._ring is not None:
             ring, self._ring = self._ring, None
             self._idle.put(ring)
+            try:
+                self._socket.send(controlnet_pb2.ResidualsResponse(ring_kept=True))
+            except OSError:  # the UNet worker is gone: it keeps nothing, nor does this side
+                self._idle.take(ring.name)
+                ring.close()
         self._close_ring()

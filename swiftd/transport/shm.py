@@ -308,6 +308,7 @@ class ShmRing:
         with torch.cuda.device(device):  # no context on another GPU
             error = cudart.cudaHostRegister(address, size, CUDA_HOST_REGISTER_PORTABLE)
         self._pinned = address if error == cudart.cudaError.success else 0
+        self._pinned_on = device
         if not self._pinned:
             _clear_last_cuda_error()
             log.warning(
@@ -326,7 +327,8 @@ class ShmRing:
             self.unlink()
         if self._pinned:
             cudart = torch.cuda.cudart()
-            error = cudart.cudaHostUnregister(self._pinned)  # before the pages are unmapped
+            with torch.cuda.device(self._pinned_on):  # closed on any thread (idle.py): no context on GPU 0
+                error = cudart.cudaHostUnregister(self._pinned)  # before the pages are unmapped
             if error != cudart.cudaError.success:  # left set, it would fail this thread's next kernel
                 _clear_last_cuda_error()
                 log.warning("residual ring %s: cannot unpin it (CUDA error %d)", self.name, int(error))

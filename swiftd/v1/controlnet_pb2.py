@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from swiftd.v1 import common_pb2 as swiftd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswiftd/v1/controlnet.proto\x12\tswiftd.v1\x1a\x16swiftd/v1/common.proto\"j\n\x10ResidualsRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.swiftd.v1.SessionStartH\x00\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x14.swiftd.v1.StepInputH\x00\x42\x06\n\x04kind\"\xc1\x03\n\x0cSessionStart\x12\x15\n\rcontrolnet_id\x18\x01 \x01(\t\x12*\n\x0f\x63ontrolnet_cond\x18\x02 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x30\n\x15\x65ncoder_hidden_states\x18\x03 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12&\n\x0btext_embeds\x18\x04 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12#\n\x08time_ids\x18\x05 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x1a\n\x12\x63onditioning_scale\x18\x06 \x01(\x02\x12\x12\n\nguess_mode\x18\x07 \x01(\x08\x12$\n\nwire_dtype\x18\x08 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x30\n\ntransports\x18\n \x03(\x0e\x32\x1c.swiftd.v1.ResidualTransport\x12\x15\n\rhost_identity\x18\x0b \x01(\t\x12\x11\n\tgpu_uuids\x18\x0c \x03(\t\x12\x15\n\rpid_namespace\x18\r \x01(\t\x12\x12\n\nidle_rings\x18\x0e \x03(\t\"\xb0\x01\n\tStepInput\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x10\n\x08timestep\x18\x02 \x01(\x02\x12!\n\x06sample\x18\x03 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12/\n\ttransport\x18\x04 \x01(\x0e\x32\x1c.swiftd.v1.ResidualTransport\x12\x16\n\x0esample_in_ring\x18\x05 \x01(\x08\x12\x11\n\tkeep_ring\x18\x06 \x01(\x08\"\xf2\x01\n\x11ResidualsResponse\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x31\n\x16\x64own_block_res_samples\x18\x02 \x03(\x0b\x32\x11.swiftd.v1.Tensor\x12/\n\x14mid_block_res_sample\x18\x03 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12%\n\x04ring\x18\x05 \x01(\x0b\x32\x17.swiftd.v1.ResidualRing\x12%\n\x04slot\x18\x06 \x01(\x0b\x32\x17.swiftd.v1.ResidualSlot\"\x99\x02\n\x0cResidualRing\x12/\n\ttransport\x18\x01 \x01(\x0e\x32\x1c.swiftd.v1.ResidualTransport\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x12\n\nslot_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cheader_bytes\x18\x05 \x01(\x04\x12(\n\x07tensors\x18\x06 \x03(\x0b\x32\x17.swiftd.v1.TensorLayout\x12\x14\n\x0c\x63uda_handles\x18\x07 \x03(\x0c\x12\x13\n\x0bstep_socket\x18\x08 \x01(\t\x12\'\n\x06sample\x18\t \x01(\x0b\x32\x17.swiftd.v1.TensorLayout\x12\x13\n\x0b\x63uda_sample\x18\n \x01(\x0c\"N\n\x0cTensorLayout\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"/\n\x0cResidualSlot\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"(\n&ControlNetWorkerListControlNetsRequest\"\x8e\x01\n\'ControlNetWorkerListControlNetsResponse\x12.\n\x0b\x63ontrolnets\x18\x01 \x03(\x0b\x32\x19.swiftd.v1.ControlNetInfo\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x15\n\rhost_identity\x18\x04 \x01(\t\".\n\x15LoadControlNetRequest\x12\x15\n\rcontrolnet_id\x18\x01 \x01(\t\"u\n\x16LoadControlNetResponse\x12-\n\ncontrolnet\x18\x01 \x01(\x0b\x32\x19.swiftd.v1.ControlNetInfo\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"0\n\x17UnloadControlNetRequest\x12\x15\n\rcontrolnet_id\x18\x01 \x01(\t\".\n\x18UnloadControlNetResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x32\x92\x03\n\x10\x43ontrolNetWorker\x12P\n\x0fStreamResiduals\x12\x1b.swiftd.v1.ResidualsRequest\x1a\x1c.swiftd.v1.ResidualsResponse(\x01\x30\x01\x12x\n\x0fListControlNets\x12\x31.swiftd.v1.ControlNetWorkerListControlNetsRequest\x1a\x32.swiftd.v1.ControlNetWorkerListControlNetsResponse\x12U\n\x0eLoadControlNet\x12 .swiftd.v1.LoadControlNetRequest\x1a!.swiftd.v1.LoadControlNetResponse\x12[\n\x10UnloadControlNet\x12\".swiftd.v1.UnloadControlNetRequest\x1a#.swiftd.v1.UnloadControlNetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswiftd/v1/controlnet.proto\x12\tswiftd.v1\x1a\x16swiftd/v1/common.proto\"j\n\x10ResidualsRequest\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.swiftd.v1.SessionStartH\x00\x12$\n\x04step\x18\x02 \x01(\x0b\x32\x14.swiftd.v1.StepInputH\x00\x42\x06\n\x04kind\"\xc1\x03\n\x0cSessionStart\x12\x15\n\rcontrolnet_id\x18\x01 \x01(\t\x12*\n\x0f\x63ontrolnet_cond\x18\x02 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x30\n\x15\x65ncoder_hidden_states\x18\x03 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12&\n\x0btext_embeds\x18\x04 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12#\n\x08time_ids\x18\x05 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x1a\n\x12\x63onditioning_scale\x18\x06 \x01(\x02\x12\x12\n\nguess_mode\x18\x07 \x01(\x08\x12$\n\nwire_dtype\x18\x08 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x30\n\ntransports\x18\n \x03(\x0e\x32\x1c.swiftd.v1.ResidualTransport\x12\x15\n\rhost_identity\x18\x0b \x01(\t\x12\x11\n\tgpu_uuids\x18\x0c \x03(\t\x12\x15\n\rpid_namespace\x18\r \x01(\t\x12\x12\n\nidle_rings\x18\x0e \x03(\t\"\xb0\x01\n\tStepInput\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x10\n\x08timestep\x18\x02 \x01(\x02\x12!\n\x06sample\x18\x03 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12/\n\ttransport\x18\x04 \x01(\x0e\x32\x1c.swiftd.v1.ResidualTransport\x12\x16\n\x0esample_in_ring\x18\x05 \x01(\x08\x12\x11\n\tkeep_ring\x18\x06 \x01(\x08\"\x85\x02\n\x11ResidualsResponse\x12\x12\n\nstep_index\x18\x01 \x01(\x05\x12\x31\n\x16\x64own_block_res_samples\x18\x02 \x03(\x0b\x32\x11.swiftd.v1.Tensor\x12/\n\x14mid_block_res_sample\x18\x03 \x01(\x0b\x32\x11.swiftd.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12%\n\x04ring\x18\x05 \x01(\x0b\x32\x17.swiftd.v1.ResidualRing\x12%\n\x04slot\x18\x06 \x01(\x0b\x32\x17.swiftd.v1.ResidualSlot\x12\x11\n\tring_kept\x18\x07 \x01(\x08\"\xbd\x02\n\x0cResidualRing\x12/\n\ttransport\x18\x01 \x01(\x0e\x32\x1c.swiftd.v1.ResidualTransport\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x12\n\nslot_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cheader_bytes\x18\x05 \x01(\x04\x12(\n\x07tensors\x18\x06 \x03(\x0b\x32\x17.swiftd.v1.TensorLayout\x12\x14\n\x0c\x63uda_handles\x18\x07 \x03(\x0c\x12\x13\n\x0bstep_socket\x18\x08 \x01(\t\x12\'\n\x06sample\x18\t \x01(\x0b\x32\x17.swiftd.v1.TensorLayout\x12\x13\n\x0b\x63uda_sample\x18\n \x01(\x0c\x12\x10\n\x08keepable\x18\x0b \x01(\x08\x12\x10\n\x08not_kept\x18\x0c \x03(\t\"N\n\x0cTensorLayout\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.swiftd.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x04\"/\n\x0cResidualSlot\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08sequence\x18\x02 \x01(\x04\"(\n&ControlNetWorkerListControlNetsRequest\"\x8e\x01\n\'ControlNetWorkerListControlNetsResponse\x12.\n\x0b\x63ontrolnets\x18\x01 \x03(\x0b\x32\x19.swiftd.v1.ControlNetInfo\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x15\n\rhost_identity\x18\x04 \x01(\t\".\n\x15LoadControlNetRequest\x12\x15\n\rcontrolnet_id\x18\x01 \x01(\t\"u\n\x16LoadControlNetResponse\x12-\n\ncontrolnet\x18\x01 \x01(\x0b\x32\x19.swiftd.v1.ControlNetInfo\x12\x16\n\x0e\x61lready_loaded\x18\x02 \x01(\x08\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\"0\n\x17UnloadControlNetRequest\x12\x15\n\rcontrolnet_id\x18\x01 \x01(\t\".\n\x18UnloadControlNetResponse\x12\x12\n\nwas_loaded\x18\x01 \x01(\x08\x32\x92\x03\n\x10\x43ontrolNetWorker\x12P\n\x0fStreamResiduals\x12\x1b.swiftd.v1.ResidualsRequest\x1a\x1c.swiftd.v1.ResidualsResponse(\x01\x30\x01\x12x\n\x0fListControlNets\x12\x31.swiftd.v1.ControlNetWorkerListControlNetsRequest\x1a\x32.swiftd.v1.ControlNetWorkerListControlNetsResponse\x12U\n\x0eLoadControlNet\x12 .swiftd.v1.LoadControlNetRequest\x1a!.swiftd.v1.LoadControlNetResponse\x12[\n\x10UnloadControlNet\x12\".swiftd.v1.UnloadControlNetRequest\x1a#.swiftd.v1.UnloadControlNetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,25 +39,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPINPUT']._serialized_start=626
   _globals['_STEPINPUT']._serialized_end=802
   _globals['_RESIDUALSRESPONSE']._serialized_start=805
-  _globals['_RESIDUALSRESPONSE']._serialized_end=1047
-  _globals['_RESIDUALRING']._serialized_start=1050
-  _globals['_RESIDUALRING']._serialized_end=1331
-  _globals['_TENSORLAYOUT']._serialized_start=1333
-  _globals['_TENSORLAYOUT']._serialized_end=1411
-  _globals['_RESIDUALSLOT']._serialized_start=1413
-  _globals['_RESIDUALSLOT']._serialized_end=1460
-  _globals['_CONTROLNETWORKERLISTCONTROLNETSREQUEST']._serialized_start=1462
-  _globals['_CONTROLNETWORKERLISTCONTROLNETSREQUEST']._serialized_end=1502
-  _globals['_CONTROLNETWORKERLISTCONTROLNETSRESPONSE']._serialized_start=1505
-  _globals['_CONTROLNETWORKERLISTCONTROLNETSRESPONSE']._serialized_end=1647
-  _globals['_LOADCONTROLNETREQUEST']._serialized_start=1649
-  _globals['_LOADCONTROLNETREQUEST']._serialized_end=1695
-  _globals['_LOADCONTROLNETRESPONSE']._serialized_start=1697
-  _globals['_LOADCONTROLNETRESPONSE']._serialized_end=1814
-  _globals['_UNLOADCONTROLNETREQUEST']._serialized_start=1816
-  _globals['_UNLOADCONTROLNETREQUEST']._serialized_end=1864
-  _globals['_UNLOADCONTROLNETRESPONSE']._serialized_start=1866
-  _globals['_UNLOADCONTROLNETRESPONSE']._serialized_end=1912
-  _globals['_CONTROLNETWORKER']._serialized_start=1915
-  _globals['_CONTROLNETWORKER']._serialized_end=2317
+  _globals['_RESIDUALSRESPONSE']._serialized_end=1066
+  _globals['_RESIDUALRING']._serialized_start=1069
+  _globals['_RESIDUALRING']._serialized_end=1386
+  _globals['_TENSORLAYOUT']._serialized_start=1388
+  _globals['_TENSORLAYOUT']._serialized_end=1466
+  _globals['_RESIDUALSLOT']._serialized_start=1468
+  _globals['_RESIDUALSLOT']._serialized_end=1515
+  _globals['_CONTROLNETWORKERLISTCONTROLNETSREQUEST']._serialized_start=1517
+  _globals['_CONTROLNETWORKERLISTCONTROLNETSREQUEST']._serialized_end=1557
+  _globals['_CONTROLNETWORKERLISTCONTROLNETSRESPONSE']._serialized_start=1560
+  _globals['_CONTROLNETWORKERLISTCONTROLNETSRESPONSE']._serialized_end=1702
+  _globals['_LOADCONTROLNETREQUEST']._serialized_start=1704
+  _globals['_LOADCONTROLNETREQUEST']._serialized_end=1750
+  _globals['_LOADCONTROLNETRESPONSE']._serialized_start=1752
+  _globals['_LOADCONTROLNETRESPONSE']._serialized_end=1869
+  _globals['_UNLOADCONTROLNETREQUEST']._serialized_start=1871
+  _globals['_UNLOADCONTROLNETREQUEST']._serialized_end=1919
+  _globals['_UNLOADCONTROLNETRESPONSE']._serialized_start=1921
+  _globals['_UNLOADCONTROLNETRESPONSE']._serialized_end=1967
+  _globals['_CONTROLNETWORKER']._serialized_start=1970
+  _globals['_CONTROLNETWORKER']._serialized_end=2372
 # @@protoc_insertion_point(module_scope)

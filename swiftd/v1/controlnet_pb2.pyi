@@ -64,23 +64,25 @@ class StepInput(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., timestep: _Optional[float] = ..., sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., sample_in_ring: _Optional[bool] = ..., keep_ring: _Optional[bool] = ...) -> None: ...
 
 class ResidualsResponse(_message.Message):
-    __slots__ = ("step_index", "down_block_res_samples", "mid_block_res_sample", "compute_seconds", "ring", "slot")
+    __slots__ = ("step_index", "down_block_res_samples", "mid_block_res_sample", "compute_seconds", "ring", "slot", "ring_kept")
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     DOWN_BLOCK_RES_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MID_BLOCK_RES_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RING_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    RING_KEPT_FIELD_NUMBER: _ClassVar[int]
     step_index: int
     down_block_res_samples: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
     mid_block_res_sample: _common_pb2.Tensor
     compute_seconds: float
     ring: ResidualRing
     slot: ResidualSlot
-    def __init__(self, step_index: _Optional[int] = ..., down_block_res_samples: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mid_block_res_sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., ring: _Optional[_Union[ResidualRing, _Mapping]] = ..., slot: _Optional[_Union[ResidualSlot, _Mapping]] = ...) -> None: ...
+    ring_kept: bool
+    def __init__(self, step_index: _Optional[int] = ..., down_block_res_samples: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., mid_block_res_sample: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., ring: _Optional[_Union[ResidualRing, _Mapping]] = ..., slot: _Optional[_Union[ResidualSlot, _Mapping]] = ..., ring_kept: _Optional[bool] = ...) -> None: ...
 
 class ResidualRing(_message.Message):
-    __slots__ = ("transport", "name", "slots", "slot_bytes", "header_bytes", "tensors", "cuda_handles", "step_socket", "sample", "cuda_sample")
+    __slots__ = ("transport", "name", "slots", "slot_bytes", "header_bytes", "tensors", "cuda_handles", "step_socket", "sample", "cuda_sample", "keepable", "not_kept")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +93,8 @@ class ResidualRing(_message.Message):
     STEP_SOCKET_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     CUDA_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    KEEPABLE_FIELD_NUMBER: _ClassVar[int]
+    NOT_KEPT_FIELD_NUMBER: _ClassVar[int]
     transport: _common_pb2.ResidualTransport
     name: str
     slots: int
@@ -101,7 +105,9 @@ class ResidualRing(_message.Message):
     step_socket: str
     sample: TensorLayout
     cuda_sample: bytes
-    def __init__(self, transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., name: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., header_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., cuda_handles: _Optional[_Iterable[bytes]] = ..., step_socket: _Optional[str] = ..., sample: _Optional[_Union[TensorLayout, _Mapping]] = ..., cuda_sample: _Optional[bytes] = ...) -> None: ...
+    keepable: bool
+    not_kept: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, transport: _Optional[_Union[_common_pb2.ResidualTransport, str]] = ..., name: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., header_bytes: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorLayout, _Mapping]]] = ..., cuda_handles: _Optional[_Iterable[bytes]] = ..., step_socket: _Optional[str] = ..., sample: _Optional[_Union[TensorLayout, _Mapping]] = ..., cuda_sample: _Optional[bytes] = ..., keepable: _Optional[bool] = ..., not_kept: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TensorLayout(_message.Message):
     __slots__ = ("dtype", "shape", "offset")

@@ -34,6 +34,7 @@ from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 _END = object()
 CALL_CHECK_S = 0.25  # how often a reader waiting on the step socket looks whether its call ended
 READER_STOP_S = 5.0  # longest wait at close for the reader to stop (else the ring goes to the GC)
+KEEP_WAIT_S = 1.0  # longest wait at close for the worker to say it keeps the ring (else it is freed)
 log = logging.getLogger(__name__)
 #: This process's shared-memory rings kept mapped between sessions, offered again by their writers.
 IDLE_RINGS = IdleRings()
@@ -76,6 +77,10 @@ class RemoteResidualSource:
         self._done_with_ring = threading.Event()
         self._answer = common_pb2.RESIDUAL_TRANSPORT_UNSPECIFIED  # to its ring offer, sent with each step
         self._failed = False  # a step failed: the ring is not kept for another session
+        self._ring_kept = False  # the worker answered keep_ring: it keeps the ring too
+        self._ring_keepable = False  # the worker's offer said it keeps rings
+        self._finished = False  # close() ran
+        self._set_aside: list[ShmRing] = []  # this process's idle rings of this worker, listed in the start
         self.transport = transport.INLINE  # how the last residuals arrived
 
         start = session.to_pb(wire_dtype_to_pb(wire_dtype), request_id)
@@ -83,8 +88,9 @@ class RemoteResidualSource:
         if offered:
             start.transports.extend(offered)
             start.host_identity = transport.host_identity()
-        if transport.SHARED_MEMORY in offered:
-            start.idle_rings.extend(IDLE_RINGS.names())
+        if transport.SHARED_MEMORY in offered:  # kept from earlier sessions with this worker: offered again?
+            self._set_aside = IDLE_RINGS.take_all(address)
+            start.idle_rings.extend(ring.name for ring in self._set_aside)
         if transport.CUDA_IPC in offered:  # a ControlNet worker that could not map it offers shared memory
             from swiftd.transport.cuda_ipc import visible_gpus
 
@@ -139,6 +145,9 @@ class RemoteResidualSource:
                 continue
             if response is None:
                 return
+            if response.ring_kept:  # the worker's last message: it keeps the ring
+                self._ring_kept = True
+                continue
             self._responses.put(self._unpack(response))
 
     def _unpack(self, response: controlnet_pb2.ResidualsResponse) -> tuple:
@@ -163,11 +172,8 @@ class RemoteResidualSource:
     def _map_ring(self, ring) -> bool:
         """Take the worker's ring offer if this process can map it and connect to its step
         socket (the answer goes with the next step); False if it cannot."""
+        kept = self._return_set_aside(offered=ring)
         try:
-            kept = IDLE_RINGS.take(ring.name) if ring.transport == transport.SHARED_MEMORY else None
-            if kept is not None and not kept.is_offered_as(ring):
-                kept.close()
-                kept = None
             self._ring = kept or transport.ring_class(ring.transport).attach(ring)
             socket = StepSocket.connect(ring.step_socket)
             with self._closing:
@@ -176,6 +182,7 @@ class RemoteResidualSource:
                     raise OSError("the request ended")
                 self._socket = socket
             self._answer = ring.transport
+            self._ring_keepable = ring.keepable
             return True
         except (OSError, ValueError, RuntimeError) as exc:
             if self._ring is not None:
@@ -186,6 +193,21 @@ class RemoteResidualSource:
             )
             self._answer = transport.INLINE
             return False
+
+    def _return_set_aside(self, offered=None) -> ShmRing | None:
+        """The set-aside ring the worker's offer names, if any (its mapping taken back); of the
+        others, those the worker says it no longer holds are let go of, the rest are idle again."""
+        with self._closing:
+            set_aside, self._set_aside = self._set_aside, []
+        kept, not_kept = None, set(offered.not_kept) if offered is not None else set()
+        for ring in set_aside:
+            if offered is not None and ring.name == offered.name and ring.is_offered_as(offered):
+                kept = ring
+            elif ring.name in not_kept or (offered is not None and ring.name == offered.name):
+                ring.close()
+            else:
+                IDLE_RINGS.put(ring, self.address)
+        return kept
 
     def _again_inline(self, step_index: int) -> controlnet_pb2.ResidualsRequest:
         """The offer's step asked again, its residuals inline this time (they are in the ring)."""
@@ -252,17 +274,30 @@ class RemoteResidualSource:
         return residuals
 
     def close(self) -> None:
+        if self._finished:  # once: a kept ring is another session's to use from then on
+            return
+        self._finished = True
         self._requests.put(_END)
-        # Every step sent got its residuals: keep the shared-memory ring for the next session.
-        keep = isinstance(self._ring, ShmRing) and not self._failed and not self._sent_at
+        # Every step sent got its residuals, over a keepable ring the worker took the answer for:
+        # ask the worker to keep the ring for the next session, and keep it here once it says so.
+        keep = (
+            isinstance(self._ring, ShmRing)
+            and self._ring_keepable
+            and self._on_socket
+            and not self._failed
+            and not self._sent_at
+        )
         with self._closing:
             self._closed = True
+            if keep:
+                try:
+                    self._socket.send(controlnet_pb2.StepInput(keep_ring=True))
+                except OSError:  # the worker is gone: nothing to keep
+                    keep = False
+        if keep:  # the reader reads the answer, then the worker's end of the socket
+            self._done_with_ring.wait(timeout=KEEP_WAIT_S)
+        with self._closing:
             if self._socket is not None:
-                if keep:
-                    try:
-                        self._socket.send(controlnet_pb2.StepInput(keep_ring=True))
-                    except OSError:  # the worker is gone: nothing to keep
-                        keep = False
                 self._socket.shutdown()  # the worker's session ends; the reader's read returns
         self._call.cancel()
         if self._ring is not None:
@@ -273,8 +308,9 @@ class RemoteResidualSource:
         done = self._done_with_ring.is_set()  # then the reader changes nothing here any more
         if self._socket is not None:
             self._socket.close()
-        if done and self._ring is not None and keep and self._socket is not None:
-            IDLE_RINGS.put(self._ring)
+        self._return_set_aside()  # the session ended before an offer named them: idle again
+        if done and self._ring is not None and keep and self._ring_kept:
+            IDLE_RINGS.put(self._ring, self.address)
         elif done and self._ring is not None:
             self._ring.close()
         elif self._ring is not None:  # left to the GC, never closed under a copy still running
