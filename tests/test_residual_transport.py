@@ -204,8 +204,11 @@ def test_idle_rings_hand_each_ring_out_once_and_let_go_of_the_oldest_and_of_thos
     assert idle.take(rings[1].name) is rings[1] and idle.take(rings[1].name) is None  # once
     assert idle.take_first(["unknown", rings[2].name], lambda ring: False) is None  # does not fit
     assert idle.take_first(["unknown", rings[2].name], lambda ring: True) is rings[2]
-    idle.put(rings[2])
-    time.sleep(1.0)  # idle for longer than idle_s: closed by the timer, with nobody asking
+    idle.put(rings[2], "worker-a")
+    idle.put(rings[1], "worker-a")
+    assert idle.take_all("worker-b") == [] and idle.take_all("worker-a", limit=1) == [rings[1]]  # newest first
+    idle.put(rings[2], "worker-a")
+    time.sleep(1.0)  # idle for longer than idle_s: closed by the sweeper, with nobody asking
     assert not mapped(rings[2]) and len(idle) == 0
     assert mapped(rings[1])  # handed out: not the store's to close
     rings[1].close()

@@ -55,11 +55,12 @@ class IdleRings:
                 self._sweeper.start()
         _close(gone)
 
-    def take_all(self, whose: str) -> list:
-        """Every idle ring kept for `whose`, no longer idle (a session sets them aside)."""
+    def take_all(self, whose: str, limit: int | None = None) -> list:
+        """The idle rings kept for `whose`, newest first, at most `limit` of them, no longer idle
+        (a session sets them aside)."""
         with self._lock:
-            names = [name for name, (_, owner, _) in self._rings.items() if owner == whose]
-            return [self._rings.pop(name)[2] for name in names]
+            names = [name for name, (_, owner, _) in reversed(self._rings.items()) if owner == whose]
+            return [self._rings.pop(name)[2] for name in names[:limit]]
 
     def take_first(self, names: Iterable[str], fits: Callable[[object], bool]):
         """The first of `names` held idle here for which `fits(ring)`, no longer idle; or None."""

@@ -34,6 +34,7 @@ from swiftd.v1 import common_pb2, controlnet_pb2, controlnet_pb2_grpc
 _END = object()
 CALL_CHECK_S = 0.25  # how often a reader waiting on the step socket looks whether its call ended
 READER_STOP_S = 5.0  # longest wait at close for the reader to stop (else the ring goes to the GC)
+SET_ASIDE = 2  # idle rings of a worker a session lists (one fits unless the request's size changed)
 KEEP_WAIT_S = 1.0  # longest wait at close for the worker to say it keeps the ring (else it is freed)
 log = logging.getLogger(__name__)
 #: This process's shared-memory rings kept mapped between sessions, offered again by their writers.
@@ -89,7 +90,8 @@ class RemoteResidualSource:
             start.transports.extend(offered)
             start.host_identity = transport.host_identity()
         if transport.SHARED_MEMORY in offered:  # kept from earlier sessions with this worker: offered again?
-            self._set_aside = IDLE_RINGS.take_all(address)
+            # Two at most: a request's other sessions with this worker (two ControlNets on it) get theirs.
+            self._set_aside = IDLE_RINGS.take_all(address, limit=SET_ASIDE)
             start.idle_rings.extend(ring.name for ring in self._set_aside)
         if transport.CUDA_IPC in offered:  # a ControlNet worker that could not map it offers shared memory
             from swiftd.transport.cuda_ipc import visible_gpus
