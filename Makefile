@@ -24,7 +24,7 @@ protos: $(STAMP)
 	$(PY) -m swiftd.protogen
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 # The configured formatter and linter (pyproject.toml [tool.ruff]); CI runs this before the tests.
 lint: $(STAMP)
