@@ -307,16 +307,16 @@ def per_step(timings: dict[str, float], steps: int) -> dict[str, float]:
         "controlnet_wait": "denoise.controlnet_wait",
     }
     out = {name: sum(v for k, v in timings.items() if k.startswith(prefix)) / steps for name, prefix in parts.items()}
+
+    def controlnets(part: str) -> float:  # summed over the request's ControlNets
+        return sum(v for k, v in timings.items() if k.startswith("controlnet.") and k.endswith(f".{part}"))
+
     for part in ("compute", "transport"):
-        out[f"controlnet_{part}"] = (
-            sum(v for k, v in timings.items() if k.startswith("controlnet.") and k.endswith(f".{part}")) / steps
-        )
+        out[f"controlnet_{part}"] = controlnets(part) / steps
     out["denoise"] = timings.get("denoise", 0.0) / steps
     # Once per request, not per step: the first step's transport, with the session's set-up (the
-    # ring's creation and mapping, page-locking on GPUs) on top of a handoff; summed over ControlNets.
-    out["controlnet_first_step_transport"] = sum(
-        v for k, v in timings.items() if k.startswith("controlnet.") and k.endswith(".first_step_transport")
-    )
+    # ring's creation and mapping, page-locking on GPUs) on top of a handoff.
+    out["controlnet_first_step_transport"] = controlnets("first_step_transport")
     return out
 
 

@@ -25,7 +25,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+
+GPU_POLL_S = 0.0005  # between looks at GPU work (what is waited for is queued milliseconds long)
+STOP_EVERY = 20  # looks between calls of `stop` (it may do work: a cancelled RPC, a deadline)
 
 
 def local_host() -> str:
@@ -95,6 +100,20 @@ def gpu_uuid(index: int) -> str | None:
         return None
     # As nvidia-smi and CUDA_VISIBLE_DEVICES write it (torch gives the bare UUID; MIG ones keep theirs).
     return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+def wait_for_gpu(work, stop: Callable[[], bool] | None = None) -> bool:
+    """Until the GPU has done `work` (a CUDA event or stream: anything with `query()`), True; or
+    until `stop()` says to give up, False. Polled: a synchronising wait spins a core all along and
+    cannot be given up (a GPU that never gets there, waiting on a dead peer's event, would hold
+    the caller for good)."""
+    looks = 0
+    while not work.query():
+        looks += 1
+        if stop is not None and looks % STOP_EVERY == 0 and stop():
+            return False
+        time.sleep(GPU_POLL_S)
+    return True
 
 
 def format_cores(cores) -> str:

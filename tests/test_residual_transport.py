@@ -302,6 +302,12 @@ def test_a_ring_the_unet_worker_cannot_map_falls_back_to_inline_bytes_with_the_s
     assert common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY in listing.controlnets[0].transports
 
 
+def rings_offered(before: dict, after: dict) -> dict[str, float]:
+    """Shared-memory rings a ControlNet worker offered between two scrapes: new, and reused."""
+    kinds = ("new", "reused")
+    return {k: moved(before, after, "swiftd_residual_rings_total", transport="shared_memory", ring=k) for k in kinds}
+
+
 def test_the_next_request_of_the_same_workers_reuses_the_ring_of_the_last_one(workers):
     """A ring costs its session more than a step does (reserved, mapped, page-locked with GPU
     tensors): a session that got every step keeps it on both sides, and the next request's session
@@ -317,12 +323,7 @@ def test_the_next_request_of_the_same_workers_reuses_the_ring_of_the_last_one(wo
         request.params.width = request.params.height = size
         response = stub.Denoise(request, timeout=120)
         assert list(response.controlnet_transports) == [common_pb2.RESIDUAL_TRANSPORT_SHARED_MEMORY]
-        after = scrape(services["shared"].metrics_address)
-        rings = {
-            kind: moved(before, after, "swiftd_residual_rings_total", transport="shared_memory", ring=kind)
-            for kind in ("new", "reused")
-        }
-        return response, rings
+        return response, rings_offered(before, scrape(services["shared"].metrics_address))
 
     first, _ = run()
     second, rings = run()
@@ -368,11 +369,7 @@ def test_a_ring_is_kept_only_for_a_session_that_got_every_step_and_once_whatever
                 out += [t.clone() for t in (*got.down_block_res_samples, got.mid_block_res_sample)]
             source.close()
             source.close()
-        after = scrape(services["shared"].metrics_address)
-        kinds = ("new", "reused")
-        return out, {
-            k: moved(before, after, "swiftd_residual_rings_total", transport="shared_memory", ring=k) for k in kinds
-        }
+        return out, rings_offered(before, scrape(services["shared"].metrics_address))
 
     run(1)
     assert controlnet_stream.IDLE_RINGS.take_all(address) == []  # never answered: not kept

@@ -18,23 +18,10 @@ from collections.abc import Callable
 
 import torch
 
+from swiftd.device import wait_for_gpu
+
 #: A step's parts, in order: the time between consecutive marks.
 PARTS = ("encoder_half", "controlnet_wait", "decoder_half", "guidance", "scheduler")
-POLL_S = 0.0005  # between looks at a GPU event (the host waits for steps queued milliseconds long)
-STOP_EVERY = 20  # looks between calls of `stop` (it may do work: a cancelled RPC, a deadline)
-
-
-def wait_for(event: torch.cuda.Event, stop: Callable[[], bool] | None = None) -> bool:
-    """Until the GPU has passed `event` (True), or `stop()` says to give up (False). Polled: a
-    synchronising wait spins a core all along and cannot be given up (a GPU that never gets
-    there, waiting on a dead peer's event, would hold the request past its deadline)."""
-    looks = 0
-    while not event.query():
-        looks += 1
-        if stop is not None and looks % STOP_EVERY == 0 and stop():
-            return False
-        time.sleep(POLL_S)
-    return True
 
 
 class StepClock:
@@ -60,12 +47,12 @@ class StepClock:
         """Block the host until the GPU has run step `step` (its last part), or until `stop()`;
         at once on the CPU, where parts run as they are called, or for a step before the first."""
         if self._stream is not None and step >= 0:
-            wait_for(self._steps[step][1][-1], stop)
+            wait_for_gpu(self._steps[step][1][-1], stop)
 
     def read(self, stop: Callable[[], bool] | None = None) -> list[tuple[int, dict[str, float]]] | None:
         """Per step: when it started (ns since the epoch, host clock) and seconds per part. On a
         GPU this waits until the GPU has done the last step; None if `stop()` said to give up first."""
-        if self._stream is not None and self._steps and not wait_for(self._steps[-1][1][-1], stop):
+        if self._stream is not None and self._steps and not wait_for_gpu(self._steps[-1][1][-1], stop):
             return None
         out = []
         for started, marks in self._steps:

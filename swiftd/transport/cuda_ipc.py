@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from swiftd.device import gpu_uuid
+from swiftd.device import gpu_uuid, wait_for_gpu
 from swiftd.transport import CUDA_IPC
 from swiftd.transport.layout import SLOTS, Layout, SlotLayout, TornRead, check_index, sample_layout
 from swiftd.v1 import controlnet_pb2
@@ -295,14 +295,9 @@ class CudaIpcRing:
         stream = self._copy_stream
         if stream is not None:
             deadline = time.monotonic() + CLOSE_WAIT_S
-            while not stream.query():
-                if time.monotonic() > deadline:
-                    log.warning(
-                        "CUDA IPC ring: copies still queued %.0f s after its session: kept mapped", CLOSE_WAIT_S
-                    )
-                    _kept.append((self._buffers, self._sample_buffer))
-                    break
-                time.sleep(0.001)
+            if not wait_for_gpu(stream, stop=lambda: time.monotonic() > deadline):
+                log.warning("CUDA IPC ring: copies still queued %.0f s after its session: kept mapped", CLOSE_WAIT_S)
+                _kept.append((self._buffers, self._sample_buffer))
         self._views, self._buffers, self._sample = [], [], None
         self._sample_buffer = self._ready = self._free = self._sample_ready = self._sample_free = None
         self._copy_stream = None

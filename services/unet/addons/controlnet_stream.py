@@ -72,7 +72,7 @@ class RemoteResidualSource:
         self._on_socket = False  # the answer went out: step inputs go over the socket from now on
         self._last_input: controlnet_pb2.StepInput | None = None
         self._closing = threading.Lock()  # held to connect the socket, or to mark the source closed
-        self._closed = False
+        self._closed = False  # close() ran (set by it alone)
         # Set once the reader will copy nothing more out of the ring (it may still wait on the
         # stream, where a gRPC receive can hang: see _call_ended), so close() may close the ring.
         self._done_with_ring = threading.Event()
@@ -80,7 +80,6 @@ class RemoteResidualSource:
         self._failed = False  # a step failed: the ring is not kept for another session
         self._ring_kept = False  # the worker answered keep_ring: it keeps the ring too
         self._ring_keepable = False  # the worker's offer said it keeps rings
-        self._finished = False  # close() ran
         self._set_aside: list[ShmRing] = []  # this process's idle rings of this worker, listed in the start
         self.transport = transport.INLINE  # how the last residuals arrived
 
@@ -276,9 +275,8 @@ class RemoteResidualSource:
         return residuals
 
     def close(self) -> None:
-        if self._finished:  # once: a kept ring is another session's to use from then on
+        if self._closed:  # once: a kept ring is another session's to use from then on
             return
-        self._finished = True
         self._requests.put(_END)
         # Every step sent got its residuals, over a keepable ring the worker took the answer for:
         # ask the worker to keep the ring for the next session, and keep it here once it says so.
